@@ -1,1 +1,18 @@
+//! maqet: a per-user QEMU VM manager. `maqetd` (the D-Bus session service) and `maqet`
+//! (its CLI) are thin binaries over this library; see `docs/architecture.md`.
 
+pub mod access;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod logging;
+pub mod manager;
+pub mod paths;
+pub mod qmp;
+pub mod service;
+pub mod storage;
+pub mod store;
+pub mod time;
+pub mod vm;

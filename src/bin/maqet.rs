@@ -1,1 +1,5 @@
-fn main() {}
+//! maqet: the command line for maqetd.
+
+fn main() -> std::process::ExitCode {
+    maqet::cli::main()
+}

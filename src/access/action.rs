@@ -1,0 +1,62 @@
+//! The actions calls are checked against (`data/polkit-1/actions/org.maqet.policy`
+//! declares the same ids).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Reading state: list, find, properties, wait.
+    Observe,
+    /// Defining VMs: add, remove, apply.
+    Manage,
+    /// Start, stop, restart, reset, pause, resume.
+    Lifecycle,
+    /// Keys, text, screendump.
+    Console,
+    QmpExecute,
+    QmpPrivileged,
+    QmpDangerous,
+    QmpMemoryDump,
+    SnapshotCreate,
+    SnapshotLoad,
+    SnapshotDelete,
+}
+
+impl Action {
+    pub const ALL: [Action; 11] = [
+        Action::Observe,
+        Action::Manage,
+        Action::Lifecycle,
+        Action::Console,
+        Action::QmpExecute,
+        Action::QmpPrivileged,
+        Action::QmpDangerous,
+        Action::QmpMemoryDump,
+        Action::SnapshotCreate,
+        Action::SnapshotLoad,
+        Action::SnapshotDelete,
+    ];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Observe => "org.maqet.vm.observe",
+            Action::Manage => "org.maqet.vm.manage",
+            Action::Lifecycle => "org.maqet.vm.lifecycle",
+            Action::Console => "org.maqet.vm.console",
+            Action::QmpExecute => "org.maqet.qmp.execute",
+            Action::QmpPrivileged => "org.maqet.qmp.privileged",
+            Action::QmpDangerous => "org.maqet.qmp.dangerous",
+            Action::QmpMemoryDump => "org.maqet.qmp.memory-dump",
+            Action::SnapshotCreate => "org.maqet.snapshot.create",
+            Action::SnapshotLoad => "org.maqet.snapshot.load",
+            Action::SnapshotDelete => "org.maqet.snapshot.delete",
+        }
+    }
+
+    pub fn from_id(id: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.id() == id)
+    }
+
+    /// Calls under this action change something and are always audited.
+    pub fn is_mutating(self) -> bool {
+        self != Action::Observe
+    }
+}

@@ -1,0 +1,127 @@
+//! The `maqet` command line: parses arguments, talks only D-Bus (through
+//! [`crate::client`]), prints tables for people and JSON for programs.
+
+mod commands;
+mod exit;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+pub use exit::ExitCode;
+
+/// maqet: run QEMU virtual machines through your session's maqetd service.
+#[derive(Parser, Debug)]
+#[command(name = "maqet", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of tables and messages.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Define a VM from YAML files merged in order (later files win), or `-` for stdin.
+    Add {
+        /// VM name (default: the config's `name`, else a generated one).
+        #[arg(long, short)]
+        name: Option<String>,
+        /// Config file; repeat to merge several.
+        #[arg(long = "config", short = 'c', value_name = "FILE")]
+        configs: Vec<String>,
+        /// More config files (same as -c).
+        #[arg(value_name = "FILE")]
+        files: Vec<String>,
+    },
+    /// Start a VM; returns once QEMU's monitor is ready.
+    Start { vm: String },
+    /// Stop a VM: ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
+    Stop {
+        vm: String,
+        /// Skip the ACPI power-down and quit QEMU at once.
+        #[arg(long, short)]
+        force: bool,
+        /// Seconds the guest gets to power off before maqet escalates.
+        #[arg(long, short, default_value_t = 30)]
+        timeout: u32,
+        /// Return as soon as the stop has begun.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restart a VM with a new QEMU process (applied config changes take effect).
+    Restart { vm: String },
+    /// Reset the guest (like pressing the reset button).
+    Reset { vm: String },
+    /// Pause a VM's virtual CPUs.
+    Pause { vm: String },
+    /// Resume a paused VM.
+    Resume { vm: String },
+    /// Remove a VM definition.
+    #[command(alias = "remove")]
+    Rm {
+        vm: String,
+        /// Kill the VM first if it is running.
+        #[arg(long, short)]
+        force: bool,
+        /// Also delete the disk images maqet created for it (never disks you brought).
+        #[arg(long)]
+        delete_storage: bool,
+    },
+    /// List VMs: name, status, pid, uptime.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one VM's state.
+    Status { vm: String },
+    /// Show every property of a VM, including its merged config.
+    Inspect {
+        vm: String,
+        /// Print only the merged YAML config.
+        #[arg(long)]
+        config: bool,
+    },
+    /// Replace a VM's config with one YAML file (`-` for stdin).
+    Apply {
+        vm: String,
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+    /// Wait for a condition: status=<state>[|<state>…] or event=<QMP EVENT>.
+    Wait {
+        vm: String,
+        condition: String,
+        /// Give up after this many seconds.
+        #[arg(long, short, default_value_t = 60)]
+        timeout: u32,
+    },
+    /// Follow status changes (and VM additions/removals) as they happen.
+    Events {
+        /// Only this VM.
+        vm: Option<String>,
+    },
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("maqet: cannot start the async runtime: {e}");
+            return ExitCode::Failure.into();
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::Ok.into(),
+        Err(e) => {
+            let code = ExitCode::for_error(&e);
+            output::print_error(&e, json);
+            code.into()
+        }
+    }
+}

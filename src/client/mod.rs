@@ -1,0 +1,151 @@
+//! The client side of the API: bus names, object paths and typed proxies.
+//!
+//! Shared by the CLI and the tests (and usable by any Rust program); it holds no service
+//! internals, so the CLI never links the service's logic into what it calls.
+
+use zbus::proxy;
+use zbus::{ObjectPath, OwnedObjectPath};
+
+pub use crate::error::MaqetError;
+
+/// Well-known bus name of the service.
+pub const BUS_NAME: &str = "org.maqet.Maqet1";
+/// Object path of the manager (and of the ObjectManager).
+pub const MANAGER_PATH: &str = "/org/maqet/Maqet1";
+/// Parent of every VM object.
+pub const VM_PATH_PREFIX: &str = "/org/maqet/Maqet1/vm/";
+
+pub const MANAGER_INTERFACE: &str = "org.maqet.Maqet1.Manager";
+pub const VM_INTERFACE: &str = "org.maqet.Maqet1.VM";
+
+/// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.
+pub fn vm_path(id: &str) -> OwnedObjectPath {
+    let path = format!("{VM_PATH_PREFIX}{}", id.replace('-', "_"));
+    ObjectPath::try_from(path)
+        .expect("a UUID makes a valid object path element")
+        .into()
+}
+
+/// The VM id (UUID) encoded in a VM object path.
+pub fn id_from_path(path: &ObjectPath<'_>) -> Option<String> {
+    path.as_str()
+        .strip_prefix(VM_PATH_PREFIX)
+        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+        .map(|rest| rest.replace('_', "-"))
+}
+
+/// One row of `ListVMs`: id, name, object path, status.
+pub type VmListEntry = (String, String, OwnedObjectPath, String);
+
+#[proxy(
+    interface = "org.maqet.Maqet1.Manager",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Manager {
+    #[zbus(name = "AddVM")]
+    fn add_vm(&self, name: &str, yaml: &str) -> Result<OwnedObjectPath, MaqetError>;
+
+    #[zbus(name = "AddVMFromFiles")]
+    fn add_vm_from_files(&self, name: &str, paths: &[&str]) -> Result<OwnedObjectPath, MaqetError>;
+
+    #[zbus(name = "RemoveVM")]
+    fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;
+
+    #[zbus(name = "FindVM")]
+    fn find_vm(&self, name_or_id: &str) -> Result<OwnedObjectPath, MaqetError>;
+
+    #[zbus(name = "ListVMs")]
+    fn list_vms(&self) -> Result<Vec<VmListEntry>, MaqetError>;
+
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+
+    #[zbus(property)]
+    fn kvm_available(&self) -> zbus::Result<bool>;
+
+    #[zbus(property)]
+    fn polkit_available(&self) -> zbus::Result<bool>;
+
+    #[zbus(property)]
+    fn qemu_binaries(&self) -> zbus::Result<Vec<String>>;
+
+    #[zbus(signal, name = "VMAdded")]
+    fn vm_added(&self, vm: ObjectPath<'_>, name: &str) -> zbus::Result<()>;
+
+    #[zbus(signal, name = "VMRemoved")]
+    fn vm_removed(&self, vm: ObjectPath<'_>, name: &str) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "org.maqet.Maqet1.VM",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Vm {
+    fn start(&self) -> Result<(), MaqetError>;
+    fn stop(&self, force: bool, timeout_sec: u32) -> Result<(), MaqetError>;
+    fn restart(&self) -> Result<(), MaqetError>;
+    fn reset(&self) -> Result<(), MaqetError>;
+    fn pause(&self) -> Result<(), MaqetError>;
+    fn resume(&self) -> Result<(), MaqetError>;
+    fn apply(&self, yaml: &str) -> Result<Vec<String>, MaqetError>;
+    fn wait(&self, condition: &str, timeout_sec: u32) -> Result<String, MaqetError>;
+
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn status(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn status_reason(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn pid(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn config(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn created_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn started_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn stopped_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn exit_status(&self) -> zbus::Result<i32>;
+
+    /// `StatusChanged` (named so it does not clash with the `Status` property's stream).
+    #[zbus(signal, name = "StatusChanged")]
+    fn vm_status_changed(&self, status: &str, previous: &str, reason: &str) -> zbus::Result<()>;
+}
+
+/// Builds a VM proxy for an object path, without property caching (a CLI reads once).
+pub async fn vm_proxy<'a>(
+    conn: &zbus::Connection,
+    path: OwnedObjectPath,
+) -> zbus::Result<VmProxy<'a>> {
+    VmProxy::builder(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_paths_round_trip() {
+        let id = "3f2b8c1e-1234-4abc-9def-0123456789ab";
+        let p = vm_path(id);
+        assert_eq!(
+            p.as_str(),
+            "/org/maqet/Maqet1/vm/3f2b8c1e_1234_4abc_9def_0123456789ab"
+        );
+        assert_eq!(id_from_path(&p).as_deref(), Some(id));
+        assert_eq!(
+            id_from_path(&ObjectPath::try_from("/org/maqet/Maqet1").unwrap()),
+            None
+        );
+    }
+}

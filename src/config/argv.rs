@@ -1,0 +1,497 @@
+//! QEMU command-line rules: which options are single-instance or reserved,
+//! how `arguments` items become argv words (suboptions, nesting, host paths),
+//! and how raw `args` strings are split.
+
+use super::PathUse;
+use super::validate::Cx;
+use super::yaml::{Entry, Node, Value};
+
+/// Options QEMU honours once; a second one is a config error.
+pub(crate) const SINGLE_INSTANCE: &[&str] = &[
+    "m", "smp", "machine", "cpu", "display", "vga", "kernel", "initrd", "append", "bios", "boot",
+];
+
+/// Options whose value is a raw host path that QEMU takes verbatim (no
+/// suboption parsing, so commas are not escaped).
+const RAW_PATH_OPTIONS: &[&str] = &[
+    "kernel", "initrd", "bios", "pflash", "dtb", "cdrom", "hda", "hdb", "hdc", "hdd", "fda", "fdb",
+];
+
+/// Raw path options QEMU only reads, once, at start.
+const BOOT_INPUT_OPTIONS: &[&str] = &["kernel", "initrd", "bios", "dtb"];
+
+/// Suboption keys whose string value is a host path.
+const PATH_KEYS: &[&str] = &["file", "path", "filename"];
+
+/// Why an option maqet controls itself cannot appear in a config.
+pub(crate) fn reserved_reason(option: &str) -> Option<&'static str> {
+    Some(match option {
+        "uuid" => "maqet sets `-uuid` itself to identify the VM",
+        "name" => "maqet sets `-name` itself; use the top-level `name:` key",
+        "daemonize" => "maqetd supervises the QEMU process itself",
+        "runas" | "run-with" | "chroot" => {
+            "maqetd supervises the QEMU process and runs it as your user; it cannot follow a QEMU that switches user or root directory"
+        }
+        "pidfile" => "maqetd tracks the QEMU process through a pidfd; no pidfile is needed",
+        _ => return None,
+    })
+}
+
+/// The name an option is tracked under: without leading dashes, aliases folded.
+pub(crate) fn canonical(option: &str) -> &str {
+    let name = option
+        .strip_prefix("--")
+        .or_else(|| option.strip_prefix('-'))
+        .unwrap_or(option);
+    match name {
+        "M" => "machine",
+        other => other,
+    }
+}
+
+/// Whether an option takes a value (known for the options this module tracks;
+/// used to skip that value when scanning `args`).
+fn takes_value(canonical: &str) -> bool {
+    SINGLE_INSTANCE.contains(&canonical)
+        || (reserved_reason(canonical).is_some() && canonical != "daemonize")
+}
+
+/// What an `arguments` item is merged by: a later item with the same identity
+/// replaces the earlier one in place.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Identity {
+    Single(String),
+    Id(String, String),
+}
+
+pub(crate) fn identity(item: &Node) -> Option<Identity> {
+    let (option, id) = match &item.value {
+        Value::Str(s) => (canonical(s), None),
+        Value::Map(entries) => {
+            let (first, rest) = entries.split_first()?;
+            let nested: &[Entry] = match &first.value.value {
+                Value::Map(inner) => inner,
+                _ => &[],
+            };
+            let id = rest
+                .iter()
+                .chain(nested)
+                .find(|e| e.key == "id")
+                .and_then(|e| e.value.scalar_text());
+            (canonical(&first.key), id)
+        }
+        _ => return None,
+    };
+    if SINGLE_INSTANCE.contains(&option) {
+        Some(Identity::Single(option.to_owned()))
+    } else {
+        id.map(|id| Identity::Id(option.to_owned(), id))
+    }
+}
+
+/// `name` without its leading dashes, if it looks like a QEMU option.
+fn option_name(name: &str) -> Result<&str, String> {
+    let bare = name
+        .strip_prefix("--")
+        .or_else(|| name.strip_prefix('-'))
+        .unwrap_or(name);
+    let mut chars = bare.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(bare)
+    } else {
+        Err(format!("`{name}` is not a QEMU option name"))
+    }
+}
+
+fn is_suboption_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// QEMU's option syntax doubles commas inside a value.
+pub(crate) fn escape_commas(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// Compiles each `arguments` item to argv words; host paths inside are made
+/// absolute in the tree itself, so the normalized YAML carries them.
+pub(crate) fn compile_arguments(items: &mut [Node], cx: &mut Cx, out: &mut Vec<String>) {
+    for item in items {
+        compile_argument(item, cx, out);
+    }
+}
+
+fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
+    let identity = identity(item);
+    let loc = item.loc.clone();
+    let expected = "expected an option like `enable-kvm` or a mapping like `{machine: q35}`";
+    match &mut item.value {
+        Value::Str(s) => {
+            let option = match option_name(s) {
+                Ok(option) => option.to_owned(),
+                Err(message) => {
+                    let hint = "write an option with a value as a mapping (`{cpu: host}`), or use `args:` for raw strings";
+                    cx.diags.error_hint(&loc, message, hint);
+                    return;
+                }
+            };
+            if cx.register_option(&option, &loc, "arguments") {
+                out.push(format!("-{option}"));
+            }
+        }
+        Value::Map(entries) if !entries.is_empty() => {
+            let (first, rest) = entries.split_at_mut(1);
+            let first = &mut first[0];
+            let option = match option_name(&first.key) {
+                Ok(option) => option.to_owned(),
+                Err(message) => {
+                    cx.diags.error(&first.key_loc, message);
+                    return;
+                }
+            };
+            if !cx.register_option(&option, &first.key_loc, "arguments") {
+                return;
+            }
+            if let Some(Identity::Id(_, id)) = &identity {
+                cx.register_id(&option, id, &first.key_loc);
+            }
+            let mut parts = Vec::new();
+            if RAW_PATH_OPTIONS.contains(&canonical(&option)) {
+                if !rest.is_empty() || !matches!(first.value.value, Value::Str(_)) {
+                    cx.diags.error(
+                        &first.key_loc,
+                        format!(
+                            "`-{option}` takes a single path, e.g. `{{{option}: images/file}}`"
+                        ),
+                    );
+                    return;
+                }
+                let usage = if BOOT_INPUT_OPTIONS.contains(&canonical(&option)) {
+                    PathUse::BootInput
+                } else {
+                    PathUse::Storage
+                };
+                parts.extend(cx.resolve_path(&mut first.value, usage));
+            } else {
+                positional(&option, &mut first.value, cx, &mut parts);
+                render_suboptions(&option, rest, "", false, cx, &mut parts);
+            }
+            out.push(format!("-{option}"));
+            if !parts.is_empty() {
+                out.push(parts.join(","));
+            }
+        }
+        Value::Map(_) => cx
+            .diags
+            .error(&loc, format!("{expected}, found an empty mapping")),
+        _ => {
+            let found = item.kind_name();
+            cx.diags.error(&loc, format!("{expected}, found {found}"));
+        }
+    }
+}
+
+/// The value of an item's first key: nothing, a word, a list joined by
+/// commas, or nested suboptions whose first entry may be a bare word.
+fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String>) {
+    match &mut node.value {
+        Value::Null => {}
+        Value::Seq(items) if items.is_empty() => {
+            cx.diags
+                .error(&node.loc, format!("`-{option}` has an empty list"));
+        }
+        Value::Seq(items) => {
+            let mut words = Vec::new();
+            for item in items.iter() {
+                match item.scalar_text() {
+                    Some(text) => words.push(text),
+                    None => cx.diags.error(
+                        &item.loc,
+                        format!(
+                            "expected a value (string, number or boolean) in the list of `-{option}`, found {}",
+                            item.kind_name()
+                        ),
+                    ),
+                }
+            }
+            parts.push(words.join(","));
+        }
+        Value::Map(entries) if entries.is_empty() => {
+            cx.diags
+                .error(&node.loc, format!("`-{option}` has an empty mapping"));
+        }
+        Value::Map(entries) => render_suboptions(option, entries, "", true, cx, parts),
+        _ => parts.extend(node.scalar_text()),
+    }
+}
+
+/// `key=value` suboptions; nested mappings join keys with dots, lists repeat
+/// the key. Only the very first entry (when `bare_first`) may be a bare word.
+pub(crate) fn render_suboptions(
+    option: &str,
+    entries: &mut [Entry],
+    prefix: &str,
+    bare_first: bool,
+    cx: &mut Cx,
+    parts: &mut Vec<String>,
+) {
+    for (i, entry) in entries.iter_mut().enumerate() {
+        if i == 0 && bare_first && matches!(entry.value.value, Value::Null) {
+            if entry.key.is_empty()
+                || entry.key.contains([',', '='])
+                || entry.key.contains(char::is_whitespace)
+            {
+                cx.diags.error(
+                    &entry.key_loc,
+                    format!("`{}` is not a valid word for `-{option}`", entry.key),
+                );
+            } else {
+                parts.push(entry.key.clone());
+            }
+            continue;
+        }
+        if !is_suboption_key(&entry.key) {
+            cx.diags.error_hint(
+                &entry.key_loc,
+                format!(
+                    "`{}` is not a valid suboption name for `-{option}`",
+                    entry.key
+                ),
+                "names use letters, digits, `_`, `-` and `.`",
+            );
+            continue;
+        }
+        let key = format!("{prefix}{}", entry.key);
+        match &mut entry.value.value {
+            Value::Null => cx.diags.error_hint(
+                &entry.value.loc,
+                format!("suboption `{key}` of `-{option}` needs a value"),
+                "only the first entry may be a bare word like `virtio-rng-pci: null`",
+            ),
+            Value::Map(inner) if inner.is_empty() => {
+                cx.diags.error(
+                    &entry.value.loc,
+                    format!("suboption `{key}` of `-{option}` is an empty mapping"),
+                );
+            }
+            Value::Map(inner) => {
+                render_suboptions(option, inner, &format!("{key}."), false, cx, parts)
+            }
+            Value::Seq(items) => {
+                for item in items {
+                    if let Some(value) = suboption_value(option, &key, item, cx) {
+                        parts.push(format!("{key}={value}"));
+                    }
+                }
+            }
+            _ => {
+                if let Some(value) = suboption_value(option, &key, &mut entry.value, cx) {
+                    parts.push(format!("{key}={value}"));
+                }
+            }
+        }
+    }
+}
+
+/// A scalar suboption value as QEMU should see it; host paths are resolved
+/// (and rewritten in the tree) and their commas escaped.
+fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Option<String> {
+    if let Value::Str(s) = &node.value
+        && is_path_key(option, key)
+        && !has_scheme(s)
+    {
+        return cx
+            .resolve_path(node, PathUse::Storage)
+            .map(|p| escape_commas(&p));
+    }
+    let text = node.scalar_text();
+    if text.is_none() {
+        cx.diags.error(
+            &node.loc,
+            format!(
+                "suboption `{key}` of `-{option}` expects a value (string, number or boolean), found {}",
+                node.kind_name()
+            ),
+        );
+    }
+    text
+}
+
+fn is_path_key(option: &str, key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    // `-blockdev …,file=<node-name>` names another block node, not a file.
+    PATH_KEYS.contains(&last) && !(canonical(option) == "blockdev" && key == "file")
+}
+
+/// `nbd:…`, `json:{…}`, `https://…`: protocol values QEMU resolves, not host paths.
+fn has_scheme(value: &str) -> bool {
+    let Some((scheme, _)) = value.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c))
+}
+
+/// Splits `args` items into argv words and checks the options among them.
+/// An item without whitespace is one word, unchanged; others are split with
+/// POSIX shell quoting (no expansion).
+pub(crate) fn compile_args(items: &mut [Node], cx: &mut Cx, out: &mut Vec<String>) {
+    let mut value_expected = false;
+    for item in items {
+        let text = match &item.value {
+            Value::Str(s) | Value::Int(s) | Value::Float(s) => s.clone(),
+            _ => {
+                let found = item.kind_name();
+                cx.diags.error(
+                    &item.loc,
+                    format!("each `args` item must be a string, found {found}"),
+                );
+                continue;
+            }
+        };
+        item.value = Value::Str(text.clone());
+        let words = if text.contains(char::is_whitespace) {
+            match shell_split(&text) {
+                Ok(words) => words,
+                Err(message) => {
+                    let hint = "close the quote, or escape the character with a backslash";
+                    cx.diags
+                        .error_hint(&item.loc, format!("in `args` item: {message}"), hint);
+                    continue;
+                }
+            }
+        } else {
+            vec![text]
+        };
+        for word in words {
+            if value_expected {
+                value_expected = false;
+            } else if word.len() > 1
+                && word.starts_with('-')
+                && let Ok(option) = option_name(&word)
+            {
+                cx.register_option(option, &item.loc, "args");
+                value_expected = takes_value(canonical(option));
+            }
+            out.push(word);
+        }
+    }
+}
+
+/// POSIX shell word splitting: single quotes, double quotes (where `\` escapes
+/// only `$`, `` ` ``, `"`, `\` and newline), backslash; nothing is expanded.
+pub(crate) fn shell_split(s: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(ch) => word.push(ch),
+                        None => return Err("unterminated single quote (')".to_owned()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch @ ('$' | '`' | '"' | '\\')) => word.push(ch),
+                            Some('\n') => {}
+                            Some(ch) => {
+                                word.push('\\');
+                                word.push(ch);
+                            }
+                            None => return Err("unterminated double quote (\")".to_owned()),
+                        },
+                        Some(ch) => word.push(ch),
+                        None => return Err("unterminated double quote (\")".to_owned()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some('\n') => {}
+                Some(ch) => {
+                    in_word = true;
+                    word.push(ch);
+                }
+                None => return Err("trailing backslash".to_owned()),
+            },
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words() {
+        let cases: &[(&str, &[&str])] = &[
+            ("-cpu host", &["-cpu", "host"]),
+            ("  a   b  ", &["a", "b"]),
+            (
+                "-append 'console=ttyS0 quiet'",
+                &["-append", "console=ttyS0 quiet"],
+            ),
+            (r#"a "b c" d"#, &["a", "b c", "d"]),
+            (r#""x\"y\$z\n""#, &["x\"y$z\\n"]),
+            (r"a\ b c", &["a b", "c"]),
+            ("'' x", &["", "x"]),
+            ("a'b'\"c\"d e", &["abcd", "e"]),
+            ("$HOME *", &["$HOME", "*"]),
+        ];
+        for (input, words) in cases {
+            assert_eq!(shell_split(input).unwrap(), *words, "{input}");
+        }
+        assert!(shell_split("a 'b").unwrap_err().contains("single quote"));
+        assert!(shell_split("a \"b").unwrap_err().contains("double quote"));
+        assert!(shell_split("a b\\").unwrap_err().contains("backslash"));
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(canonical("-M"), "machine");
+        assert_eq!(canonical("--m"), "m");
+        assert_eq!(option_name("-enable-kvm"), Ok("enable-kvm"));
+        assert_eq!(option_name("fw_cfg"), Ok("fw_cfg"));
+        assert!(option_name("cpu host").is_err());
+        assert!(option_name("---x").is_err());
+        assert!(option_name("").is_err());
+        assert!(has_scheme("nbd:localhost:10809"));
+        assert!(has_scheme("json:{}"));
+        assert!(has_scheme("https://x/y"));
+        assert!(!has_scheme("dir/a:b.img"));
+        assert!(!has_scheme("/abs:x"));
+        assert!(!has_scheme("disk.img"));
+        assert!(is_path_key("drive", "file"));
+        assert!(is_path_key("blockdev", "file.filename"));
+        assert!(!is_path_key("blockdev", "file"));
+        assert!(is_path_key("chardev", "path"));
+    }
+}

@@ -1,0 +1,1267 @@
+//! End-to-end tests of `load`: YAML in, argv / diagnostics / YAML out.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use super::*;
+
+const HOME: &str = "/home/u";
+
+/// A PATH holding a fake `qemu-system-x86_64`.
+struct TestEnv {
+    _dir: tempfile::TempDir,
+    path_env: OsString,
+}
+
+impl TestEnv {
+    fn new() -> TestEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("qemu-system-x86_64");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path_env = dir.path().as_os_str().to_owned();
+        TestEnv {
+            _dir: dir,
+            path_env,
+        }
+    }
+
+    fn ctx(&self) -> ValidationContext<'_> {
+        ValidationContext {
+            home: Path::new(HOME),
+            path_env: Some(&self.path_env),
+            default_arch: "x86_64",
+            check_path: &deny_secrets,
+        }
+    }
+}
+
+fn deny_secrets(path: &Path, _usage: PathUse) -> Result<(), String> {
+    if path.starts_with("/etc") || path.starts_with("/home/u/.ssh") {
+        Err("it is a system or secret location".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+fn source(origin: &str, base_dir: &str, text: &str) -> ConfigSource {
+    ConfigSource {
+        origin: origin.to_owned(),
+        text: text.to_owned(),
+        base_dir: base_dir.into(),
+    }
+}
+
+fn load_sources(sources: &[ConfigSource]) -> Result<VmConfig, ConfigError> {
+    let env = TestEnv::new();
+    load(sources, &env.ctx())
+}
+
+fn load_one(text: &str) -> Result<VmConfig, ConfigError> {
+    load_sources(&[source("vm.yaml", "/vms/web", text)])
+}
+
+fn must_load(sources: &[ConfigSource]) -> VmConfig {
+    load_sources(sources).unwrap_or_else(|e| panic!("unexpected errors:\n{e}"))
+}
+
+fn argv_of(text: &str) -> Vec<String> {
+    must_load(&[source("vm.yaml", "/vms/web", text)]).qemu_args()
+}
+
+fn errors_of(sources: &[ConfigSource]) -> Vec<Diagnostic> {
+    match load_sources(sources) {
+        Ok(config) => panic!("expected errors, got {:?}", config.qemu_args()),
+        Err(e) => e.diagnostics,
+    }
+}
+
+/// The diagnostic whose message contains `needle`, checked to sit at `origin:line:col`.
+fn find_diag<'d>(
+    diags: &'d [Diagnostic],
+    origin: &str,
+    line: usize,
+    col: usize,
+    needle: &str,
+) -> &'d Diagnostic {
+    let d = diags
+        .iter()
+        .find(|d| d.message.contains(needle))
+        .unwrap_or_else(|| panic!("no diagnostic containing {needle:?} in:\n{}", render(diags)));
+    assert_eq!(
+        (d.origin.as_str(), d.line, d.col),
+        (origin, line, col),
+        "location of {needle:?} in:\n{}",
+        render(diags)
+    );
+    d
+}
+
+fn error_in(text: &str, line: usize, col: usize, needle: &str) -> Diagnostic {
+    let diags = errors_of(&[source("vm.yaml", "/vms/web", text)]);
+    find_diag(&diags, "vm.yaml", line, col, needle).clone()
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    diags.iter().map(|d| format!("{d}\n")).collect()
+}
+
+/// `load(to_yaml())` from another directory gives an equal config, the same
+/// argv, and the same YAML again.
+fn assert_round_trip(config: &VmConfig) {
+    let yaml = config.to_yaml();
+    let again = load_sources(&[source("<stored>", "/somewhere/else", &yaml)])
+        .unwrap_or_else(|e| panic!("stored YAML does not load:\n{yaml}\n{e}"));
+    assert_eq!(
+        again.qemu_args(),
+        config.qemu_args(),
+        "argv after round trip of:\n{yaml}"
+    );
+    assert_eq!(&again, config, "config after round trip of:\n{yaml}");
+    assert_eq!(again.to_yaml(), yaml);
+}
+
+const GOLDEN: &[(&str, &[&str])] = &[
+    // Flags, with or without a leading dash.
+    ("arguments: [enable-kvm]", &["-enable-kvm"]),
+    (
+        "arguments: [-enable-kvm, --nodefaults, S]",
+        &["-enable-kvm", "-nodefaults", "-S"],
+    ),
+    (
+        "arguments: [{no-reboot: null}, {no-shutdown: }]",
+        &["-no-reboot", "-no-shutdown"],
+    ),
+    // Scalars: strings, numbers as written, booleans as on/off.
+    ("arguments: [{machine: q35}]", &["-machine", "q35"]),
+    ("arguments: [{M: pc}]", &["-M", "pc"]),
+    (
+        "arguments: [{smp: 04}, {icount: 1e3}, {win2k-hack: true}]",
+        &["-smp", "04", "-icount", "1e3", "-win2k-hack", "on"],
+    ),
+    // Lists join with commas.
+    (
+        "arguments: [{boot: [order=c, menu=on]}]",
+        &["-boot", "order=c,menu=on"],
+    ),
+    // Multi-key mappings: positional part, then key=value suboptions.
+    (
+        "arguments: [{display: gtk, zoom-to-fit: on}]",
+        &["-display", "gtk,zoom-to-fit=on"],
+    ),
+    (
+        "arguments: [{display: gtk, show-cursor: true, gl: false}]",
+        &["-display", "gtk,show-cursor=on,gl=off"],
+    ),
+    (
+        "arguments: [{drive: null, if: none, id: d0, file: a.img}]",
+        &["-drive", "if=none,id=d0,file=/vms/web/a.img"],
+    ),
+    // Nested mappings: a bare first word, dotted keys, repeated list keys.
+    (
+        "arguments: [{device: {virtio-rng-pci: null}}]",
+        &["-device", "virtio-rng-pci"],
+    ),
+    (
+        "arguments: [{device: {virtio-rng-pci: null, id: rng0}}]",
+        &["-device", "virtio-rng-pci,id=rng0"],
+    ),
+    (
+        "arguments: [{blockdev: {driver: qcow2, node-name: d0, file: {driver: file, filename: a.img}}}]",
+        &[
+            "-blockdev",
+            "driver=qcow2,node-name=d0,file.driver=file,file.filename=/vms/web/a.img",
+        ],
+    ),
+    (
+        "arguments: [{netdev: {user: null, id: n0, hostfwd: [tcp::2222-:22, tcp::8080-:80]}}]",
+        &[
+            "-netdev",
+            "user,id=n0,hostfwd=tcp::2222-:22,hostfwd=tcp::8080-:80",
+        ],
+    ),
+    (
+        "arguments: [{global: {driver: cfi.pflash01, property: secure, value: true}}]",
+        &["-global", "driver=cfi.pflash01,property=secure,value=on"],
+    ),
+    (
+        "arguments: [{device: virtio-net-pci, netdev: n0, mac: '52:54:00:12:34:56'}]",
+        &["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"],
+    ),
+    // Top-level keys come first, in a fixed order, whatever order they are written in.
+    (
+        "vga: std\ndisplay: none\ncpu: 2\nmemory: 1G\n",
+        &["-m", "1G", "-smp", "2", "-display", "none", "-vga", "std"],
+    ),
+    // Integers are normalized, size strings kept as written.
+    ("memory: 0x800\ncpu: +2\n", &["-m", "2048", "-smp", "2"]),
+    (
+        "memory: 1.5GiB\ncpu: 4,sockets=1,cores=4\n",
+        &["-m", "1.5GiB", "-smp", "4,sockets=1,cores=4"],
+    ),
+    // Top-level `cpu` is -smp; `cpu` in arguments is -cpu.
+    (
+        "cpu: 2\narguments: [{cpu: host}]\n",
+        &["-smp", "2", "-cpu", "host"],
+    ),
+    // Raw args are split like a shell would.
+    (
+        "args: ['-cpu host', \"-append 'console=ttyS0 quiet'\", -no-reboot, \"it's\"]",
+        &[
+            "-cpu",
+            "host",
+            "-append",
+            "console=ttyS0 quiet",
+            "-no-reboot",
+            "it's",
+        ],
+    ),
+    // Order: top-level, arguments, storage, args.
+    (
+        "args: [-snapshot]\nstorage: [{type: raw, file: r.img}]\narguments: [nodefaults]\nmemory: 512\n",
+        &[
+            "-m",
+            "512",
+            "-nodefaults",
+            "-drive",
+            "file=/vms/web/r.img,format=raw,if=virtio,id=disk0",
+            "-snapshot",
+        ],
+    ),
+    // Storage.
+    (
+        "storage: [{name: root, type: qcow2, file: disks/root.qcow2, size: 10G, interface: virtio}]",
+        &[
+            "-drive",
+            "file=/vms/web/disks/root.qcow2,format=qcow2,if=virtio,id=root",
+        ],
+    ),
+    (
+        "storage: [{name: a, type: raw, file: /data/a.img, interface: sata}, {name: b, type: qcow2, file: b.qcow2, interface: sata}]",
+        &[
+            "-device",
+            "ahci,id=maqet-ahci",
+            "-drive",
+            "file=/data/a.img,format=raw,if=none,id=a",
+            "-device",
+            "ide-hd,drive=a,bus=maqet-ahci.0",
+            "-drive",
+            "file=/vms/web/b.qcow2,format=qcow2,if=none,id=b",
+            "-device",
+            "ide-hd,drive=b,bus=maqet-ahci.1",
+        ],
+    ),
+    (
+        "storage: [{name: s1, type: qcow2, file: s1.qcow2, interface: scsi}, {name: s2, type: raw, file: s2.img, interface: scsi}]",
+        &[
+            "-device",
+            "virtio-scsi-pci,id=maqet-scsi",
+            "-drive",
+            "file=/vms/web/s1.qcow2,format=qcow2,if=none,id=s1",
+            "-device",
+            "scsi-hd,drive=s1,bus=maqet-scsi.0",
+            "-drive",
+            "file=/vms/web/s2.img,format=raw,if=none,id=s2",
+            "-device",
+            "scsi-hd,drive=s2,bus=maqet-scsi.0",
+        ],
+    ),
+    (
+        "storage: [{type: raw, file: i.img, interface: ide}, {type: qcow2, file: n.qcow2, interface: none}]\narguments: [{device: {virtio-blk-pci: null, drive: disk1}}]\n",
+        &[
+            "-device",
+            "virtio-blk-pci,drive=disk1",
+            "-drive",
+            "file=/vms/web/i.img,format=raw,if=ide,id=disk0",
+            "-drive",
+            "file=/vms/web/n.qcow2,format=qcow2,if=none,id=disk1",
+        ],
+    ),
+    (
+        "storage: [{name: base, type: qcow2, file: overlay.qcow2, backing_file: base.qcow2, backing_format: qcow2, options: {cache: none, discard: unmap, readonly: true}}]",
+        &[
+            "-drive",
+            "file=/vms/web/overlay.qcow2,format=qcow2,if=virtio,id=base,readonly=on,cache=none,discard=unmap",
+        ],
+    ),
+    (
+        "storage: [{name: share, type: virtfs, path: ~/shared, options: {mount_tag: hostshare, security_model: mapped-xattr, readonly: true}}, {type: virtfs, path: /srv/x, options: {multidevs: remap}}]",
+        &[
+            "-virtfs",
+            "local,path=/home/u/shared,mount_tag=hostshare,security_model=mapped-xattr,id=share,readonly=on",
+            "-virtfs",
+            "local,path=/srv/x,mount_tag=share1,security_model=mapped-xattr,id=share1,multidevs=remap",
+        ],
+    ),
+    // Host paths: raw path options verbatim, suboption paths with commas escaped.
+    (
+        "arguments: [{kernel: boot/vmlinuz}, {initrd: '../shared/initrd,1.img'}, {append: 'console=ttyS0 root=/dev/vda'}]",
+        &[
+            "-kernel",
+            "/vms/web/boot/vmlinuz",
+            "-initrd",
+            "/vms/shared/initrd,1.img",
+            "-append",
+            "console=ttyS0 root=/dev/vda",
+        ],
+    ),
+    (
+        "arguments: [{bios: ~/fw/OVMF.fd}, {pflash: vars.fd}]",
+        &["-bios", "/home/u/fw/OVMF.fd", "-pflash", "/vms/web/vars.fd"],
+    ),
+    (
+        "arguments: [{drive: {file: 'my,disk.img', format: raw, if: virtio}}]",
+        &["-drive", "file=/vms/web/my,,disk.img,format=raw,if=virtio"],
+    ),
+    (
+        "storage: [{name: c, type: raw, file: 'a,b.img'}]",
+        &["-drive", "file=/vms/web/a,,b.img,format=raw,if=virtio,id=c"],
+    ),
+    (
+        "arguments: [{chardev: {socket: null, id: c0, path: run/c0.sock, server: on, wait: off}}]",
+        &[
+            "-chardev",
+            "socket,id=c0,path=/vms/web/run/c0.sock,server=on,wait=off",
+        ],
+    ),
+    // Protocol values and -blockdev node references are not host paths.
+    (
+        "arguments: [{drive: {file: 'nbd:localhost:10809', if: virtio}}, {blockdev: {driver: qcow2, node-name: top, file: top-file}}]",
+        &[
+            "-drive",
+            "file=nbd:localhost:10809,if=virtio",
+            "-blockdev",
+            "driver=qcow2,node-name=top,file=top-file",
+        ],
+    ),
+    // Strings that look like other types stay strings.
+    (
+        "name: '123'\narguments: [{fw_cfg: {name: opt/x, string: 'on'}}, {x: 'null'}, {y: '1e3'}, {z: 'yes'}, {w: \"0x10\"}]",
+        &[
+            "-fw_cfg",
+            "name=opt/x,string=on",
+            "-x",
+            "null",
+            "-y",
+            "1e3",
+            "-z",
+            "yes",
+            "-w",
+            "0x10",
+        ],
+    ),
+    // Empty documents are empty configs.
+    ("", &[]),
+    ("---\n# nothing\n", &[]),
+];
+
+#[test]
+fn golden_argv_and_round_trip() {
+    assert!(GOLDEN.len() >= 25);
+    for (yaml, expected) in GOLDEN {
+        let config = load_one(yaml).unwrap_or_else(|e| panic!("{yaml}\n{e}"));
+        assert_eq!(config.qemu_args(), *expected, "argv of:\n{yaml}");
+        assert_round_trip(&config);
+    }
+}
+
+const BASE: &str = "\
+binary: qemu-system-x86_64
+cpu: 1
+display: none
+arguments: [{machine: q35}, {m: 256M}, nodefaults]
+";
+const EXTRA: &str = "arguments: [{m: 512M}, {device: {virtio-rng-pci: null}}]\n";
+
+#[test]
+fn two_file_golden_example() {
+    let config = must_load(&[
+        source("base.yaml", "/vms/a", BASE),
+        source("extra.yaml", "/vms/b", EXTRA),
+    ]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-machine",
+            "q35",
+            "-m",
+            "512M",
+            "-nodefaults",
+            "-device",
+            "virtio-rng-pci"
+        ]
+    );
+    assert_eq!(config.binary(), "qemu-system-x86_64");
+    assert_round_trip(&config);
+}
+
+#[test]
+fn stored_configs_load_without_the_binary() {
+    let config = load_one("binary: qemu-system-x86_64\nmemory: 1G\n").unwrap();
+    let ctx = ValidationContext {
+        home: Path::new(HOME),
+        path_env: Some(OsStr::new("/nonexistent")),
+        default_arch: "x86_64",
+        check_path: &deny_secrets,
+    };
+    assert!(load(&[source("x", "/", &config.to_yaml())], &ctx).is_err());
+    let stored = load_stored(&config.to_yaml(), &ctx).unwrap();
+    assert_eq!(stored, config);
+    assert!(stored.resolve_binary(ctx.path_env).is_err());
+    // Everything else is still validated.
+    let err = load_stored("memory: 0\n", &ctx).unwrap_err();
+    find_diag(
+        &err.diagnostics,
+        "<stored config>",
+        1,
+        9,
+        "greater than zero",
+    );
+}
+
+#[test]
+fn normalized_yaml() {
+    let config = load_one(
+        "storage: [{type: qcow2, file: d.qcow2, size: 1G}]\nmemory: 0x400\nname: web\narguments: [{kernel: k}]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.to_yaml(),
+        "\
+name: web
+memory: 1024
+arguments:
+  - kernel: /vms/web/k
+storage:
+  - name: disk0
+    type: qcow2
+    file: /vms/web/d.qcow2
+    size: 1G
+"
+    );
+    assert_eq!(load_one("").unwrap().to_yaml(), "{}\n");
+}
+
+#[test]
+fn accessors() {
+    let env = TestEnv::new();
+    let config = load(&[source("vm.yaml", "/vms/web", "name: web\n")], &env.ctx()).unwrap();
+    assert_eq!(config.name(), Some("web"));
+    assert_eq!(config.binary(), "qemu-system-x86_64");
+    let found = config.resolve_binary(Some(&env.path_env)).unwrap();
+    assert!(found.ends_with("qemu-system-x86_64"));
+    let err = config
+        .resolve_binary(Some(OsStr::new("/nonexistent")))
+        .unwrap_err();
+    assert!(
+        err.contains("not found in PATH") && err.contains("qemu-system-x86"),
+        "{err}"
+    );
+}
+
+#[test]
+fn storage_entries_are_typed() {
+    let config = load_one(
+        "\
+storage:
+  - {name: root, type: qcow2, file: disks/root.qcow2, size: 10G, interface: virtio}
+  - {name: data, type: raw, file: /data/d.img, size: 512M, interface: sata}
+  - {name: base, type: qcow2, file: overlay.qcow2, backing_file: base.qcow2, backing_format: qcow2}
+  - {name: share, type: virtfs, path: ~/shared, options: {mount_tag: hostshare, security_model: mapped-xattr, readonly: true}}
+  - {type: raw, file: big.img, size: 1099511627776}
+",
+    )
+    .unwrap();
+    let s = config.storage();
+    assert_eq!(s.len(), 5);
+    assert_eq!(s[0].name, "root");
+    assert_eq!(s[0].kind, StorageKind::Qcow2);
+    assert_eq!(s[0].path, Path::new("/vms/web/disks/root.qcow2"));
+    assert_eq!(s[0].size, Some(10 << 30));
+    assert_eq!(s[0].interface, Interface::Virtio);
+    assert_eq!(s[1].interface, Interface::Sata);
+    assert_eq!(s[1].size, Some(512 << 20));
+    assert_eq!(
+        s[2].backing_file.as_deref(),
+        Some(Path::new("/vms/web/base.qcow2"))
+    );
+    assert_eq!(s[2].backing_format.as_deref(), Some("qcow2"));
+    assert_eq!(s[2].size, None);
+    assert_eq!(s[3].kind, StorageKind::Virtfs);
+    assert_eq!(s[3].path, Path::new("/home/u/shared"));
+    assert!(s[3].readonly);
+    assert_eq!(s[3].mount_tag.as_deref(), Some("hostshare"));
+    assert_eq!(s[3].interface, Interface::None);
+    assert_eq!(s[4].name, "disk3");
+    assert_eq!(s[4].size, Some(1 << 40));
+}
+
+// ---- errors: each names origin, line, column and what is wrong ----
+
+#[test]
+fn yaml_syntax_error() {
+    let d = error_in(
+        "memory: 1G\narguments: [a, b\nstorage: []\n",
+        3,
+        8,
+        "YAML syntax error",
+    );
+    assert!(d.message.contains("':'"), "{}", d.message);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let d = error_in("memroy: 1G\n", 1, 1, "unknown key `memroy`");
+    let hint = d.hint.unwrap();
+    assert!(hint.starts_with("did you mean `memory`?"), "{hint}");
+    assert!(hint.contains("name, binary, memory, cpu"), "{hint}");
+    let d = error_in("name: x\nzzz: 1\n", 2, 1, "unknown key `zzz`");
+    assert!(d.hint.unwrap().starts_with("valid keys:"));
+}
+
+#[test]
+fn unknown_storage_key() {
+    let d = error_in(
+        "storage:\n  - name: root\n    type: qcow2\n    file: r.qcow2\n    sise: 10G\n",
+        5,
+        5,
+        "unknown storage key `sise`",
+    );
+    assert!(d.hint.unwrap().contains("did you mean `size`?"));
+}
+
+#[test]
+fn duplicate_single_instance_option_in_one_file() {
+    let d = error_in(
+        "arguments:\n  - m: 1G\n  - m: 2G\n",
+        3,
+        5,
+        "`-m` is already set at vm.yaml:2:5 by `arguments`; set it once",
+    );
+    assert_eq!(d.hint, None);
+    error_in(
+        "args: ['-machine q35']\narguments: [{M: pc}]\n",
+        1,
+        8,
+        "`-machine` is already set at vm.yaml:2:14",
+    );
+    error_in(
+        "arguments: [{kernel: a}]\nargs: [-kernel, b]\n",
+        2,
+        8,
+        "`-kernel` is already set at vm.yaml:1:14 by `arguments`",
+    );
+}
+
+#[test]
+fn duplicate_memory_top_level_and_arguments() {
+    error_in(
+        "memory: 1G\narguments:\n  - m: 2G\n",
+        3,
+        5,
+        "`-m` is already set at vm.yaml:1:1 by `memory`; set it once",
+    );
+    // Across files, the message names the file of each occurrence.
+    let diags = errors_of(&[
+        source("base.yaml", "/vms", "name: web\nmemory: 1G\n"),
+        source("extra.yaml", "/vms", "arguments: [{m: 2G}]\n"),
+    ]);
+    let d = find_diag(
+        &diags,
+        "extra.yaml",
+        1,
+        14,
+        "`-m` is already set at base.yaml:2:1 by `memory`",
+    );
+    assert!(d.hint.as_deref().unwrap().contains("set `memory:` here"));
+}
+
+#[test]
+fn reserved_options() {
+    error_in(
+        "arguments:\n  - daemonize\n",
+        2,
+        5,
+        "`-daemonize` cannot be used: maqetd supervises the QEMU process itself",
+    );
+    error_in(
+        "arguments: [{name: web}]\n",
+        1,
+        14,
+        "`-name` cannot be used: maqet sets `-name` itself",
+    );
+    error_in("arguments: [{uuid: x}]\n", 1, 14, "`-uuid` cannot be used");
+    error_in(
+        "args: ['-pidfile /tmp/p']\n",
+        1,
+        8,
+        "`-pidfile` cannot be used",
+    );
+    error_in("args: [-runas, nobody]\n", 1, 8, "`-runas` cannot be used");
+    // A value following an option is not mistaken for one.
+    assert_eq!(argv_of("args: [-append, -name]\n"), ["-append", "-name"]);
+}
+
+#[test]
+fn bad_sizes() {
+    let d = error_in(
+        "memory: 4X\n",
+        1,
+        9,
+        "invalid `memory`: `4X` is not a valid size",
+    );
+    assert!(d.message.contains("e.g. `512M`"));
+    assert!(d.hint.unwrap().contains("memory: 4G"));
+    error_in("memory: 0\n", 1, 9, "`memory` must be greater than zero");
+    error_in("memory: -5\n", 1, 9, "`memory` must be greater than zero");
+    error_in("memory: 99999999999999999999\n", 1, 9, "too large");
+    error_in(
+        "storage:\n  - {type: raw, file: a.img, size: 0}\n",
+        2,
+        36,
+        "must be greater than zero",
+    );
+    error_in(
+        "storage:\n  - {type: raw, file: a.img, size: 10Q}\n",
+        2,
+        36,
+        "`10Q` is not a valid size",
+    );
+    error_in(
+        "storage:\n  - {type: raw, file: a.img, size: -1G}\n",
+        2,
+        36,
+        "negative",
+    );
+    error_in("cpu: 0\n", 1, 6, "`cpu` must be a positive CPU count");
+    error_in("cpu: 4,core=2\n", 1, 6, "did you mean `cores`");
+}
+
+#[test]
+fn bad_names() {
+    error_in("name: -web\n", 1, 7, "invalid VM name `-web`");
+    error_in("name: 'a b'\n", 1, 7, "` ` is not allowed");
+    error_in(
+        "name: 123e4567-e89b-12d3-a456-426614174000\n",
+        1,
+        7,
+        "reads as a UUID",
+    );
+    error_in(
+        "storage: [{name: 1st, type: raw, file: a}]\n",
+        1,
+        18,
+        "invalid storage name `1st`",
+    );
+    error_in(
+        "storage: [{name: maqet-ahci, type: raw, file: a}]\n",
+        1,
+        18,
+        "reserved",
+    );
+}
+
+#[test]
+fn missing_binary() {
+    let d = error_in(
+        "memory: 1G\nbinary: qemu-system-aarch64\n",
+        2,
+        9,
+        "`qemu-system-aarch64` was not found in PATH",
+    );
+    assert!(d.hint.unwrap().contains("`qemu-system-arm` package"));
+    error_in(
+        "binary: bin/qemu\n",
+        1,
+        9,
+        "`/vms/web/bin/qemu` does not exist",
+    );
+    // The default binary, missing: reported at the start of the first source.
+    let ctx = ValidationContext {
+        home: Path::new(HOME),
+        path_env: Some(OsStr::new("/nonexistent")),
+        default_arch: "riscv64",
+        check_path: &deny_secrets,
+    };
+    let err = load(&[source("vm.yaml", "/vms", "memory: 1G\n")], &ctx).unwrap_err();
+    let d = find_diag(
+        &err.diagnostics,
+        "vm.yaml",
+        1,
+        1,
+        "`qemu-system-riscv64` was not found",
+    );
+    assert!(
+        d.hint
+            .as_deref()
+            .unwrap()
+            .contains("set `binary:` to a full path")
+    );
+}
+
+#[test]
+fn dangerous_paths() {
+    let d = error_in(
+        "storage:\n  - {type: raw, file: /etc/passwd}\n",
+        2,
+        23,
+        "path `/etc/passwd` is not allowed: it is a system or secret location",
+    );
+    assert!(d.hint.is_some());
+    error_in(
+        "arguments: [{drive: {file: ~/.ssh/id_rsa}}]\n",
+        1,
+        28,
+        "path `/home/u/.ssh/id_rsa` is not allowed",
+    );
+    error_in(
+        "arguments: [{kernel: ../../../etc/k}]\n",
+        1,
+        22,
+        "path `/etc/k` is not allowed",
+    );
+    error_in(
+        "storage: [{type: virtfs, path: /etc}]\n",
+        1,
+        32,
+        "path `/etc` is not allowed",
+    );
+    error_in(
+        "storage: [{type: qcow2, file: a.qcow2, backing_file: /etc/b, backing_format: raw}]\n",
+        1,
+        54,
+        "path `/etc/b` is not allowed",
+    );
+    error_in(
+        "arguments: [{kernel: ~root/k}]\n",
+        1,
+        22,
+        "only `~` and `~/…` are expanded",
+    );
+}
+
+#[test]
+fn bad_types() {
+    error_in("display: [gtk]\n", 1, 10, "expected a string, found a list");
+    error_in(
+        "memory: [1G]\n",
+        1,
+        9,
+        "`memory` must be a size, found a list",
+    );
+    error_in(
+        "arguments: {m: 1G}\n",
+        1,
+        12,
+        "`arguments` must be a list, found a mapping",
+    );
+    error_in(
+        "arguments: [{boot: [[a]]}]\n",
+        1,
+        21,
+        "expected a value (string, number or boolean) in the list of `-boot`",
+    );
+    error_in(
+        "arguments: [{device: {e1000: null, id: [[x]]}}]\n",
+        1,
+        41,
+        "suboption `id` of `-device` expects a value",
+    );
+    error_in(
+        "arguments: [{device: {e1000: null, id: null}}]\n",
+        1,
+        40,
+        "suboption `id` of `-device` needs a value",
+    );
+    error_in(
+        "arguments: [{device: {e1000: null, x: {}}}]\n",
+        1,
+        39,
+        "empty mapping",
+    );
+    error_in("arguments: [42]\n", 1, 13, "found a number");
+    error_in(
+        "arguments: [{boot: []}]\n",
+        1,
+        20,
+        "`-boot` has an empty list",
+    );
+    error_in("arguments: [{}]\n", 1, 13, "found an empty mapping");
+    error_in(
+        "arguments: ['cpu host']\n",
+        1,
+        13,
+        "`cpu host` is not a QEMU option name",
+    );
+    error_in(
+        "arguments: [{kernel: a, x: y}]\n",
+        1,
+        14,
+        "`-kernel` takes a single path",
+    );
+    error_in(
+        "arguments: [{device: {e1000: null, 'bad key': 1}}]\n",
+        1,
+        36,
+        "not a valid suboption name",
+    );
+    error_in(
+        "args: [[a]]\n",
+        1,
+        8,
+        "each `args` item must be a string, found a list",
+    );
+    error_in(
+        "storage: [{type: raw, file: [a]}]\n",
+        1,
+        29,
+        "expected a path, found a list",
+    );
+    error_in(
+        "storage: [raw]\n",
+        1,
+        11,
+        "each `storage` entry must be a mapping",
+    );
+    error_in("- a\n", 1, 1, "a VM config must be a mapping");
+    error_in(
+        "binary: 42\n",
+        1,
+        9,
+        "`binary` must be a path or command name",
+    );
+}
+
+#[test]
+fn storage_rules() {
+    error_in("storage: [{file: a.img}]\n", 1, 11, "needs a `type`");
+    let d = error_in(
+        "storage: [{type: qcow, file: a}]\n",
+        1,
+        18,
+        "unknown storage type `qcow`",
+    );
+    assert!(d.hint.unwrap().starts_with("did you mean `qcow2`?"));
+    error_in(
+        "storage: [{type: raw}]\n",
+        1,
+        11,
+        "a `raw` storage entry needs `file`",
+    );
+    error_in(
+        "storage: [{type: raw, path: a}]\n",
+        1,
+        23,
+        "`path` is for virtfs shares; disk images use `file`",
+    );
+    error_in(
+        "storage: [{type: virtfs, path: a, size: 1G}]\n",
+        1,
+        35,
+        "`size` only applies to disk images",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, backing_file: b, backing_format: raw}]\n",
+        1,
+        32,
+        "backing images only apply",
+    );
+    error_in(
+        "storage: [{type: qcow2, file: a, backing_file: b}]\n",
+        1,
+        34,
+        "`backing_file` needs `backing_format`",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, interface: usb}]\n",
+        1,
+        43,
+        "unknown disk interface `usb`",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, options: {readonly: yes}}]\n",
+        1,
+        52,
+        "`readonly` must be true or false",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, options: {if: ide}}]\n",
+        1,
+        42,
+        "`if` is set by maqet",
+    );
+    error_in(
+        "storage: [{type: virtfs, path: a, options: {security_model: mapd}}]\n",
+        1,
+        61,
+        "unknown `security_model` `mapd`",
+    );
+    error_in(
+        "storage:\n  - {name: a, type: raw, file: a}\n  - {name: a, type: raw, file: b}\n",
+        3,
+        12,
+        "storage name `a` is already used at vm.yaml:2:12",
+    );
+    // A default name that collides with an explicit one.
+    error_in(
+        "storage:\n  - {name: disk1, type: raw, file: a}\n  - {type: raw, file: b}\n",
+        3,
+        5,
+        "storage name `disk1` is already used",
+    );
+    let seven: String = (0..7)
+        .map(|i| format!("  - {{type: raw, file: d{i}, interface: sata}}\n"))
+        .collect();
+    error_in(&format!("storage:\n{seven}"), 8, 5, "at most 6 disks");
+}
+
+#[test]
+fn duplicate_mapping_key() {
+    let d = error_in(
+        "memory: 1G\ncpu: 2\nmemory: 2G\n",
+        3,
+        1,
+        "duplicate key `memory` (first set at line 1, column 1)",
+    );
+    assert!(d.hint.is_some());
+    error_in(
+        "arguments:\n  - {device: {e1000: null, id: a, id: b}}\n",
+        2,
+        35,
+        "duplicate key `id`",
+    );
+}
+
+#[test]
+fn unterminated_quote_in_args() {
+    let d = error_in(
+        "args:\n  - -append 'console=ttyS0\n",
+        2,
+        5,
+        "unterminated single quote",
+    );
+    assert!(d.hint.unwrap().contains("close the quote"));
+}
+
+#[test]
+fn yaml_level_refusals() {
+    error_in("a: 1\n---\nb: 2\n", 2, 1, "one YAML document");
+    error_in("x: &a 1\narguments: [*a]\n", 2, 13, "aliases");
+    error_in("1: x\n", 1, 1, "mapping keys must be strings");
+}
+
+#[test]
+fn all_problems_are_collected() {
+    let diags = errors_of(&[source(
+        "vm.yaml",
+        "/vms",
+        "memroy: 1G\ncpu: 0\nstorage: [{type: raw}]\nargs: ['a \"b']\n",
+    )]);
+    assert_eq!(diags.len(), 4, "{}", render(&diags));
+    // Across files, syntax errors of each are reported.
+    let diags = errors_of(&[
+        source("a.yaml", "/vms", "x: [\n"),
+        source("b.yaml", "/vms", "y: ]\n"),
+    ]);
+    assert_eq!(diags.len(), 2, "{}", render(&diags));
+    assert_eq!(
+        (diags[0].origin.as_str(), diags[1].origin.as_str()),
+        ("a.yaml", "b.yaml")
+    );
+    // The list is capped.
+    let many: String = (0..30).map(|i| format!("unknown{i}: 1\n")).collect();
+    let err = load_one(&many).unwrap_err();
+    assert_eq!((err.diagnostics.len(), err.omitted), (20, 10));
+    assert!(err.to_string().ends_with("(10 more problems not shown)"));
+}
+
+#[test]
+fn error_display() {
+    let err = load_one("memroy: 1G\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, arguments, storage, args)"
+    );
+}
+
+// ---- merging ----
+
+#[test]
+fn nested_mappings_merge_and_lists_concatenate() {
+    use super::yaml::{Origin, parse};
+    use std::sync::Arc;
+    let doc = |label: &str, text: &str| {
+        let origin = Arc::new(Origin {
+            label: label.into(),
+            base_dir: "/".into(),
+        });
+        parse(text, origin, &mut diag::Diags::default()).unwrap()
+    };
+    let merged = merge::merge_documents(vec![
+        doc("a", "x: {a: 1, b: {c: 2}, l: [1]}\nargs: [a]\nk: 1\n"),
+        doc("b", "x: {b: {d: 3}, e: 4, l: [2]}\nargs: [b]\nk: [z]\n"),
+    ])
+    .unwrap();
+    let yaml::Value::Map(entries) = &merged.value else {
+        panic!()
+    };
+    assert_eq!(
+        yaml::emit_document(entries),
+        "x:\n  a: 1\n  b:\n    c: 2\n    d: 3\n  l:\n    - 1\n    - 2\n  e: 4\nargs:\n  - a\n  - b\nk:\n  - z\n"
+    );
+}
+
+#[test]
+fn args_concatenate_across_files() {
+    let config = must_load(&[
+        source("a.yaml", "/vms", "args: [-no-reboot]\n"),
+        source("b.yaml", "/vms", "args: [-snapshot]\n"),
+    ]);
+    assert_eq!(config.qemu_args(), ["-no-reboot", "-snapshot"]);
+}
+
+#[test]
+fn arguments_replace_in_place_by_identity() {
+    let config = must_load(&[
+        source(
+            "a.yaml",
+            "/vms",
+            "arguments:\n  - {device: {virtio-net-pci: null, id: nic0, netdev: n0}}\n  - {M: q35}\n  - {device: {virtio-rng-pci: null}}\n  - enable-kvm\n",
+        ),
+        source(
+            "b.yaml",
+            "/vms",
+            "arguments:\n  - {machine: pc}\n  - {device: e1000, id: nic0, netdev: n0}\n  - {device: {virtio-rng-pci: null}}\n  - enable-kvm\n",
+        ),
+    ]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-device",
+            "e1000,id=nic0,netdev=n0",
+            "-machine",
+            "pc",
+            "-device",
+            "virtio-rng-pci",
+            "-enable-kvm",
+            "-device",
+            "virtio-rng-pci",
+            "-enable-kvm",
+        ]
+    );
+    assert_round_trip(&config);
+}
+
+#[test]
+fn duplicates_within_a_later_file_are_still_errors() {
+    let diags = errors_of(&[
+        source("a.yaml", "/vms", "arguments: [{m: 1G}]\n"),
+        source("b.yaml", "/vms", "arguments: [{m: 2G}, {m: 3G}]\n"),
+    ]);
+    find_diag(
+        &diags,
+        "b.yaml",
+        1,
+        23,
+        "`-m` is already set at b.yaml:1:14",
+    );
+    let diags = errors_of(&[source(
+        "a.yaml",
+        "/vms",
+        "arguments: [{device: x, id: d}, {device: y, id: d}]\n",
+    )]);
+    find_diag(
+        &diags,
+        "a.yaml",
+        1,
+        34,
+        "`-device` with id `d` is already defined at a.yaml:1:14",
+    );
+}
+
+#[test]
+fn storage_merges_by_name() {
+    let config = must_load(&[
+        source(
+            "a.yaml",
+            "/vms/a",
+            "storage:\n  - {name: root, type: qcow2, file: root.qcow2}\n  - {name: data, type: raw, file: data.img}\n",
+        ),
+        source(
+            "b.yaml",
+            "/vms/b",
+            "storage:\n  - {name: root, type: raw, file: other.img}\n  - {type: raw, file: extra.img}\n",
+        ),
+    ]);
+    let names: Vec<_> = config
+        .storage()
+        .iter()
+        .map(|s| (s.name.as_str(), s.path.to_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("root", "/vms/b/other.img"),
+            ("data", "/vms/a/data.img"),
+            ("disk2", "/vms/b/extra.img")
+        ]
+    );
+    assert_round_trip(&config);
+}
+
+#[test]
+fn locations_survive_merging() {
+    let diags = errors_of(&[
+        source(
+            "base.yaml",
+            "/vms",
+            "memory: 1G\nstorage:\n  - {name: root, type: raw, file: a.img}\n",
+        ),
+        source(
+            "extra.yaml",
+            "/vms",
+            "memory: 2X\nstorage:\n  - {name: root, type: raw, file: /etc/x}\nbogus: 1\n",
+        ),
+    ]);
+    assert_eq!(diags.len(), 3, "{}", render(&diags));
+    find_diag(&diags, "extra.yaml", 1, 9, "invalid `memory`");
+    find_diag(&diags, "extra.yaml", 3, 35, "path `/etc/x` is not allowed");
+    find_diag(&diags, "extra.yaml", 4, 1, "unknown key `bogus`");
+    // A top-level key overridden later is reported where the later file sets it.
+    let diags = errors_of(&[
+        source("base.yaml", "/vms", "memory: 1G\n"),
+        source(
+            "extra.yaml",
+            "/vms",
+            "name: x\nmemory: 2G\narguments: [{m: 1G}]\n",
+        ),
+    ]);
+    find_diag(
+        &diags,
+        "extra.yaml",
+        3,
+        14,
+        "already set at extra.yaml:2:1 by `memory`",
+    );
+}
+
+#[test]
+fn null_unsets_a_key() {
+    let config = must_load(&[
+        source("a.yaml", "/vms", "memory: 1G\narguments: [enable-kvm]\n"),
+        source("b.yaml", "/vms", "memory: ~\narguments:\n"),
+    ]);
+    assert!(config.qemu_args().is_empty());
+    assert_eq!(config.to_yaml(), "{}\n");
+}
+
+#[test]
+fn relative_paths_resolve_per_file() {
+    let config = must_load(&[
+        source(
+            "/vms/base/base.yaml",
+            "/vms/base",
+            "arguments: [{kernel: vmlinuz}]\n",
+        ),
+        source(
+            "/srv/extra/extra.yaml",
+            "/srv/extra",
+            "storage: [{type: raw, file: ../d.img}]\n",
+        ),
+    ]);
+    assert_eq!(config.qemu_args()[..2], ["-kernel", "/vms/base/vmlinuz"]);
+    assert_eq!(config.storage()[0].path, Path::new("/srv/d.img"));
+    // The binary is made absolute (and then found missing, as a path).
+    let diags = errors_of(&[source("vm.yaml", "/vms", "binary: ~/bin/../qemu/qemu\n")]);
+    find_diag(
+        &diags,
+        "vm.yaml",
+        1,
+        9,
+        "`/home/u/qemu/qemu` does not exist",
+    );
+}
+
+// ---- whole-config API ----
+
+#[test]
+fn changed_keys_lists_differing_top_level_keys() {
+    let old =
+        load_one("name: a\nmemory: 1G\narguments: [enable-kvm]\nstorage: [{type: raw, file: a}]\n")
+            .unwrap();
+    let new = load_one("name: a\nmemory: 2G\narguments: [enable-kvm, nodefaults]\nstorage: [{type: raw, file: a}]\ncpu: 2\n").unwrap();
+    assert_eq!(changed_keys(&old, &new), ["memory", "cpu", "arguments"]);
+    assert!(changed_keys(&old, &old.clone()).is_empty());
+    // Relative and absolute spellings of the same path are the same value.
+    let abs = load_one(
+        "name: a\nmemory: 1G\narguments: [enable-kvm]\nstorage: [{type: raw, file: /vms/web/a}]\n",
+    )
+    .unwrap();
+    assert!(changed_keys(&old, &abs).is_empty());
+}
+
+#[test]
+fn set_name_updates_the_yaml() {
+    let mut config = load_one("memory: 1G\n").unwrap();
+    config.set_name("web-1");
+    assert_eq!(config.name(), Some("web-1"));
+    assert_eq!(config.to_yaml(), "name: web-1\nmemory: 1G\n");
+    assert_round_trip(&config);
+    config.set_name("2024");
+    assert_eq!(config.to_yaml(), "name: \"2024\"\nmemory: 1G\n");
+    assert_round_trip(&config);
+}
+
+#[test]
+fn vm_names() {
+    for ok in [
+        "web",
+        "web-1",
+        "a.b_c",
+        "A1",
+        "x".repeat(64).as_str(),
+        "123",
+        "deadbeef",
+    ] {
+        assert_eq!(validate_vm_name(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "",
+        ".hidden",
+        "-x",
+        "a/b",
+        "a b",
+        "é",
+        "x".repeat(65).as_str(),
+        "123e4567-e89b-12d3-a456-426614174000",
+        "123e4567e89b12d3a456426614174000",
+    ] {
+        assert!(validate_vm_name(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn number_names_become_strings() {
+    let config = load_one("name: 2024\n").unwrap();
+    assert_eq!(config.name(), Some("2024"));
+    assert_round_trip(&config);
+}
+
+#[test]
+fn config_source_read_uses_the_file_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.yaml");
+    std::fs::write(&file, "arguments: [{kernel: k}]\n").unwrap();
+    let source = ConfigSource::read(&file).unwrap();
+    assert_eq!(source.base_dir, dir.path());
+    let config = must_load(&[source]);
+    assert_eq!(
+        config.qemu_args()[1],
+        dir.path().join("k").to_str().unwrap()
+    );
+}

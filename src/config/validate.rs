@@ -1,0 +1,408 @@
+//! Turns the merged tree into a `VmConfig`: checks every top-level key,
+//! normalizes values in place (absolute paths, strings where strings are
+//! meant) and builds the argv, reporting every problem with its location.
+
+use std::collections::HashMap;
+
+use super::argv::{SINGLE_INSTANCE, canonical, compile_args, compile_arguments, reserved_reason};
+use super::diag::{Diags, suggest, unknown_hint};
+use super::paths::{find_binary, is_path_like, resolve_host_path};
+use super::size::{int_value, parse_size_with_unit};
+use super::storage::{compile_storage, storage_argv};
+use super::yaml::{Entry, Loc, Node, Value};
+use super::{PathUse, ValidationContext, VmConfig, validate_vm_name};
+
+/// Valid top-level keys, in the order normalized YAML lists them.
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "binary",
+    "memory",
+    "cpu",
+    "display",
+    "vga",
+    "arguments",
+    "storage",
+    "args",
+];
+
+const SMP_KEYS: &[&str] = &[
+    "cpus", "maxcpus", "sockets", "dies", "clusters", "modules", "cores", "threads", "books",
+    "drawers",
+];
+
+/// Validation state shared by the passes: the caller's context, the
+/// diagnostics, and which single-instance options / ids are already taken.
+pub(crate) struct Cx<'c, 'a> {
+    pub ctx: &'c ValidationContext<'a>,
+    pub diags: &'c mut Diags,
+    /// Off when re-reading a stored config: the binary is checked at start.
+    check_binary: bool,
+    first_use: HashMap<String, (Loc, &'static str)>,
+    ids: HashMap<(String, String), Loc>,
+}
+
+impl<'c, 'a> Cx<'c, 'a> {
+    pub fn new(ctx: &'c ValidationContext<'a>, diags: &'c mut Diags, check_binary: bool) -> Self {
+        Cx {
+            ctx,
+            diags,
+            check_binary,
+            first_use: HashMap::new(),
+            ids: HashMap::new(),
+        }
+    }
+
+    /// Makes a path node absolute (rewriting it in the tree) without the
+    /// dangerous-location policy; `None` after reporting a problem.
+    fn absolute(&mut self, node: &mut Node) -> Option<String> {
+        let Value::Str(raw) = &node.value else {
+            let message = format!("expected a path, found {}", node.kind_name());
+            self.diags.error(&node.loc, message);
+            return None;
+        };
+        match resolve_host_path(raw, &node.loc.origin.base_dir, self.ctx.home) {
+            Ok(path) => {
+                let path = path
+                    .to_str()
+                    .expect("resolve_host_path returns UTF-8")
+                    .to_owned();
+                node.value = Value::Str(path.clone());
+                Some(path)
+            }
+            Err(message) => {
+                self.diags
+                    .error(&node.loc, format!("invalid path: {message}"));
+                None
+            }
+        }
+    }
+
+    /// A host path maqet or QEMU will open: made absolute and checked against
+    /// the dangerous-location policy.
+    pub fn resolve_path(&mut self, node: &mut Node, usage: PathUse) -> Option<String> {
+        let path = self.absolute(node)?;
+        match (self.ctx.check_path)(path.as_ref(), usage) {
+            Ok(()) => Some(path),
+            Err(why) => {
+                let hint = "keep VM files in your home or VM directory";
+                self.diags.error_hint(
+                    &node.loc,
+                    format!("path `{path}` is not allowed: {why}"),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    /// Records a use of `-option`; `false` (after reporting) when it is
+    /// reserved or a second use of a single-instance option.
+    pub fn register_option(&mut self, option: &str, loc: &Loc, by: &'static str) -> bool {
+        let canon = canonical(option);
+        if let Some(reason) = reserved_reason(canon) {
+            self.diags
+                .error(loc, format!("`-{option}` cannot be used: {reason}"));
+            return false;
+        }
+        if !SINGLE_INSTANCE.contains(&canon) {
+            return true;
+        }
+        if let Some((first, first_by)) = self.first_use.get(canon) {
+            let message =
+                format!("`-{canon}` is already set at {first} by `{first_by}`; set it once");
+            let top_level = ["memory", "cpu", "display", "vga"].contains(first_by);
+            if top_level && !first.same_source(loc) {
+                let hint = format!("to override it from this file, set `{first_by}:` here instead");
+                self.diags.error_hint(loc, message, hint);
+            } else {
+                self.diags.error(loc, message);
+            }
+            return false;
+        }
+        self.first_use.insert(canon.to_owned(), (loc.clone(), by));
+        true
+    }
+
+    /// Records `-option …,id=<id>`; QEMU refuses the same id twice.
+    pub fn register_id(&mut self, option: &str, id: &str, loc: &Loc) {
+        let key = (canonical(option).to_owned(), id.to_owned());
+        if let Some(first) = self.ids.get(&key) {
+            let message = format!("`-{}` with id `{id}` is already defined at {first}", key.0);
+            self.diags.error_hint(
+                loc,
+                message,
+                "ids must be unique; a later file replaces an item with the same id",
+            );
+        } else {
+            self.ids.insert(key, loc.clone());
+        }
+    }
+}
+
+/// The merged top-level entries, one slot per known key.
+type Slots = [Option<Entry>; TOP_LEVEL_KEYS.len()];
+
+fn slot(key: &str) -> usize {
+    TOP_LEVEL_KEYS
+        .iter()
+        .position(|k| *k == key)
+        .expect("known key")
+}
+
+/// Validates the merged document. `fallback` locates problems that belong to
+/// no node (the default binary missing). The result is only usable when no
+/// diagnostic was reported; the caller decides.
+pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConfig {
+    let mut slots: Slots = Default::default();
+    if let Some(Node {
+        value: Value::Map(entries),
+        ..
+    }) = root
+    {
+        for entry in entries {
+            match TOP_LEVEL_KEYS.iter().position(|k| *k == entry.key) {
+                // A null value unsets the key (a later file can clear one).
+                Some(_) if entry.value.value == Value::Null => {}
+                Some(i) => slots[i] = Some(entry),
+                None => {
+                    let hint = unknown_hint(&entry.key, TOP_LEVEL_KEYS, "keys");
+                    cx.diags.error_hint(
+                        &entry.key_loc,
+                        format!("unknown key `{}`", entry.key),
+                        hint,
+                    );
+                }
+            }
+        }
+    }
+
+    let name = slots[slot("name")]
+        .as_mut()
+        .and_then(|e| vm_name(&mut e.value, cx));
+    let binary = slots[slot("binary")]
+        .as_mut()
+        .and_then(|e| binary(&mut e.value, cx));
+    let default_binary = format!("qemu-system-{}", cx.ctx.default_arch);
+    if slots[slot("binary")].is_none() {
+        check_binary(&default_binary, fallback, cx);
+    }
+
+    let mut argv = Vec::new();
+    if let Some(e) = &mut slots[slot("memory")] {
+        top_level_option(e, "m", memory, cx, &mut argv);
+    }
+    if let Some(e) = &mut slots[slot("cpu")] {
+        top_level_option(e, "smp", cpu, cx, &mut argv);
+    }
+    for (key, option) in [("display", "display"), ("vga", "vga")] {
+        if let Some(e) = &mut slots[slot(key)] {
+            top_level_option(e, option, plain_string, cx, &mut argv);
+        }
+    }
+    if let Some(items) = slots[slot("arguments")].as_mut().and_then(|e| list(e, cx)) {
+        compile_arguments(items, cx, &mut argv);
+    }
+    let storage = match slots[slot("storage")].as_mut().and_then(|e| list(e, cx)) {
+        Some(items) => compile_storage(items, cx),
+        None => Vec::new(),
+    };
+    argv.extend(storage_argv(&storage));
+    if let Some(items) = slots[slot("args")].as_mut().and_then(|e| list(e, cx)) {
+        compile_args(items, cx, &mut argv);
+    }
+
+    VmConfig {
+        doc: slots.into_iter().flatten().collect(),
+        name,
+        binary,
+        default_binary,
+        argv,
+        storage,
+    }
+}
+
+fn vm_name(node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let text = plain_string(node, cx)?;
+    match validate_vm_name(&text) {
+        Ok(()) => Some(text),
+        Err(message) => {
+            cx.diags.error(&node.loc, message);
+            None
+        }
+    }
+}
+
+/// `binary:` as it will be stored: command names as written, paths absolute.
+fn binary(node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let Value::Str(text) = &node.value else {
+        let message = format!(
+            "`binary` must be a path or command name, found {}",
+            node.kind_name()
+        );
+        cx.diags.error(&node.loc, message);
+        return None;
+    };
+    // The binary lives in system directories by design: no dangerous-path check.
+    let binary = if is_path_like(text) {
+        cx.absolute(node)?
+    } else {
+        text.clone()
+    };
+    check_binary(&binary, &node.loc, cx);
+    Some(binary)
+}
+
+fn check_binary(binary: &str, loc: &Loc, cx: &mut Cx) {
+    if !cx.check_binary {
+        return;
+    }
+    if let Err(e) = find_binary(binary, cx.ctx.path_env) {
+        cx.diags.error_hint(loc, e.message, e.hint);
+    }
+}
+
+fn list<'n>(entry: &'n mut Entry, cx: &mut Cx) -> Option<&'n mut Vec<Node>> {
+    let found = entry.value.kind_name();
+    match &mut entry.value.value {
+        Value::Seq(items) => Some(items),
+        _ => {
+            let message = format!("`{}` must be a list, found {found}", entry.key);
+            cx.diags.error(&entry.value.loc, message);
+            None
+        }
+    }
+}
+
+/// A top-level key that stands for a single-instance option: its value is
+/// checked (and normalized) by `value`, then `-option value` is emitted.
+fn top_level_option(
+    entry: &mut Entry,
+    option: &str,
+    value: fn(&mut Node, &mut Cx) -> Option<String>,
+    cx: &mut Cx,
+    argv: &mut Vec<String>,
+) {
+    let by = TOP_LEVEL_KEYS[slot(&entry.key)];
+    let registered = cx.register_option(option, &entry.key_loc, by);
+    if let Some(text) = value(&mut entry.value, cx)
+        && registered
+    {
+        argv.extend([format!("-{option}"), text]);
+    }
+}
+
+/// Strings, and numbers read as their text (`name: 2024`); stored as strings.
+fn plain_string(node: &mut Node, cx: &mut Cx) -> Option<String> {
+    match &node.value {
+        Value::Str(s) | Value::Int(s) | Value::Float(s) => {
+            let text = s.clone();
+            node.value = Value::Str(text.clone());
+            Some(text)
+        }
+        _ => {
+            cx.diags.error(
+                &node.loc,
+                format!("expected a string, found {}", node.kind_name()),
+            );
+            None
+        }
+    }
+}
+
+/// `memory`: MiB as an integer (normalized to decimal) or a size string kept as written.
+fn memory(node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let hint = "e.g. `memory: 4G`, or a number of MiB like `memory: 2048`";
+    let result = match &node.value {
+        Value::Int(text) => match int_value(text) {
+            Some(mib) if mib > 0 && mib <= i128::from(u64::MAX >> 20) => {
+                node.value = Value::Int(mib.to_string());
+                Ok(mib.to_string())
+            }
+            Some(mib) if mib <= 0 => Err(format!(
+                "`memory` must be greater than zero, found `{text}`"
+            )),
+            _ => Err(format!("`memory: {text}` is too large")),
+        },
+        Value::Str(s) => parse_size_with_unit(s, 20)
+            .map(|_| s.clone())
+            .map_err(|e| format!("invalid `memory`: {e}")),
+        _ => Err(format!(
+            "`memory` must be a size, found {}",
+            node.kind_name()
+        )),
+    };
+    result
+        .map_err(|message| cx.diags.error_hint(&node.loc, message, hint))
+        .ok()
+}
+
+/// `cpu`: the CPU count (`-smp`), an integer or an `-smp` string.
+fn cpu(node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let hint = "e.g. `cpu: 4` or `cpu: 4,sockets=1,cores=4`";
+    let result = match &node.value {
+        Value::Int(text) => match int_value(text) {
+            Some(n) if n > 0 && n <= i128::from(u32::MAX) => {
+                node.value = Value::Int(n.to_string());
+                Ok(n.to_string())
+            }
+            _ => Err(format!(
+                "`cpu` must be a positive CPU count, found `{text}`"
+            )),
+        },
+        Value::Str(s) => check_smp(s)
+            .map(|()| s.clone())
+            .map_err(|e| format!("invalid `cpu` `{s}`: {e}")),
+        _ => Err(format!(
+            "`cpu` must be a CPU count, found {}",
+            node.kind_name()
+        )),
+    };
+    result
+        .map_err(|message| cx.diags.error_hint(&node.loc, message, hint))
+        .ok()
+}
+
+/// `[cpus=]N[,key=N…]` with QEMU's `-smp` keys.
+fn check_smp(spec: &str) -> Result<(), String> {
+    let positive = |v: &str| v.parse::<u32>().is_ok_and(|n| n > 0);
+    for (i, part) in spec.split(',').enumerate() {
+        match part.split_once('=') {
+            Some((key, value)) => {
+                if !SMP_KEYS.contains(&key) {
+                    return Err(match suggest(key, SMP_KEYS) {
+                        Some(s) => format!("unknown `-smp` key `{key}` (did you mean `{s}`?)"),
+                        None => format!("unknown `-smp` key `{key}`"),
+                    });
+                }
+                if !positive(value) {
+                    return Err(format!("`{key}` needs a positive number"));
+                }
+            }
+            None if i == 0 && positive(part) => {}
+            None => return Err(format!("`{part}` is not a positive number or `key=value`")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smp_specs() {
+        assert!(check_smp("4").is_ok());
+        assert!(check_smp("4,sockets=1,cores=4").is_ok());
+        assert!(check_smp("cpus=4,maxcpus=8").is_ok());
+        assert!(check_smp("sockets=2,cores=2").is_ok());
+        assert!(check_smp("0").is_err());
+        assert!(check_smp("4,").is_err());
+        assert!(check_smp("four").is_err());
+        assert!(
+            check_smp("4,core=2")
+                .unwrap_err()
+                .contains("did you mean `cores`")
+        );
+        assert!(check_smp("4,cores=x").is_err());
+    }
+}

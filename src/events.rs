@@ -1,0 +1,51 @@
+//! What the core announces. The D-Bus layer turns these into signals; notifications
+//! and other listeners can subscribe to the same stream. The core never touches D-Bus.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::vm::{Status, Vm, VmInfo};
+
+#[derive(Debug, Clone)]
+pub enum CoreEvent {
+    /// A VM's status changed; `info` is the VM as of this change (listeners must not
+    /// read the live VM instead: it may already have moved on).
+    StatusChanged {
+        vm: Arc<Vm>,
+        info: VmInfo,
+        previous: Status,
+    },
+    /// Other properties changed (e.g. `Pid` while starting, `Name`/`Config` on Apply).
+    PropertiesChanged {
+        vm: Arc<Vm>,
+        info: VmInfo,
+        names: &'static [&'static str],
+    },
+    /// An asynchronous QMP event of a running VM, with QEMU's own timestamp.
+    Qmp {
+        vm: Arc<Vm>,
+        name: String,
+        data_json: String,
+        timestamp_us: u64,
+    },
+}
+
+/// Where the core sends events: an unbounded queue, so emitting never blocks a state
+/// transition and no status change is ever dropped.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    tx: mpsc::UnboundedSender<CoreEvent>,
+}
+
+impl EventSink {
+    pub fn new() -> (EventSink, mpsc::UnboundedReceiver<CoreEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (EventSink { tx }, rx)
+    }
+
+    pub fn emit(&self, ev: CoreEvent) {
+        // A closed receiver means the service is shutting down; nothing to announce to.
+        let _ = self.tx.send(ev);
+    }
+}

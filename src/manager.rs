@@ -1,0 +1,269 @@
+//! The registry of defined VMs: add, find, list, apply, remove.
+//!
+//! The core command API the D-Bus layer adapts (cloud-hypervisor style): everything
+//! here is callable without a bus. Names are unique; the registry lock makes "check the
+//! name, write the row, publish the VM" one atomic step, and the database's UNIQUE
+//! constraint backs it up.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::config::{self, ConfigSource};
+use crate::error::MaqetError;
+use crate::store::VmRecord;
+use crate::time::now_us;
+use crate::vm::{Ctx, Operation, Status, Vm, store_error};
+
+#[derive(Default)]
+struct Registry {
+    by_id: HashMap<String, Arc<Vm>>,
+    /// name → id
+    by_name: HashMap<String, String>,
+}
+
+pub struct Manager {
+    ctx: Arc<Ctx>,
+    registry: RwLock<Registry>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+/// Origin label of configs passed inline over D-Bus (shown in error locations).
+pub const INLINE_ORIGIN: &str = "<yaml>";
+
+impl Manager {
+    /// Loads every VM definition from the database.
+    pub fn open(ctx: Arc<Ctx>) -> Result<Arc<Manager>, MaqetError> {
+        let records = ctx.store.load_vms().map_err(store_error)?;
+        let mut reg = Registry::default();
+        for rec in records {
+            let vm = Vm::from_record(ctx.clone(), rec)?;
+            reg.by_name.insert(vm.name(), vm.id().to_string());
+            reg.by_id.insert(vm.id().to_string(), vm);
+        }
+        Ok(Arc::new(Manager {
+            ctx,
+            registry: RwLock::new(reg),
+        }))
+    }
+
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Re-attaches to every QEMU the database says is alive (after a maqetd restart).
+    pub async fn readopt_all(&self) {
+        let alive: Vec<Arc<Vm>> = self
+            .list()
+            .into_iter()
+            .filter(|vm| vm.status().has_process())
+            .collect();
+        let tasks: Vec<_> = alive
+            .into_iter()
+            .map(|vm| tokio::spawn(async move { vm.readopt().await }))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// By name, else by UUID (with `-` or `_`).
+    pub fn find(&self, name_or_id: &str) -> Result<Arc<Vm>, MaqetError> {
+        let reg = self.registry.read().unwrap();
+        let found = reg
+            .by_name
+            .get(name_or_id)
+            .and_then(|id| reg.by_id.get(id))
+            .or_else(|| reg.by_id.get(&name_or_id.replace('_', "-")));
+        found.cloned().ok_or_else(|| {
+            MaqetError::NotFound(format!(
+                "no VM is named '{name_or_id}' or has that id; `maqet ls` lists the VMs"
+            ))
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Vm>> {
+        self.registry.read().unwrap().by_id.get(id).cloned()
+    }
+
+    /// Every VM, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        let reg = self.registry.read().unwrap();
+        let mut names: Vec<(&String, &String)> = reg.by_name.iter().collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|(_, id)| reg.by_id.get(id).cloned())
+            .collect()
+    }
+
+    /// How many VMs have a QEMU process (or one being made).
+    pub fn active_count(&self) -> usize {
+        let reg = self.registry.read().unwrap();
+        reg.by_id
+            .values()
+            .filter(|vm| vm.status().has_process())
+            .count()
+    }
+
+    /// Reads config files for `AddVMFromFiles`: absolute paths only (the service cannot
+    /// know the caller's working directory), each resolving relative paths against its
+    /// own directory.
+    pub fn sources_from_files(paths: &[String]) -> Result<Vec<ConfigSource>, MaqetError> {
+        if paths.is_empty() {
+            return Err(MaqetError::InvalidArgument(
+                "no config files given; pass at least one YAML file".into(),
+            ));
+        }
+        paths
+            .iter()
+            .map(|p| {
+                let path = Path::new(p);
+                if !path.is_absolute() {
+                    return Err(MaqetError::InvalidArgument(format!(
+                        "config path '{p}' is relative; pass absolute paths (the maqet CLI does this for you)"
+                    )));
+                }
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    MaqetError::InvalidArgument(format!("cannot read config file {p}: {e}"))
+                })?;
+                Ok(ConfigSource {
+                    origin: p.clone(),
+                    text,
+                    base_dir: path.parent().unwrap_or(Path::new("/")).to_path_buf(),
+                })
+            })
+            .collect()
+    }
+
+    /// Defines a VM. `name` empty: the config's `name`, else a generated one.
+    /// `sources` with an empty `base_dir` resolve against the VM's own data directory.
+    pub fn add(&self, name: &str, mut sources: Vec<ConfigSource>) -> Result<Arc<Vm>, MaqetError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        for s in &mut sources {
+            if s.base_dir.as_os_str().is_empty() {
+                s.base_dir = self.ctx.paths.vm_data_dir(&id);
+            }
+        }
+        let mut cfg = self.ctx.load_config(&sources)?;
+        let name = if !name.is_empty() {
+            config::validate_vm_name(name).map_err(|why| {
+                MaqetError::InvalidArgument(format!("invalid VM name '{name}': {why}"))
+            })?;
+            name.to_string()
+        } else if let Some(n) = cfg.name() {
+            n.to_string()
+        } else {
+            format!("vm-{}", &id[..8])
+        };
+        cfg.set_name(&name);
+        let now = now_us();
+        let rec = VmRecord {
+            id: id.clone(),
+            name: name.clone(),
+            config: cfg.to_yaml(),
+            status: Status::Created.as_str().into(),
+            status_reason: "defined".into(),
+            pid: None,
+            pid_start_time: None,
+            created_at: now,
+            started_at: 0,
+            stopped_at: 0,
+            exit_status: -1,
+        };
+        let mut reg = self.registry.write().unwrap();
+        if reg.by_name.contains_key(&name) {
+            return Err(MaqetError::AlreadyExists(format!(
+                "a VM named '{name}' already exists; choose another name or remove it first (maqet rm {name})"
+            )));
+        }
+        self.ctx.store.insert_vm(&rec).map_err(store_error)?;
+        let vm = Vm::from_record(self.ctx.clone(), rec)?;
+        reg.by_name.insert(name, id.clone());
+        reg.by_id.insert(id, vm.clone());
+        tracing::info!(vm = %vm.name(), id = %vm.id(), "VM added");
+        Ok(vm)
+    }
+
+    /// Replaces a VM's config with one inline YAML document; renames when its `name`
+    /// differs. Returns the changed keys that need a restart.
+    pub async fn apply(&self, vm: &Arc<Vm>, yaml: &str) -> Result<Vec<String>, MaqetError> {
+        let source = ConfigSource {
+            origin: INLINE_ORIGIN.into(),
+            text: yaml.to_string(),
+            base_dir: self.ctx.paths.vm_data_dir(vm.id()),
+        };
+        let cfg = self.ctx.load_config(std::slice::from_ref(&source))?;
+        vm.apply(cfg, |old, new, yaml| {
+            let mut reg = self.registry.write().unwrap();
+            if old != new && reg.by_name.contains_key(new) {
+                return Err(MaqetError::AlreadyExists(format!(
+                    "cannot rename '{old}' to '{new}': that name is taken"
+                )));
+            }
+            self.ctx
+                .store
+                .update_config(vm.id(), new, yaml)
+                .map_err(store_error)?;
+            if old != new {
+                reg.by_name.remove(old);
+                reg.by_name.insert(new.to_string(), vm.id().to_string());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes a VM's definition. Refused while it runs unless `force` (which kills it).
+    /// `delete_storage` deletes only the disk images maqet created for it; returns them.
+    pub async fn remove(
+        &self,
+        vm: &Arc<Vm>,
+        force: bool,
+        delete_storage: bool,
+    ) -> Result<Vec<PathBuf>, MaqetError> {
+        let _op = vm.lock_ops().await;
+        let status = vm.status();
+        if !Operation::Remove.is_allowed(status) {
+            if !force {
+                return Err(MaqetError::InvalidState(
+                    Operation::Remove.refusal(&vm.name(), status),
+                ));
+            }
+            vm.kill_for_removal().await;
+        }
+        let mut deleted = Vec::new();
+        if delete_storage {
+            let files = self.ctx.store.created_files(vm.id()).map_err(store_error)?;
+            for file in files {
+                let path = file.path;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => deleted.push(path),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(MaqetError::Storage(format!(
+                            "cannot delete {}: {e}; nothing was removed",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        let name = vm.name();
+        {
+            let mut reg = self.registry.write().unwrap();
+            self.ctx.store.remove_vm(vm.id()).map_err(store_error)?;
+            reg.by_name.remove(&name);
+            reg.by_id.remove(vm.id());
+        }
+        let _ = std::fs::remove_file(vm.log_file());
+        let _ = std::fs::remove_dir(self.ctx.paths.vm_data_dir(vm.id()));
+        tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,290 @@
+//! Every directory and file maqet uses, derived in one place.
+//!
+//! Nothing else in the crate builds a path from an environment variable or joins a
+//! well-known file name: the service, the CLI and the tests all ask this module, so a
+//! path can never be computed two different ways (a finding against the Python tool).
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The XDG base directories maqet works under, for one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// Home directory: `~` in configs, and the base of XDG defaults.
+    pub home: PathBuf,
+    /// `$XDG_DATA_HOME/maqet`: the database and per-VM data (disks created from inline configs).
+    pub data_dir: PathBuf,
+    /// `$XDG_STATE_HOME/maqet`: QEMU logs.
+    pub state_dir: PathBuf,
+    /// `$XDG_CONFIG_HOME/maqet`: policy and service settings.
+    pub config_dir: PathBuf,
+    /// `$XDG_RUNTIME_DIR/maqet`: QMP sockets (0700).
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PathsError {
+    #[error(
+        "cannot find the home directory: $HOME is not set and the password database has no entry for uid {0}"
+    )]
+    NoHome(u32),
+    #[error(
+        "$XDG_RUNTIME_DIR is not set and /run/user/{0} does not exist: maqet needs a per-user runtime directory for its QMP sockets (log in through a session manager, or export XDG_RUNTIME_DIR=/run/user/{0})"
+    )]
+    NoRuntimeDir(u32),
+    #[error(
+        "{path} is not safe to use: {reason}. Fix its ownership/permissions (chmod 700 {path}) and try again"
+    )]
+    Unsafe { path: PathBuf, reason: String },
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+}
+
+/// Reads one environment variable as an absolute path; XDG says relative values are ignored.
+fn absolute_env(get: &dyn Fn(&str) -> Option<OsString>, key: &str) -> Option<PathBuf> {
+    get(key).map(PathBuf::from).filter(|p| p.is_absolute())
+}
+
+impl Paths {
+    /// Derives every path from the process environment.
+    pub fn from_env() -> Result<Paths, PathsError> {
+        Self::from_lookup(&|key| std::env::var_os(key))
+    }
+
+    /// Derives every path from an environment lookup (the seam tests use).
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Paths, PathsError> {
+        let uid = rustix::process::getuid().as_raw();
+        let home = absolute_env(get, "HOME")
+            .or_else(|| home_from_passwd(uid))
+            .ok_or(PathsError::NoHome(uid))?;
+        let xdg = |key: &str, default: &str| {
+            absolute_env(get, key)
+                .unwrap_or_else(|| home.join(default))
+                .join("maqet")
+        };
+        let runtime_base = absolute_env(get, "XDG_RUNTIME_DIR")
+            .or_else(|| {
+                let p = PathBuf::from(format!("/run/user/{uid}"));
+                p.is_dir().then_some(p)
+            })
+            .ok_or(PathsError::NoRuntimeDir(uid))?;
+        Ok(Paths {
+            data_dir: xdg("XDG_DATA_HOME", ".local/share"),
+            state_dir: xdg("XDG_STATE_HOME", ".local/state"),
+            config_dir: xdg("XDG_CONFIG_HOME", ".config"),
+            runtime_dir: runtime_base.join("maqet"),
+            home,
+        })
+    }
+
+    /// The SQLite database: definitions, history, audit.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("maqet.db")
+    }
+
+    /// Per-VM data directory: relative paths of inline (`AddVM`) configs resolve here.
+    pub fn vm_data_dir(&self, vm_id: &str) -> PathBuf {
+        self.data_dir.join("vms").join(vm_id)
+    }
+
+    /// Per-VM runtime directory holding its QMP socket.
+    pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
+        self.runtime_dir.join("vms").join(vm_id)
+    }
+
+    /// The listening QMP socket maqetd creates and passes to QEMU.
+    pub fn qmp_socket(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join("qmp.sock")
+    }
+
+    /// Directory of QEMU logs.
+    pub fn log_dir(&self) -> PathBuf {
+        self.state_dir.join("logs")
+    }
+
+    /// QEMU's stdout/stderr for one VM (named by id: names can change).
+    pub fn vm_log(&self, vm_id: &str) -> PathBuf {
+        self.log_dir().join(format!("{vm_id}.log"))
+    }
+
+    /// Access policy overrides.
+    pub fn policy_file(&self) -> PathBuf {
+        self.config_dir.join("policy.yaml")
+    }
+
+    /// maqetd settings (idle exit, notifications).
+    pub fn settings_file(&self) -> PathBuf {
+        self.config_dir.join("maqetd.yaml")
+    }
+
+    /// Creates the data directory (for the database) if missing.
+    pub fn ensure_data_dir(&self) -> Result<(), PathsError> {
+        create_private_dir(&self.data_dir)
+    }
+
+    /// Creates the log directory if missing.
+    pub fn ensure_log_dir(&self) -> Result<(), PathsError> {
+        create_private_dir(&self.log_dir())
+    }
+
+    /// Creates (or checks) a VM's runtime directory: owned by us and 0700 at every level
+    /// maqet owns, so no other user can reach the QMP socket inside.
+    pub fn ensure_vm_runtime_dir(&self, vm_id: &str) -> Result<PathBuf, PathsError> {
+        create_private_dir(&self.runtime_dir)?;
+        create_private_dir(&self.runtime_dir.join("vms"))?;
+        let dir = self.vm_runtime_dir(vm_id);
+        create_private_dir(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks an existing one is a
+/// directory we own that nobody else can enter. Never follows a symlink at the last step.
+pub fn create_private_dir(dir: &Path) -> Result<(), PathsError> {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(source) => {
+            return Err(PathsError::Create {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    let meta = fs::symlink_metadata(dir).map_err(|source| PathsError::Create {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let unsafe_dir = |reason: String| PathsError::Unsafe {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory (a symlink?)".into()));
+    }
+    let uid = rustix::process::getuid().as_raw();
+    if meta.uid() != uid {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by you (uid {uid})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        // Ours, but too open (e.g. made by an old version): tighten rather than refuse.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            PathsError::Create {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+fn home_from_passwd(uid: u32) -> Option<PathBuf> {
+    // getpwuid_r is the only portable source when $HOME is unset (e.g. some activations).
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the duration of the call; buf outlives pwd's strings' use.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() || pwd.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points into buf and is NUL-terminated.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) };
+    use std::os::unix::ffi::OsStrExt;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn xdg_variables_win_and_defaults_follow_home() {
+        let p = Paths::from_lookup(&lookup(&[
+            ("HOME", "/home/u"),
+            ("XDG_DATA_HOME", "/d"),
+            ("XDG_RUNTIME_DIR", "/r"),
+        ]))
+        .unwrap();
+        assert_eq!(p.data_dir, Path::new("/d/maqet"));
+        assert_eq!(p.state_dir, Path::new("/home/u/.local/state/maqet"));
+        assert_eq!(p.config_dir, Path::new("/home/u/.config/maqet"));
+        assert_eq!(p.database(), Path::new("/d/maqet/maqet.db"));
+        assert_eq!(p.qmp_socket("abc"), Path::new("/r/maqet/vms/abc/qmp.sock"));
+        assert_eq!(
+            p.vm_log("abc"),
+            Path::new("/home/u/.local/state/maqet/logs/abc.log")
+        );
+    }
+
+    #[test]
+    fn relative_xdg_values_are_ignored() {
+        let p = Paths::from_lookup(&lookup(&[
+            ("HOME", "/home/u"),
+            ("XDG_DATA_HOME", "relative/dir"),
+            ("XDG_RUNTIME_DIR", "/r"),
+        ]))
+        .unwrap();
+        assert_eq!(p.data_dir, Path::new("/home/u/.local/share/maqet"));
+    }
+
+    #[test]
+    fn runtime_dirs_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        fs::create_dir(&run).unwrap();
+        let p = Paths::from_lookup(&lookup(&[
+            ("HOME", tmp.path().to_str().unwrap()),
+            ("XDG_RUNTIME_DIR", run.to_str().unwrap()),
+        ]))
+        .unwrap();
+        let dir = p.ensure_vm_runtime_dir("vm1").unwrap();
+        for d in [&p.runtime_dir, &dir] {
+            let mode = fs::metadata(d).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        // A loosened directory is tightened again.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        p.ensure_vm_runtime_dir("vm1").unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_symlink_is_not_accepted_as_a_private_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        fs::create_dir(&target).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            create_private_dir(&link),
+            Err(PathsError::Unsafe { .. })
+        ));
+    }
+}

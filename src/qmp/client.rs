@@ -1,0 +1,379 @@
+//! The async QMP client: handshake, id-matched commands, in-order event forwarding.
+//!
+//! After the handshake two tasks own the stream: a reader that routes replies to their
+//! waiting `execute` calls and forwards events, and a writer that sends each queued
+//! message whole (so a cancelled `execute` can never leave half a message on the wire).
+//! The connection ends at EOF, on an I/O or framing error, or when the last
+//! [`QmpClient`] handle is dropped; then every pending command fails with
+//! [`QmpError::Disconnected`] and the event channel closes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::QmpError;
+use super::wire::{self, Greeting, Message, QmpEvent};
+
+#[cfg(test)]
+mod tests;
+
+type ReplySender = oneshot::Sender<Result<Value, QmpError>>;
+
+/// A handle on one QMP connection. Cheap to clone; all clones share the connection,
+/// which stays open while at least one clone exists (or until QEMU closes it).
+#[derive(Clone)]
+pub struct QmpClient {
+    inner: Arc<Inner>,
+}
+
+/// Owned by the handles only: dropping the last handle drops `outgoing`, which tells the
+/// writer task to close the connection.
+struct Inner {
+    shared: Arc<Shared>,
+    outgoing: mpsc::UnboundedSender<Vec<u8>>,
+    next_id: AtomicU64,
+}
+
+/// Shared by the handles and both I/O tasks.
+struct Shared {
+    pending: Mutex<Pending>,
+    /// `true` once the connection has ended; never goes back.
+    closed: watch::Sender<bool>,
+}
+
+struct Pending {
+    /// Checked under the same lock as `waiters`, so no command registers after the
+    /// drain in `close` and waits forever.
+    open: bool,
+    waiters: HashMap<u64, ReplySender>,
+}
+
+impl QmpClient {
+    /// Reads the greeting, negotiates capabilities, then spawns the I/O tasks.
+    ///
+    /// Every event, from the handshake on, goes to `events` in arrival order; the channel
+    /// is unbounded so the VM supervisor never misses a `STOP` or `SHUTDOWN`. When the
+    /// connection ends the sender is dropped, so the receiver sees the channel close.
+    ///
+    /// Fails with [`QmpError::Disconnected`] on EOF before the greeting (QEMU exited
+    /// during start-up), [`QmpError::Protocol`] if the first message is not a greeting,
+    /// and [`QmpError::Command`] if QEMU refuses `qmp_capabilities`. There is no built-in
+    /// deadline: wrap the call in `tokio::time::timeout` if the peer may hang.
+    pub async fn connect<S>(
+        stream: S,
+        events: mpsc::UnboundedSender<QmpEvent>,
+    ) -> Result<(QmpClient, Greeting), QmpError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        Self::connect_with_limit(stream, events, wire::MAX_LINE_BYTES).await
+    }
+
+    /// `connect` with a custom line cap, so tests can exercise it cheaply.
+    async fn connect_with_limit<S>(
+        stream: S,
+        events: mpsc::UnboundedSender<QmpEvent>,
+        max_line: usize,
+    ) -> Result<(QmpClient, Greeting), QmpError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = BufReader::new(reader);
+        let mut line = Vec::new();
+
+        let greeting = match next_message(&mut reader, &mut line, max_line).await? {
+            Message::Greeting(greeting) => greeting,
+            _ => {
+                return Err(QmpError::Protocol(format!(
+                    "expected the QMP greeting, got: {}",
+                    wire::excerpt(&line)
+                )));
+            }
+        };
+        tracing::debug!(version = %greeting.version, "QMP greeting received");
+
+        write_message(
+            &mut writer,
+            &wire::encode(&json!({"execute": "qmp_capabilities"})),
+        )
+        .await?;
+        loop {
+            match next_message(&mut reader, &mut line, max_line).await? {
+                Message::Reply { result, .. } => {
+                    result?;
+                    break;
+                }
+                Message::Event(event) => {
+                    let _ = events.send(event);
+                }
+                Message::Greeting(_) => {
+                    return Err(QmpError::Protocol(
+                        "second greeting during capabilities negotiation".into(),
+                    ));
+                }
+            }
+        }
+
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                open: true,
+                waiters: HashMap::new(),
+            }),
+            closed,
+        });
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_loop(reader, line, max_line, events, shared.clone()));
+        tokio::spawn(write_loop(writer, outgoing_rx, shared.clone()));
+        let client = QmpClient {
+            inner: Arc::new(Inner {
+                shared,
+                outgoing,
+                next_id: AtomicU64::new(0),
+            }),
+        };
+        Ok((client, greeting))
+    }
+
+    /// Runs `command` and returns its `return` value. Any number of calls may be in
+    /// flight at once, from any tasks; replies are matched by `id`.
+    ///
+    /// `arguments` must be a JSON object (else [`QmpError::InvalidArguments`], and
+    /// nothing is sent). Dropping the future abandons the command: it may still run in
+    /// QEMU, and its late reply is logged and ignored.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let mut request = Map::new();
+        request.insert("execute".into(), command.into());
+        match arguments {
+            None => {}
+            Some(Value::Object(arguments)) => {
+                request.insert("arguments".into(), Value::Object(arguments));
+            }
+            Some(other) => {
+                return Err(QmpError::InvalidArguments(format!(
+                    "arguments of '{command}' must be a JSON object, got {other}"
+                )));
+            }
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        request.insert("id".into(), id.into());
+
+        let shared = &self.inner.shared;
+        let reply = shared.register(id)?;
+        let _forget_on_drop = PendingGuard { shared, id };
+        tracing::debug!(command, id, "QMP command");
+        self.inner
+            .outgoing
+            .send(wire::encode(&Value::Object(request)))
+            .map_err(|_| QmpError::Disconnected)?;
+        reply.await.unwrap_or(Err(QmpError::Disconnected))
+    }
+
+    /// [`execute`](Self::execute) with a deadline; on expiry the command is abandoned
+    /// and [`QmpError::Timeout`] returned.
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        tokio::time::timeout(timeout, self.execute(command, arguments))
+            .await
+            .unwrap_or(Err(QmpError::Timeout(timeout)))
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_connected(&self) -> bool {
+        !*self.inner.shared.closed.borrow()
+    }
+
+    /// Resolves once the connection has ended (immediately if it already has).
+    pub async fn closed(&self) {
+        let mut closed = self.inner.shared.closed.subscribe();
+        // The sender lives in `Shared`, which `self` keeps alive: this cannot fail.
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+
+    #[cfg(test)]
+    fn pending_len(&self) -> usize {
+        self.inner.shared.lock().waiters.len()
+    }
+}
+
+impl fmt::Debug for QmpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QmpClient")
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // No code panics while holding the lock; recover rather than cascade if one did.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register(&self, id: u64) -> Result<oneshot::Receiver<Result<Value, QmpError>>, QmpError> {
+        let mut pending = self.lock();
+        if !pending.open {
+            return Err(QmpError::Disconnected);
+        }
+        let (tx, rx) = oneshot::channel();
+        pending.waiters.insert(id, tx);
+        Ok(rx)
+    }
+
+    fn complete(&self, id: Option<Value>, result: Result<Value, QmpError>) {
+        let Some(id) = id else {
+            tracing::warn!(?result, "QMP reply without id ignored");
+            return;
+        };
+        let waiter = id.as_u64().and_then(|id| self.lock().waiters.remove(&id));
+        match waiter {
+            // The caller may have gone away in the meantime; nothing to do then.
+            Some(waiter) => drop(waiter.send(result)),
+            None => tracing::warn!(%id, "QMP reply for unknown or abandoned id ignored"),
+        }
+    }
+
+    /// Ends the connection once: fails every pending command and wakes `closed()`.
+    fn close(&self, reason: &str) {
+        let waiters = {
+            let mut pending = self.lock();
+            if !pending.open {
+                return;
+            }
+            pending.open = false;
+            std::mem::take(&mut pending.waiters)
+        };
+        tracing::debug!(reason, failed = waiters.len(), "QMP connection closed");
+        for waiter in waiters.into_values() {
+            let _ = waiter.send(Err(QmpError::Disconnected));
+        }
+        self.closed.send_replace(true);
+    }
+}
+
+/// Removes an `execute` call's waiter when the call ends, including by cancellation.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().waiters.remove(&self.id);
+    }
+}
+
+/// The next non-blank message during the handshake, where anything unexpected is fatal.
+async fn next_message<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max_line: usize,
+) -> Result<Message, QmpError> {
+    loop {
+        if !wire::read_line(reader, line, max_line).await? {
+            return Err(QmpError::Disconnected);
+        }
+        if !line.trim_ascii().is_empty() {
+            return wire::parse(line);
+        }
+    }
+}
+
+async fn write_message<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+) -> Result<(), QmpError> {
+    writer.write_all(bytes).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+async fn read_loop<R: AsyncBufRead + Unpin>(
+    mut reader: R,
+    mut line: Vec<u8>,
+    max_line: usize,
+    events: mpsc::UnboundedSender<QmpEvent>,
+    shared: Arc<Shared>,
+) {
+    let mut closed = shared.closed.subscribe();
+    let reason = loop {
+        let read = tokio::select! {
+            biased;
+            _ = closed.wait_for(|closed| *closed) => return,
+            read = wire::read_line(&mut reader, &mut line, max_line) => read,
+        };
+        match read {
+            Ok(true) => route(&line, &events, &shared),
+            Ok(false) => break "end of stream".to_owned(),
+            Err(err) => {
+                tracing::warn!(%err, "QMP connection lost");
+                break err.to_string();
+            }
+        }
+    };
+    // Close before `events` drops, so a receiver that sees the channel end also sees
+    // `is_connected() == false`.
+    shared.close(&reason);
+}
+
+/// One message from the running connection: a bad one is logged and skipped, never fatal.
+fn route(line: &[u8], events: &mpsc::UnboundedSender<QmpEvent>, shared: &Shared) {
+    if line.trim_ascii().is_empty() {
+        return;
+    }
+    match wire::parse(line) {
+        Ok(Message::Event(event)) => {
+            tracing::debug!(event = %event.name, "QMP event");
+            // A dropped receiver only means nobody listens for events; replies still matter.
+            let _ = events.send(event);
+        }
+        Ok(Message::Reply { id, result }) => shared.complete(id, result),
+        Ok(Message::Greeting(_)) => tracing::warn!("unexpected QMP greeting ignored"),
+        Err(err) => tracing::warn!(%err, "malformed QMP message ignored"),
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    shared: Arc<Shared>,
+) {
+    let mut closed = shared.closed.subscribe();
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = closed.wait_for(|closed| *closed) => return,
+            message = outgoing.recv() => message,
+        };
+        let Some(message) = message else {
+            shared.close("every QmpClient handle was dropped");
+            return;
+        };
+        // A peer that stops reading must not keep this task alive after the close.
+        let written = tokio::select! {
+            biased;
+            _ = closed.wait_for(|closed| *closed) => return,
+            written = write_message(&mut writer, &message) => written,
+        };
+        if let Err(err) = written {
+            tracing::warn!(%err, "QMP write failed");
+            shared.close(&err.to_string());
+            return;
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `org.maqet.Maqet1.Manager`: defining, finding and listing VMs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
+
+use super::object_manager::ObjectManagerIface;
+use super::{Shared, VmIface};
+use crate::access::{Action, Request};
+use crate::client::{MANAGER_PATH, VmListEntry, vm_path};
+use crate::config::ConfigSource;
+use crate::error::MaqetError;
+use crate::manager::{INLINE_ORIGIN, Manager};
+use crate::vm::Vm;
+
+pub struct ManagerIface {
+    shared: Arc<Shared>,
+}
+
+impl ManagerIface {
+    pub fn new(shared: Arc<Shared>) -> ManagerIface {
+        ManagerIface { shared }
+    }
+
+    /// Serves a new VM's object, then announces it (InterfacesAdded, VMAdded).
+    async fn publish(
+        &self,
+        conn: &Connection,
+        vm: &Arc<Vm>,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let server = conn.object_server();
+        let path = vm_path(vm.id());
+        server
+            .at(&path, VmIface::new(self.shared.clone(), vm.clone()))
+            .await?;
+        let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+        ObjectManagerIface::announce_added(&emitter, vm).await?;
+        Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
+        Ok(path)
+    }
+}
+
+#[interface(name = "org.maqet.Maqet1.Manager")]
+impl ManagerIface {
+    /// Defines a VM from one YAML document. `name` empty: the config's `name`, else a
+    /// generated one. Relative paths resolve against the VM's data directory.
+    #[zbus(name = "AddVM")]
+    async fn add_vm(
+        &self,
+        name: &str,
+        yaml: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let req = Request::new(Action::Manage, "AddVM")
+            .with_args(format!("name={name:?}, {} bytes of YAML", yaml.len()));
+        let work = async {
+            let source = ConfigSource {
+                origin: INLINE_ORIGIN.into(),
+                text: yaml.to_string(),
+                // Empty: the manager fills in the new VM's own data directory.
+                base_dir: PathBuf::new(),
+            };
+            let vm = self.shared.manager.add(name, vec![source])?;
+            self.publish(conn, &vm).await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Defines a VM from several YAML files merged in order (later wins).
+    #[zbus(name = "AddVMFromFiles")]
+    async fn add_vm_from_files(
+        &self,
+        name: &str,
+        paths: Vec<String>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let req = Request::new(Action::Manage, "AddVMFromFiles")
+            .with_args(format!("name={name:?}, files={paths:?}"));
+        let work = async {
+            let sources = Manager::sources_from_files(&paths)?;
+            let vm = self.shared.manager.add(name, sources)?;
+            self.publish(conn, &vm).await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Removes a VM. Refused while running unless `force`; `delete_storage` deletes only
+    /// the disk images maqet created.
+    #[zbus(name = "RemoveVM")]
+    async fn remove_vm(
+        &self,
+        vm: &str,
+        force: bool,
+        delete_storage: bool,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let target = self.shared.manager.find(vm);
+        let mut req = Request::new(Action::Manage, "RemoveVM").with_args(format!(
+            "vm={vm:?} force={force} delete_storage={delete_storage}"
+        ));
+        if let Ok(t) = &target {
+            req = req.on_vm(t);
+        }
+        let work = async {
+            let vm = target?;
+            let deleted = self
+                .shared
+                .manager
+                .remove(&vm, force, delete_storage)
+                .await?;
+            for d in &deleted {
+                tracing::info!(vm = %vm.name(), file = %d.display(), "deleted disk image");
+            }
+            let path = vm_path(vm.id());
+            conn.object_server().remove::<VmIface, _>(&path).await?;
+            let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+            ObjectManagerIface::announce_removed(&emitter, &path).await?;
+            Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
+            Ok(())
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// The object path of a VM, by name or id.
+    #[zbus(name = "FindVM")]
+    async fn find_vm(
+        &self,
+        name_or_id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let req = Request::new(Action::Observe, "FindVM").with_args(name_or_id.to_string());
+        let work = async { Ok(vm_path(self.shared.manager.find(name_or_id)?.id())) };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Every VM: (id, name, object path, status), sorted by name.
+    #[zbus(name = "ListVMs")]
+    async fn list_vms(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<VmListEntry>, MaqetError> {
+        let req = Request::new(Action::Observe, "ListVMs");
+        let work = async {
+            Ok(self
+                .shared
+                .manager
+                .list()
+                .iter()
+                .map(|vm| {
+                    vm.with_info(|i| {
+                        (
+                            i.id.clone(),
+                            i.name.clone(),
+                            vm_path(&i.id),
+                            i.status.as_str().to_string(),
+                        )
+                    })
+                })
+                .collect())
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    #[zbus(property(emits_changed_signal = "false"), name = "KvmAvailable")]
+    fn kvm_available(&self) -> bool {
+        self.shared.host.kvm_available
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn polkit_available(&self) -> bool {
+        self.shared.host.polkit_available()
+    }
+
+    /// Paths of the `qemu-system-*` binaries on the service's PATH.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn qemu_binaries(&self) -> Vec<String> {
+        super::host::qemu_binaries(self.shared.manager.ctx().path_env.as_deref())
+    }
+
+    #[zbus(signal, name = "VMAdded")]
+    async fn vm_added(
+        emitter: &SignalEmitter<'_>,
+        vm: ObjectPath<'_>,
+        name: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal, name = "VMRemoved")]
+    async fn vm_removed(
+        emitter: &SignalEmitter<'_>,
+        vm: ObjectPath<'_>,
+        name: &str,
+    ) -> zbus::Result<()>;
+}

@@ -1,0 +1,136 @@
+//! The D-Bus face of maqetd: thin adapters over the core ([`crate::manager`],
+//! [`crate::vm`]), the signal pump, and the service's start-up and shut-down.
+//!
+//! Start-up order (clients never see a half-built service): open the database, load the
+//! VMs, re-adopt surviving QEMUs, serve the manager and every VM object, serve the
+//! ObjectManager, and request the bus name last.
+
+mod host;
+mod manager_iface;
+mod object_manager;
+mod properties;
+mod pump;
+mod vm_iface;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::access::Gate;
+use crate::client::{BUS_NAME, MANAGER_PATH, vm_path};
+use crate::error::MaqetError;
+use crate::events::EventSink;
+use crate::manager::Manager;
+use crate::paths::Paths;
+use crate::store::Store;
+use crate::vm::Ctx;
+
+pub use manager_iface::ManagerIface;
+pub use object_manager::ObjectManagerIface;
+pub use vm_iface::VmIface;
+
+/// What every interface object shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub manager: Arc<Manager>,
+    pub gate: Arc<Gate>,
+    pub host: host::HostInfo,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Take the bus name over from a running maqetd.
+    pub replace: bool,
+}
+
+/// Opens the state and serves it on the session bus until the bus goes away or the
+/// process is asked to stop.
+pub async fn run(opts: Options) -> Result<(), MaqetError> {
+    let paths = Paths::from_env().map_err(|e| MaqetError::Internal(e.to_string()))?;
+    serve(zbus::connection::Builder::session(), paths, opts).await
+}
+
+/// Serves maqet on the connection `builder` makes (the seam tests and benchmarks use).
+///
+/// Objects are registered on the builder, so zbus starts dispatching before the name
+/// is requested: a call that activated maqetd and is delivered the instant the name is
+/// ours is never dropped.
+pub async fn serve(
+    builder: zbus::connection::Builder<'_>,
+    paths: Paths,
+    opts: Options,
+) -> Result<(), MaqetError> {
+    paths
+        .ensure_data_dir()
+        .map_err(|e| MaqetError::Storage(e.to_string()))?;
+    let store =
+        Arc::new(Store::open(&paths.database()).map_err(|e| MaqetError::Storage(e.to_string()))?);
+    let (sink, events) = EventSink::new();
+    let ctx = Arc::new(Ctx {
+        paths,
+        store: store.clone(),
+        sink,
+        path_env: std::env::var_os("PATH"),
+        default_arch: std::env::consts::ARCH.to_string(),
+    });
+    let manager = Manager::open(ctx)?;
+    manager.readopt_all().await;
+
+    let gate = Gate::new(store, None);
+    let shared = Arc::new(Shared {
+        manager: manager.clone(),
+        gate: gate.clone(),
+        host: host::HostInfo::probe(),
+    });
+    let mut builder = builder.serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()));
+    let vms = manager.list();
+    for vm in &vms {
+        builder = builder.serve_at(vm_path(vm.id()), VmIface::new(shared.clone(), vm.clone()));
+    }
+    let conn = builder
+        .serve_at(MANAGER_PATH, ObjectManagerIface::new(shared.clone()))
+        .name(BUS_NAME)
+        .allow_name_replacements(true)
+        .replace_existing_names(opts.replace)
+        .build()
+        .await
+        .map_err(|e| match e {
+            zbus::Error::NameTaken => MaqetError::AlreadyExists(format!(
+                "another maqetd already owns {BUS_NAME} on this bus; use it (maqet ls), or start this one with --replace to take over"
+            )),
+            other => MaqetError::Internal(format!(
+                "cannot serve on the session bus ({other}); is DBUS_SESSION_BUS_ADDRESS set?"
+            )),
+        })?;
+    gate.watch_departures(&conn);
+    let pump = tokio::spawn(pump::run(conn.clone(), events));
+    tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
+
+    let lost_name = async {
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await else {
+            return std::future::pending().await;
+        };
+        let Ok(mut lost) = dbus.receive_name_lost().await else {
+            return std::future::pending().await;
+        };
+        use futures_util::StreamExt;
+        while let Some(sig) = lost.next().await {
+            if sig.args().is_ok_and(|a| a.name() == BUS_NAME) {
+                return;
+            }
+        }
+        std::future::pending().await
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| MaqetError::Internal(format!("cannot watch SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = conn.closed() => tracing::info!("session bus connection closed; exiting"),
+        _ = term.recv() => tracing::info!("SIGTERM; exiting (running VMs keep running)"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting (running VMs keep running)"),
+        _ = lost_name => tracing::info!("another maqetd took over {BUS_NAME}; exiting"),
+    }
+    let _ = conn.release_name(BUS_NAME).await;
+    pump.abort();
+    // Give in-flight replies a moment to leave.
+    let _ = tokio::time::timeout(Duration::from_millis(200), conn.graceful_shutdown()).await;
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! A VM's D-Bus property values, built in one place for `GetAll`-style consumers:
+//! `PropertiesChanged` and `GetManagedObjects`.
+
+use std::collections::HashMap;
+
+use zbus::{OwnedVariant, Variant};
+
+use crate::vm::VmInfo;
+
+/// Every property of `org.maqet.Maqet1.VM`.
+pub const VM_PROPERTIES: &[&str] = &[
+    "Id",
+    "Name",
+    "Status",
+    "StatusReason",
+    "Pid",
+    "Config",
+    "CreatedAt",
+    "StartedAt",
+    "StoppedAt",
+    "ExitStatus",
+];
+
+/// Properties a status change can touch.
+pub const STATUS_PROPERTIES: &[&str] = &[
+    "Status",
+    "StatusReason",
+    "Pid",
+    "StartedAt",
+    "StoppedAt",
+    "ExitStatus",
+];
+
+/// The value of one VM property, by D-Bus name.
+pub fn vm_property(info: &VmInfo, name: &str) -> Option<Variant<'static>> {
+    Some(match name {
+        "Id" => Variant::from(info.id.clone()),
+        "Name" => Variant::from(info.name.clone()),
+        "Status" => Variant::from(info.status.as_str()),
+        "StatusReason" => Variant::from(info.reason.clone()),
+        "Pid" => Variant::from(info.pid.unwrap_or(0)),
+        "Config" => Variant::from(info.config.clone()),
+        "CreatedAt" => Variant::from(info.created_at),
+        "StartedAt" => Variant::from(info.started_at),
+        "StoppedAt" => Variant::from(info.stopped_at),
+        "ExitStatus" => Variant::from(info.exit_status),
+        _ => return None,
+    })
+}
+
+/// The named properties as a map of owned values.
+pub fn vm_properties(info: &VmInfo, names: &[&str]) -> HashMap<String, OwnedVariant> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = vm_property(info, n)?;
+            Some((n.to_string(), OwnedVariant::try_from(v).ok()?))
+        })
+        .collect()
+}

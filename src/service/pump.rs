@@ -1,0 +1,63 @@
+//! Turns core events into D-Bus signals, in the order the core produced them.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use zbus::Connection;
+use zbus::fdo::Properties;
+use zbus::names::InterfaceName;
+use zbus::object_server::SignalEmitter;
+
+use super::VmIface;
+use super::properties::{STATUS_PROPERTIES, vm_property};
+use crate::client::{VM_INTERFACE, vm_path};
+use crate::events::CoreEvent;
+use crate::vm::VmInfo;
+
+pub async fn run(conn: Connection, mut events: UnboundedReceiver<CoreEvent>) {
+    while let Some(ev) = events.recv().await {
+        if let Err(e) = emit(&conn, ev).await {
+            tracing::warn!(error = %e, "cannot emit signal");
+        }
+    }
+}
+
+async fn emit(conn: &Connection, ev: CoreEvent) -> zbus::Result<()> {
+    match ev {
+        CoreEvent::StatusChanged { vm, info, previous } => {
+            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
+            VmIface::vm_status_changed(
+                &emitter,
+                info.status.as_str(),
+                previous.as_str(),
+                &info.reason,
+            )
+            .await?;
+            properties_changed(&emitter, &info, STATUS_PROPERTIES).await
+        }
+        CoreEvent::PropertiesChanged { vm, info, names } => {
+            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
+            properties_changed(&emitter, &info, names).await
+        }
+        CoreEvent::Qmp { .. } => Ok(()),
+    }
+}
+
+async fn properties_changed(
+    emitter: &SignalEmitter<'_>,
+    info: &VmInfo,
+    names: &[&str],
+) -> zbus::Result<()> {
+    let changed: HashMap<&str, zbus::Variant<'_>> = names
+        .iter()
+        .filter_map(|n| Some((*n, vm_property(info, n)?)))
+        .collect();
+    Properties::properties_changed(
+        emitter,
+        InterfaceName::from_static_str_unchecked(VM_INTERFACE),
+        changed,
+        Cow::Borrowed(&[]),
+    )
+    .await
+}

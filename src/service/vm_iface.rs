@@ -1,0 +1,219 @@
+//! `org.maqet.Maqet1.VM`: one object per VM. Authorize through the gate, convert, forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, interface};
+
+use super::Shared;
+use crate::access::{Action, Request};
+use crate::error::MaqetError;
+use crate::vm::{Vm, WaitCondition};
+
+/// `Stop(force=false, timeout_sec=0)` waits this long for the guest to power off.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct VmIface {
+    shared: Arc<Shared>,
+    vm: Arc<Vm>,
+}
+
+impl VmIface {
+    pub fn new(shared: Arc<Shared>, vm: Arc<Vm>) -> VmIface {
+        VmIface { shared, vm }
+    }
+
+    fn req(&self, action: Action, method: &'static str) -> Request {
+        Request::new(action, method).on_vm(&self.vm)
+    }
+}
+
+#[interface(name = "org.maqet.Maqet1.VM")]
+impl VmIface {
+    /// Starts QEMU; returns once its monitor is ready.
+    async fn start(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self.req(Action::Lifecycle, "Start");
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.start())
+            .await
+    }
+
+    /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s);
+    /// `force` starts at quit.
+    async fn stop(
+        &self,
+        force: bool,
+        timeout_sec: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let timeout = match timeout_sec {
+            0 => DEFAULT_STOP_TIMEOUT,
+            s => Duration::from_secs(s.into()),
+        };
+        let req = self
+            .req(Action::Lifecycle, "Stop")
+            .with_args(format!("force={force} timeout_sec={timeout_sec}"));
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.stop(force, timeout))
+            .await
+    }
+
+    /// A new QEMU process with the current config.
+    async fn restart(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self.req(Action::Lifecycle, "Restart");
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.restart())
+            .await
+    }
+
+    /// Guest reset (the same QEMU process).
+    async fn reset(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self.req(Action::Lifecycle, "Reset");
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.reset())
+            .await
+    }
+
+    async fn pause(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self.req(Action::Lifecycle, "Pause");
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.pause())
+            .await
+    }
+
+    async fn resume(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self.req(Action::Lifecycle, "Resume");
+        self.shared
+            .gate
+            .call(conn, &hdr, req, self.vm.resume())
+            .await
+    }
+
+    /// Replaces the config; returns the changed keys that need a restart.
+    async fn apply(
+        &self,
+        yaml: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<String>, MaqetError> {
+        let req = self
+            .req(Action::Manage, "Apply")
+            .with_args(format!("{} bytes of YAML", yaml.len()));
+        let manager = &self.shared.manager;
+        self.shared
+            .gate
+            .call(conn, &hdr, req, manager.apply(&self.vm, yaml))
+            .await
+    }
+
+    /// Waits for `status=<s>[|<s>…]` or `event=<QMP EVENT>`; 0 s = check without waiting.
+    async fn wait(
+        &self,
+        condition: &str,
+        timeout_sec: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, MaqetError> {
+        let req = self
+            .req(Action::Observe, "Wait")
+            .with_args(condition.to_string());
+        let work = async {
+            let cond = WaitCondition::parse(condition)?;
+            self.vm
+                .wait(&cond, Duration::from_secs(timeout_sec.into()))
+                .await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.vm.id().to_string()
+    }
+
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.vm.name()
+    }
+
+    #[zbus(property)]
+    fn status(&self) -> String {
+        self.vm.status().as_str().to_string()
+    }
+
+    #[zbus(property)]
+    fn status_reason(&self) -> String {
+        self.vm.with_info(|i| i.reason.clone())
+    }
+
+    /// 0 when no QEMU runs.
+    #[zbus(property)]
+    fn pid(&self) -> u32 {
+        self.vm.with_info(|i| i.pid.unwrap_or(0))
+    }
+
+    /// The merged, normalized YAML.
+    #[zbus(property)]
+    fn config(&self) -> String {
+        self.vm.with_info(|i| i.config.clone())
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn created_at(&self) -> u64 {
+        self.vm.with_info(|i| i.created_at)
+    }
+
+    #[zbus(property)]
+    fn started_at(&self) -> u64 {
+        self.vm.with_info(|i| i.started_at)
+    }
+
+    #[zbus(property)]
+    fn stopped_at(&self) -> u64 {
+        self.vm.with_info(|i| i.stopped_at)
+    }
+
+    /// Exit code, 128 + signal when killed, -1 unknown or not exited.
+    #[zbus(property)]
+    fn exit_status(&self) -> i32 {
+        self.vm.with_info(|i| i.exit_status)
+    }
+
+    /// Every status change (named so it does not clash with the `Status` property's
+    /// generated `status_changed`).
+    #[zbus(signal, name = "StatusChanged")]
+    pub async fn vm_status_changed(
+        emitter: &SignalEmitter<'_>,
+        status: &str,
+        previous: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}

@@ -1,0 +1,192 @@
+//! The one list of host locations a VM's disks and shares must never point into.
+//!
+//! Checked when a VM is added or applied (so a bad path is refused before anything
+//! runs), after resolving symlinks of every existing ancestor, so `~/vm/link/x.qcow2`
+//! with `link -> /etc` is seen as `/etc/x.qcow2`.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::PathUse;
+
+/// System trees: writing a disk image or sharing them with a guest can break or expose
+/// the host. `(prefix, allowed sub-trees)`.
+const SYSTEM_TREES: &[(&str, &[&str])] = &[
+    ("/etc", &[]),
+    ("/usr", &[]),
+    ("/bin", &[]),
+    ("/sbin", &[]),
+    ("/lib", &[]),
+    ("/lib32", &[]),
+    ("/lib64", &[]),
+    ("/libx32", &[]),
+    ("/boot", &[]),
+    ("/efi", &[]),
+    ("/proc", &[]),
+    ("/sys", &[]),
+    ("/dev", &["/dev/shm"]),
+    ("/run", &["/run/user", "/run/media"]),
+    ("/var", &["/var/tmp"]),
+    ("/opt", &[]),
+    ("/snap", &[]),
+];
+
+/// Inside the user's home: credentials and the desktop's own configuration.
+const HOME_TREES: &[&str] = &[
+    ".ssh",
+    ".gnupg",
+    ".config",
+    ".pki",
+    ".password-store",
+    ".local/share/keyrings",
+];
+
+/// Why `path` is refused, or `Ok` when a VM may use it. `path` must be absolute.
+/// Boot inputs (a kernel QEMU only reads) may come from system directories; nothing
+/// may come from the user's credential directories.
+pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<(), String> {
+    let resolved = resolve(path);
+    let shown = if resolved != path {
+        format!("{} (resolves to {})", path.display(), resolved.display())
+    } else {
+        path.display().to_string()
+    };
+    if resolved == Path::new("/") {
+        return Err(format!("{shown} is the root directory"));
+    }
+    let system_trees = match usage {
+        PathUse::Storage => SYSTEM_TREES,
+        PathUse::BootInput => &[],
+    };
+    for (tree, allowed) in system_trees {
+        if resolved.starts_with(tree) && !allowed.iter().any(|a| resolved.starts_with(a)) {
+            return Err(format!(
+                "{shown} is inside the system directory {tree}; keep VM disks and shares in your home or data directory"
+            ));
+        }
+    }
+    let home = resolve(home);
+    for rel in HOME_TREES {
+        let tree = home.join(rel);
+        if resolved.starts_with(&tree) {
+            return Err(format!(
+                "{shown} is inside {}, which holds credentials or desktop settings; choose another directory",
+                tree.display()
+            ));
+        }
+    }
+    if resolved == home {
+        return Err(format!(
+            "{shown} is your whole home directory; share a sub-directory instead"
+        ));
+    }
+    Ok(())
+}
+
+/// Canonicalizes the longest existing ancestor and appends the rest lexically (`..` in
+/// the non-existing rest is folded too), so the check sees where a write would land.
+pub fn resolve(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<PathBuf> = Vec::new();
+    loop {
+        if let Ok(canon) = existing.canonicalize() {
+            let mut out = canon;
+            for c in rest.iter().rev() {
+                push_normalized(&mut out, c);
+            }
+            return out;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(PathBuf::from(name));
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        push_normalized(&mut out, Path::new(c.as_os_str()));
+    }
+    out
+}
+
+fn push_normalized(out: &mut PathBuf, part: &Path) {
+    for c in part.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_directories_are_refused() {
+        let home = Path::new("/home/u");
+        for p in [
+            "/",
+            "/etc/x.qcow2",
+            "/usr/lib/d.img",
+            "/dev/sda",
+            "/boot/x",
+            "/var/lib/x",
+        ] {
+            assert!(check(Path::new(p), home, PathUse::Storage).is_err(), "{p}");
+        }
+        for p in [
+            "/dev/shm/x.img",
+            "/var/tmp/x.img",
+            "/tmp/x.qcow2",
+            "/home/u/vms/a.qcow2",
+        ] {
+            assert!(check(Path::new(p), home, PathUse::Storage).is_ok(), "{p}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_home_are_refused() {
+        let home = Path::new("/home/u");
+        let err = check(Path::new("/home/u/.ssh/disk.img"), home, PathUse::Storage).unwrap_err();
+        assert!(err.contains(".ssh"), "{err}");
+        assert!(
+            check(
+                Path::new("/home/u/.config/maqet/d.img"),
+                home,
+                PathUse::Storage
+            )
+            .is_err()
+        );
+        assert!(check(Path::new("/home/u"), home, PathUse::Storage).is_err());
+        assert!(check(Path::new("/home/u/.configs/d.img"), home, PathUse::Storage).is_ok());
+    }
+
+    #[test]
+    fn a_host_kernel_may_be_booted() {
+        let home = Path::new("/home/u");
+        assert!(check(Path::new("/boot/vmlinuz"), home, PathUse::BootInput).is_ok());
+        assert!(check(Path::new("/home/u/.ssh/id_rsa"), home, PathUse::BootInput).is_err());
+    }
+
+    #[test]
+    fn symlinked_parents_are_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("innocent");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let err = check(
+            &link.join("x.qcow2"),
+            Path::new("/home/u"),
+            PathUse::Storage,
+        )
+        .unwrap_err();
+        assert!(err.contains("resolves to /etc/x.qcow2"), "{err}");
+        // `..` out of a harmless directory into a system one.
+        let sneaky = tmp.path().join("missing/../../../../../../etc/y");
+        assert!(check(&sneaky, Path::new("/home/u"), PathUse::Storage).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Spawning QEMU: the management command line, the fd-passed QMP socket, the log.
+//!
+//! maqetd binds the QMP socket itself and hands the listening fd to QEMU, so the socket
+//! exists before QEMU runs (no polling for a socket file) and lives in a 0700 directory
+//! only this user can enter (no unauthenticated control socket). QEMU runs in its own
+//! session with no parent-death signal: it outlives maqetd by design.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::process::Process;
+
+/// The fd number QEMU finds its QMP listening socket at.
+const QMP_FD: RawFd = 3;
+/// The chardev id of maqet's own monitor (QMP passthrough refuses to touch it).
+pub const QMP_CHARDEV_ID: &str = "maqet-qmp";
+/// Logs above this size are rotated to `<id>.log.1` when a VM starts.
+const LOG_ROTATE_BYTES: u64 = 1024 * 1024;
+/// How much of QEMU's output a start failure carries.
+const TAIL_BYTES: u64 = 2048;
+
+/// What maqet adds to every QEMU command line: identity and its monitor. Nothing else.
+pub fn management_args(uuid: &str, name: &str) -> Vec<String> {
+    vec![
+        "-uuid".into(),
+        uuid.into(),
+        "-name".into(),
+        // Names are [A-Za-z0-9._-]: no QEMU option escaping needed.
+        name.into(),
+        "-chardev".into(),
+        format!("socket,id={QMP_CHARDEV_ID},fd={QMP_FD},server=on,wait=off"),
+        "-mon".into(),
+        format!("chardev={QMP_CHARDEV_ID},mode=control"),
+    ]
+}
+
+pub struct LaunchSpec<'a> {
+    pub binary: &'a Path,
+    pub uuid: &'a str,
+    pub name: &'a str,
+    pub user_args: &'a [String],
+    pub qmp_socket: &'a Path,
+    pub log_file: &'a Path,
+}
+
+/// A spawned QEMU and where its output for this run begins.
+pub struct Spawned {
+    pub process: Process,
+    pub log_offset: u64,
+}
+
+/// Binds the QMP socket, opens the log and spawns QEMU. Returns as soon as the process
+/// exists; the caller connects to the socket (the connection queues on the listening
+/// socket until QEMU's main loop accepts it).
+pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
+    // A stale socket from a dead QEMU: the directory is ours and 0700, so removing it
+    // cannot be raced by another user.
+    match fs::remove_file(spec.qmp_socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(spec.qmp_socket)?;
+    let (log, log_offset) = open_log(spec)?;
+    let log_err = log.try_clone()?;
+
+    let mut cmd = Command::new(spec.binary);
+    cmd.args(management_args(spec.uuid, spec.name))
+        .args(spec.user_args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Session-bus activation variables mean nothing to QEMU.
+        .env_remove("DBUS_STARTER_ADDRESS")
+        .env_remove("DBUS_STARTER_BUS_TYPE");
+    let listen_fd = listener.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if listen_fd == QMP_FD {
+                // dup2 onto itself would keep FD_CLOEXEC: clear it explicitly.
+                if libc::fcntl(QMP_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(listen_fd, QMP_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    let pid = child.id();
+    // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.
+    drop(child);
+    drop(listener);
+    let process = Process::from_child(pid)?;
+    Ok(Spawned {
+        process,
+        log_offset,
+    })
+}
+
+fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
+    if fs::metadata(spec.log_file).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+        let mut old = spec.log_file.as_os_str().to_owned();
+        old.push(".1");
+        fs::rename(spec.log_file, PathBuf::from(old))?;
+    }
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(spec.log_file)?;
+    let mut line = format!(
+        "=== maqet: starting VM {} ({}) at {}: {}",
+        spec.name,
+        spec.uuid,
+        crate::time::format_us(crate::time::now_us()),
+        spec.binary.display()
+    );
+    for a in management_args(spec.uuid, spec.name)
+        .iter()
+        .chain(spec.user_args)
+    {
+        line.push(' ');
+        line.push_str(a);
+    }
+    line.push('\n');
+    log.write_all(line.as_bytes())?;
+    let offset = log.seek(SeekFrom::End(0))?;
+    Ok((log, offset))
+}
+
+/// The end of what QEMU wrote since `offset` (its words for why it failed).
+pub fn log_tail(log_file: &Path, offset: u64) -> String {
+    let Ok(mut f) = File::open(log_file) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.max(len.saturating_sub(TAIL_BYTES));
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn management_args_name_the_vm_and_its_monitor() {
+        let a = management_args("1234", "web");
+        assert_eq!(&a[..4], &["-uuid", "1234", "-name", "web"]);
+        assert!(a.contains(&"socket,id=maqet-qmp,fd=3,server=on,wait=off".to_string()));
+        assert!(a.contains(&"chardev=maqet-qmp,mode=control".to_string()));
+    }
+
+    #[test]
+    fn log_tail_reads_only_this_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.log");
+        fs::write(&p, "old run failure\n").unwrap();
+        let offset = fs::metadata(&p).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"qemu-system-x86_64: -foo: invalid option\n")
+            .unwrap();
+        assert_eq!(
+            log_tail(&p, offset),
+            "qemu-system-x86_64: -foo: invalid option"
+        );
+    }
+}

@@ -1,0 +1,251 @@
+//! The per-process supervisor task: QMP events in, state transitions out, and the exit.
+//!
+//! Event-driven only: it sleeps on the QMP event channel and the pidfd, nothing else.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::process::ExitInfo;
+use super::{Runtime, ShutdownEvent, Status, StopIntent, Vm, launch};
+use crate::events::CoreEvent;
+use crate::qmp::QmpEvent;
+use crate::time::now_us;
+
+/// How long events still in flight when QEMU died may take to arrive (the socket closes
+/// with the process, so this bound is only hit if something is badly wrong).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+pub(super) fn spawn(vm: Arc<Vm>, rt: Arc<Runtime>, mut events: UnboundedReceiver<QmpEvent>) {
+    tokio::spawn(async move {
+        let mut events_open = true;
+        let exit = loop {
+            tokio::select! {
+                ev = events.recv(), if events_open => match ev {
+                    Some(ev) => handle_event(&vm, &rt, ev).await,
+                    None => events_open = false,
+                },
+                exit = rt.process.wait() => break exit,
+            }
+        };
+        // The SHUTDOWN event (sent just before QEMU exits) decides how the exit reads.
+        if events_open {
+            let drain = async {
+                while let Some(ev) = events.recv().await {
+                    handle_event(&vm, &rt, ev).await;
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
+        }
+        finish(&vm, &rt, exit);
+    });
+}
+
+async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
+    match ev.name.as_str() {
+        "STOP" if vm.status() == Status::Running => {
+            let reason = if rt.pause_requested.swap(false, Ordering::SeqCst) {
+                "paused by request".to_string()
+            } else {
+                // Not ours: ask QEMU why (io-error, guest-panicked, debug, …).
+                let why = rt
+                    .qmp
+                    .execute_timeout("query-status", None, Duration::from_secs(5))
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| "unknown".into());
+                format!("paused by QEMU (run state: {why})")
+            };
+            let _ = vm.transition(Status::Paused, &reason, true, |_| {});
+        }
+        "RESUME" if vm.status() == Status::Paused => {
+            let _ = vm.transition(Status::Running, "resumed", true, |_| {});
+        }
+        "SHUTDOWN" => {
+            let guest = ev
+                .data
+                .get("guest")
+                .and_then(|g| g.as_bool())
+                .unwrap_or(false);
+            let reason = ev
+                .data
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .unwrap_or("")
+                .to_string();
+            *rt.shutdown.lock().unwrap() = Some(ShutdownEvent { guest, reason });
+        }
+        _ => {}
+    }
+    let _ = vm.qmp_events.send((ev.name.clone(), ev.data.clone()));
+    vm.ctx.sink.emit(CoreEvent::Qmp {
+        vm: vm.clone(),
+        name: ev.name,
+        data_json: ev.data.to_string(),
+        timestamp_us: ev.timestamp_us,
+    });
+}
+
+fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
+    let intent = *rt.intent.lock().unwrap();
+    let shutdown = rt.shutdown.lock().unwrap().clone();
+    let restarting = rt.restarting.load(Ordering::SeqCst);
+    let (status, mut reason) = classify(exit, intent, shutdown.as_ref(), restarting);
+    if status == Status::Crashed && matches!(exit, ExitInfo::Code(c) if c != 0) {
+        let tail = launch::log_tail(&vm.log_file(), rt.log_offset);
+        if let Some(last) = tail.lines().last() {
+            reason.push_str(": ");
+            reason.push_str(last);
+        }
+    }
+    *vm.runtime.lock().unwrap() = None;
+    let _ = vm.transition(status, &reason, true, |t| {
+        t.pid = Some(None);
+        t.pid_start_time = Some(None);
+        t.stopped_at = Some(now_us());
+        t.exit_status = Some(exit.as_property());
+    });
+    vm.cleanup_runtime_dir();
+    rt.exited.send_replace(true);
+}
+
+/// Tells a stop from a crash: what we asked for, what QEMU announced, how it ended.
+fn classify(
+    exit: ExitInfo,
+    intent: StopIntent,
+    shutdown: Option<&ShutdownEvent>,
+    restarting: bool,
+) -> (Status, String) {
+    if restarting {
+        return (Status::Stopped, "restarting".into());
+    }
+    if let Some(sd) = shutdown.filter(|s| s.guest) {
+        return match sd.reason.as_str() {
+            "guest-shutdown" if intent == StopIntent::Powerdown => (
+                Status::Stopped,
+                "guest powered off after an ACPI power-down request".into(),
+            ),
+            "guest-shutdown" => (Status::Stopped, "guest powered off".into()),
+            "guest-panic" => (Status::Crashed, "guest panicked".into()),
+            "guest-reset" => (Status::Stopped, "guest rebooted (-no-reboot)".into()),
+            other => (Status::Stopped, format!("guest shut down ({other})")),
+        };
+    }
+    match intent {
+        StopIntent::Powerdown | StopIntent::Quit => {
+            return (Status::Stopped, "stopped by request (QMP quit)".into());
+        }
+        StopIntent::Terminate => {
+            return (
+                Status::Stopped,
+                "stopped by request with SIGTERM (QEMU did not quit)".into(),
+            );
+        }
+        StopIntent::Kill => {
+            return (
+                Status::Stopped,
+                "stopped by request with SIGKILL (QEMU did not terminate)".into(),
+            );
+        }
+        StopIntent::None => {}
+    }
+    match shutdown.map(|s| s.reason.as_str()) {
+        Some("host-qmp-quit") => {
+            return (
+                Status::Stopped,
+                "QEMU was told to quit on a monitor maqet does not control".into(),
+            );
+        }
+        Some("host-signal") => {
+            return (
+                Status::Crashed,
+                "QEMU was terminated by a signal from outside maqet".into(),
+            );
+        }
+        _ => {}
+    }
+    match exit {
+        ExitInfo::Code(0) => (Status::Stopped, "QEMU exited".into()),
+        ExitInfo::Code(c) => (Status::Crashed, format!("QEMU exited with status {c}")),
+        ExitInfo::Signal(s) => (
+            Status::Crashed,
+            format!(
+                "QEMU was killed by signal {s} ({})",
+                super::process::signal_name(s)
+            ),
+        ),
+        ExitInfo::Unknown => (
+            Status::Crashed,
+            "QEMU ended unexpectedly (no exit status: it was re-adopted after a maqetd restart)"
+                .into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd(guest: bool, reason: &str) -> ShutdownEvent {
+        ShutdownEvent {
+            guest,
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn a_kill_from_outside_is_a_crash() {
+        let (s, r) = classify(ExitInfo::Signal(9), StopIntent::None, None, false);
+        assert_eq!(s, Status::Crashed);
+        assert!(r.contains("SIGKILL"), "{r}");
+    }
+
+    #[test]
+    fn our_kill_is_a_stop() {
+        let (s, _) = classify(ExitInfo::Signal(9), StopIntent::Kill, None, false);
+        assert_eq!(s, Status::Stopped);
+    }
+
+    #[test]
+    fn guest_poweroff_is_a_stop_with_its_reason() {
+        let (s, r) = classify(
+            ExitInfo::Code(0),
+            StopIntent::None,
+            Some(&sd(true, "guest-shutdown")),
+            false,
+        );
+        assert_eq!((s, r.as_str()), (Status::Stopped, "guest powered off"));
+        let (_, r) = classify(
+            ExitInfo::Code(0),
+            StopIntent::Powerdown,
+            Some(&sd(true, "guest-shutdown")),
+            false,
+        );
+        assert!(r.contains("ACPI"), "{r}");
+    }
+
+    #[test]
+    fn quit_is_a_stop_and_outside_signals_are_crashes() {
+        let quit = sd(false, "host-qmp-quit");
+        assert_eq!(
+            classify(ExitInfo::Code(0), StopIntent::Quit, Some(&quit), false).0,
+            Status::Stopped
+        );
+        let sig = sd(false, "host-signal");
+        assert_eq!(
+            classify(ExitInfo::Code(0), StopIntent::None, Some(&sig), false).0,
+            Status::Crashed
+        );
+        assert_eq!(
+            classify(ExitInfo::Code(1), StopIntent::None, None, false).0,
+            Status::Crashed
+        );
+        assert_eq!(
+            classify(ExitInfo::Signal(9), StopIntent::None, None, true).0,
+            Status::Stopped
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! Test fixture: a private session bus that D-Bus-activates the freshly built maqetd,
+//! throwaway XDG directories, and helpers to drive real QEMU VMs.
+//!
+//! Every process the test causes (maqetd, QEMU) inherits a unique marker in its
+//! environment; dropping the fixture kills exactly those, through pidfds.
+
+#![allow(dead_code)]
+
+pub mod guest;
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use maqet::client::{ManagerProxy, VmProxy, vm_proxy};
+use zbus::{Connection, OwnedObjectPath};
+
+/// Generous bound for anything a VM does under TCG on a loaded 2-core machine.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Bus {
+    daemon: Child,
+    pub address: String,
+    pub dir: tempfile::TempDir,
+    marker: String,
+}
+
+pub fn maqetd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_maqetd")
+}
+
+pub fn maqet_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_maqet")
+}
+
+/// KVM when this user can use it, TCG otherwise.
+pub fn accel() -> &'static str {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if usable { "kvm" } else { "tcg" }
+}
+
+/// The smallest useful VM: no disk, no devices, 64 MiB.
+pub fn tiny_vm_yaml(name: &str) -> String {
+    format!(
+        "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 64\narguments:\n  - nodefaults\n  - accel: {}\n",
+        accel()
+    )
+}
+
+impl Bus {
+    pub fn start() -> Bus {
+        let dir = tempfile::Builder::new()
+            .prefix("maqet-test-")
+            .tempdir()
+            .expect("temp dir");
+        let root = dir.path();
+        for d in ["services", "run", "data", "state", "config", "home"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(
+            root.join("services/org.maqet.Maqet1.service"),
+            format!(
+                "[D-BUS Service]\nName=org.maqet.Maqet1\nExec={}\n",
+                maqetd_bin()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("bus.conf"),
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={root}</listen>
+  <servicedir>{root}/services</servicedir>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+                root = root.display()
+            ),
+        )
+        .unwrap();
+        let marker = uuid::Uuid::new_v4().to_string();
+        let mut cmd = Command::new("dbus-daemon");
+        cmd.arg(format!("--config-file={}", root.join("bus.conf").display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            // Activated services inherit this: maqetd's log lands in <dir>/bus.log.
+            .stderr(std::fs::File::create(root.join("bus.log")).unwrap())
+            .env("MAQET_TEST_MARKER", &marker)
+            .env(
+                "RUST_LOG",
+                std::env::var("MAQET_TEST_LOG").unwrap_or_else(|_| "warn,maqet=debug".into()),
+            );
+        for (k, v) in Self::xdg_env(root) {
+            cmd.env(k, v);
+        }
+        let mut daemon = cmd.spawn().expect("dbus-daemon must be installed");
+        let mut out = daemon.stdout.take().unwrap();
+        let mut address = String::new();
+        // dbus-daemon prints its address as soon as it listens; read that one line.
+        let mut byte = [0u8; 1];
+        use std::io::Read;
+        while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            address.push(byte[0] as char);
+        }
+        assert!(address.starts_with("unix:"), "bad bus address {address:?}");
+        Bus {
+            daemon,
+            address,
+            dir,
+            marker,
+        }
+    }
+
+    fn xdg_env(root: &Path) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("XDG_RUNTIME_DIR", root.join("run")),
+            ("XDG_DATA_HOME", root.join("data")),
+            ("XDG_STATE_HOME", root.join("state")),
+            ("XDG_CONFIG_HOME", root.join("config")),
+            ("HOME", root.join("home")),
+        ]
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.root().join("data/maqet/maqet.db")
+    }
+
+    pub async fn conn(&self) -> Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .expect("connect to the test bus")
+    }
+
+    pub async fn manager(&self, conn: &Connection) -> ManagerProxy<'static> {
+        ManagerProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .unwrap()
+    }
+
+    pub async fn vm(&self, conn: &Connection, path: OwnedObjectPath) -> VmProxy<'static> {
+        vm_proxy(conn, path).await.unwrap()
+    }
+
+    /// Adds a VM from YAML and returns its proxy.
+    pub async fn add(&self, conn: &Connection, name: &str, yaml: &str) -> VmProxy<'static> {
+        let path = self
+            .manager(conn)
+            .await
+            .add_vm(name, yaml)
+            .await
+            .unwrap_or_else(|e| panic!("AddVM {name}: {e}"));
+        self.vm(conn, path).await
+    }
+
+    fn with_env(&self, cmd: &mut Command) {
+        cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .env("MAQET_TEST_MARKER", &self.marker)
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS");
+        for (k, v) in Self::xdg_env(self.root()) {
+            cmd.env(k, v);
+        }
+    }
+
+    /// The `maqet` CLI against this bus.
+    pub fn maqet(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(maqet_bin());
+        cmd.args(args).stdin(Stdio::null());
+        self.with_env(&mut cmd);
+        cmd.output().expect("run maqet")
+    }
+
+    /// `busctl` against this bus.
+    pub fn busctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("busctl");
+        cmd.arg(format!("--address={}", self.address)).args(args);
+        self.with_env(&mut cmd);
+        cmd.output().expect("run busctl")
+    }
+
+    /// A `gdbus` command with this bus's environment; pass `--address` yourself.
+    pub fn gdbus(&self) -> Command {
+        let mut cmd = Command::new("gdbus");
+        self.with_env(&mut cmd);
+        cmd
+    }
+
+    /// Processes started on behalf of this test (maqetd, QEMU), by environment marker.
+    pub fn marked_processes(&self, comm_prefix: &str) -> Vec<u32> {
+        marked_pids(&self.marker)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim().starts_with(comm_prefix))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        for pid in marked_pids(&self.marker) {
+            kill_verified(pid, &self.marker);
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn marked_pids(marker: &str) -> Vec<u32> {
+    let needle = format!("MAQET_TEST_MARKER={marker}");
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| *pid != me)
+                .filter(|pid| environ_has(*pid, &needle))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn environ_has(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// Kill through a pidfd, after re-checking the marker on the pidfd's process.
+fn kill_verified(pid: u32, marker: &str) {
+    use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+    let Some(p) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let Ok(fd) = pidfd_open(p, PidfdFlags::empty()) else {
+        return;
+    };
+    if environ_has(pid, &format!("MAQET_TEST_MARKER={marker}")) {
+        let _ = pidfd_send_signal(fd.as_fd(), Signal::KILL);
+    }
+}
+
+/// Waits for a `StatusChanged` to `want` on `vm` (subscribe first, then act).
+pub struct StatusWatch {
+    stream: maqet::client::StatusChangedStream,
+}
+
+impl StatusWatch {
+    pub async fn new(vm: &VmProxy<'_>) -> StatusWatch {
+        StatusWatch {
+            stream: vm.receive_vm_status_changed().await.unwrap(),
+        }
+    }
+
+    /// The next StatusChanged whose status is `want`: (status, previous, reason).
+    pub async fn until(&mut self, want: &str) -> (String, String, String) {
+        let fut = async {
+            while let Some(sig) = self.stream.next().await {
+                let a = sig.args().unwrap();
+                if *a.status() == want {
+                    return (
+                        a.status().to_string(),
+                        a.previous().to_string(),
+                        a.reason().to_string(),
+                    );
+                }
+            }
+            panic!("signal stream ended before status {want}");
+        };
+        tokio::time::timeout(TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| panic!("no StatusChanged to {want} within {TIMEOUT:?}"))
+    }
+}
+
+/// The D-Bus error name of a failed call.
+pub fn error_name(e: &maqet::error::MaqetError) -> String {
+    use zbus::DBusError;
+    e.name().to_string()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

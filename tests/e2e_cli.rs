@@ -1,0 +1,318 @@
+//! End-to-end: what a user types. The `maqet` CLI, `busctl` and `gdbus` against the
+//! D-Bus-activated service, with real QEMU.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Bus, TIMEOUT, accel, stderr, stdout};
+
+fn write_pair(bus: &Bus) -> (String, String) {
+    let dir = bus.root().join("vms");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.yaml");
+    let extra = dir.join("extra.yaml");
+    std::fs::write(
+        &base,
+        format!(
+            "binary: qemu-system-x86_64\ncpu: 1\ndisplay: none\narguments: [{{machine: q35}}, {{m: 256M}}, nodefaults, {{accel: {}}}]\n",
+            accel()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &extra,
+        "arguments: [{m: 512M}, {device: {virtio-rng-pci: null}}]\n",
+    )
+    .unwrap();
+    (
+        base.to_string_lossy().into_owned(),
+        extra.to_string_lossy().into_owned(),
+    )
+}
+
+#[test]
+fn cli_drives_a_vm_from_merged_files() {
+    let bus = Bus::start();
+    let (base, extra) = write_pair(&bus);
+    let out = bus.maqet(&["add", "--name", "web", "-c", &base, "-c", &extra]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("added web"));
+
+    let out = bus.maqet(&["start", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("web: running (pid "),
+        "{}",
+        stdout(&out)
+    );
+
+    // The merged command line: one -m 512M, the rng device, -smp 1, -display none.
+    let out = bus.maqet(&["--json", "status", "web"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = v["pid"].as_u64().unwrap();
+    let cmdline = String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert_eq!(cmdline.matches(" -m ").count(), 1, "{cmdline}");
+    assert!(cmdline.contains(" -m 512M"), "{cmdline}");
+    assert!(cmdline.contains(" -device virtio-rng-pci"), "{cmdline}");
+    assert!(cmdline.contains(" -smp 1"), "{cmdline}");
+    assert!(cmdline.contains(" -display none"), "{cmdline}");
+
+    let out = bus.maqet(&["ls"]);
+    let table = stdout(&out);
+    let header = table.lines().next().unwrap();
+    for col in ["NAME", "STATUS", "PID", "UPTIME"] {
+        assert!(header.contains(col), "{table}");
+    }
+    let row = table.lines().find(|l| l.contains("web")).unwrap();
+    assert!(
+        row.contains("running") && row.contains(&pid.to_string()),
+        "{table}"
+    );
+
+    let out = bus.maqet(&["--json", "ls"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "web");
+    assert_eq!(list[0]["status"], "running");
+
+    assert!(bus.maqet(&["pause", "web"]).status.success());
+    assert!(stdout(&bus.maqet(&["status", "web"])).contains("paused"));
+    assert!(bus.maqet(&["resume", "web"]).status.success());
+
+    let out = bus.maqet(&["stop", "web", "--timeout", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("web: stopped"), "{}", stdout(&out));
+
+    let out = bus.maqet(&["rm", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&bus.maqet(&["ls"])).contains("no VMs defined"));
+}
+
+#[test]
+fn cli_errors_have_messages_and_distinct_exit_codes() {
+    let bus = Bus::start();
+    let out = bus.maqet(&["start", "nope"]);
+    assert_eq!(out.status.code(), Some(3), "not found");
+    assert!(
+        stderr(&out).contains("no VM is named 'nope'"),
+        "{}",
+        stderr(&out)
+    );
+
+    let bad = bus.root().join("bad.yaml");
+    std::fs::write(&bad, "memroy: 64\n").unwrap();
+    let out = bus.maqet(&["add", "-c", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "invalid input");
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("bad.yaml:1:1") && msg.contains("memory"),
+        "{msg}"
+    );
+
+    let good = bus.root().join("good.yaml");
+    std::fs::write(&good, common::tiny_vm_yaml("one")).unwrap();
+    assert!(
+        bus.maqet(&["add", "-c", good.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = bus.maqet(&["resume", "one"]);
+    assert_eq!(out.status.code(), Some(5), "invalid state");
+
+    let out = bus.maqet(&["--json", "resume", "one"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "InvalidState");
+
+    // No service reachable.
+    let out = std::process::Command::new(common::maqet_bin())
+        .arg("ls")
+        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "unreachable");
+    assert!(
+        stderr(&out).contains("cannot reach maqetd"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn busctl_is_a_first_class_client() {
+    let bus = Bus::start();
+    let yaml = common::tiny_vm_yaml("bc");
+    let out = bus.busctl(&[
+        "call",
+        "org.maqet.Maqet1",
+        "/org/maqet/Maqet1",
+        "org.maqet.Maqet1.Manager",
+        "AddVM",
+        "ss",
+        "",
+        &yaml,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reply = stdout(&out);
+    // o "/org/maqet/Maqet1/vm/<id>"
+    let path = reply
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_string();
+    assert!(path.starts_with("/org/maqet/Maqet1/vm/"), "{reply}");
+
+    let out = bus.busctl(&["introspect", "org.maqet.Maqet1", &path]);
+    let text = stdout(&out);
+    for member in [
+        ".Start",
+        ".Stop",
+        ".Restart",
+        ".Reset",
+        ".Pause",
+        ".Resume",
+        ".Apply",
+        ".Wait",
+        ".StatusChanged",
+        ".Status",
+        ".Pid",
+        ".ExitStatus",
+    ] {
+        assert!(text.contains(member), "{member} missing:\n{text}");
+    }
+
+    let call = |method: &str, sig: &[&str]| {
+        let mut args = vec![
+            "call",
+            "org.maqet.Maqet1",
+            path.as_str(),
+            "org.maqet.Maqet1.VM",
+            method,
+        ];
+        args.extend_from_slice(sig);
+        bus.busctl(&args)
+    };
+    assert!(call("Start", &[]).status.success());
+    let out = bus.busctl(&[
+        "get-property",
+        "org.maqet.Maqet1",
+        &path,
+        "org.maqet.Maqet1.VM",
+        "Status",
+    ]);
+    assert_eq!(stdout(&out).trim(), "s \"running\"");
+    let out = call("Start", &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+
+    let out = bus.busctl(&[
+        "call",
+        "org.maqet.Maqet1",
+        "/org/maqet/Maqet1",
+        "org.maqet.Maqet1.Manager",
+        "ListVMs",
+    ]);
+    let listing = stdout(&out);
+    assert!(listing.starts_with("a(ssos) 1 "), "{listing}");
+    assert!(
+        listing.contains("\"bc\"") && listing.contains("\"running\""),
+        "{listing}"
+    );
+
+    assert!(call("Stop", &["bu", "true", "0"]).status.success());
+    let out = bus.busctl(&[
+        "get-property",
+        "org.maqet.Maqet1",
+        &path,
+        "org.maqet.Maqet1.VM",
+        "Status",
+    ]);
+    assert_eq!(stdout(&out).trim(), "s \"stopped\"");
+
+    for prop in ["Version", "KvmAvailable", "PolkitAvailable", "QemuBinaries"] {
+        let out = bus.busctl(&[
+            "get-property",
+            "org.maqet.Maqet1",
+            "/org/maqet/Maqet1",
+            "org.maqet.Maqet1.Manager",
+            prop,
+        ]);
+        assert!(out.status.success(), "{prop}: {}", stderr(&out));
+    }
+    let out = bus.busctl(&[
+        "get-property",
+        "org.maqet.Maqet1",
+        "/org/maqet/Maqet1",
+        "org.maqet.Maqet1.Manager",
+        "QemuBinaries",
+    ]);
+    assert!(
+        stdout(&out).contains("qemu-system-x86_64"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn gdbus_monitor_sees_status_and_property_changes() {
+    let bus = Bus::start();
+    let good = bus.root().join("m.yaml");
+    std::fs::write(&good, common::tiny_vm_yaml("mon")).unwrap();
+    assert!(
+        bus.maqet(&["add", "-c", good.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    let mut monitor = bus
+        .gdbus()
+        .args([
+            "monitor",
+            "--address",
+            &bus.address,
+            "--dest",
+            "org.maqet.Maqet1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = monitor.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_matching = |pred: &dyn Fn(&str) -> bool| -> String {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("gdbus monitor: {e}"),
+            }
+        }
+    };
+    // gdbus says which unique name owns the service once it is watching it.
+    next_matching(&|l| l.contains("is owned by"));
+
+    assert!(bus.maqet(&["start", "mon"]).status.success());
+    let l = next_matching(&|l| {
+        l.contains("org.maqet.Maqet1.VM.StatusChanged") && l.contains("'running'")
+    });
+    assert!(l.contains("('running', 'starting', 'started')"), "{l}");
+    let l = next_matching(&|l| l.contains("org.freedesktop.DBus.Properties.PropertiesChanged"));
+    assert!(l.contains("'Status': <'running'>"), "{l}");
+    assert!(bus.maqet(&["stop", "--force", "mon"]).status.success());
+    next_matching(&|l| l.contains("StatusChanged") && l.contains("'stopped'"));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+}

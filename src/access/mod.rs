@@ -190,15 +190,6 @@ impl Gate {
         }
         let caller = self.identify(conn, hdr).await?;
         if let Err(why) = self.decide(&caller, &req) {
-            tracing::warn!(
-                caller_uid = caller.uid,
-                caller_pid = caller.pid,
-                action = req.action.id(),
-                method = req.method,
-                vm = req.vm.as_ref().map(|v| v.1.as_str()),
-                outcome = "denied",
-                "access denied"
-            );
             self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
             return Err(MaqetError::AccessDenied(why));
         }
@@ -208,15 +199,6 @@ impl Gate {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),
             };
-            tracing::info!(
-                caller_uid = caller.uid,
-                caller_pid = caller.pid,
-                action = req.action.id(),
-                method = req.method,
-                vm = req.vm.as_ref().map(|v| v.1.as_str()),
-                outcome,
-                "call"
-            );
             self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
         }
         result
@@ -230,6 +212,18 @@ impl Gate {
         outcome: &str,
         message: &str,
     ) {
+        // One structured record per decision, in the journal and in the database.
+        tracing::info!(
+            caller_uid = caller.uid,
+            caller_pid = caller.pid,
+            caller = %caller.unique_name,
+            action = req.action.id(),
+            method = req.method,
+            vm = req.vm.as_ref().map(|v| v.1.as_str()),
+            decision = decision.as_str(),
+            outcome,
+            "audit"
+        );
         let row = AuditRow {
             seq: 0,
             time: now_us(),

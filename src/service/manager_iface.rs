@@ -47,7 +47,7 @@ impl ManagerIface {
 impl ManagerIface {
     /// Defines a VM from one YAML document. `name` empty: the config's `name`, else a
     /// generated one. Relative paths resolve against the VM's data directory.
-    #[zbus(name = "AddVM")]
+    #[zbus(name = "AddVM", out_args("vm"))]
     async fn add_vm(
         &self,
         name: &str,
@@ -71,7 +71,7 @@ impl ManagerIface {
     }
 
     /// Defines a VM from several YAML files merged in order (later wins).
-    #[zbus(name = "AddVMFromFiles")]
+    #[zbus(name = "AddVMFromFiles", out_args("vm"))]
     async fn add_vm_from_files(
         &self,
         name: &str,
@@ -128,7 +128,7 @@ impl ManagerIface {
     }
 
     /// The object path of a VM, by name or id.
-    #[zbus(name = "FindVM")]
+    #[zbus(name = "FindVM", out_args("vm"))]
     async fn find_vm(
         &self,
         name_or_id: &str,
@@ -141,7 +141,7 @@ impl ManagerIface {
     }
 
     /// Every VM: (id, name, object path, status), sorted by name.
-    #[zbus(name = "ListVMs")]
+    #[zbus(name = "ListVMs", out_args("vms"))]
     async fn list_vms(
         &self,
         #[zbus(header)] hdr: Header<'_>,

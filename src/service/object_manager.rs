@@ -51,6 +51,7 @@ impl ObjectManagerIface {
 #[interface(name = "org.freedesktop.DBus.ObjectManager")]
 impl ObjectManagerIface {
     /// Every VM object with its interfaces and their properties.
+    #[zbus(out_args("objects"))]
     async fn get_managed_objects(&self) -> HashMap<OwnedObjectPath, InterfaceProps> {
         self.shared
             .manager

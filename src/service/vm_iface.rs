@@ -118,6 +118,7 @@ impl VmIface {
     }
 
     /// Replaces the config; returns the changed keys that need a restart.
+    #[zbus(out_args("needs_restart"))]
     async fn apply(
         &self,
         yaml: &str,
@@ -135,6 +136,8 @@ impl VmIface {
     }
 
     /// Waits for `status=<s>[|<s>…]` or `event=<QMP EVENT>`; 0 s = check without waiting.
+    /// Returns the status reached, or the event's data as JSON.
+    #[zbus(out_args("result"))]
     async fn wait(
         &self,
         condition: &str,

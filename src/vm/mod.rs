@@ -159,6 +159,21 @@ struct Runtime {
 }
 
 impl Runtime {
+    fn new(process: Process, qmp: QmpClient, log_offset: u64) -> Arc<Runtime> {
+        let (exited, _) = watch::channel(false);
+        Arc::new(Runtime {
+            process,
+            qmp,
+            log_offset,
+            intent: Mutex::new(StopIntent::None),
+            restarting: AtomicBool::new(false),
+            pause_requested: AtomicBool::new(false),
+            shutdown: Mutex::new(None),
+            exited,
+            force_now: Notify::new(),
+        })
+    }
+
     fn set_intent(&self, intent: StopIntent) {
         *self.intent.lock().unwrap() = intent;
     }
@@ -565,18 +580,7 @@ impl Vm {
                 ));
             }
         };
-        let (exited, _) = watch::channel(false);
-        let runtime = Arc::new(Runtime {
-            process,
-            qmp,
-            log_offset: spawned.log_offset,
-            intent: Mutex::new(StopIntent::None),
-            restarting: AtomicBool::new(false),
-            pause_requested: AtomicBool::new(false),
-            shutdown: Mutex::new(None),
-            exited,
-            force_now: Notify::new(),
-        });
+        let runtime = Runtime::new(process, qmp, spawned.log_offset);
         Ok((runtime, rx, status))
     }
 
@@ -855,20 +859,8 @@ impl Vm {
             Ok(v) => qmp_run_state(&v),
             Err(_) => info.status,
         };
-        let (exited, _) = watch::channel(false);
-        let runtime = Arc::new(Runtime {
-            process,
-            qmp,
-            log_offset: std::fs::metadata(self.log_file())
-                .map(|m| m.len())
-                .unwrap_or(0),
-            intent: Mutex::new(StopIntent::None),
-            restarting: AtomicBool::new(false),
-            pause_requested: AtomicBool::new(false),
-            shutdown: Mutex::new(None),
-            exited,
-            force_now: Notify::new(),
-        });
+        let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
+        let runtime = Runtime::new(process, qmp, log_offset);
         *self.runtime.lock().unwrap() = Some(runtime.clone());
         let _ = self.transition(status, "re-adopted after a maqetd restart", true, |_| {});
         supervisor::spawn(self.clone(), runtime, rx);

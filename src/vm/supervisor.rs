@@ -147,7 +147,7 @@ fn classify(
         StopIntent::Kill => {
             return (
                 Status::Stopped,
-                "stopped by request with SIGKILL (QEMU did not terminate)".into(),
+                "stopped by request with SIGKILL".into(),
             );
         }
         StopIntent::None => {}

@@ -101,8 +101,8 @@ async fn live_introspection_matches_the_interface_files() {
             std::fs::write(&file, interface_text(&live, iface)).unwrap();
             continue;
         }
-        let written = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let written =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let (want, got) = (members(&written, iface), members(&live, iface));
         let missing: Vec<_> = want.difference(&got).collect();
         let extra: Vec<_> = got.difference(&want).collect();

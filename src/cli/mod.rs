@@ -1,11 +1,14 @@
 //! The `maqet` command line: parses arguments, talks only D-Bus (through
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
-mod commands;
 mod exit;
 mod output;
+mod session;
+mod vm;
 
 use clap::{Parser, Subcommand};
+
+use crate::error::MaqetError;
 
 pub use exit::ExitCode;
 
@@ -102,6 +105,58 @@ pub enum Command {
     },
 }
 
+async fn run(cli: Cli) -> Result<(), MaqetError> {
+    let s = session::Session::connect(cli.json).await?;
+    match cli.command {
+        Command::Add {
+            name,
+            configs,
+            files,
+        } => {
+            vm::add(
+                &s,
+                name.unwrap_or_default(),
+                configs.into_iter().chain(files).collect(),
+            )
+            .await
+        }
+        Command::Start { vm } => vm::lifecycle(&s, &vm, "start").await,
+        Command::Stop {
+            vm,
+            force,
+            timeout,
+            no_wait,
+        } => vm::stop(&s, &vm, force, timeout, no_wait).await,
+        Command::Restart { vm } => vm::lifecycle(&s, &vm, "restart").await,
+        Command::Reset { vm } => vm::lifecycle(&s, &vm, "reset").await,
+        Command::Pause { vm } => vm::lifecycle(&s, &vm, "pause").await,
+        Command::Resume { vm } => vm::lifecycle(&s, &vm, "resume").await,
+        Command::Rm {
+            vm,
+            force,
+            delete_storage,
+        } => vm::remove(&s, &vm, force, delete_storage).await,
+        Command::Ls => vm::list(&s).await,
+        Command::Status { vm } => vm::status(&s, &vm, false).await,
+        Command::Inspect { vm, config } => {
+            if config {
+                let v = session::view(&s, &vm).await?;
+                print!("{}", v.config);
+                Ok(())
+            } else {
+                vm::status(&s, &vm, true).await
+            }
+        }
+        Command::Apply { vm, file } => vm::apply(&s, &vm, &file).await,
+        Command::Wait {
+            vm,
+            condition,
+            timeout,
+        } => vm::wait(&s, &vm, &condition, timeout).await,
+        Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -116,7 +171,7 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     let json = cli.json;
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::Ok.into(),
         Err(e) => {
             let code = ExitCode::for_error(&e);

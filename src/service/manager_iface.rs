@@ -8,7 +8,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
 use super::object_manager::ObjectManagerIface;
-use super::{Shared, VmIface};
+use super::{Shared, vm_objects};
 use crate::access::{Action, Request};
 use crate::client::{MANAGER_PATH, VmListEntry, vm_path};
 use crate::config::ConfigSource;
@@ -25,17 +25,13 @@ impl ManagerIface {
         ManagerIface { shared }
     }
 
-    /// Serves a new VM's object, then announces it (InterfacesAdded, VMAdded).
+    /// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).
     async fn publish(
         &self,
         conn: &Connection,
         vm: &Arc<Vm>,
     ) -> Result<OwnedObjectPath, MaqetError> {
-        let server = conn.object_server();
-        let path = vm_path(vm.id());
-        server
-            .at(&path, VmIface::new(self.shared.clone(), vm.clone()))
-            .await?;
+        let path = vm_objects::publish(conn, &self.shared, vm).await?;
         let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
         ObjectManagerIface::announce_added(&emitter, vm).await?;
         Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
@@ -118,9 +114,9 @@ impl ManagerIface {
                 tracing::info!(vm = %vm.name(), file = %d.display(), "deleted disk image");
             }
             let path = vm_path(vm.id());
-            conn.object_server().remove::<VmIface, _>(&path).await?;
+            let ifaces = vm_objects::unpublish(conn, &path).await?;
             let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
-            ObjectManagerIface::announce_removed(&emitter, &path).await?;
+            ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
             Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
             Ok(())
         };

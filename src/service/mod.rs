@@ -11,12 +11,13 @@ mod object_manager;
 mod properties;
 mod pump;
 mod vm_iface;
+mod vm_objects;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::access::Gate;
-use crate::client::{BUS_NAME, MANAGER_PATH, vm_path};
+use crate::client::{BUS_NAME, MANAGER_PATH};
 use crate::error::MaqetError;
 use crate::events::EventSink;
 use crate::manager::Manager;
@@ -84,7 +85,7 @@ pub async fn serve(
     let mut builder = builder.serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()));
     let vms = manager.list();
     for vm in &vms {
-        builder = builder.serve_at(vm_path(vm.id()), VmIface::new(shared.clone(), vm.clone()));
+        builder = vm_objects::serve_on(builder, &shared, vm);
     }
     let conn = builder
         .serve_at(MANAGER_PATH, ObjectManagerIface::new(shared.clone()))

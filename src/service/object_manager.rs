@@ -10,14 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use zbus::object_server::SignalEmitter;
-use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
+use zbus::{ObjectPath, OwnedObjectPath, Variant, interface};
 
 use super::Shared;
-use super::properties::{VM_PROPERTIES, vm_properties, vm_property};
-use crate::client::{VM_INTERFACE, vm_path};
+use super::vm_objects::{self, InterfaceProps};
+use crate::client::vm_path;
 use crate::vm::Vm;
-
-type InterfaceProps = HashMap<String, HashMap<String, OwnedVariant>>;
 
 pub struct ObjectManagerIface {
     shared: Arc<Shared>,
@@ -29,13 +27,17 @@ impl ObjectManagerIface {
     }
 
     pub async fn announce_added(emitter: &SignalEmitter<'_>, vm: &Vm) -> zbus::Result<()> {
-        let info = vm.info();
-        let props: HashMap<&str, Variant<'_>> = VM_PROPERTIES
+        let owned = vm.with_info(vm_objects::interfaces);
+        let ifaces: HashMap<&str, HashMap<&str, Variant<'_>>> = owned
             .iter()
-            .filter_map(|n| Some((*n, vm_property(&info, n)?)))
+            .map(|(iface, props)| {
+                let props = props
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str(), Variant::try_from(v).ok()?)))
+                    .collect();
+                (iface.as_str(), props)
+            })
             .collect();
-        let mut ifaces = HashMap::new();
-        ifaces.insert(VM_INTERFACE, props);
         let path = vm_path(vm.id());
         Self::interfaces_added(emitter, path.as_ref(), ifaces).await
     }
@@ -43,8 +45,9 @@ impl ObjectManagerIface {
     pub async fn announce_removed(
         emitter: &SignalEmitter<'_>,
         path: &OwnedObjectPath,
+        interfaces: &[&str],
     ) -> zbus::Result<()> {
-        Self::interfaces_removed(emitter, path.as_ref(), Cow::Borrowed(&[VM_INTERFACE])).await
+        Self::interfaces_removed(emitter, path.as_ref(), Cow::Borrowed(interfaces)).await
     }
 }
 
@@ -57,12 +60,7 @@ impl ObjectManagerIface {
             .manager
             .list()
             .iter()
-            .map(|vm| {
-                let props = vm.with_info(|info| vm_properties(info, VM_PROPERTIES));
-                let mut ifaces = HashMap::new();
-                ifaces.insert(VM_INTERFACE.to_string(), props);
-                (vm_path(vm.id()), ifaces)
-            })
+            .map(|vm| (vm_path(vm.id()), vm.with_info(vm_objects::interfaces)))
             .collect()
     }
 

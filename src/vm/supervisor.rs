@@ -145,10 +145,7 @@ fn classify(
             );
         }
         StopIntent::Kill => {
-            return (
-                Status::Stopped,
-                "stopped by request with SIGKILL".into(),
-            );
+            return (Status::Stopped, "stopped by request with SIGKILL".into());
         }
         StopIntent::None => {}
     }

@@ -1,130 +1,26 @@
-//! One function per subcommand. Each talks to maqetd only through the proxies.
+//! The VM lifecycle commands (add, start, stop, ls, …) and the dispatcher.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::json;
 use zbus::fdo::ObjectManagerProxy;
 use zbus::message::Type as MessageType;
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath};
+use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 
 use super::output::{VmView, print_json, vm_details, vm_table};
-use super::{Cli, Command};
+use super::session::{Session, read_input, view, vm, wait_chunked};
 use crate::client::{
-    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, ManagerProxy, VM_INTERFACE, VmProxy, id_from_path,
-    vm_proxy,
+    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, id_from_path, vm_proxy,
 };
 use crate::error::MaqetError;
 use crate::time::format_us;
 
-/// Keep each blocking call well under the bus's default 25 s reply timeout.
-const CALL_CHUNK: Duration = Duration::from_secs(20);
 /// A stop's escalation after the graceful timeout: quit, SIGTERM, SIGKILL.
 const STOP_ESCALATION: Duration = Duration::from_secs(15);
 
-struct Session {
-    conn: Connection,
-    manager: ManagerProxy<'static>,
-    json: bool,
-}
-
-pub async fn run(cli: Cli) -> Result<(), MaqetError> {
-    let conn = Connection::session().await?;
-    let manager = ManagerProxy::builder(&conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    let s = Session {
-        conn,
-        manager,
-        json: cli.json,
-    };
-    match cli.command {
-        Command::Add {
-            name,
-            configs,
-            files,
-        } => {
-            add(
-                &s,
-                name.unwrap_or_default(),
-                configs.into_iter().chain(files).collect(),
-            )
-            .await
-        }
-        Command::Start { vm } => lifecycle(&s, &vm, "start").await,
-        Command::Stop {
-            vm,
-            force,
-            timeout,
-            no_wait,
-        } => stop(&s, &vm, force, timeout, no_wait).await,
-        Command::Restart { vm } => lifecycle(&s, &vm, "restart").await,
-        Command::Reset { vm } => lifecycle(&s, &vm, "reset").await,
-        Command::Pause { vm } => lifecycle(&s, &vm, "pause").await,
-        Command::Resume { vm } => lifecycle(&s, &vm, "resume").await,
-        Command::Rm {
-            vm,
-            force,
-            delete_storage,
-        } => remove(&s, &vm, force, delete_storage).await,
-        Command::Ls => list(&s).await,
-        Command::Status { vm } => status(&s, &vm, false).await,
-        Command::Inspect { vm, config } => {
-            if config {
-                let v = view(&s, &vm).await?;
-                print!("{}", v.config);
-                Ok(())
-            } else {
-                status(&s, &vm, true).await
-            }
-        }
-        Command::Apply { vm, file } => apply(&s, &vm, &file).await,
-        Command::Wait {
-            vm,
-            condition,
-            timeout,
-        } => wait(&s, &vm, &condition, timeout).await,
-        Command::Events { vm } => events(&s, vm.as_deref()).await,
-    }
-}
-
-async fn vm(s: &Session, name: &str) -> Result<(OwnedObjectPath, VmProxy<'static>), MaqetError> {
-    let path = s.manager.find_vm(name).await?;
-    let proxy = vm_proxy(&s.conn, path.clone()).await?;
-    Ok((path, proxy))
-}
-
-/// All properties of one VM in one round trip.
-async fn view(s: &Session, name: &str) -> Result<VmView, MaqetError> {
-    let (path, _) = vm(s, name).await?;
-    let props = zbus::fdo::PropertiesProxy::builder(&s.conn)
-        .destination(BUS_NAME)
-        .path(path)
-        .build()
-        .await?
-        .get_all(VM_INTERFACE.try_into().expect("valid interface name"))
-        .await
-        .map_err(zbus::Error::from)?;
-    Ok(VmView::from_properties(&props))
-}
-
-fn read_input(file: &str) -> Result<String, MaqetError> {
-    if file == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| MaqetError::InvalidArgument(format!("cannot read stdin: {e}")))?;
-        Ok(text)
-    } else {
-        std::fs::read_to_string(file)
-            .map_err(|e| MaqetError::InvalidArgument(format!("cannot read {file}: {e}")))
-    }
-}
-
-async fn add(s: &Session, name: String, files: Vec<String>) -> Result<(), MaqetError> {
+pub(super) async fn add(s: &Session, name: String, files: Vec<String>) -> Result<(), MaqetError> {
     let path = if files.len() == 1 && files[0] == "-" {
         s.manager.add_vm(&name, &read_input("-")?).await?
     } else {
@@ -156,7 +52,7 @@ async fn add(s: &Session, name: String, files: Vec<String>) -> Result<(), MaqetE
     Ok(())
 }
 
-async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {
+pub(super) async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {
     let (_, proxy) = vm(s, name).await?;
     match op {
         "start" => proxy.start().await?,
@@ -169,7 +65,7 @@ async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> 
     report(s, name).await
 }
 
-async fn report(s: &Session, name: &str) -> Result<(), MaqetError> {
+pub(super) async fn report(s: &Session, name: &str) -> Result<(), MaqetError> {
     let v = view(s, name).await?;
     if s.json {
         print_json(&v);
@@ -181,7 +77,7 @@ async fn report(s: &Session, name: &str) -> Result<(), MaqetError> {
     Ok(())
 }
 
-async fn stop(
+pub(super) async fn stop(
     s: &Session,
     name: &str,
     force: bool,
@@ -200,24 +96,7 @@ async fn stop(
     report(s, name).await
 }
 
-/// `Wait` in chunks that each fit the bus's reply timeout.
-async fn wait_chunked(
-    proxy: &VmProxy<'_>,
-    condition: &str,
-    limit: Duration,
-) -> Result<String, MaqetError> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let chunk = remaining.min(CALL_CHUNK);
-        match proxy.wait(condition, chunk.as_secs() as u32).await {
-            Err(MaqetError::Timeout(_)) if remaining > chunk => continue,
-            other => return other,
-        }
-    }
-}
-
-async fn remove(
+pub(super) async fn remove(
     s: &Session,
     name: &str,
     force: bool,
@@ -232,7 +111,7 @@ async fn remove(
     Ok(())
 }
 
-async fn all_views(s: &Session) -> Result<Vec<VmView>, MaqetError> {
+pub(super) async fn all_views(s: &Session) -> Result<Vec<VmView>, MaqetError> {
     let om = ObjectManagerProxy::builder(&s.conn)
         .destination(BUS_NAME)
         .path(MANAGER_PATH)
@@ -248,7 +127,7 @@ async fn all_views(s: &Session) -> Result<Vec<VmView>, MaqetError> {
     Ok(views)
 }
 
-async fn list(s: &Session) -> Result<(), MaqetError> {
+pub(super) async fn list(s: &Session) -> Result<(), MaqetError> {
     let mut views = all_views(s).await?;
     if s.json {
         for v in &mut views {
@@ -263,7 +142,7 @@ async fn list(s: &Session) -> Result<(), MaqetError> {
     Ok(())
 }
 
-async fn status(s: &Session, name: &str, with_config: bool) -> Result<(), MaqetError> {
+pub(super) async fn status(s: &Session, name: &str, with_config: bool) -> Result<(), MaqetError> {
     let mut v = view(s, name).await?;
     if s.json {
         if !with_config {
@@ -279,7 +158,7 @@ async fn status(s: &Session, name: &str, with_config: bool) -> Result<(), MaqetE
     Ok(())
 }
 
-async fn apply(s: &Session, name: &str, file: &str) -> Result<(), MaqetError> {
+pub(super) async fn apply(s: &Session, name: &str, file: &str) -> Result<(), MaqetError> {
     let yaml = read_input(file)?;
     let (_, proxy) = vm(s, name).await?;
     let needs_restart = proxy.apply(&yaml).await?;
@@ -296,7 +175,12 @@ async fn apply(s: &Session, name: &str, file: &str) -> Result<(), MaqetError> {
     Ok(())
 }
 
-async fn wait(s: &Session, name: &str, condition: &str, timeout: u32) -> Result<(), MaqetError> {
+pub(super) async fn wait(
+    s: &Session,
+    name: &str,
+    condition: &str,
+    timeout: u32,
+) -> Result<(), MaqetError> {
     let (_, proxy) = vm(s, name).await?;
     let got = wait_chunked(&proxy, condition, Duration::from_secs(timeout.into())).await?;
     if s.json {
@@ -308,7 +192,7 @@ async fn wait(s: &Session, name: &str, condition: &str, timeout: u32) -> Result<
 }
 
 /// Live tail of the service's signals (one line, or one JSON object, per signal).
-async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetError> {
+pub(super) async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetError> {
     let only_id = match only {
         Some(name) => Some(vm(s, name).await?.0),
         None => None,

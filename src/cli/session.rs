@@ -1,0 +1,87 @@
+//! The CLI's connection to maqetd and the lookups every command shares.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use zbus::{Connection, OwnedObjectPath};
+
+use super::output::VmView;
+use crate::client::{BUS_NAME, ManagerProxy, VM_INTERFACE, VmProxy, vm_proxy};
+use crate::error::MaqetError;
+
+/// Keep each blocking call well under the bus's default 25 s reply timeout.
+pub const CALL_CHUNK: Duration = Duration::from_secs(20);
+
+pub struct Session {
+    pub conn: Connection,
+    pub manager: ManagerProxy<'static>,
+    pub json: bool,
+}
+
+impl Session {
+    pub async fn connect(json: bool) -> Result<Session, MaqetError> {
+        let conn = Connection::session().await?;
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        Ok(Session {
+            conn,
+            manager,
+            json,
+        })
+    }
+}
+
+pub async fn vm(
+    s: &Session,
+    name: &str,
+) -> Result<(OwnedObjectPath, VmProxy<'static>), MaqetError> {
+    let path = s.manager.find_vm(name).await?;
+    let proxy = vm_proxy(&s.conn, path.clone()).await?;
+    Ok((path, proxy))
+}
+
+/// All properties of one VM in one round trip.
+pub async fn view(s: &Session, name: &str) -> Result<VmView, MaqetError> {
+    let (path, _) = vm(s, name).await?;
+    let props = zbus::fdo::PropertiesProxy::builder(&s.conn)
+        .destination(BUS_NAME)
+        .path(path)
+        .build()
+        .await?
+        .get_all(VM_INTERFACE.try_into().expect("valid interface name"))
+        .await
+        .map_err(zbus::Error::from)?;
+    Ok(VmView::from_properties(&props))
+}
+
+pub fn read_input(file: &str) -> Result<String, MaqetError> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| MaqetError::InvalidArgument(format!("cannot read stdin: {e}")))?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| MaqetError::InvalidArgument(format!("cannot read {file}: {e}")))
+    }
+}
+
+/// `Wait` in chunks that each fit the bus's reply timeout.
+pub async fn wait_chunked(
+    proxy: &VmProxy<'_>,
+    condition: &str,
+    limit: Duration,
+) -> Result<String, MaqetError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let chunk = remaining.min(CALL_CHUNK);
+        match proxy.wait(condition, chunk.as_secs() as u32).await {
+            Err(MaqetError::Timeout(_)) if remaining > chunk => continue,
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Everything served at a VM's object path, in one place: registering the interfaces at
+//! start-up and on `AddVM`, removing them on `RemoveVM`, and describing them for the
+//! ObjectManager. A new per-VM interface is added here and nowhere else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::connection::Builder;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant};
+
+use super::properties::{VM_PROPERTIES, vm_properties};
+use super::{Shared, VmIface};
+use crate::client::{VM_INTERFACE, vm_path};
+use crate::vm::{Vm, VmInfo};
+
+/// Interfaces with their properties, as `GetManagedObjects` and `InterfacesAdded` carry
+/// them.
+pub type InterfaceProps = HashMap<String, HashMap<String, OwnedVariant>>;
+
+/// Registers a VM's objects on a connection that is being built.
+pub fn serve_on<'a>(builder: Builder<'a>, shared: &Arc<Shared>, vm: &Arc<Vm>) -> Builder<'a> {
+    builder.serve_at(vm_path(vm.id()), VmIface::new(shared.clone(), vm.clone()))
+}
+
+/// Registers a new VM's objects on a live connection.
+pub async fn publish(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    vm: &Arc<Vm>,
+) -> zbus::Result<OwnedObjectPath> {
+    let path = vm_path(vm.id());
+    let server = conn.object_server();
+    server
+        .at(&path, VmIface::new(shared.clone(), vm.clone()))
+        .await?;
+    Ok(path)
+}
+
+/// Removes a VM's objects. Returns the interface names that were served.
+pub async fn unpublish(
+    conn: &Connection,
+    path: &OwnedObjectPath,
+) -> zbus::Result<Vec<&'static str>> {
+    let server = conn.object_server();
+    server.remove::<VmIface, _>(path).await?;
+    Ok(vec![VM_INTERFACE])
+}
+
+/// A VM's interfaces and their properties.
+pub fn interfaces(info: &VmInfo) -> InterfaceProps {
+    let mut ifaces = HashMap::new();
+    ifaces.insert(VM_INTERFACE.to_string(), vm_properties(info, VM_PROPERTIES));
+    ifaces
+}

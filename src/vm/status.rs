@@ -172,6 +172,43 @@ mod tests {
         }
     }
 
+    /// docs/lifecycle.md's table of legal calls must say what the code does.
+    #[test]
+    fn lifecycle_doc_table_matches_the_code() {
+        let doc = include_str!("../../docs/lifecycle.md");
+        let header = doc
+            .lines()
+            .find(|l| l.starts_with("| call |"))
+            .expect("table header");
+        let states: Vec<Status> = header
+            .split('|')
+            .map(str::trim)
+            .skip(2)
+            .filter(|c| !c.is_empty())
+            .map(|c| Status::parse(c).unwrap_or_else(|| panic!("unknown state {c}")))
+            .collect();
+        assert_eq!(states.len(), Status::ALL.len());
+        for op in Operation::ALL {
+            let label = match op {
+                Operation::Remove => "`RemoveVM` (no force)".to_string(),
+                Operation::Monitor => "QMP and console calls".to_string(),
+                other => format!("`{}`", other.name()),
+            };
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| {label} |")))
+                .unwrap_or_else(|| panic!("no row for {label}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).skip(2).collect();
+            for (state, cell) in states.iter().zip(cells) {
+                assert_eq!(
+                    cell == "yes",
+                    op.is_allowed(*state),
+                    "{label} in {state}: the doc says {cell}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn refusal_names_vm_state_and_remedy() {
         let m = Operation::Remove.refusal("web", Status::Running);

@@ -316,3 +316,81 @@ fn gdbus_monitor_sees_status_and_property_changes() {
     let _ = monitor.kill();
     let _ = monitor.wait();
 }
+
+#[test]
+fn cli_events_apply_wait_inspect() {
+    let bus = Bus::start();
+    let f = bus.root().join("ev.yaml");
+    std::fs::write(&f, common::tiny_vm_yaml("ev")).unwrap();
+    assert!(
+        bus.maqet(&["add", "-c", f.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    // `maqet events` says on stderr when it is subscribed; act only after that.
+    let mut cmd = std::process::Command::new(common::maqet_bin());
+    cmd.arg("events")
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut events = cmd.spawn().unwrap();
+    let mut err = BufReader::new(events.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("following maqet events"), "{line}");
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = events.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+
+    assert!(bus.maqet(&["start", "ev"]).status.success());
+    let first = rx.recv_timeout(TIMEOUT).unwrap();
+    assert!(
+        first.ends_with("ev: created → starting (start requested)"),
+        "{first}"
+    );
+    let second = rx.recv_timeout(TIMEOUT).unwrap();
+    assert!(second.contains("ev: starting → running"), "{second}");
+
+    // wait: already true, and a timeout with exit code 9.
+    let out = bus.maqet(&["wait", "ev", "status=running", "--timeout", "5"]);
+    assert_eq!(stdout(&out).trim(), "running");
+    let out = bus.maqet(&["wait", "ev", "status=paused", "--timeout", "0"]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+
+    // apply while running: the CLI says what needs a restart.
+    let bigger = bus.root().join("ev2.yaml");
+    std::fs::write(
+        &bigger,
+        common::tiny_vm_yaml("ev").replace("memory: 64", "memory: 80"),
+    )
+    .unwrap();
+    let out = bus.maqet(&["apply", "ev", bigger.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("restart it for these changes to take effect: memory"),
+        "{}",
+        stdout(&out)
+    );
+    let out = bus.maqet(&["inspect", "ev", "--config"]);
+    assert!(stdout(&out).contains("memory: 80"), "{}", stdout(&out));
+    let out = bus.maqet(&["--json", "inspect", "ev"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "running");
+    assert!(v["config"].as_str().unwrap().contains("memory: 80"));
+
+    assert!(bus.maqet(&["stop", "--force", "ev"]).status.success());
+    let mut saw_stopped = false;
+    while let Ok(l) = rx.recv_timeout(TIMEOUT) {
+        if l.contains("stopping → stopped") {
+            saw_stopped = true;
+            break;
+        }
+    }
+    assert!(saw_stopped);
+    let _ = events.kill();
+    let _ = events.wait();
+}

@@ -10,7 +10,11 @@ async fn vm_count(bus: &Bus, conn: &zbus::Connection) -> usize {
 }
 
 fn assert_error(e: &MaqetError, kind: &str, needles: &[&str]) {
-    assert_eq!(error_name(e), format!("org.maqet.Maqet1.Error.{kind}"), "{e}");
+    assert_eq!(
+        error_name(e),
+        format!("org.maqet.Maqet1.Error.{kind}"),
+        "{e}"
+    );
     let msg = e.to_string();
     for n in needles {
         assert!(msg.contains(n), "{n:?} not in: {msg}");
@@ -27,7 +31,11 @@ async fn bad_configs_are_refused_with_locations() {
     assert_error(&e, "InvalidConfig", &["<yaml>:"]);
 
     let e = manager.add_vm("x", "memroy: 64\n").await.unwrap_err();
-    assert_error(&e, "InvalidConfig", &["<yaml>:1:1", "memroy", "did you mean `memory`"]);
+    assert_error(
+        &e,
+        "InvalidConfig",
+        &["<yaml>:1:1", "memroy", "did you mean `memory`"],
+    );
 
     let e = manager
         .add_vm("x", "memory: 64\narguments:\n  - m: 128\n")
@@ -47,7 +55,10 @@ async fn bad_configs_are_refused_with_locations() {
         .unwrap_err();
     assert_error(&e, "InvalidConfig", &["daemonize"]);
 
-    let e = manager.add_vm("bad name!", &tiny_vm_yaml("ok")).await.unwrap_err();
+    let e = manager
+        .add_vm("bad name!", &tiny_vm_yaml("ok"))
+        .await
+        .unwrap_err();
     assert_error(&e, "InvalidArgument", &["bad name!"]);
 
     // Files: relative paths are refused (the service cannot know the caller's cwd),
@@ -105,11 +116,18 @@ async fn names_are_unique_and_unknown_vms_are_not_found() {
 async fn qemu_refusing_an_option_fails_the_vm_with_qemus_words() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let yaml = format!("{}  - device: {{no-such-device: null}}\n", tiny_vm_yaml("broken"));
+    let yaml = format!(
+        "{}  - device: {{no-such-device: null}}\n",
+        tiny_vm_yaml("broken")
+    );
     let vm = bus.add(&conn, "", &yaml).await;
     let mut watch = common::StatusWatch::new(&vm).await;
     let e = vm.start().await.unwrap_err();
-    assert_error(&e, "QemuFailed", &["no-such-device", "exited with status 1"]);
+    assert_error(
+        &e,
+        "QemuFailed",
+        &["no-such-device", "exited with status 1"],
+    );
     let (_, prev, reason) = watch.until("failed").await;
     assert_eq!(prev, "starting");
     assert!(reason.contains("no-such-device"), "{reason}");
@@ -119,8 +137,17 @@ async fn qemu_refusing_an_option_fails_the_vm_with_qemus_words() {
     assert!(bus.marked_processes("qemu-system").is_empty());
     // The full log is kept for the user.
     let log_dir = bus.root().join("state/maqet/logs");
-    let log = std::fs::read_dir(&log_dir).unwrap().next().unwrap().unwrap().path();
-    assert!(std::fs::read_to_string(log).unwrap().contains("no-such-device"));
+    let log = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        std::fs::read_to_string(log)
+            .unwrap()
+            .contains("no-such-device")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,19 +100,30 @@ async fn object_manager_lists_and_announces_vms() {
     let args = sig.args().unwrap();
     assert_eq!(args.object_path().as_str(), vm.inner().path().as_str());
     let props = &args.interfaces_and_properties()["org.maqet.Maqet1.VM"];
-    assert_eq!(String::try_from(props["Name"].try_clone().unwrap()).unwrap(), "om");
+    assert_eq!(
+        String::try_from(props["Name"].try_clone().unwrap()).unwrap(),
+        "om"
+    );
     let objects = om.get_managed_objects().await.unwrap();
     let vm_props = &objects[vm.inner().path()]["org.maqet.Maqet1.VM"];
     assert_eq!(
         String::try_from(vm_props["Status"].try_clone().unwrap()).unwrap(),
         "created"
     );
-    bus.manager(&conn).await.remove_vm("om", false, false).await.unwrap();
+    bus.manager(&conn)
+        .await
+        .remove_vm("om", false, false)
+        .await
+        .unwrap();
     let sig = tokio::time::timeout(common::TIMEOUT, removed.next())
         .await
         .unwrap()
         .unwrap();
     let args = sig.args().unwrap();
-    assert!(args.interfaces().iter().any(|i| i.as_str() == "org.maqet.Maqet1.VM"));
+    assert!(
+        args.interfaces()
+            .iter()
+            .any(|i| i.as_str() == "org.maqet.Maqet1.VM")
+    );
     assert!(om.get_managed_objects().await.unwrap().is_empty());
 }

@@ -12,6 +12,7 @@ pub mod manager;
 pub mod paths;
 pub mod qmp;
 pub mod service;
+pub mod settings;
 pub mod storage;
 pub mod store;
 pub mod time;

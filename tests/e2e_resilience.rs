@@ -127,3 +127,197 @@ async fn object_manager_lists_and_announces_vms() {
     );
     assert!(om.get_managed_objects().await.unwrap().is_empty());
 }
+
+/// Resolves when maqetd gives up its name on the bus.
+async fn name_lost(
+    conn: &zbus::Connection,
+) -> impl futures_util::Stream<Item = zbus::fdo::NameOwnerChanged> + use<> {
+    zbus::fdo::DBusProxy::new(conn)
+        .await
+        .unwrap()
+        .receive_name_owner_changed_with_args(&[(0, "org.maqet.Maqet1"), (2, "")])
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_maqetd_exits_and_comes_back_with_everything() {
+    let bus = Bus::start_with_settings("idle_exit_sec: 1\n");
+    let conn = bus.conn().await;
+    let mut lost = name_lost(&conn).await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("sleeper")).await;
+    vm.start().await.unwrap();
+    let pid = vm.pid().await.unwrap();
+    // With a VM running maqetd stays, however long it is idle (3 idle periods here).
+    let early = tokio::time::timeout(std::time::Duration::from_secs(3), lost.next()).await;
+    assert!(early.is_err(), "maqetd left while a VM was running");
+    vm.stop(true, 0).await.unwrap();
+    let daemons = bus.marked_processes("maqetd");
+    // No VM, no calls: it leaves within about a second.
+    tokio::time::timeout(common::TIMEOUT, lost.next())
+        .await
+        .expect("maqetd did not exit when idle");
+    gone(daemons[0]).await;
+    // The next call brings it back with the VM, its state and its history.
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+    assert_eq!(vm.name().await.unwrap(), "sleeper");
+    assert_ne!(bus.marked_processes("maqetd"), daemons);
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    let history: Vec<String> = db
+        .prepare("SELECT status FROM events WHERE kind = 'status' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        history.ends_with(&["stopping".to_string(), "stopped".to_string()]),
+        "{history:?}"
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_vms_running_and_they_are_readopted() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("steady")).await;
+    vm.start().await.unwrap();
+    let pid = vm.pid().await.unwrap();
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    gone(daemon).await;
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_eq!(vm.pid().await.unwrap(), pid);
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// A QEMU "binary" that waits for the test before becoming QEMU (same pid: exec).
+fn gated_qemu(bus: &Bus) -> (std::path::PathBuf, std::path::PathBuf) {
+    let fifo = bus.root().join("gate");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let script = bus.root().join("gated-qemu");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nread _ < {}\nexec qemu-system-x86_64 \"$@\"\n",
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, fifo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_leaves_no_orphan_and_no_ghost() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let (script, fifo) = gated_qemu(&bus);
+    let yaml = tiny_vm_yaml("interrupted").replace(
+        "binary: qemu-system-x86_64",
+        &format!("binary: {}", script.display()),
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    let props = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination("org.maqet.Maqet1")
+        .path(vm.inner().path().clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
+    let starter = {
+        let vm = vm.clone();
+        tokio::spawn(async move { vm.start().await })
+    };
+    // The pid is recorded (and announced) before maqetd waits for QEMU's monitor.
+    let pid = loop {
+        let sig = tokio::time::timeout(common::TIMEOUT, changes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let args = sig.args().unwrap();
+        if let Some(p) = args.changed_properties().get("Pid") {
+            let p: u32 = p.try_into().unwrap();
+            if p != 0 {
+                break p;
+            }
+        }
+    };
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    gone(daemon).await;
+    assert!(starter.await.unwrap().is_err(), "the start was cut off");
+    // Let the gated QEMU go on: it was spawned, so it must not be lost.
+    std::fs::write(&fifo, "go\n").unwrap();
+    // The next call re-activates maqetd, which takes the QEMU back.
+    vm.wait("status=running", 30).await.unwrap();
+    assert_eq!(vm.pid().await.unwrap(), pid);
+    assert_eq!(bus.marked_processes("qemu-system").len(), 1);
+    vm.stop(true, 0).await.unwrap();
+    gone(pid).await;
+    assert!(bus.marked_processes("qemu-system").is_empty());
+}
+
+fn checksum(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_is_refused_and_left_untouched() {
+    let bus = Bus::start();
+    let db = bus.database();
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&db, &garbage).unwrap();
+    let before = checksum(&db);
+    let conn = bus.conn().await;
+    let e = bus.manager(&conn).await.list_vms().await.unwrap_err();
+    assert_eq!(common::error_name(&e), "org.maqet.Maqet1.Error.Storage");
+    let msg = e.to_string();
+    assert!(msg.contains(db.to_str().unwrap()), "{msg}");
+    let out = bus.maqet(&["ls"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        common::stderr(&out).contains("maqet.db"),
+        "{}",
+        common::stderr(&out)
+    );
+    let e = bus
+        .manager(&conn)
+        .await
+        .add_vm("", &tiny_vm_yaml("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(common::error_name(&e), "org.maqet.Maqet1.Error.Storage");
+    assert_eq!(checksum(&db), before, "the database file was modified");
+    let siblings: Vec<_> = std::fs::read_dir(db.parent().unwrap()).unwrap().collect();
+    assert_eq!(siblings.len(), 1, "no -wal/-shm or replacement left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_gives_a_clear_error_after_a_bounded_wait() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    bus.add(&conn, "", &tiny_vm_yaml("first")).await;
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let t = std::time::Instant::now();
+    let e = bus
+        .manager(&conn)
+        .await
+        .add_vm("", &tiny_vm_yaml("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(common::error_name(&e), "org.maqet.Maqet1.Error.Storage");
+    assert!(e.to_string().contains("locked"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(20));
+    db.execute_batch("ROLLBACK").unwrap();
+    bus.add(&conn, "", &tiny_vm_yaml("second")).await;
+    assert_eq!(bus.manager(&conn).await.list_vms().await.unwrap().len(), 2);
+}

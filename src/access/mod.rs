@@ -64,9 +64,22 @@ impl Request {
     }
 }
 
-/// Counts calls so the service can tell when it has been idle (no timers involved).
+/// Told about every call, so the service can tell when it has been idle.
 pub trait ActivityObserver: Send + Sync {
-    fn touch(&self);
+    fn call_started(&self);
+    fn call_ended(&self);
+}
+
+/// Reports a call's end to the observer however the call leaves (including a client
+/// that disconnects and drops the call's future).
+struct CallGuard<'a>(Option<&'a Arc<dyn ActivityObserver>>);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.call_ended();
+        }
+    }
 }
 
 pub struct Gate {
@@ -74,6 +87,9 @@ pub struct Gate {
     store: Arc<Store>,
     callers: Mutex<HashMap<String, Caller>>,
     activity: Option<Arc<dyn ActivityObserver>>,
+    /// Set when the service cannot work at all (its database was refused): every call
+    /// gets this answer instead of acting.
+    refusal: Option<String>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -85,13 +101,23 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    pub fn new(store: Arc<Store>, activity: Option<Arc<dyn ActivityObserver>>) -> Arc<Gate> {
+    pub fn new(
+        store: Arc<Store>,
+        activity: Option<Arc<dyn ActivityObserver>>,
+        refusal: Option<String>,
+    ) -> Arc<Gate> {
         Arc::new(Gate {
             own_uid: rustix::process::getuid().as_raw(),
             store,
             callers: Mutex::new(HashMap::new()),
             activity,
+            refusal,
         })
+    }
+
+    /// Why the service answers every call with an error, if it does.
+    pub fn refusal(&self) -> Option<MaqetError> {
+        self.refusal.clone().map(MaqetError::Storage)
     }
 
     /// Starts forgetting callers that leave the bus. (A unique name is never reused on
@@ -186,7 +212,11 @@ impl Gate {
         F: Future<Output = Result<T, MaqetError>>,
     {
         if let Some(a) = &self.activity {
-            a.touch();
+            a.call_started();
+        }
+        let _guard = CallGuard(self.activity.as_ref());
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
         let caller = self.identify(conn, hdr).await?;
         if let Err(why) = self.decide(&caller, &req) {

@@ -9,6 +9,10 @@ struct Args {
     /// Take over the bus name from a maqetd that is already running.
     #[arg(long)]
     replace: bool,
+    /// Exit after this many seconds with no VM running and no calls (0 = never);
+    /// overrides `idle_exit_sec` in maqetd.yaml (default 60).
+    #[arg(long, value_name = "SECS")]
+    idle_exit: Option<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,6 +31,7 @@ fn main() -> std::process::ExitCode {
     };
     let opts = maqet::service::Options {
         replace: args.replace,
+        idle_exit_sec: args.idle_exit,
     };
     match runtime.block_on(maqet::service::run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

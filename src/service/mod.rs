@@ -6,6 +6,7 @@
 //! ObjectManager, and request the bus name last.
 
 mod host;
+mod idle;
 mod manager_iface;
 mod object_manager;
 mod properties;
@@ -22,8 +23,10 @@ use crate::error::MaqetError;
 use crate::events::EventSink;
 use crate::manager::Manager;
 use crate::paths::Paths;
+use crate::settings::Settings;
 use crate::store::Store;
 use crate::vm::Ctx;
+use idle::Idle;
 
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
@@ -37,10 +40,12 @@ pub struct Shared {
     pub host: host::HostInfo,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Take the bus name over from a running maqetd.
     pub replace: bool,
+    /// Overrides the settings file's `idle_exit_sec` (0 = never).
+    pub idle_exit_sec: Option<u64>,
 }
 
 /// Opens the state and serves it on the session bus until the bus goes away or the
@@ -60,11 +65,25 @@ pub async fn serve(
     paths: Paths,
     opts: Options,
 ) -> Result<(), MaqetError> {
-    paths
-        .ensure_data_dir()
-        .map_err(|e| MaqetError::Storage(e.to_string()))?;
-    let store =
-        Arc::new(Store::open(&paths.database()).map_err(|e| MaqetError::Storage(e.to_string()))?);
+    let (settings, problem) = Settings::load(&paths.settings_file());
+    if let Some(p) = problem {
+        tracing::warn!("{p}");
+    }
+    let idle_delay = match opts.idle_exit_sec {
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(s)),
+        None => settings.idle_exit(),
+    };
+    // A refused database (corrupt, newer, locked) is left untouched and the service
+    // still answers, so every client is told what is wrong and what to do.
+    let (store, refusal) = match open_store(&paths) {
+        Ok(store) => (store, None),
+        Err(why) => {
+            tracing::error!("{why}");
+            let empty = Store::open_in_memory().map_err(|e| MaqetError::Storage(e.to_string()))?;
+            (Arc::new(empty), Some(why))
+        }
+    };
     let (sink, events) = EventSink::new();
     let ctx = Arc::new(Ctx {
         paths,
@@ -76,7 +95,8 @@ pub async fn serve(
     let manager = Manager::open(ctx)?;
     manager.readopt_all().await;
 
-    let gate = Gate::new(store, None);
+    let idle = Idle::new();
+    let gate = Gate::new(store, Some(idle.clone()), refusal);
     let shared = Arc::new(Shared {
         manager: manager.clone(),
         gate: gate.clone(),
@@ -103,7 +123,7 @@ pub async fn serve(
             )),
         })?;
     gate.watch_departures(&conn);
-    let pump = tokio::spawn(pump::run(conn.clone(), events));
+    let pump = tokio::spawn(pump::run(conn.clone(), events, idle.clone()));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
     let lost_name = async {
@@ -123,8 +143,15 @@ pub async fn serve(
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| MaqetError::Internal(format!("cannot watch SIGTERM: {e}")))?;
+    let idle_exit = async {
+        match idle_delay {
+            Some(d) => idle.until_idle(&manager, d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = conn.closed() => tracing::info!("session bus connection closed; exiting"),
+        _ = idle_exit => tracing::info!("idle (no VM running, no calls); exiting until the next call activates maqetd"),
         _ = term.recv() => tracing::info!("SIGTERM; exiting (running VMs keep running)"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting (running VMs keep running)"),
         _ = lost_name => tracing::info!("another maqetd took over {BUS_NAME}; exiting"),
@@ -134,4 +161,11 @@ pub async fn serve(
     // Give in-flight replies a moment to leave.
     let _ = tokio::time::timeout(Duration::from_millis(200), conn.graceful_shutdown()).await;
     Ok(())
+}
+
+fn open_store(paths: &Paths) -> Result<Arc<Store>, String> {
+    paths.ensure_data_dir().map_err(|e| e.to_string())?;
+    Store::open(&paths.database())
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }

@@ -55,13 +55,19 @@ impl ObjectManagerIface {
 impl ObjectManagerIface {
     /// Every VM object with its interfaces and their properties.
     #[zbus(out_args("objects"))]
-    async fn get_managed_objects(&self) -> HashMap<OwnedObjectPath, InterfaceProps> {
-        self.shared
+    async fn get_managed_objects(
+        &self,
+    ) -> Result<HashMap<OwnedObjectPath, InterfaceProps>, crate::error::MaqetError> {
+        if let Some(e) = self.shared.gate.refusal() {
+            return Err(e);
+        }
+        Ok(self
+            .shared
             .manager
             .list()
             .iter()
             .map(|vm| (vm_path(vm.id()), vm.with_info(vm_objects::interfaces)))
-            .collect()
+            .collect())
     }
 
     #[zbus(signal)]

@@ -9,14 +9,20 @@ use zbus::fdo::Properties;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 
+use std::sync::Arc;
+
 use super::VmIface;
+use super::idle::Idle;
 use super::properties::{STATUS_PROPERTIES, vm_property};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
 use crate::vm::VmInfo;
 
-pub async fn run(conn: Connection, mut events: UnboundedReceiver<CoreEvent>) {
+pub async fn run(conn: Connection, mut events: UnboundedReceiver<CoreEvent>, idle: Arc<Idle>) {
     while let Some(ev) = events.recv().await {
+        if matches!(ev, CoreEvent::StatusChanged { .. }) {
+            idle.vms_changed();
+        }
         if let Err(e) = emit(&conn, ev).await {
             tracing::warn!(error = %e, "cannot emit signal");
         }

@@ -229,6 +229,19 @@ impl Store {
         })
     }
 
+    /// A fresh database in memory, for a service that must answer calls while its real
+    /// database is refused (every call is then answered with the refusal).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let path = Path::new(":memory:");
+        let mut conn =
+            Connection::open_in_memory().map_err(|e| StoreError::from(e).classify(path))?;
+        schema::migrate(&mut conn).map_err(|e| StoreError::from(e).classify(path))?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -818,7 +818,11 @@ impl Vm {
             });
             self.cleanup_runtime_dir();
         };
-        let (Some(pid), Some(start)) = (info.pid, info.pid_start_time) else {
+        let recorded = match (info.pid, info.pid_start_time) {
+            (Some(pid), Some(start)) => Some((pid, start)),
+            _ => process::find_by_uuid(&self.id),
+        };
+        let Some((pid, start)) = recorded else {
             gone("no process was recorded".into());
             return;
         };
@@ -862,7 +866,13 @@ impl Vm {
         let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
         let runtime = Runtime::new(process, qmp, log_offset);
         *self.runtime.lock().unwrap() = Some(runtime.clone());
-        let _ = self.transition(status, "re-adopted after a maqetd restart", true, |_| {});
+        let _ = self.transition(status, "re-adopted after a maqetd restart", true, |t| {
+            t.pid = Some(Some(pid));
+            t.pid_start_time = Some(Some(start));
+            if info.started_at == 0 {
+                t.started_at = Some(now_us());
+            }
+        });
         supervisor::spawn(self.clone(), runtime, rx);
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
     }

@@ -245,6 +245,23 @@ pub fn cmdline_has_uuid(pid: u32, uuid: &str) -> io::Result<bool> {
         .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes()))
 }
 
+/// Finds a process of this user that carries `-uuid <uuid>`: the QEMU of a start that
+/// was cut off (maqetd killed) between spawning it and recording its pid. A scan of
+/// `/proc` at start-up only, never a loop.
+pub fn find_by_uuid(uuid: &str) -> Option<(u32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::process::getuid().as_raw();
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            (e.metadata().ok()?.uid() == uid).then_some(pid)
+        })
+        .filter(|pid| cmdline_has_uuid(*pid, uuid).unwrap_or(false))
+        .find_map(|pid| Some((pid, proc_start_time(pid).ok()?)))
+}
+
 fn verify_identity(pid: u32, start_time: u64, uuid: &str) -> Result<(), AdoptError> {
     let found = match proc_start_time(pid) {
         Ok(t) => t,

@@ -55,6 +55,11 @@ pub fn tiny_vm_yaml(name: &str) -> String {
 
 impl Bus {
     pub fn start() -> Bus {
+        Self::start_with_settings("")
+    }
+
+    /// A bus whose maqetd reads `settings` as its maqetd.yaml.
+    pub fn start_with_settings(settings: &str) -> Bus {
         let dir = tempfile::Builder::new()
             .prefix("maqet-test-")
             .tempdir()
@@ -94,6 +99,8 @@ impl Bus {
             ),
         )
         .unwrap();
+        std::fs::create_dir_all(root.join("config/maqet")).unwrap();
+        std::fs::write(root.join("config/maqet/maqetd.yaml"), settings).unwrap();
         let marker = uuid::Uuid::new_v4().to_string();
         let mut cmd = Command::new("dbus-daemon");
         cmd.arg(format!("--config-file={}", root.join("bus.conf").display()))

@@ -41,6 +41,8 @@ pub struct Request {
     pub vm: Option<(String, String)>,
     /// A summary of the arguments, without secrets (never typed text or key strokes).
     pub args: String,
+    /// Still served while the service refuses everything else (diagnostics).
+    pub works_degraded: bool,
 }
 
 impl Request {
@@ -50,7 +52,13 @@ impl Request {
             method,
             vm: None,
             args: String::new(),
+            works_degraded: false,
         }
+    }
+
+    pub fn even_when_degraded(mut self) -> Request {
+        self.works_degraded = true;
+        self
     }
 
     pub fn on_vm(mut self, vm: &crate::vm::Vm) -> Request {
@@ -118,6 +126,10 @@ impl Gate {
     /// Why the service answers every call with an error, if it does.
     pub fn refusal(&self) -> Option<MaqetError> {
         self.refusal.clone().map(MaqetError::Storage)
+    }
+
+    pub fn refusal_message(&self) -> Option<&str> {
+        self.refusal.as_deref()
     }
 
     /// Starts forgetting callers that leave the bus. (A unique name is never reused on
@@ -215,7 +227,7 @@ impl Gate {
             a.call_started();
         }
         let _guard = CallGuard(self.activity.as_ref());
-        if let Some(e) = self.refusal() {
+        if let Some(e) = self.refusal().filter(|_| !req.works_degraded) {
             return Err(e);
         }
         let caller = self.identify(conn, hdr).await?;

@@ -1,6 +1,7 @@
 //! The `maqet` command line: parses arguments, talks only D-Bus (through
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
+mod doctor;
 mod exit;
 mod output;
 mod session;
@@ -103,9 +104,18 @@ pub enum Command {
         /// Only this VM.
         vm: Option<String>,
     },
+    /// Check the bus, the service, QEMU, KVM, the database, sockets and VM states.
+    Doctor {
+        /// Repair what is safe to repair (stale sockets, loose permissions, orphan VMs).
+        #[arg(long)]
+        fix: bool,
+    },
 }
 
 async fn run(cli: Cli) -> Result<(), MaqetError> {
+    if let Command::Doctor { fix } = cli.command {
+        return doctor::run(cli.json, fix).await;
+    }
     let s = session::Session::connect(cli.json).await?;
     match cli.command {
         Command::Add {
@@ -154,6 +164,7 @@ async fn run(cli: Cli) -> Result<(), MaqetError> {
             timeout,
         } => vm::wait(&s, &vm, &condition, timeout).await,
         Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
+        Command::Doctor { .. } => unreachable!("handled before connecting"),
     }
 }
 

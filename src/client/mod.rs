@@ -58,6 +58,8 @@ pub trait Manager {
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> Result<Vec<VmListEntry>, MaqetError>;
 
+    fn doctor(&self, fix: bool) -> Result<Vec<(String, String, String, String)>, MaqetError>;
+
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 

@@ -165,6 +165,38 @@ impl ManagerIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Checks maqetd's health (QEMU, KVM, database, runtime directory, VMs whose state
+    /// and process disagree, stale sockets); with `fix`, repairs what is safe.
+    /// Returns (check, ok|warning|error|fixed, finding, what to do).
+    #[zbus(out_args("findings"))]
+    async fn doctor(
+        &self,
+        fix: bool,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String, String, String)>, MaqetError> {
+        let action = if fix { Action::Manage } else { Action::Observe };
+        let req = Request::new(action, "Doctor")
+            .with_args(format!("fix={fix}"))
+            .even_when_degraded();
+        let work = async {
+            let refusal = self.shared.gate.refusal_message();
+            Ok(crate::doctor::run(&self.shared.manager, refusal, fix)
+                .await
+                .into_iter()
+                .map(|f| {
+                    (
+                        f.check.to_string(),
+                        f.health.as_str().to_string(),
+                        f.message,
+                        f.hint,
+                    )
+                })
+                .collect())
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
@@ -183,7 +215,7 @@ impl ManagerIface {
     /// Paths of the `qemu-system-*` binaries on the service's PATH.
     #[zbus(property(emits_changed_signal = "false"))]
     fn qemu_binaries(&self) -> Vec<String> {
-        super::host::qemu_binaries(self.shared.manager.ctx().path_env.as_deref())
+        crate::host::qemu_binaries(self.shared.manager.ctx().path_env.as_deref())
     }
 
     #[zbus(signal, name = "VMAdded")]

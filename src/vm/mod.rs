@@ -797,6 +797,22 @@ impl Vm {
         let _ = std::fs::remove_dir(&dir);
     }
 
+    /// Takes over a QEMU that runs this VM although its record says otherwise (found by
+    /// `maqet doctor`): record the process, then re-adopt it like after a restart.
+    pub(crate) async fn adopt_orphan(self: &Arc<Self>, pid: u32, start_time: u64) {
+        let _op = self.op_lock.lock().await;
+        if self.status().has_process() {
+            return;
+        }
+        let noted = self.transition(Status::Starting, "found running QEMU", true, |t| {
+            t.pid = Some(Some(pid));
+            t.pid_start_time = Some(Some(start_time));
+        });
+        if noted.is_ok() {
+            self.readopt().await;
+        }
+    }
+
     /// Re-attaches to a QEMU that outlived a previous maqetd (see docs/architecture.md).
     pub(crate) async fn readopt(self: &Arc<Self>) {
         let info = self.info();

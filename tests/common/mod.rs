@@ -144,6 +144,11 @@ impl Bus {
         ]
     }
 
+    /// The environment marker that makes a process this test's to clean up.
+    pub fn marker(&self) -> &str {
+        &self.marker
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }

@@ -1,0 +1,268 @@
+//! `maqet doctor`: checks what maqetd can see of its own health and, with `fix`,
+//! repairs what is safe to repair. The bus and service checks happen in the CLI (they
+//! are what stands between the CLI and this code).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::manager::Manager;
+use crate::vm::process;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Warning,
+    Error,
+    /// Was wrong, and `fix` repaired it.
+    Fixed,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Warning => "warning",
+            Health::Error => "error",
+            Health::Fixed => "fixed",
+        }
+    }
+}
+
+/// One check's result: (check, health, what was found, what to do).
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub check: &'static str,
+    pub health: Health,
+    pub message: String,
+    pub hint: String,
+}
+
+fn finding(check: &'static str, health: Health, message: String, hint: &str) -> Finding {
+    Finding {
+        check,
+        health,
+        message,
+        hint: hint.to_string(),
+    }
+}
+
+/// Runs every check. `refusal` is why the database was refused, if it was.
+pub async fn run(manager: &Arc<Manager>, refusal: Option<&str>, fix: bool) -> Vec<Finding> {
+    let mut out = vec![binaries(manager), kvm(), database(manager, refusal)];
+    out.push(runtime_dir(manager, fix));
+    if refusal.is_none() {
+        out.extend(processes(manager, fix).await);
+        out.extend(stale_sockets(manager, fix));
+    }
+    out
+}
+
+fn binaries(manager: &Manager) -> Finding {
+    let found = crate::host::qemu_binaries(manager.ctx().path_env.as_deref());
+    if found.is_empty() {
+        finding(
+            "qemu",
+            Health::Error,
+            "no qemu-system-* binary on maqetd's PATH".into(),
+            "install QEMU (Debian: apt install qemu-system-x86), or give VMs a full `binary:` path",
+        )
+    } else {
+        finding("qemu", Health::Ok, found.join(", "), "")
+    }
+}
+
+fn kvm() -> Finding {
+    if crate::host::kvm_usable() {
+        finding("kvm", Health::Ok, "/dev/kvm is usable".into(), "")
+    } else {
+        finding(
+            "kvm",
+            Health::Warning,
+            "/dev/kvm cannot be opened read-write: VMs run with TCG (slow)".into(),
+            "enable virtualization in the firmware, load kvm_intel/kvm_amd, and add yourself to the `kvm` group",
+        )
+    }
+}
+
+fn database(manager: &Manager, refusal: Option<&str>) -> Finding {
+    let path = manager.ctx().paths.database();
+    if let Some(why) = refusal {
+        return finding(
+            "database",
+            Health::Error,
+            why.to_string(),
+            "maqetd leaves the file untouched; move it aside to start afresh, or restore a backup",
+        );
+    }
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    finding(
+        "database",
+        Health::Ok,
+        format!(
+            "{} ({} KiB, schema {}, {} VMs)",
+            path.display(),
+            size / 1024,
+            crate::store::SCHEMA_VERSION,
+            manager.list().len()
+        ),
+        "",
+    )
+}
+
+fn runtime_dir(manager: &Manager, fix: bool) -> Finding {
+    let dir = &manager.ctx().paths.runtime_dir;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return finding(
+            "runtime",
+            Health::Ok,
+            format!(
+                "{} does not exist yet (made on the first start)",
+                dir.display()
+            ),
+            "",
+        );
+    };
+    let uid = rustix::process::getuid().as_raw();
+    if !meta.is_dir() || meta.uid() != uid {
+        return finding(
+            "runtime",
+            Health::Error,
+            format!("{} is not a directory owned by you", dir.display()),
+            "remove it; maqetd recreates it with mode 0700",
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        if fix && std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).is_ok() {
+            return finding(
+                "runtime",
+                Health::Fixed,
+                format!("{} was accessible to others; now 0700", dir.display()),
+                "",
+            );
+        }
+        return finding(
+            "runtime",
+            Health::Error,
+            format!(
+                "{} has mode {:o}: others can reach QMP sockets",
+                dir.display(),
+                meta.mode() & 0o777
+            ),
+            "run maqet doctor --fix (chmod 700)",
+        );
+    }
+    finding(
+        "runtime",
+        Health::Ok,
+        format!("{} (0700)", dir.display()),
+        "",
+    )
+}
+
+/// VMs whose recorded state and the processes on the host disagree.
+async fn processes(manager: &Arc<Manager>, fix: bool) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for vm in manager.list() {
+        let info = vm.info();
+        if info.status.has_process() {
+            let alive = info.pid.is_some_and(|pid| {
+                info.pid_start_time
+                    .is_some_and(|t| process::proc_start_time(pid).ok() == Some(t))
+            });
+            if !alive {
+                out.push(finding(
+                    "vm-state",
+                    Health::Error,
+                    format!("VM '{}' is {} but its QEMU is gone", info.name, info.status),
+                    "restart maqetd (it re-checks every VM at start)",
+                ));
+            }
+        } else if let Some((pid, start)) = process::find_by_uuid(&info.id) {
+            if fix {
+                vm.adopt_orphan(pid, start).await;
+                out.push(finding(
+                    "vm-state",
+                    Health::Fixed,
+                    format!(
+                        "VM '{}' was recorded {} but QEMU pid {pid} runs it; adopted it (now {})",
+                        info.name,
+                        info.status,
+                        vm.status()
+                    ),
+                    "",
+                ));
+            } else {
+                out.push(finding(
+                    "vm-state",
+                    Health::Error,
+                    format!(
+                        "VM '{}' is recorded {} but QEMU pid {pid} runs it",
+                        info.name, info.status
+                    ),
+                    "run maqet doctor --fix to adopt it",
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(finding(
+            "vm-state",
+            Health::Ok,
+            "every VM's state matches its process".into(),
+            "",
+        ));
+    }
+    out
+}
+
+/// Socket directories of VMs that have no QEMU (left by a crash or a removed VM).
+fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
+    let vms_dir = manager.ctx().paths.runtime_dir.join("vms");
+    let Ok(entries) = std::fs::read_dir(&vms_dir) else {
+        return vec![finding(
+            "sockets",
+            Health::Ok,
+            "no socket directories".into(),
+            "",
+        )];
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let in_use = manager.get(&id).is_some_and(|vm| vm.status().has_process());
+        if in_use {
+            continue;
+        }
+        let dir = e.path();
+        if fix && remove_socket_dir(&dir) {
+            out.push(finding(
+                "sockets",
+                Health::Fixed,
+                format!("removed stale {}", dir.display()),
+                "",
+            ));
+        } else {
+            out.push(finding(
+                "sockets",
+                Health::Warning,
+                format!("stale socket directory {}", dir.display()),
+                "run maqet doctor --fix to remove it",
+            ));
+        }
+    }
+    if out.is_empty() {
+        out.push(finding(
+            "sockets",
+            Health::Ok,
+            "no stale sockets".into(),
+            "",
+        ));
+    }
+    out
+}
+
+fn remove_socket_dir(dir: &Path) -> bool {
+    let _ = std::fs::remove_file(dir.join("qmp.sock"));
+    std::fs::remove_dir(dir).is_ok()
+}

@@ -10,6 +10,7 @@ mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
+mod qmp_iface;
 mod vm_iface;
 mod vm_objects;
 
@@ -27,6 +28,7 @@ use crate::vm::Ctx;
 
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
+pub use qmp_iface::QmpIface;
 pub use vm_iface::VmIface;
 
 /// What every interface object shares.

@@ -3,12 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::time::Duration;
-
-use common::{Bus, TIMEOUT, accel, stderr, stdout};
+use common::{Bus, ChildLines, accel, stderr, stdout};
 
 fn write_pair(bus: &Bus) -> (String, String) {
     let dir = bus.root().join("vms");
@@ -268,39 +263,16 @@ fn gdbus_monitor_sees_status_and_property_changes() {
             .success()
     );
 
-    let mut monitor = bus
-        .gdbus()
-        .args([
-            "monitor",
-            "--address",
-            &bus.address,
-            "--dest",
-            "org.maqet.Maqet1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = monitor.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let next_matching = |pred: &dyn Fn(&str) -> bool| -> String {
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(l) if pred(&l) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("gdbus monitor: {e}"),
-            }
-        }
-    };
+    let mut gdbus = bus.gdbus();
+    gdbus.args([
+        "monitor",
+        "--address",
+        &bus.address,
+        "--dest",
+        "org.maqet.Maqet1",
+    ]);
+    let monitor = ChildLines::spawn(gdbus);
+    let next_matching = |pred: &dyn Fn(&str) -> bool| monitor.next_matching(pred);
     // gdbus says which unique name owns the service once it is watching it.
     next_matching(&|l| l.contains("is owned by"));
 
@@ -313,6 +285,4 @@ fn gdbus_monitor_sees_status_and_property_changes() {
     assert!(l.contains("'Status': <'running'>"), "{l}");
     assert!(bus.maqet(&["stop", "--force", "mon"]).status.success());
     next_matching(&|l| l.contains("StatusChanged") && l.contains("'stopped'"));
-    let _ = monitor.kill();
-    let _ = monitor.wait();
 }

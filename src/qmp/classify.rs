@@ -561,6 +561,26 @@ mod tests {
     }
 
     #[test]
+    fn docs_list_the_table() {
+        let doc = include_str!("../../docs/qmp.md");
+        let start = doc.find("<!-- table:start -->").expect("table start marker");
+        let end = doc.find("<!-- table:end -->").expect("table end marker");
+        let documented: Vec<(String, String)> = doc[start..end]
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((name.to_owned(), (*cells.get(2)?).to_owned()))
+            })
+            .collect();
+        let table: Vec<(String, String)> = TABLE
+            .iter()
+            .map(|(name, tier, _)| ((*name).to_owned(), tier.as_str().to_owned()))
+            .collect();
+        assert_eq!(documented, table, "docs/qmp.md and TABLE differ");
+    }
+
+    #[test]
     fn every_qemu_7_2_command_is_classified_explicitly() {
         let commands: Vec<&str> = QEMU_7_2_X86_64.lines().filter(|l| !l.is_empty()).collect();
         assert_eq!(commands.len(), 216);

@@ -279,6 +279,25 @@ async fn screendump_png_and_hot_plug() {
     let conn = bus.conn().await;
     let (vm, qmp) = running(&bus, &conn, &console_vm_yaml("desk")).await;
 
+    // The ObjectManager lists the QMP interface with the VM's.
+    let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
+        .destination("org.maqet.Maqet1")
+        .path("/org/maqet/Maqet1")
+        .build()
+        .await
+        .unwrap()
+        .get_managed_objects()
+        .await
+        .unwrap();
+    let ifaces: Vec<String> = objects[vm.inner().path()]
+        .keys()
+        .map(|i| i.to_string())
+        .collect();
+    assert!(
+        ifaces.contains(&"org.maqet.Maqet1.QMP".to_string()),
+        "{ifaces:?}"
+    );
+
     let fd = vm.screendump().await.unwrap();
     let mut png = Vec::new();
     std::fs::File::from(std::os::fd::OwnedFd::from(fd))

@@ -159,11 +159,7 @@ pub async fn vm_proxy<'a>(
     conn: &zbus::Connection,
     path: OwnedObjectPath,
 ) -> zbus::Result<VmProxy<'a>> {
-    VmProxy::builder(conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
+    proxy_at(conn, path).await
 }
 
 /// Builds a QMP proxy for a VM object path.
@@ -171,7 +167,14 @@ pub async fn qmp_proxy<'a>(
     conn: &zbus::Connection,
     path: OwnedObjectPath,
 ) -> zbus::Result<QmpProxy<'a>> {
-    QmpProxy::builder(conn)
+    proxy_at(conn, path).await
+}
+
+async fn proxy_at<'a, T>(conn: &zbus::Connection, path: OwnedObjectPath) -> zbus::Result<T>
+where
+    T: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<T>::new(conn)
         .path(path)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()

@@ -563,7 +563,9 @@ mod tests {
     #[test]
     fn docs_list_the_table() {
         let doc = include_str!("../../docs/qmp.md");
-        let start = doc.find("<!-- table:start -->").expect("table start marker");
+        let start = doc
+            .find("<!-- table:start -->")
+            .expect("table start marker");
         let end = doc.find("<!-- table:end -->").expect("table end marker");
         let documented: Vec<(String, String)> = doc[start..end]
             .lines()

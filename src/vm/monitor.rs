@@ -162,9 +162,20 @@ impl Vm {
         let deleted = next_qmp_event(&mut events, |name, data| {
             name == "DEVICE_DELETED" && data.get("device").and_then(Value::as_str) == Some(id)
         });
-        match tokio::time::timeout(DEVICE_DEL_WAIT, deleted).await {
-            Ok(Some(_)) => Ok(()),
-            _ => Err(MaqetError::Timeout(format!(
+        let mut status = self.status_tx.subscribe();
+        let outcome = tokio::time::timeout(DEVICE_DEL_WAIT, async {
+            tokio::select! {
+                data = deleted => data.is_some(),
+                _ = status.wait_for(|s| !s.has_process()) => false,
+            }
+        });
+        match outcome.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(MaqetError::InvalidState(format!(
+                "VM '{}' stopped before QEMU removed device '{id}'",
+                self.name()
+            ))),
+            Err(_) => Err(MaqetError::Timeout(format!(
                 "VM '{}': QEMU accepted the removal of device '{id}' but has not completed it \
                  within {} s; it stays pending until the guest releases the device (PCI \
                  hot-unplug needs a guest OS that handles it). Watch for the DEVICE_DELETED \

@@ -110,15 +110,16 @@ pub enum Command {
         /// e.g. query-status, device_add, human-monitor-command.
         command: String,
         /// The command's arguments as one JSON object, e.g. '{"path": "/machine"}'.
-        #[arg(value_name = "ARGS_JSON", default_value = "")]
-        arguments: String,
+        #[arg(value_name = "ARGS_JSON")]
+        arguments: Option<String>,
         /// Allow commands that can touch the host (human monitor, host files, memory
         /// dumps); see docs/qmp.md.
         #[arg(long)]
         allow_dangerous: bool,
     },
-    /// Press key combinations in a VM, e.g. ctrl-alt-f2, ret, shift-a (after `--`, a
-    /// combination may start with `-`).
+    /// Press key combinations in a VM, e.g. ctrl-alt-f2, ret, shift-a.
+    ///
+    /// A combination that starts with `-` (the minus key) goes after `--`.
     Keys {
         vm: String,
         #[arg(required = true, value_name = "COMBO")]
@@ -201,7 +202,10 @@ async fn run(cli: Cli) -> Result<(), MaqetError> {
             command,
             arguments,
             allow_dangerous,
-        } => qmp::execute(&s, &vm, &command, &arguments, allow_dangerous).await,
+        } => {
+            let arguments = arguments.unwrap_or_default();
+            qmp::execute(&s, &vm, &command, &arguments, allow_dangerous).await
+        }
         Command::Keys {
             vm,
             combos,

@@ -31,7 +31,7 @@ use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::time::now_us;
-pub use monitor::{DEFAULT_HOLD_MS, DEVICE_DEL_WAIT, MAX_TYPE_CHARS, TYPE_HOLD_MS};
+pub use monitor::DEVICE_DEL_WAIT;
 use process::{ExitInfo, Process};
 pub use status::{Operation, Status};
 

@@ -37,8 +37,11 @@ pub fn maqet_bin() -> &'static str {
     env!("CARGO_BIN_EXE_maqet")
 }
 
-/// KVM when this user can use it, TCG otherwise.
+/// KVM when this user can use it, TCG otherwise (`MAQET_TEST_ACCEL=tcg` forces TCG).
 pub fn accel() -> &'static str {
+    if std::env::var("MAQET_TEST_ACCEL").is_ok_and(|a| a == "tcg") {
+        return "tcg";
+    }
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -23,14 +23,14 @@ use crate::qmp::{QmpError, keys};
 /// attention button after 5 s, so this leaves room for a cooperating guest.
 pub const DEVICE_DEL_WAIT: Duration = Duration::from_secs(10);
 /// QEMU's own `send-key` default, used when the caller passes 0.
-pub const DEFAULT_HOLD_MS: u32 = 100;
+const DEFAULT_HOLD_MS: u32 = 100;
 /// The longest a single key may be held.
-pub const MAX_HOLD_MS: u32 = 10_000;
+const MAX_HOLD_MS: u32 = 10_000;
 /// How long each typed character is held.
-pub const TYPE_HOLD_MS: u32 = 20;
+const TYPE_HOLD_MS: u32 = 20;
 /// QEMU queues at most 4096 input events and silently drops the rest; a character
 /// takes up to 5 (two presses, a delay, two releases), so one call stays well below.
-pub const MAX_TYPE_CHARS: usize = 500;
+const MAX_TYPE_CHARS: usize = 500;
 /// A keys or text call waits until QEMU has released the last key, and must still
 /// answer within the bus's reply timeout.
 const MAX_KEY_TIME: Duration = Duration::from_secs(15);

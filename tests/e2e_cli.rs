@@ -3,12 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::time::Duration;
-
-use common::{Bus, TIMEOUT, accel, stderr, stdout};
+use common::{Bus, ChildLines, accel, stderr, stdout};
 
 fn write_pair(bus: &Bus) -> (String, String) {
     let dir = bus.root().join("vms");
@@ -268,39 +263,16 @@ fn gdbus_monitor_sees_status_and_property_changes() {
             .success()
     );
 
-    let mut monitor = bus
-        .gdbus()
-        .args([
-            "monitor",
-            "--address",
-            &bus.address,
-            "--dest",
-            "org.maqet.Maqet1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = monitor.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let next_matching = |pred: &dyn Fn(&str) -> bool| -> String {
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(l) if pred(&l) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("gdbus monitor: {e}"),
-            }
-        }
-    };
+    let mut gdbus = bus.gdbus();
+    gdbus.args([
+        "monitor",
+        "--address",
+        &bus.address,
+        "--dest",
+        "org.maqet.Maqet1",
+    ]);
+    let monitor = ChildLines::spawn(gdbus);
+    let next_matching = |pred: &dyn Fn(&str) -> bool| monitor.next_matching(pred);
     // gdbus says which unique name owns the service once it is watching it.
     next_matching(&|l| l.contains("is owned by"));
 
@@ -313,8 +285,6 @@ fn gdbus_monitor_sees_status_and_property_changes() {
     assert!(l.contains("'Status': <'running'>"), "{l}");
     assert!(bus.maqet(&["stop", "--force", "mon"]).status.success());
     next_matching(&|l| l.contains("StatusChanged") && l.contains("'stopped'"));
-    let _ = monitor.kill();
-    let _ = monitor.wait();
 }
 
 #[test]
@@ -329,31 +299,16 @@ fn cli_events_apply_wait_inspect() {
     );
 
     // `maqet events` says on stderr when it is subscribed; act only after that.
-    let mut cmd = std::process::Command::new(common::maqet_bin());
-    cmd.arg("events")
-        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut events = cmd.spawn().unwrap();
-    let mut err = BufReader::new(events.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("following maqet events"), "{line}");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = events.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let events = ChildLines::spawn(bus.maqet_command(&["events"]));
+    events.next_matching(&|l| l.contains("following maqet events"));
 
     assert!(bus.maqet(&["start", "ev"]).status.success());
-    let first = rx.recv_timeout(TIMEOUT).unwrap();
+    let first = events.next_matching(&|l| l.contains("ev: "));
     assert!(
         first.ends_with("ev: created → starting (start requested)"),
         "{first}"
     );
-    let second = rx.recv_timeout(TIMEOUT).unwrap();
+    let second = events.next_matching(&|l| l.contains("ev: "));
     assert!(second.contains("ev: starting → running"), "{second}");
 
     // wait: already true, and a timeout with exit code 9.
@@ -383,14 +338,5 @@ fn cli_events_apply_wait_inspect() {
     assert!(v["config"].as_str().unwrap().contains("memory: 80"));
 
     assert!(bus.maqet(&["stop", "--force", "ev"]).status.success());
-    let mut saw_stopped = false;
-    while let Ok(l) = rx.recv_timeout(TIMEOUT) {
-        if l.contains("stopping → stopped") {
-            saw_stopped = true;
-            break;
-        }
-    }
-    assert!(saw_stopped);
-    let _ = events.kill();
-    let _ = events.wait();
+    events.next_matching(&|l| l.contains("stopping → stopped"));
 }

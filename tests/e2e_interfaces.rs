@@ -17,6 +17,7 @@ fn contract(vm_path: &str) -> Vec<(String, &'static str)> {
     vec![
         ("/org/maqet/Maqet1".into(), "org.maqet.Maqet1.Manager"),
         (vm_path.into(), "org.maqet.Maqet1.VM"),
+        (vm_path.into(), "org.maqet.Maqet1.QMP"),
     ]
 }
 

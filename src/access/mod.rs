@@ -43,6 +43,13 @@ pub struct Request {
     pub args: String,
     /// Still served while the service refuses everything else (diagnostics).
     pub works_degraded: bool,
+    /// Audited when allowed. False for reads, whatever their action (a QMP query is a
+    /// `QmpExecute` call that changes nothing).
+    pub audited: bool,
+    /// A safety interlock the caller did not release (a dangerous QMP command without
+    /// `allow_dangerous`): denied before the policy is asked, so nobody is prompted for
+    /// a call that cannot run.
+    pub interlock: Option<String>,
 }
 
 impl Request {
@@ -53,6 +60,8 @@ impl Request {
             vm: None,
             args: String::new(),
             works_degraded: false,
+            audited: action.is_mutating(),
+            interlock: None,
         }
     }
 
@@ -68,6 +77,18 @@ impl Request {
 
     pub fn with_args(mut self, args: impl Into<String>) -> Request {
         self.args = args.into();
+        self
+    }
+
+    /// Marks a call that only reads state.
+    pub fn read_only(mut self) -> Request {
+        self.audited = false;
+        self
+    }
+
+    /// Denies the call with `why` (see [`Request::interlock`]).
+    pub fn interlocked(mut self, why: String) -> Request {
+        self.interlock = Some(why);
         self
     }
 }
@@ -208,6 +229,9 @@ impl Gate {
                 caller.uid
             ));
         }
+        if let Some(why) = &req.interlock {
+            return Err(why.clone());
+        }
         Ok(())
     }
 
@@ -236,7 +260,7 @@ impl Gate {
             return Err(MaqetError::AccessDenied(why));
         }
         let result = work.await;
-        if req.action.is_mutating() {
+        if req.audited {
             let (outcome, message) = match &result {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),

@@ -4,6 +4,7 @@
 mod doctor;
 mod exit;
 mod output;
+mod qmp;
 mod session;
 mod vm;
 
@@ -99,7 +100,7 @@ pub enum Command {
         #[arg(long, short, default_value_t = 60)]
         timeout: u32,
     },
-    /// Follow status changes (and VM additions/removals) as they happen.
+    /// Follow status changes, QMP events and VM additions/removals as they happen.
     Events {
         /// Only this VM.
         vm: Option<String>,
@@ -109,6 +110,48 @@ pub enum Command {
         /// Repair what is safe to repair (stale sockets, loose permissions, orphan VMs).
         #[arg(long)]
         fix: bool,
+    },
+    /// Run a QMP command on a running VM; prints QEMU's answer as JSON.
+    Qmp {
+        vm: String,
+        /// e.g. query-status, device_add, human-monitor-command.
+        command: String,
+        /// The command's arguments as one JSON object, e.g. '{"path": "/machine"}'.
+        #[arg(value_name = "ARGS_JSON")]
+        arguments: Option<String>,
+        /// Allow commands that can touch the host (human monitor, host files, memory
+        /// dumps); see docs/qmp.md.
+        #[arg(long)]
+        allow_dangerous: bool,
+    },
+    /// Press key combinations in a VM, e.g. ctrl-alt-f2, ret, shift-a.
+    ///
+    /// A combination that starts with `-` (the minus key) goes after `--`.
+    Keys {
+        vm: String,
+        #[arg(required = true, value_name = "COMBO")]
+        combos: Vec<String>,
+        /// How long each combination is held (0: QEMU's default, 100 ms).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u32,
+    },
+    /// Type text into a VM on a US keyboard layout (\n is Enter, \t Tab, \\ a backslash).
+    Type {
+        vm: String,
+        /// The text; put `--` before it if it starts with `-`.
+        text: String,
+    },
+    /// Save a PNG of a VM's display (`-`: standard output). The VM needs a display
+    /// device, e.g. `vga: std`.
+    Screendump {
+        vm: String,
+        #[arg(value_name = "FILE.png")]
+        file: String,
+    },
+    /// Hot-plug and unplug devices of a running VM.
+    Device {
+        #[command(subcommand)]
+        action: qmp::DeviceCommand,
     },
 }
 
@@ -165,6 +208,23 @@ async fn run(cli: Cli) -> Result<(), MaqetError> {
         } => vm::wait(&s, &vm, &condition, timeout).await,
         Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
         Command::Doctor { .. } => unreachable!("handled before connecting"),
+        Command::Qmp {
+            vm,
+            command,
+            arguments,
+            allow_dangerous,
+        } => {
+            let arguments = arguments.unwrap_or_default();
+            qmp::execute(&s, &vm, &command, &arguments, allow_dangerous).await
+        }
+        Command::Keys {
+            vm,
+            combos,
+            hold_ms,
+        } => qmp::keys(&s, &vm, &combos, hold_ms).await,
+        Command::Type { vm, text } => qmp::type_text(&s, &vm, &text).await,
+        Command::Screendump { vm, file } => qmp::screendump(&s, &vm, &file).await,
+        Command::Device { action } => qmp::device(&s, action).await,
     }
 }
 

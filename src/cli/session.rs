@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use zbus::{Connection, OwnedObjectPath};
 
 use super::output::VmView;
-use crate::client::{BUS_NAME, ManagerProxy, VM_INTERFACE, VmProxy, vm_proxy};
+use crate::client::{BUS_NAME, ManagerProxy, QmpProxy, VM_INTERFACE, VmProxy, qmp_proxy, vm_proxy};
 use crate::error::MaqetError;
 
 /// Keep each blocking call well under the bus's default 25 s reply timeout.
@@ -40,6 +40,12 @@ pub async fn vm(
     let path = s.manager.find_vm(name).await?;
     let proxy = vm_proxy(&s.conn, path.clone()).await?;
     Ok((path, proxy))
+}
+
+/// The QMP interface of a VM, by name or id.
+pub async fn qmp(s: &Session, name: &str) -> Result<QmpProxy<'static>, MaqetError> {
+    let path = s.manager.find_vm(name).await?;
+    Ok(qmp_proxy(&s.conn, path).await?)
 }
 
 /// All properties of one VM in one round trip.

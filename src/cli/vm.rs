@@ -12,7 +12,7 @@ use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 use super::output::{VmView, print_json, vm_details, vm_table};
 use super::session::{Session, read_input, view, vm, wait_chunked};
 use crate::client::{
-    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, id_from_path, vm_proxy,
+    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, QMP_INTERFACE, VM_INTERFACE, id_from_path, vm_proxy,
 };
 use crate::error::MaqetError;
 use crate::time::format_us;
@@ -227,6 +227,13 @@ pub(super) async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetE
             continue;
         }
         let time = format_us(crate::time::now_us());
+        let vm_name = || {
+            names
+                .get(path.as_str())
+                .cloned()
+                .or_else(|| id_from_path(path))
+                .unwrap_or_default()
+        };
         match (iface.as_str(), member.as_str()) {
             (VM_INTERFACE, "StatusChanged") => {
                 let Ok((status, previous, reason)) =
@@ -234,11 +241,7 @@ pub(super) async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetE
                 else {
                     continue;
                 };
-                let vm = names
-                    .get(path.as_str())
-                    .cloned()
-                    .or_else(|| id_from_path(path))
-                    .unwrap_or_default();
+                let vm = vm_name();
                 if s.json {
                     println!(
                         "{}",
@@ -246,6 +249,30 @@ pub(super) async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetE
                     );
                 } else {
                     println!("{time} {vm}: {previous} → {status} ({reason})");
+                }
+            }
+            (QMP_INTERFACE, "Event") => {
+                let Ok((event, data, timestamp)) =
+                    msg.body().deserialize::<(String, String, u64)>()
+                else {
+                    continue;
+                };
+                // QEMU's own time of the event, to the microsecond.
+                let time = format!(
+                    "{}.{:06}Z",
+                    format_us(timestamp).trim_end_matches('Z'),
+                    timestamp % 1_000_000
+                );
+                let vm = vm_name();
+                if s.json {
+                    let data: serde_json::Value =
+                        serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+                    println!(
+                        "{}",
+                        json!({"time": time, "timestamp_us": timestamp, "vm": vm, "signal": "Event", "event": event, "data": data})
+                    );
+                } else {
+                    println!("{time} {vm}: QMP {event} {data}");
                 }
             }
             (MANAGER_INTERFACE, "VMAdded" | "VMRemoved") => {

@@ -3,8 +3,10 @@
 //! Shared by the CLI and the tests (and usable by any Rust program); it holds no service
 //! internals, so the CLI never links the service's logic into what it calls.
 
+use std::collections::HashMap;
+
 use zbus::proxy;
-use zbus::{ObjectPath, OwnedObjectPath};
+use zbus::{ObjectPath, OwnedFd, OwnedObjectPath, Variant};
 
 pub use crate::error::MaqetError;
 
@@ -17,6 +19,7 @@ pub const VM_PATH_PREFIX: &str = "/org/maqet/Maqet1/vm/";
 
 pub const MANAGER_INTERFACE: &str = "org.maqet.Maqet1.Manager";
 pub const VM_INTERFACE: &str = "org.maqet.Maqet1.VM";
+pub const QMP_INTERFACE: &str = "org.maqet.Maqet1.QMP";
 
 /// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.
 pub fn vm_path(id: &str) -> OwnedObjectPath {
@@ -93,6 +96,11 @@ pub trait Vm {
     fn resume(&self) -> Result<(), MaqetError>;
     fn apply(&self, yaml: &str) -> Result<Vec<String>, MaqetError>;
     fn wait(&self, condition: &str, timeout_sec: u32) -> Result<String, MaqetError>;
+    /// Key combinations such as `ctrl-alt-delete`, each held `hold_ms` (0: 100 ms).
+    fn send_keys(&self, keys: &[&str], hold_ms: u32) -> Result<(), MaqetError>;
+    fn type_text(&self, text: &str) -> Result<(), MaqetError>;
+    /// A readable fd holding a PNG of the display.
+    fn screendump(&self) -> Result<OwnedFd, MaqetError>;
 
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;
@@ -120,12 +128,55 @@ pub trait Vm {
     fn vm_status_changed(&self, status: &str, previous: &str, reason: &str) -> zbus::Result<()>;
 }
 
+#[proxy(
+    interface = "org.maqet.Maqet1.QMP",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Qmp {
+    /// Runs a QMP command (arguments: empty or a JSON object); returns QEMU's `return`
+    /// as JSON.
+    fn execute(
+        &self,
+        command: &str,
+        arguments_json: &str,
+        allow_dangerous: bool,
+    ) -> Result<String, MaqetError>;
+    fn device_add(
+        &self,
+        driver: &str,
+        id: &str,
+        properties: HashMap<&str, Variant<'_>>,
+    ) -> Result<(), MaqetError>;
+    /// Returns once QEMU has removed the device; `Timeout` while removal is pending.
+    fn device_del(&self, id: &str) -> Result<(), MaqetError>;
+
+    /// Every asynchronous QMP event of the VM, with QEMU's timestamp (µs).
+    #[zbus(signal)]
+    fn event(&self, name: &str, data_json: &str, timestamp: u64) -> zbus::Result<()>;
+}
+
 /// Builds a VM proxy for an object path, without property caching (a CLI reads once).
 pub async fn vm_proxy<'a>(
     conn: &zbus::Connection,
     path: OwnedObjectPath,
 ) -> zbus::Result<VmProxy<'a>> {
-    VmProxy::builder(conn)
+    proxy_at(conn, path).await
+}
+
+/// Builds a QMP proxy for a VM object path.
+pub async fn qmp_proxy<'a>(
+    conn: &zbus::Connection,
+    path: OwnedObjectPath,
+) -> zbus::Result<QmpProxy<'a>> {
+    proxy_at(conn, path).await
+}
+
+async fn proxy_at<'a, T>(conn: &zbus::Connection, path: OwnedObjectPath) -> zbus::Result<T>
+where
+    T: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<T>::new(conn)
         .path(path)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()

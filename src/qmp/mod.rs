@@ -4,11 +4,13 @@
 //! greeting and capabilities negotiation, matches command replies to requests by `id`,
 //! and forwards asynchronous events, in order, to one channel. Which commands to send and
 //! what an event means for a VM's lifecycle belong to the VM supervisor. [`keys`] turns
-//! key names and text into `send-key` arguments.
+//! key names and text into `send-key` arguments; [`classify`] holds the one table of
+//! which commands a D-Bus caller may pass through, and under which policy action.
 //!
 //! The client is hand-written against QEMU 7.2's QMP (see `docs/interop/qmp-spec`); the
 //! schema-generated crates target newer QEMU releases (STACK.md).
 
+pub mod classify;
 mod client;
 mod error;
 pub mod keys;

@@ -11,6 +11,7 @@ mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
+mod qmp_iface;
 mod vm_iface;
 mod vm_objects;
 
@@ -30,6 +31,7 @@ use idle::Idle;
 
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
+pub use qmp_iface::QmpIface;
 pub use vm_iface::VmIface;
 
 /// What every interface object shares.

@@ -11,9 +11,9 @@ use zbus::object_server::SignalEmitter;
 
 use std::sync::Arc;
 
-use super::VmIface;
 use super::idle::Idle;
 use super::properties::{STATUS_PROPERTIES, vm_property};
+use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
 use crate::vm::VmInfo;
@@ -46,7 +46,15 @@ async fn emit(conn: &Connection, ev: CoreEvent) -> zbus::Result<()> {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
             properties_changed(&emitter, &info, names).await
         }
-        CoreEvent::Qmp { .. } => Ok(()),
+        CoreEvent::Qmp {
+            vm,
+            name,
+            data_json,
+            timestamp_us,
+        } => {
+            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
+            QmpIface::event(&emitter, &name, &data_json, timestamp_us).await
+        }
     }
 }
 

@@ -157,6 +157,55 @@ impl VmIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Presses each key combination (`ctrl-alt-f2`, `ret`) in turn, each held `hold_ms`
+    /// (0 = 100 ms); returns once the last is released. Unknown keys are refused before
+    /// anything is sent.
+    async fn send_keys(
+        &self,
+        keys: Vec<String>,
+        hold_ms: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        // Never the keys themselves: they may be a password.
+        let req = self.req(Action::Console, "SendKeys").with_args(format!(
+            "{} key combinations, hold_ms={hold_ms}",
+            keys.len()
+        ));
+        let work = self.vm.send_keys(&keys, hold_ms);
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Types text on a US keyboard layout (`\n` is Enter, `\t` Tab); returns once it is
+    /// typed. A character the layout cannot type is refused before anything is sent.
+    async fn type_text(
+        &self,
+        text: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self
+            .req(Action::Console, "TypeText")
+            .with_args(format!("{} characters", text.chars().count()));
+        let work = self.vm.type_text(text);
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// A PNG of the display, as a readable file descriptor (the file has no name left).
+    #[zbus(out_args("png"))]
+    async fn screendump(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, MaqetError> {
+        let req = self.req(Action::Console, "Screendump");
+        let work = async {
+            let file = self.vm.screendump().await?;
+            Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(file)))
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> String {
         self.vm.id().to_string()

@@ -15,11 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::process::Process;
+use crate::qmp::classify::QMP_CHARDEV_ID;
 
 /// The fd number QEMU finds its QMP listening socket at.
 const QMP_FD: RawFd = 3;
-/// The chardev id of maqet's own monitor (QMP passthrough refuses to touch it).
-pub const QMP_CHARDEV_ID: &str = "maqet-qmp";
 /// Logs above this size are rotated to `<id>.log.1` when a VM starts.
 const LOG_ROTATE_BYTES: u64 = 1024 * 1024;
 /// How much of QEMU's output a start failure carries.

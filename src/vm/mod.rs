@@ -8,6 +8,7 @@
 //! [`EventSink`].
 
 pub mod launch;
+mod monitor;
 pub mod process;
 pub mod status;
 mod supervisor;
@@ -30,6 +31,7 @@ use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::time::now_us;
+pub use monitor::DEVICE_DEL_WAIT;
 use process::{ExitInfo, Process};
 pub use status::{Operation, Status};
 
@@ -724,17 +726,9 @@ impl Vm {
             }
             WaitCondition::Event(name) => {
                 let mut rx = self.qmp_events.subscribe();
-                let wait = async {
-                    loop {
-                        match rx.recv().await {
-                            Ok((n, data)) if &n == name => return Some(data.to_string()),
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(broadcast::error::RecvError::Closed) => return None,
-                        }
-                    }
-                };
+                let wait = next_qmp_event(&mut rx, |n, _| n == name);
                 match tokio::time::timeout(limit, wait).await {
-                    Ok(Some(data)) => Ok(data),
+                    Ok(Some(data)) => Ok(data.to_string()),
                     _ => Err(timeout()),
                 }
             }
@@ -794,6 +788,7 @@ impl Vm {
     fn cleanup_runtime_dir(&self) {
         let dir = self.ctx.paths.vm_runtime_dir(&self.id);
         let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        monitor::remove_stale_screendumps(&dir);
         let _ = std::fs::remove_dir(&dir);
     }
 
@@ -891,6 +886,20 @@ impl Vm {
         });
         supervisor::spawn(self.clone(), runtime, rx);
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
+    }
+}
+
+/// The data of the next QMP event `matches` accepts; `None` once no more can come.
+async fn next_qmp_event(
+    rx: &mut broadcast::Receiver<(String, Value)>,
+    matches: impl Fn(&str, &Value) -> bool,
+) -> Option<Value> {
+    loop {
+        match rx.recv().await {
+            Ok((name, data)) if matches(&name, &data) => return Some(data),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
     }
 }
 

@@ -8,10 +8,12 @@
 
 pub mod guest;
 
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use maqet::client::{ManagerProxy, VmProxy, vm_proxy};
@@ -35,8 +37,11 @@ pub fn maqet_bin() -> &'static str {
     env!("CARGO_BIN_EXE_maqet")
 }
 
-/// KVM when this user can use it, TCG otherwise.
+/// KVM when this user can use it, TCG otherwise (`MAQET_TEST_ACCEL=tcg` forces TCG).
 pub fn accel() -> &'static str {
+    if std::env::var("MAQET_TEST_ACCEL").is_ok_and(|a| a == "tcg") {
+        return "tcg";
+    }
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -196,12 +201,17 @@ impl Bus {
         }
     }
 
-    /// The `maqet` CLI against this bus.
-    pub fn maqet(&self, args: &[&str]) -> Output {
+    /// The `maqet` CLI against this bus, to run as the caller likes.
+    pub fn maqet_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(maqet_bin());
         cmd.args(args).stdin(Stdio::null());
         self.with_env(&mut cmd);
-        cmd.output().expect("run maqet")
+        cmd
+    }
+
+    /// The `maqet` CLI against this bus.
+    pub fn maqet(&self, args: &[&str]) -> Output {
+        self.maqet_command(args).output().expect("run maqet")
     }
 
     /// `busctl` against this bus.
@@ -304,6 +314,56 @@ impl StatusWatch {
         tokio::time::timeout(TIMEOUT, fut)
             .await
             .unwrap_or_else(|_| panic!("no StatusChanged to {want} within {TIMEOUT:?}"))
+    }
+}
+
+/// A long-running command (`gdbus monitor`, `maqet events`) whose output lines (stdout
+/// and stderr, as they come) a test waits for; killed when dropped.
+pub struct ChildLines {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl ChildLines {
+    pub fn spawn(mut cmd: Command) -> ChildLines {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn a monitoring command");
+        let (tx, lines) = mpsc::channel::<String>();
+        fn forward(from: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(from).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        forward(child.stdout.take().unwrap(), tx.clone());
+        forward(child.stderr.take().unwrap(), tx);
+        ChildLines { child, lines }
+    }
+
+    /// The next line `pred` accepts, within [`TIMEOUT`].
+    pub fn next_matching(&self, pred: &dyn Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no matching line from the monitoring command: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for ChildLines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,251 @@
+//! What a caller does to a running VM through its monitor: QMP passthrough of classified
+//! commands, keys and text, screendumps, and device hot-plug.
+//!
+//! Owns how these are carried out (what is checked before anything is sent, how long
+//! each may take, where a screendump is written). Which commands are allowed, and under
+//! which action, is [`crate::qmp::classify`]'s business; the D-Bus adapters ask the
+//! access gate before calling in here.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{QMP_TIMEOUT, REPLY_LIMIT, Vm, next_qmp_event, qmp_error};
+use crate::error::MaqetError;
+use crate::qmp::classify::Command;
+use crate::qmp::{QmpError, keys};
+
+/// How long `DeviceDel` waits for QEMU's `DEVICE_DELETED`. Linux answers a PCIe
+/// attention button after 5 s, so this leaves room for a cooperating guest.
+pub const DEVICE_DEL_WAIT: Duration = Duration::from_secs(10);
+/// QEMU's own `send-key` default, used when the caller passes 0.
+const DEFAULT_HOLD_MS: u32 = 100;
+/// The longest a single key may be held.
+const MAX_HOLD_MS: u32 = 10_000;
+/// How long each typed character is held.
+const TYPE_HOLD_MS: u32 = 20;
+/// QEMU queues at most 4096 input events and silently drops the rest; a character
+/// takes up to 5 (two presses, a delay, two releases), so one call stays well below.
+const MAX_TYPE_CHARS: usize = 500;
+/// A keys or text call waits until QEMU has released the last key, and must still
+/// answer within the bus's reply timeout.
+const MAX_KEY_TIME: Duration = Duration::from_secs(15);
+/// Screendump files are created under this prefix in the VM's runtime directory.
+const SCREENDUMP_PREFIX: &str = "screendump-";
+
+impl Vm {
+    /// Sends a classified command and returns QEMU's `return` value.
+    pub async fn execute(&self, cmd: Command) -> Result<Value, MaqetError> {
+        let qmp = self.qmp()?;
+        // Tell the supervisor these were asked for, so the exit reads as a stop (not a
+        // crash) and the pause as requested (not QEMU's doing).
+        match cmd.name.as_str() {
+            "quit" => self.note_quit_requested(),
+            "stop" => {
+                if let Some(rt) = self.runtime() {
+                    rt.pause_requested.store(true, Ordering::SeqCst);
+                }
+            }
+            _ => {}
+        }
+        qmp.execute_timeout(&cmd.name, cmd.arguments.map(Value::Object), REPLY_LIMIT)
+            .await
+            .map_err(|e| qmp_error(&self.name(), e))
+    }
+
+    /// Presses each combo (`ctrl-alt-f2`) in turn, each held `hold_ms` (0: QEMU's
+    /// default). Every combo is checked before the first is sent. Returns once QEMU has
+    /// released the last key.
+    pub async fn send_keys(&self, combos: &[String], hold_ms: u32) -> Result<(), MaqetError> {
+        let hold = if hold_ms == 0 {
+            DEFAULT_HOLD_MS
+        } else {
+            hold_ms
+        };
+        if hold > MAX_HOLD_MS {
+            return Err(MaqetError::InvalidArgument(format!(
+                "hold time {hold} ms is too long: at most {MAX_HOLD_MS} ms"
+            )));
+        }
+        if combos.is_empty() {
+            return Err(MaqetError::InvalidArgument(
+                "no keys given: pass one or more key combinations such as ctrl-alt-delete".into(),
+            ));
+        }
+        let parsed = combos
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                keys::parse_combo(c).map_err(|e| {
+                    MaqetError::InvalidArgument(format!("key combination {} ('{c}'): {e}", i + 1))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.press(&parsed, hold).await
+    }
+
+    /// Types `text` on a US layout (shift, newline and tab included). Every character is
+    /// checked before the first key is sent. Returns once the text has been typed.
+    pub async fn type_text(&self, text: &str) -> Result<(), MaqetError> {
+        let count = text.chars().count();
+        if count > MAX_TYPE_CHARS {
+            return Err(MaqetError::InvalidArgument(format!(
+                "text of {count} characters is too long: type at most {MAX_TYPE_CHARS} per call \
+                 (QEMU drops keys beyond its input queue)"
+            )));
+        }
+        let combos =
+            keys::text_to_combos(text).map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
+        self.press(&combos, TYPE_HOLD_MS).await
+    }
+
+    /// Sends `send-key` per combo, then waits for QEMU to work through them: it queues
+    /// the keys and plays each combo's hold time in turn.
+    async fn press(&self, combos: &[Vec<String>], hold_ms: u32) -> Result<(), MaqetError> {
+        let typing = Duration::from_millis(u64::from(hold_ms)) * combos.len() as u32;
+        if typing > MAX_KEY_TIME {
+            return Err(MaqetError::InvalidArgument(format!(
+                "{} key presses held {hold_ms} ms each take {} s; one call may take at most {} s",
+                combos.len(),
+                typing.as_secs(),
+                MAX_KEY_TIME.as_secs()
+            )));
+        }
+        let qmp = self.qmp()?;
+        for combo in combos {
+            let arguments = keys::send_key_arguments(combo, Some(hold_ms));
+            qmp.execute_timeout("send-key", Some(arguments), QMP_TIMEOUT)
+                .await
+                .map_err(|e| qmp_error(&self.name(), e))?;
+        }
+        tokio::time::sleep(typing).await;
+        Ok(())
+    }
+
+    /// A PNG of the VM's display, as an open file that no longer has a name.
+    ///
+    /// QEMU opens the target by path in its own process, so maqet creates an owner-only
+    /// file in the VM's 0700 runtime directory, has QEMU write it, opens it and removes
+    /// the name before returning (on every path; stale ones go with the directory).
+    pub async fn screendump(&self) -> Result<File, MaqetError> {
+        let qmp = self.qmp()?;
+        let dir = self.ctx.paths.vm_runtime_dir(&self.id);
+        let target = ScreendumpFile::create(&dir)?;
+        let filename = target.path.to_str().ok_or_else(|| {
+            MaqetError::Internal(format!(
+                "the runtime directory {} is not UTF-8; QMP cannot name it",
+                dir.display()
+            ))
+        })?;
+        let arguments = json!({"filename": filename, "format": "png"});
+        qmp.execute_timeout("screendump", Some(arguments), REPLY_LIMIT)
+            .await
+            .map_err(|e| screendump_error(&self.name(), e))?;
+        let file = File::open(&target.path).map_err(|e| {
+            MaqetError::Internal(format!("cannot open the screendump QEMU wrote: {e}"))
+        })?;
+        drop(target);
+        Ok(file)
+    }
+
+    /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past
+    /// [`DEVICE_DEL_WAIT`] the removal is still pending (the guest has not released the
+    /// device): that is a `Timeout`, and the event may still come later.
+    pub async fn device_del(&self, id: &str, cmd: Command) -> Result<(), MaqetError> {
+        // Subscribe before sending: a device without a guest to ask goes at once.
+        let mut events = self.subscribe_qmp();
+        self.execute(cmd).await?;
+        let deleted = next_qmp_event(&mut events, |name, data| {
+            name == "DEVICE_DELETED" && data.get("device").and_then(Value::as_str) == Some(id)
+        });
+        let mut status = self.status_tx.subscribe();
+        let outcome = tokio::time::timeout(DEVICE_DEL_WAIT, async {
+            tokio::select! {
+                data = deleted => data.is_some(),
+                _ = status.wait_for(|s| !s.has_process()) => false,
+            }
+        });
+        match outcome.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(MaqetError::InvalidState(format!(
+                "VM '{}' stopped before QEMU removed device '{id}'",
+                self.name()
+            ))),
+            Err(_) => Err(MaqetError::Timeout(format!(
+                "VM '{}': QEMU accepted the removal of device '{id}' but has not completed it \
+                 within {} s; it stays pending until the guest releases the device (PCI \
+                 hot-unplug needs a guest OS that handles it). Watch for the DEVICE_DELETED \
+                 event (maqet events {0}) or look in qom-list /machine/peripheral",
+                self.name(),
+                DEVICE_DEL_WAIT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// QEMU's answer for a VM without a display, with what to do about it.
+fn screendump_error(vm: &str, e: QmpError) -> MaqetError {
+    match e {
+        QmpError::Command { class, desc } if desc.contains("no console") => {
+            MaqetError::Qmp(format!(
+                "{class}: {desc}. VM '{vm}' has no display device: add one to its config \
+                 (e.g. `vga: std`) and restart it"
+            ))
+        }
+        other => qmp_error(vm, other),
+    }
+}
+
+/// A screendump target whose name is removed when this is dropped.
+struct ScreendumpFile {
+    path: PathBuf,
+}
+
+impl ScreendumpFile {
+    /// Created by maqetd, exclusive and owner-only, so the name cannot be someone
+    /// else's file and nobody else can read what QEMU writes into it.
+    fn create(dir: &Path) -> Result<ScreendumpFile, MaqetError> {
+        let path = dir.join(format!(
+            "{SCREENDUMP_PREFIX}{}.png",
+            uuid::Uuid::new_v4().simple()
+        ));
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                MaqetError::Internal(format!(
+                    "cannot create a screendump file in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        Ok(ScreendumpFile { path })
+    }
+}
+
+impl Drop for ScreendumpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes screendump files a crash between QEMU's write and the unlink left behind.
+pub(super) fn remove_stale_screendumps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(SCREENDUMP_PREFIX))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}

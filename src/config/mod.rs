@@ -36,7 +36,8 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use diag::{ConfigError, Diagnostic};
+pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub(crate) use paths::find_binary;
 pub use size::parse_size;
 pub use storage::{Interface, StorageEntry, StorageKind};
 

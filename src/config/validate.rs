@@ -85,11 +85,8 @@ impl<'c, 'a> Cx<'c, 'a> {
             Ok(()) => Some(path),
             Err(why) => {
                 let hint = "keep VM files in your home or VM directory";
-                self.diags.error_hint(
-                    &node.loc,
-                    format!("path `{path}` is not allowed: {why}"),
-                    hint,
-                );
+                let message = format!("path `{path}` is not allowed: {why}");
+                self.diags.dangerous(&node.loc, message, hint);
                 None
             }
         }

@@ -68,10 +68,18 @@ impl Ctx {
         })
     }
 
-    /// Parses and validates config sources with this service's environment.
+    /// Parses and validates config sources with this service's environment. A config
+    /// whose only problems are dangerous locations is a `Storage` error (the YAML is
+    /// fine, the place is not); anything else is `InvalidConfig`.
     pub fn load_config(&self, sources: &[ConfigSource]) -> Result<VmConfig, MaqetError> {
         self.with_validation(|v| config::load(sources, v))
-            .map_err(|e| MaqetError::InvalidConfig(e.to_string()))
+            .map_err(|e| {
+                if e.only_dangerous_locations() {
+                    MaqetError::Storage(e.to_string())
+                } else {
+                    MaqetError::InvalidConfig(e.to_string())
+                }
+            })
     }
 
     /// Re-reads a stored (merged, absolute) config; the binary is checked at start.

@@ -2,16 +2,19 @@
 //! (its CLI) are thin binaries over this library; see `docs/architecture.md`.
 
 pub mod access;
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod jobs;
 pub mod logging;
 pub mod manager;
 pub mod paths;
 pub mod qmp;
 pub mod service;
+pub mod snapshot;
 pub mod storage;
 pub mod store;
 pub mod time;

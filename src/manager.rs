@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::{self, ConfigSource};
 use crate::error::MaqetError;
+use crate::jobs::JobRegistry;
 use crate::store::VmRecord;
 use crate::time::now_us;
 use crate::vm::{Ctx, Operation, Status, Vm, store_error};
@@ -25,6 +26,7 @@ struct Registry {
 pub struct Manager {
     ctx: Arc<Ctx>,
     registry: RwLock<Registry>,
+    jobs: JobRegistry,
 }
 
 impl std::fmt::Debug for Manager {
@@ -49,11 +51,17 @@ impl Manager {
         Ok(Arc::new(Manager {
             ctx,
             registry: RwLock::new(reg),
+            jobs: JobRegistry::default(),
         }))
     }
 
     pub fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx
+    }
+
+    /// Where snapshot (and future) jobs get their ids.
+    pub fn jobs(&self) -> &JobRegistry {
+        &self.jobs
     }
 
     /// Re-attaches to every QEMU the database says is alive (after a maqetd restart).
@@ -228,6 +236,8 @@ impl Manager {
         delete_storage: bool,
     ) -> Result<Vec<PathBuf>, MaqetError> {
         let _op = vm.lock_ops().await;
+        // Even with force: a snapshot job may be writing the files being removed.
+        vm.ensure_idle()?;
         let status = vm.status();
         if !Operation::Remove.is_allowed(status) {
             if !force {

@@ -256,8 +256,13 @@ impl Manager {
                     Ok(()) => deleted.push(path),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
+                        let done = if deleted.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (already deleted: {})", list_paths(&deleted))
+                        };
                         return Err(MaqetError::Storage(format!(
-                            "cannot delete {}: {e}; nothing was removed",
+                            "cannot delete {}: {e}; the VM was not removed{done}",
                             path.display()
                         )));
                     }
@@ -265,6 +270,21 @@ impl Manager {
             }
         }
         let name = vm.name();
+        if !deleted.is_empty() {
+            // History outlives the VM: this is where "what did it delete" stays answerable.
+            let reason = format!(
+                "deleted disk images maqet created: {}",
+                list_paths(&deleted)
+            );
+            let detail = serde_json::json!({ "deleted": deleted });
+            if let Err(e) =
+                self.ctx
+                    .store
+                    .add_event(vm.id(), &name, "storage", &reason, Some(&detail))
+            {
+                tracing::warn!(vm = %name, error = %e, "cannot record deleted disks in history");
+            }
+        }
         {
             let mut reg = self.registry.write().unwrap();
             self.ctx.store.remove_vm(vm.id()).map_err(store_error)?;
@@ -276,4 +296,12 @@ impl Manager {
         tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
         Ok(deleted)
     }
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

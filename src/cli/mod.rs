@@ -4,6 +4,8 @@
 mod exit;
 mod output;
 mod session;
+mod snapshot;
+mod storage;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -103,11 +105,29 @@ pub enum Command {
         /// Only this VM.
         vm: Option<String>,
     },
+    /// Snapshots: create, load, rm, ls.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
+    /// A VM's disks and shares: ls, verify.
+    Storage {
+        #[command(subcommand)]
+        command: storage::StorageCommand,
+    },
 }
 
-async fn run(cli: Cli) -> Result<(), MaqetError> {
+async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
     let s = session::Session::connect(cli.json).await?;
     match cli.command {
+        Command::Storage { command } => {
+            // A verification that found problems has printed them; only the code says so.
+            return Ok(match storage::run(&s, command).await? {
+                true => ExitCode::Ok,
+                false => ExitCode::Failure,
+            });
+        }
+        Command::Snapshot { command } => snapshot::run(&s, command).await,
         Command::Add {
             name,
             configs,
@@ -155,6 +175,7 @@ async fn run(cli: Cli) -> Result<(), MaqetError> {
         } => vm::wait(&s, &vm, &condition, timeout).await,
         Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
     }
+    .map(|()| ExitCode::Ok)
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -172,7 +193,7 @@ pub fn main() -> std::process::ExitCode {
     };
     let json = cli.json;
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::Ok.into(),
+        Ok(code) => code.into(),
         Err(e) => {
             let code = ExitCode::for_error(&e);
             output::print_error(&e, json);

@@ -9,8 +9,8 @@ use zbus::connection::Builder;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 
 use super::properties::{VM_PROPERTIES, vm_properties};
-use super::{Shared, VmIface};
-use crate::client::{VM_INTERFACE, vm_path};
+use super::{Shared, SnapshotsIface, StorageIface, VmIface};
+use crate::client::{SNAPSHOTS_INTERFACE, STORAGE_INTERFACE, VM_INTERFACE, vm_path};
 use crate::vm::{Vm, VmInfo};
 
 /// Interfaces with their properties, as `GetManagedObjects` and `InterfacesAdded` carry
@@ -19,7 +19,14 @@ pub type InterfaceProps = HashMap<String, HashMap<String, OwnedVariant>>;
 
 /// Registers a VM's objects on a connection that is being built.
 pub fn serve_on<'a>(builder: Builder<'a>, shared: &Arc<Shared>, vm: &Arc<Vm>) -> Builder<'a> {
-    builder.serve_at(vm_path(vm.id()), VmIface::new(shared.clone(), vm.clone()))
+    let path = vm_path(vm.id());
+    builder
+        .serve_at(path.clone(), VmIface::new(shared.clone(), vm.clone()))
+        .serve_at(
+            path.clone(),
+            SnapshotsIface::new(shared.clone(), vm.clone()),
+        )
+        .serve_at(path, StorageIface::new(shared.clone(), vm.clone()))
 }
 
 /// Registers a new VM's objects on a live connection.
@@ -33,6 +40,12 @@ pub async fn publish(
     server
         .at(&path, VmIface::new(shared.clone(), vm.clone()))
         .await?;
+    server
+        .at(&path, SnapshotsIface::new(shared.clone(), vm.clone()))
+        .await?;
+    server
+        .at(&path, StorageIface::new(shared.clone(), vm.clone()))
+        .await?;
     Ok(path)
 }
 
@@ -43,12 +56,17 @@ pub async fn unpublish(
 ) -> zbus::Result<Vec<&'static str>> {
     let server = conn.object_server();
     server.remove::<VmIface, _>(path).await?;
-    Ok(vec![VM_INTERFACE])
+    server.remove::<SnapshotsIface, _>(path).await?;
+    server.remove::<StorageIface, _>(path).await?;
+    Ok(vec![VM_INTERFACE, SNAPSHOTS_INTERFACE, STORAGE_INTERFACE])
 }
 
 /// A VM's interfaces and their properties.
 pub fn interfaces(info: &VmInfo) -> InterfaceProps {
     let mut ifaces = HashMap::new();
     ifaces.insert(VM_INTERFACE.to_string(), vm_properties(info, VM_PROPERTIES));
+    // No properties: listed so clients see the interfaces exist.
+    ifaces.insert(SNAPSHOTS_INTERFACE.to_string(), HashMap::new());
+    ifaces.insert(STORAGE_INTERFACE.to_string(), HashMap::new());
     ifaces
 }

@@ -72,26 +72,27 @@ impl Ctx {
         })
     }
 
-    /// Parses and validates config sources with this service's environment. A config
-    /// whose only problems are dangerous locations is a `Storage` error (the YAML is
-    /// fine, the place is not); anything else is `InvalidConfig`.
+    /// Parses and validates config sources with this service's environment.
     pub fn load_config(&self, sources: &[ConfigSource]) -> Result<VmConfig, MaqetError> {
         self.with_validation(|v| config::load(sources, v))
-            .map_err(|e| {
-                if e.only_dangerous_locations() {
-                    MaqetError::Storage(e.to_string())
-                } else {
-                    MaqetError::InvalidConfig(e.to_string())
-                }
-            })
+            .map_err(|e| config_error(&e, ""))
     }
 
     /// Re-reads a stored (merged, absolute) config; the binary is checked at start.
     pub fn load_stored_config(&self, yaml: &str) -> Result<VmConfig, MaqetError> {
         self.with_validation(|v| config::load_stored(yaml, v))
-            .map_err(|e| {
-                MaqetError::InvalidConfig(format!("the stored config no longer validates: {e}"))
-            })
+            .map_err(|e| config_error(&e, "the stored config no longer validates: "))
+    }
+}
+
+/// A config whose only problems are dangerous locations is a `Storage` error (the
+/// YAML is fine, the place is not); anything else is `InvalidConfig`.
+fn config_error(e: &config::ConfigError, prefix: &str) -> MaqetError {
+    let message = format!("{prefix}{e}");
+    if e.only_dangerous_locations() {
+        MaqetError::Storage(message)
+    } else {
+        MaqetError::InvalidConfig(message)
     }
 }
 

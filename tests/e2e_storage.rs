@@ -42,6 +42,22 @@ fn user_disk(path: &Path, format: &str) {
     qemu_img(&["create", "-q", "-f", format, path.to_str().unwrap(), "32M"]);
 }
 
+/// Adds VM `name` with one qcow2 disk `root` at `<bus root>/<name>.qcow2` (made first
+/// with qemu-img when `brought`, else left for maqet to create on start).
+async fn one_disk_vm(
+    bus: &Bus,
+    conn: &Connection,
+    name: &str,
+    brought: bool,
+) -> (VmProxy<'static>, PathBuf) {
+    let disk = bus.root().join(format!("{name}.qcow2"));
+    if brought {
+        user_disk(&disk, "qcow2");
+    }
+    let yaml = vm_with_disks(name, &[qcow2_entry("root", &disk, "64M")]);
+    (bus.add(conn, "", &yaml).await, disk)
+}
+
 fn snapshot_names_on(path: &Path) -> Vec<String> {
     let info = qemu_img(&["info", "-U", "--output=json", path.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -262,14 +278,7 @@ async fn dangerous_locations_are_refused_and_nothing_is_written() {
 async fn live_snapshots_keep_the_vm_running() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let disk = bus.root().join("live.qcow2");
-    let vm = bus
-        .add(
-            &conn,
-            "",
-            &vm_with_disks("live", &[qcow2_entry("root", &disk, "64M")]),
-        )
-        .await;
+    let (vm, _) = one_disk_vm(&bus, &conn, "live", false).await;
     let mut watch = StatusWatch::new(&vm).await;
     vm.start().await.unwrap();
     watch.until("running").await;
@@ -333,15 +342,7 @@ async fn live_snapshots_keep_the_vm_running() {
 async fn offline_snapshots_through_the_cli() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let disk = bus.root().join("off.qcow2");
-    user_disk(&disk, "qcow2");
-    let _vm = bus
-        .add(
-            &conn,
-            "",
-            &vm_with_disks("off", &[qcow2_entry("root", &disk, "32M")]),
-        )
-        .await;
+    let (_vm, disk) = one_disk_vm(&bus, &conn, "off", true).await;
 
     let out = bus.maqet(&["--json", "snapshot", "create", "off", "first"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -387,15 +388,7 @@ fn stuck_qemu_img() -> String {
 async fn cancelling_an_offline_job_kills_qemu_img_and_leaves_nothing() {
     let bus = Bus::start_with_tools(&[("qemu-img", &stuck_qemu_img())]);
     let conn = bus.conn().await;
-    let disk = bus.root().join("slow.qcow2");
-    user_disk(&disk, "qcow2");
-    let vm = bus
-        .add(
-            &conn,
-            "",
-            &vm_with_disks("slow", &[qcow2_entry("root", &disk, "32M")]),
-        )
-        .await;
+    let (vm, disk) = one_disk_vm(&bus, &conn, "slow", true).await;
     let snaps = snapshots(&conn, &vm).await;
     let path = snaps.create("never", no_overwrite()).await.unwrap();
     let job: JobProxy = proxy_at(&conn, path.clone()).await.unwrap();
@@ -429,14 +422,7 @@ async fn cancelling_an_offline_job_kills_qemu_img_and_leaves_nothing() {
 async fn cancelling_a_live_job_ends_consistently() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let disk = bus.root().join("lc.qcow2");
-    let vm = bus
-        .add(
-            &conn,
-            "",
-            &vm_with_disks("lc", &[qcow2_entry("root", &disk, "64M")]),
-        )
-        .await;
+    let (vm, _) = one_disk_vm(&bus, &conn, "lc", false).await;
     vm.start().await.unwrap();
     let snaps = snapshots(&conn, &vm).await;
     let path = snaps.create("maybe", no_overwrite()).await.unwrap();
@@ -469,22 +455,16 @@ async fn raw_disks_and_diskless_vms_cannot_have_snapshots() {
         qcow2_entry("a", &qcow, "32M"),
         format!("{{name: b, type: raw, file: '{}'}}", raw.display()),
     ];
-    let vm = bus.add(&conn, "", &vm_with_disks("mixed", &entries)).await;
-    let err = snapshots(&conn, &vm)
-        .await
-        .create("x", no_overwrite())
-        .await
-        .unwrap_err();
-    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage");
-    assert!(err.to_string().contains("raw"), "{err}");
-    assert!(snapshot_names_on(&qcow).is_empty());
-
+    let mixed = bus.add(&conn, "", &vm_with_disks("mixed", &entries)).await;
     let bare = bus.add(&conn, "", &tiny_vm_yaml("bare")).await;
-    let err = snapshots(&conn, &bare)
-        .await
-        .create("x", no_overwrite())
-        .await
-        .unwrap_err();
-    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage");
-    assert!(err.to_string().contains("no disks"), "{err}");
+    for (vm, why) in [(mixed, "is a raw image"), (bare, "has no disks")] {
+        let err = snapshots(&conn, &vm)
+            .await
+            .create("x", no_overwrite())
+            .await
+            .unwrap_err();
+        assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    assert!(snapshot_names_on(&qcow).is_empty());
 }

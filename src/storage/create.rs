@@ -181,6 +181,15 @@ mod tests {
         assert!(!Path::new("/etc/x.qcow2").exists());
     }
 
+    fn new_image(path: &Path, kind: StorageKind, size: Option<u64>) -> NewImage<'_> {
+        NewImage {
+            path,
+            kind,
+            size,
+            backing: None,
+        }
+    }
+
     fn qemu_img() -> Option<QemuImg> {
         QemuImg::find(std::env::var_os("PATH").as_deref()).ok()
     }
@@ -193,12 +202,7 @@ mod tests {
         };
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("d/root.qcow2");
-        let spec = NewImage {
-            path: &path,
-            kind: StorageKind::Qcow2,
-            size: Some(1 << 20),
-            backing: None,
-        };
+        let spec = new_image(&path, StorageKind::Qcow2, Some(1 << 20));
         let home = Path::new("/nonexistent-home");
         assert_eq!(
             create_image(&img, &spec, home).await.unwrap(),
@@ -243,12 +247,7 @@ mod tests {
         let link = tmp.path().join("innocent");
         std::os::unix::fs::symlink("/etc", &link).unwrap();
         let path = link.join("maqet-test-x.qcow2");
-        let spec = NewImage {
-            path: &path,
-            kind: StorageKind::Qcow2,
-            size: Some(1 << 20),
-            backing: None,
-        };
+        let spec = new_image(&path, StorageKind::Qcow2, Some(1 << 20));
         let err = create_image(&img, &spec, Path::new("/home/u"))
             .await
             .unwrap_err();
@@ -264,12 +263,7 @@ mod tests {
         };
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("x.img");
-        let spec = NewImage {
-            path: &path,
-            kind: StorageKind::Raw,
-            size: None,
-            backing: None,
-        };
+        let spec = new_image(&path, StorageKind::Raw, None);
         let err = create_image(&img, &spec, Path::new("/h"))
             .await
             .unwrap_err();

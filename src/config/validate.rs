@@ -84,7 +84,8 @@ impl<'c, 'a> Cx<'c, 'a> {
         match (self.ctx.check_path)(path.as_ref(), usage) {
             Ok(()) => Some(path),
             Err(why) => {
-                let hint = "choose a location of your own (docs/storage.md lists the refused places)";
+                let hint =
+                    "choose a location of your own (docs/storage.md lists the refused places)";
                 let message = format!("path `{path}` is not allowed: {why}");
                 self.diags.dangerous(&node.loc, message, hint);
                 None

@@ -7,17 +7,15 @@
 //! [`KEEP_FINISHED`] finished jobs are kept, older ones are removed as newer ones
 //! finish (no timers). The outcome is also in the VM's history for good.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use zbus::fdo::Properties;
 use zbus::message::Header;
-use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, Variant, interface};
 
 use super::Shared;
+use super::properties::emit_changed;
 use crate::access::{Action, Request};
 use crate::client::{JOB_INTERFACE, job_path, vm_path};
 use crate::error::MaqetError;
@@ -160,13 +158,7 @@ async fn properties_changed(
     if changed.is_empty() {
         return Ok(());
     }
-    Properties::properties_changed(
-        emitter,
-        InterfaceName::from_static_str_unchecked(JOB_INTERFACE),
-        changed,
-        Cow::Borrowed(&[]),
-    )
-    .await
+    emit_changed(emitter, JOB_INTERFACE, changed).await
 }
 
 /// Keeps the newest finished jobs; removes the oldest beyond [`KEEP_FINISHED`].

@@ -342,13 +342,28 @@ async fn live_snapshots_keep_the_vm_running() {
 async fn offline_snapshots_through_the_cli() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let (_vm, disk) = one_disk_vm(&bus, &conn, "off", true).await;
+    let (vm, disk) = one_disk_vm(&bus, &conn, "off", true).await;
 
     let out = bus.maqet(&["--json", "snapshot", "create", "off", "first"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let end: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(end["state"], "completed", "{end}");
     assert_eq!(snapshot_names_on(&disk), ["first"]);
+
+    // A job outlives the connection that started it.
+    let other = bus.conn().await;
+    let started = snapshots(
+        &other,
+        &bus.vm(&other, vm.inner().path().to_owned().into()).await,
+    )
+    .await
+    .create("second", no_overwrite())
+    .await
+    .unwrap();
+    drop(other);
+    let (state, message, _) = job_end(&conn, started).await;
+    assert_eq!(state, "completed", "{message}");
+    assert_eq!(snapshot_names_on(&disk), ["first", "second"]);
 
     let out = bus.maqet(&["snapshot", "ls", "off"]);
     assert!(stdout(&out).contains("first"), "{}", stdout(&out));
@@ -362,8 +377,10 @@ async fn offline_snapshots_through_the_cli() {
         "{}",
         stderr(&out)
     );
-    let out = bus.maqet(&["snapshot", "rm", "off", "first"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    for name in ["first", "second"] {
+        let out = bus.maqet(&["snapshot", "rm", "off", name]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    }
     assert!(snapshot_names_on(&disk).is_empty());
 }
 
@@ -401,9 +418,29 @@ async fn cancelling_an_offline_job_kills_qemu_img_and_leaves_nothing() {
     let err = snaps.delete("never").await.unwrap_err();
     assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.InvalidState");
 
+    // Subscribed before the cancel: the change of State must be announced.
+    let props = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination("org.maqet.Maqet1")
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
     job.cancel().await.unwrap();
     let (state, message, _) = job_end(&conn, path).await;
     assert_eq!(state, "cancelled", "{message}");
+    let announced = async {
+        while let Some(change) = changes.next().await {
+            let args = change.args().unwrap();
+            let state = args.changed_properties().get("State").cloned();
+            if let Some(v) = state {
+                return String::try_from(v.try_to_owned().unwrap()).unwrap();
+            }
+        }
+        panic!("PropertiesChanged stream ended");
+    };
+    let announced = tokio::time::timeout(TIMEOUT, announced).await.unwrap();
+    assert_eq!(announced, "cancelled");
     assert!(message.contains("no partial snapshot"), "{message}");
     assert!(
         bus.marked_processes("sleep").is_empty(),

@@ -240,7 +240,9 @@ impl Runner<'_> {
         };
         let reply = self.qmp.execute(command, Some(args));
         tokio::pin!(reply);
-        let (mut replied, mut cancel_sent) = (false, false);
+        // `cancel_done`: the cancel branch has fired (a receiver whose sender is gone
+        // fires at once, without a cancel); `cancel_sent`: QEMU was asked to cancel.
+        let (mut replied, mut cancel_done, mut cancel_sent) = (false, false, false);
         loop {
             tokio::select! {
                 r = &mut reply, if !replied => {
@@ -272,8 +274,9 @@ impl Runner<'_> {
                         return Err(JobEnd::Failed("QEMU went away during the snapshot".into()));
                     }
                 },
-                changed = async { cancel.wait_for(|c| *c).await.is_ok() }, if !cancel_sent => {
-                    cancel_sent = true;
+                changed = async { cancel.wait_for(|c| *c).await.is_ok() }, if !cancel_done => {
+                    cancel_done = true;
+                    cancel_sent = changed;
                     if changed {
                         // Refused once the job is past the point of no return; the
                         // job then simply ends on its own.

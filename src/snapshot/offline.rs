@@ -68,10 +68,11 @@ pub(super) async fn run(
                 .snapshot(SnapshotOp::Delete, name, &d.path, &mut cancel)
                 .await
             {
-                return ended(
-                    e,
-                    format!("replacing snapshot '{name}' on disk '{}'", d.name),
+                let note = format!(
+                    "while replacing the old snapshot '{name}' on disk '{}', which may now be gone from some disks",
+                    d.name
                 );
+                return ended(e, note);
             }
         }
     }

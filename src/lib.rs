@@ -2,6 +2,7 @@
 //! (its CLI) are thin binaries over this library; see `docs/architecture.md`.
 
 pub mod access;
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -9,12 +10,14 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod host;
+pub mod jobs;
 pub mod logging;
 pub mod manager;
 pub mod paths;
 pub mod qmp;
 pub mod service;
 pub mod settings;
+pub mod snapshot;
 pub mod storage;
 pub mod store;
 pub mod time;

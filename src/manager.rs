@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::{self, ConfigSource};
 use crate::error::MaqetError;
+use crate::jobs::JobRegistry;
 use crate::store::VmRecord;
 use crate::time::now_us;
 use crate::vm::{Ctx, Operation, Status, Vm, store_error};
@@ -25,6 +26,7 @@ struct Registry {
 pub struct Manager {
     ctx: Arc<Ctx>,
     registry: RwLock<Registry>,
+    jobs: JobRegistry,
 }
 
 impl std::fmt::Debug for Manager {
@@ -49,11 +51,17 @@ impl Manager {
         Ok(Arc::new(Manager {
             ctx,
             registry: RwLock::new(reg),
+            jobs: JobRegistry::default(),
         }))
     }
 
     pub fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx
+    }
+
+    /// Where snapshot (and future) jobs get their ids.
+    pub fn jobs(&self) -> &JobRegistry {
+        &self.jobs
     }
 
     /// Re-attaches to every QEMU the database says is alive (after a maqetd restart).
@@ -228,6 +236,8 @@ impl Manager {
         delete_storage: bool,
     ) -> Result<Vec<PathBuf>, MaqetError> {
         let _op = vm.lock_ops().await;
+        // Even with force: a snapshot job may be writing the files being removed.
+        vm.ensure_idle()?;
         let status = vm.status();
         if !Operation::Remove.is_allowed(status) {
             if !force {
@@ -246,8 +256,13 @@ impl Manager {
                     Ok(()) => deleted.push(path),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
+                        let done = if deleted.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (already deleted: {})", list_paths(&deleted))
+                        };
                         return Err(MaqetError::Storage(format!(
-                            "cannot delete {}: {e}; nothing was removed",
+                            "cannot delete {}: {e}; the VM was not removed{done}",
                             path.display()
                         )));
                     }
@@ -255,6 +270,21 @@ impl Manager {
             }
         }
         let name = vm.name();
+        if !deleted.is_empty() {
+            // History outlives the VM: this is where "what did it delete" stays answerable.
+            let reason = format!(
+                "deleted disk images maqet created: {}",
+                list_paths(&deleted)
+            );
+            let detail = serde_json::json!({ "deleted": deleted });
+            if let Err(e) =
+                self.ctx
+                    .store
+                    .add_event(vm.id(), &name, "storage", &reason, Some(&detail))
+            {
+                tracing::warn!(vm = %name, error = %e, "cannot record deleted disks in history");
+            }
+        }
         {
             let mut reg = self.registry.write().unwrap();
             self.ctx.store.remove_vm(vm.id()).map_err(store_error)?;
@@ -266,4 +296,12 @@ impl Manager {
         tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
         Ok(deleted)
     }
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -10,14 +10,18 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use common::{Bus, tiny_vm_yaml};
+use maqet::client::{SnapshotsProxy, proxy_at};
 use zbus::fdo::IntrospectableProxy;
 
 /// (object path, interface) pairs whose XML is part of the contract.
-fn contract(vm_path: &str) -> Vec<(String, &'static str)> {
+fn contract(vm_path: &str, job_path: &str) -> Vec<(String, &'static str)> {
     vec![
         ("/org/maqet/Maqet1".into(), "org.maqet.Maqet1.Manager"),
         (vm_path.into(), "org.maqet.Maqet1.VM"),
         (vm_path.into(), "org.maqet.Maqet1.QMP"),
+        (vm_path.into(), "org.maqet.Maqet1.Snapshots"),
+        (vm_path.into(), "org.maqet.Maqet1.Storage"),
+        (job_path.into(), "org.maqet.Maqet1.Job"),
     ]
 }
 
@@ -84,10 +88,30 @@ fn contract_file(iface: &str) -> PathBuf {
 async fn live_introspection_matches_the_interface_files() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let vm = bus.add(&conn, "", &tiny_vm_yaml("xml")).await;
+    // A VM with a disk, so a snapshot job (and its object) exists.
+    let disk = bus.root().join("xml.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let yaml = format!(
+        "{}storage:\n  - {{type: qcow2, file: '{}'}}\n",
+        tiny_vm_yaml("xml"),
+        disk.display()
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
     let vm_path = vm.inner().path().to_string();
+    let snapshots: SnapshotsProxy = proxy_at(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let job_path = snapshots
+        .create("xml", std::collections::HashMap::new())
+        .await
+        .unwrap()
+        .to_string();
     let bless = std::env::var_os("MAQET_BLESS_INTERFACES").is_some();
-    for (path, iface) in contract(&vm_path) {
+    for (path, iface) in contract(&vm_path, &job_path) {
         let live = IntrospectableProxy::builder(&conn)
             .destination("org.maqet.Maqet1")
             .path(path.as_str())

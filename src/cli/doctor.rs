@@ -4,6 +4,7 @@
 use comfy_table::{Table, presets};
 use serde::Serialize;
 
+use super::ExitCode;
 use super::output::print_json;
 use super::session::Session;
 use crate::error::MaqetError;
@@ -25,7 +26,8 @@ fn row(check: &str, status: &str, message: String, hint: &str) -> Row {
     }
 }
 
-pub async fn run(json: bool, fix: bool) -> Result<(), MaqetError> {
+/// Prints every finding; the exit code says whether any check failed.
+pub async fn run(json: bool, fix: bool) -> Result<ExitCode, MaqetError> {
     let mut rows = Vec::new();
     let session = match Session::connect(json).await {
         Ok(s) => {
@@ -97,11 +99,9 @@ pub async fn run(json: bool, fix: bool) -> Result<(), MaqetError> {
         }
         println!("{t}");
     }
-    if failed {
-        Err(MaqetError::Internal(
-            "maqet doctor found problems (see above)".into(),
-        ))
+    Ok(if failed {
+        ExitCode::Failure
     } else {
-        Ok(())
-    }
+        ExitCode::Ok
+    })
 }

@@ -6,6 +6,8 @@ mod exit;
 mod output;
 mod qmp;
 mod session;
+mod snapshot;
+mod storage;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -153,14 +155,32 @@ pub enum Command {
         #[command(subcommand)]
         action: qmp::DeviceCommand,
     },
+    /// Snapshots: create, load, rm, ls.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
+    /// A VM's disks and shares: ls, verify.
+    Storage {
+        #[command(subcommand)]
+        command: storage::StorageCommand,
+    },
 }
 
-async fn run(cli: Cli) -> Result<(), MaqetError> {
+async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
     if let Command::Doctor { fix } = cli.command {
         return doctor::run(cli.json, fix).await;
     }
     let s = session::Session::connect(cli.json).await?;
     match cli.command {
+        Command::Storage { command } => {
+            // A verification that found problems has printed them; only the code says so.
+            return Ok(match storage::run(&s, command).await? {
+                true => ExitCode::Ok,
+                false => ExitCode::Failure,
+            });
+        }
+        Command::Snapshot { command } => snapshot::run(&s, command).await,
         Command::Add {
             name,
             configs,
@@ -226,6 +246,7 @@ async fn run(cli: Cli) -> Result<(), MaqetError> {
         Command::Screendump { vm, file } => qmp::screendump(&s, &vm, &file).await,
         Command::Device { action } => qmp::device(&s, action).await,
     }
+    .map(|()| ExitCode::Ok)
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -243,7 +264,7 @@ pub fn main() -> std::process::ExitCode {
     };
     let json = cli.json;
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::Ok.into(),
+        Ok(code) => code.into(),
         Err(e) => {
             let code = ExitCode::for_error(&e);
             output::print_error(&e, json);

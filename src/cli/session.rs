@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use zbus::{Connection, OwnedObjectPath};
 
 use super::output::VmView;
-use crate::client::{BUS_NAME, ManagerProxy, QmpProxy, VM_INTERFACE, VmProxy, qmp_proxy, vm_proxy};
+use crate::client::{BUS_NAME, ManagerProxy, QmpProxy, VM_INTERFACE, VmProxy, proxy_at, qmp_proxy};
 use crate::error::MaqetError;
 
 /// Keep each blocking call well under the bus's default 25 s reply timeout.
@@ -37,8 +37,16 @@ pub async fn vm(
     s: &Session,
     name: &str,
 ) -> Result<(OwnedObjectPath, VmProxy<'static>), MaqetError> {
+    vm_object(s, name).await
+}
+
+/// A VM's object path and a proxy of one of its interfaces (`SnapshotsProxy`, …).
+pub async fn vm_object<P>(s: &Session, name: &str) -> Result<(OwnedObjectPath, P), MaqetError>
+where
+    P: From<zbus::Proxy<'static>> + zbus::proxy::Defaults,
+{
     let path = s.manager.find_vm(name).await?;
-    let proxy = vm_proxy(&s.conn, path.clone()).await?;
+    let proxy = proxy_at(&s.conn, path.clone()).await?;
     Ok((path, proxy))
 }
 

@@ -10,9 +10,10 @@ use zbus::message::Type as MessageType;
 use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 
 use super::output::{VmView, print_json, vm_details, vm_table};
-use super::session::{Session, read_input, view, vm, wait_chunked};
+use super::session::{Session, read_input, view, vm, vm_object, wait_chunked};
 use crate::client::{
-    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, QMP_INTERFACE, VM_INTERFACE, id_from_path, vm_proxy,
+    BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, QMP_INTERFACE, StorageProxy, VM_INTERFACE,
+    id_from_path, vm_proxy,
 };
 use crate::error::MaqetError;
 use crate::time::format_us;
@@ -102,13 +103,47 @@ pub(super) async fn remove(
     force: bool,
     delete_storage: bool,
 ) -> Result<(), MaqetError> {
+    // RemoveVM returns nothing: what it deleted is read before (the files maqet
+    // created, from Storage.List) and checked after (which of them are gone).
+    let (created, kept) = if delete_storage {
+        storage_files(s, name).await?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     s.manager.remove_vm(name, force, delete_storage).await?;
+    let deleted: Vec<String> = created
+        .into_iter()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
     if s.json {
-        print_json(&json!({ "removed": name }));
+        print_json(&json!({ "removed": name, "deleted_files": deleted, "kept_files": kept }));
     } else {
         println!("removed {name}");
+        for p in &deleted {
+            println!("deleted {p} (created by maqet)");
+        }
+        for p in &kept {
+            println!("kept {p} (not created by maqet)");
+        }
     }
     Ok(())
+}
+
+/// A VM's existing disk files: (created by maqet, brought by the user).
+async fn storage_files(s: &Session, name: &str) -> Result<(Vec<String>, Vec<String>), MaqetError> {
+    let (_, storage): (_, StorageProxy) = vm_object(s, name).await?;
+    let (mut created, mut kept) = (Vec::new(), Vec::new());
+    for (_, format, path, exists, _, _, by_maqet) in storage.list().await? {
+        if !exists || format == "virtfs" {
+            continue;
+        }
+        if by_maqet {
+            created.push(path);
+        } else {
+            kept.push(path);
+        }
+    }
+    Ok((created, kept))
 }
 
 pub(super) async fn all_views(s: &Session) -> Result<Vec<VmView>, MaqetError> {

@@ -17,15 +17,28 @@ pub const MANAGER_PATH: &str = "/org/maqet/Maqet1";
 /// Parent of every VM object.
 pub const VM_PATH_PREFIX: &str = "/org/maqet/Maqet1/vm/";
 
+/// Parent of every job object.
+pub const JOB_PATH_PREFIX: &str = "/org/maqet/Maqet1/job/";
+
 pub const MANAGER_INTERFACE: &str = "org.maqet.Maqet1.Manager";
 pub const VM_INTERFACE: &str = "org.maqet.Maqet1.VM";
 pub const QMP_INTERFACE: &str = "org.maqet.Maqet1.QMP";
+pub const SNAPSHOTS_INTERFACE: &str = "org.maqet.Maqet1.Snapshots";
+pub const STORAGE_INTERFACE: &str = "org.maqet.Maqet1.Storage";
+pub const JOB_INTERFACE: &str = "org.maqet.Maqet1.Job";
 
 /// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.
 pub fn vm_path(id: &str) -> OwnedObjectPath {
     let path = format!("{VM_PATH_PREFIX}{}", id.replace('-', "_"));
     ObjectPath::try_from(path)
         .expect("a UUID makes a valid object path element")
+        .into()
+}
+
+/// `/org/maqet/Maqet1/job/<n>`.
+pub fn job_path(n: u64) -> OwnedObjectPath {
+    ObjectPath::try_from(format!("{JOB_PATH_PREFIX}{n}"))
+        .expect("a number makes a valid object path element")
         .into()
 }
 
@@ -39,6 +52,17 @@ pub fn id_from_path(path: &ObjectPath<'_>) -> Option<String> {
 
 /// One row of `ListVMs`: id, name, object path, status.
 pub type VmListEntry = (String, String, OwnedObjectPath, String);
+
+/// One row of `Snapshots.List`: name, VM state size (bytes), date (µs since the
+/// epoch), VM clock (ns).
+pub type SnapshotRow = (String, u64, u64, u64);
+
+/// One row of `Storage.List`: name, format (`qcow2`, `raw`, `virtfs`), path, exists,
+/// virtual size, actual size (bytes), created by maqet.
+pub type StorageRow = (String, String, String, bool, u64, u64, bool);
+
+/// One row of `Storage.Verify`: name, ok, message.
+pub type VerifyRow = (String, bool, String);
 
 #[proxy(
     interface = "org.maqet.Maqet1.Manager",
@@ -156,6 +180,67 @@ pub trait Qmp {
     fn event(&self, name: &str, data_json: &str, timestamp: u64) -> zbus::Result<()>;
 }
 
+#[proxy(
+    interface = "org.maqet.Maqet1.Snapshots",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Snapshots {
+    fn list(&self) -> Result<Vec<SnapshotRow>, MaqetError>;
+    fn create(
+        &self,
+        name: &str,
+        options: std::collections::HashMap<&str, zbus::zvariant::Variant<'_>>,
+    ) -> Result<OwnedObjectPath, MaqetError>;
+    fn load(&self, name: &str) -> Result<OwnedObjectPath, MaqetError>;
+    fn delete(&self, name: &str) -> Result<OwnedObjectPath, MaqetError>;
+}
+
+#[proxy(
+    interface = "org.maqet.Maqet1.Storage",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Storage {
+    fn list(&self) -> Result<Vec<StorageRow>, MaqetError>;
+    fn verify(&self) -> Result<Vec<VerifyRow>, MaqetError>;
+}
+
+#[proxy(
+    interface = "org.maqet.Maqet1.Job",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Job {
+    fn cancel(&self) -> Result<(), MaqetError>;
+
+    #[zbus(property)]
+    fn operation(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "VM")]
+    fn vm(&self) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(property)]
+    fn progress(&self) -> zbus::Result<f64>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn message(&self) -> zbus::Result<String>;
+
+    #[zbus(signal)]
+    fn completed(&self, success: bool, message: &str) -> zbus::Result<()>;
+}
+
+/// Builds a proxy of `P` for an object path, without property caching.
+pub async fn proxy_at<'a, P>(conn: &zbus::Connection, path: OwnedObjectPath) -> zbus::Result<P>
+where
+    P: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<P>::new(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
 /// Builds a VM proxy for an object path, without property caching (a CLI reads once).
 pub async fn vm_proxy<'a>(
     conn: &zbus::Connection,
@@ -170,17 +255,6 @@ pub async fn qmp_proxy<'a>(
     path: OwnedObjectPath,
 ) -> zbus::Result<QmpProxy<'a>> {
     proxy_at(conn, path).await
-}
-
-async fn proxy_at<'a, T>(conn: &zbus::Connection, path: OwnedObjectPath) -> zbus::Result<T>
-where
-    T: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
-{
-    zbus::proxy::Builder::<T>::new(conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
 }
 
 #[cfg(test)]

@@ -19,6 +19,17 @@ pub struct Diagnostic {
     pub message: String,
     /// What to do about it, when there is something useful to say.
     pub hint: Option<String>,
+    pub kind: DiagnosticKind,
+}
+
+/// What kind of problem a diagnostic reports, so the service can tell "fix the YAML"
+/// (`InvalidConfig`) from "this host location is off limits" (`Storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiagnosticKind {
+    /// The YAML itself: syntax, keys, values.
+    Config,
+    /// A well-formed path into a location on the dangerous list (`storage::danger`).
+    DangerousLocation,
 }
 
 impl fmt::Display for Diagnostic {
@@ -51,6 +62,15 @@ impl ConfigError {
             omitted: 0,
         }
     }
+
+    /// Every reported problem is a dangerous location: the YAML is fine, the place is not.
+    pub fn only_dangerous_locations(&self) -> bool {
+        self.omitted == 0
+            && self
+                .diagnostics
+                .iter()
+                .all(|d| d.kind == DiagnosticKind::DangerousLocation)
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -79,14 +99,25 @@ pub(crate) struct Diags {
 
 impl Diags {
     pub fn error(&mut self, loc: &Loc, message: impl Into<String>) {
-        self.push(loc, message.into(), None);
+        self.push(loc, message.into(), None, DiagnosticKind::Config);
     }
 
     pub fn error_hint(&mut self, loc: &Loc, message: impl Into<String>, hint: impl Into<String>) {
-        self.push(loc, message.into(), Some(hint.into()));
+        self.push(
+            loc,
+            message.into(),
+            Some(hint.into()),
+            DiagnosticKind::Config,
+        );
     }
 
-    fn push(&mut self, loc: &Loc, message: String, hint: Option<String>) {
+    /// A path refused by the dangerous-location policy.
+    pub fn dangerous(&mut self, loc: &Loc, message: String, hint: &str) {
+        let hint = Some(hint.to_owned());
+        self.push(loc, message, hint, DiagnosticKind::DangerousLocation);
+    }
+
+    fn push(&mut self, loc: &Loc, message: String, hint: Option<String>, kind: DiagnosticKind) {
         if self.list.len() >= MAX_DIAGNOSTICS {
             self.omitted += 1;
             return;
@@ -97,6 +128,7 @@ impl Diags {
             col: loc.col,
             message,
             hint,
+            kind,
         });
     }
 

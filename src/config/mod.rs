@@ -36,8 +36,10 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use diag::{ConfigError, Diagnostic};
-pub use size::parse_size;
+pub(crate) use argv::escape_commas;
+pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub(crate) use paths::find_binary;
+pub use size::{format_size, parse_size};
 pub use storage::{Interface, StorageEntry, StorageKind};
 
 use validate::TOP_LEVEL_KEYS;

@@ -7,6 +7,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_size_with_unit(s, 0)
 }
 
+/// Bytes for people, in the units [`parse_size`] reads: `512 B`, `1.5 KiB`, `20.0 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// Like [`parse_size`], but a number without a unit is scaled by
 /// `2^unitless_shift` (20 for `memory`, which QEMU reads as MiB).
 pub(crate) fn parse_size_with_unit(s: &str, unitless_shift: u32) -> Result<u64, String> {
@@ -136,6 +152,15 @@ mod tests {
             assert!(err.contains(message), "{text}: {err}");
         }
         assert!(parse_size("10X").unwrap_err().contains("e.g. `512M`"));
+    }
+
+    #[test]
+    fn formatted_sizes() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(20 << 30), "20.0 GiB");
+        assert_eq!(format_size(3 << 40), "3.0 TiB");
     }
 
     #[test]

@@ -35,6 +35,10 @@ const SECURITY_MODELS: &[&str] = &[
 const AHCI_PORTS: usize = 6;
 const AHCI_ID: &str = "maqet-ahci";
 const SCSI_ID: &str = "maqet-scsi";
+/// Prefix of the block node name maqet gives each disk's format layer (`maqet-d<N>`,
+/// N = position in `storage`): QEMU's snapshot commands only accept explicit node
+/// names, node names share a namespace with drive ids, and they are at most 31 bytes.
+pub const NODE_NAME_PREFIX: &str = "maqet-d";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageKind {
@@ -439,7 +443,9 @@ fn compile_options(kind: StorageKind, node: &mut Node, cx: &mut Cx, options: &mu
                 }
                 _ => unknown_value(value, "`security_model`", SECURITY_MODELS, cx),
             },
-            (StorageKind::Virtfs, "path" | "id") | (_, "file" | "format" | "if" | "id") => {
+            (StorageKind::Virtfs, "path" | "id")
+            | (_, "file" | "format" | "if" | "id")
+            | (StorageKind::Qcow2 | StorageKind::Raw, "node-name") => {
                 let message = format!(
                     "`{key}` is set by maqet from the storage entry; remove it from `options`"
                 );
@@ -462,7 +468,7 @@ fn compile_options(kind: StorageKind, node: &mut Node, cx: &mut Cx, options: &mu
 pub(crate) fn storage_argv(entries: &[StorageEntry]) -> Vec<String> {
     let mut out = Vec::new();
     let (mut sata_port, mut scsi_added) = (0usize, false);
-    for e in entries {
+    for (index, e) in entries.iter().enumerate() {
         let path = escape_commas(&e.path.to_string_lossy());
         let mut parts = if e.kind == StorageKind::Virtfs {
             vec![
@@ -486,6 +492,7 @@ pub(crate) fn storage_argv(entries: &[StorageEntry]) -> Vec<String> {
                 format!("format={}", e.kind.as_str()),
                 format!("if={bus}"),
                 format!("id={}", e.name),
+                format!("node-name={NODE_NAME_PREFIX}{index}"),
             ]
         };
         if e.readonly {

@@ -84,12 +84,10 @@ impl<'c, 'a> Cx<'c, 'a> {
         match (self.ctx.check_path)(path.as_ref(), usage) {
             Ok(()) => Some(path),
             Err(why) => {
-                let hint = "keep VM files in your home or VM directory";
-                self.diags.error_hint(
-                    &node.loc,
-                    format!("path `{path}` is not allowed: {why}"),
-                    hint,
-                );
+                let hint =
+                    "choose a location of your own (docs/storage.md lists the refused places)";
+                let message = format!("path `{path}` is not allowed: {why}");
+                self.diags.dangerous(&node.loc, message, hint);
                 None
             }
         }

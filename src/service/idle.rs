@@ -49,6 +49,9 @@ impl Idle {
                 self.changed.notified().await;
                 continue;
             }
+            if manager.jobs().running().wait_next_finish().await {
+                continue;
+            }
             if self.in_flight.load(Ordering::Relaxed) > 0 {
                 // The call's end stamps and notifies.
                 self.changed.notified().await;

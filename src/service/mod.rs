@@ -7,11 +7,14 @@
 
 mod host;
 mod idle;
+mod job_iface;
 mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
 mod qmp_iface;
+mod snapshots_iface;
+mod storage_iface;
 mod vm_iface;
 mod vm_objects;
 
@@ -29,9 +32,12 @@ use crate::store::Store;
 use crate::vm::Ctx;
 use idle::Idle;
 
+pub use job_iface::JobIface;
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
 pub use qmp_iface::QmpIface;
+pub use snapshots_iface::SnapshotsIface;
+pub use storage_iface::StorageIface;
 pub use vm_iface::VmIface;
 
 /// What every interface object shares.
@@ -40,6 +46,8 @@ pub struct Shared {
     pub manager: Arc<Manager>,
     pub gate: Arc<Gate>,
     pub host: host::HostInfo,
+    /// Finished job objects still on the bus.
+    pub retired_jobs: job_iface::Retired,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -103,6 +111,7 @@ pub async fn serve(
         manager: manager.clone(),
         gate: gate.clone(),
         host: host::HostInfo::probe(),
+        retired_jobs: job_iface::Retired::default(),
     });
     let mut builder = builder.serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()));
     let vms = manager.list();

@@ -1,8 +1,13 @@
 //! A VM's D-Bus property values, built in one place for `GetAll`-style consumers:
-//! `PropertiesChanged` and `GetManagedObjects`.
+//! `PropertiesChanged` and `GetManagedObjects`; and the one way any object announces
+//! changed properties.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use zbus::fdo::Properties;
+use zbus::names::InterfaceName;
+use zbus::object_server::SignalEmitter;
 use zbus::{OwnedVariant, Variant};
 
 use crate::vm::VmInfo;
@@ -57,4 +62,19 @@ pub fn vm_properties(info: &VmInfo, names: &[&str]) -> HashMap<String, OwnedVari
             Some((n.to_string(), OwnedVariant::try_from(v).ok()?))
         })
         .collect()
+}
+
+/// `PropertiesChanged` for `interface` on the emitter's object (nothing invalidated).
+pub async fn emit_changed(
+    emitter: &SignalEmitter<'_>,
+    interface: &'static str,
+    changed: HashMap<&str, Variant<'_>>,
+) -> zbus::Result<()> {
+    Properties::properties_changed(
+        emitter,
+        InterfaceName::from_static_str_unchecked(interface),
+        changed,
+        Cow::Borrowed(&[]),
+    )
+    .await
 }

@@ -1,18 +1,15 @@
 //! Turns core events into D-Bus signals, in the order the core produced them.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 use zbus::Connection;
-use zbus::fdo::Properties;
-use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 
 use std::sync::Arc;
 
 use super::idle::Idle;
-use super::properties::{STATUS_PROPERTIES, vm_property};
+use super::properties::{STATUS_PROPERTIES, emit_changed, vm_property};
 use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
@@ -67,11 +64,5 @@ async fn properties_changed(
         .iter()
         .filter_map(|n| Some((*n, vm_property(info, n)?)))
         .collect();
-    Properties::properties_changed(
-        emitter,
-        InterfaceName::from_static_str_unchecked(VM_INTERFACE),
-        changed,
-        Cow::Borrowed(&[]),
-    )
-    .await
+    emit_changed(emitter, VM_INTERFACE, changed).await
 }

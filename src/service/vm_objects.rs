@@ -9,8 +9,8 @@ use zbus::connection::Builder;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 
 use super::properties::{VM_PROPERTIES, vm_properties};
-use super::{QmpIface, Shared, VmIface};
-use crate::client::{QMP_INTERFACE, VM_INTERFACE, vm_path};
+use super::{QmpIface, Shared, SnapshotsIface, StorageIface, VmIface};
+use crate::client::{QMP_INTERFACE, SNAPSHOTS_INTERFACE, STORAGE_INTERFACE, VM_INTERFACE, vm_path};
 use crate::vm::{Vm, VmInfo};
 
 /// Interfaces with their properties, as `GetManagedObjects` and `InterfacesAdded` carry
@@ -22,7 +22,12 @@ pub fn serve_on<'a>(builder: Builder<'a>, shared: &Arc<Shared>, vm: &Arc<Vm>) ->
     let path = vm_path(vm.id());
     builder
         .serve_at(path.clone(), VmIface::new(shared.clone(), vm.clone()))
-        .serve_at(path, QmpIface::new(shared.clone(), vm.clone()))
+        .serve_at(path.clone(), QmpIface::new(shared.clone(), vm.clone()))
+        .serve_at(
+            path.clone(),
+            SnapshotsIface::new(shared.clone(), vm.clone()),
+        )
+        .serve_at(path, StorageIface::new(shared.clone(), vm.clone()))
 }
 
 /// Registers a new VM's objects on a live connection.
@@ -39,6 +44,12 @@ pub async fn publish(
     server
         .at(&path, QmpIface::new(shared.clone(), vm.clone()))
         .await?;
+    server
+        .at(&path, SnapshotsIface::new(shared.clone(), vm.clone()))
+        .await?;
+    server
+        .at(&path, StorageIface::new(shared.clone(), vm.clone()))
+        .await?;
     Ok(path)
 }
 
@@ -50,13 +61,23 @@ pub async fn unpublish(
     let server = conn.object_server();
     server.remove::<VmIface, _>(path).await?;
     server.remove::<QmpIface, _>(path).await?;
-    Ok(vec![VM_INTERFACE, QMP_INTERFACE])
+    server.remove::<SnapshotsIface, _>(path).await?;
+    server.remove::<StorageIface, _>(path).await?;
+    Ok(vec![
+        VM_INTERFACE,
+        QMP_INTERFACE,
+        SNAPSHOTS_INTERFACE,
+        STORAGE_INTERFACE,
+    ])
 }
 
 /// A VM's interfaces and their properties.
 pub fn interfaces(info: &VmInfo) -> InterfaceProps {
     let mut ifaces = HashMap::new();
     ifaces.insert(VM_INTERFACE.to_string(), vm_properties(info, VM_PROPERTIES));
+    // No properties: listed so clients see the interfaces exist.
     ifaces.insert(QMP_INTERFACE.to_string(), HashMap::new());
+    ifaces.insert(SNAPSHOTS_INTERFACE.to_string(), HashMap::new());
+    ifaces.insert(STORAGE_INTERFACE.to_string(), HashMap::new());
     ifaces
 }

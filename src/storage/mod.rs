@@ -1,3 +1,12 @@
-//! Host storage: which locations a VM may write, and (issue: storage) disk creation.
+//! Host storage: which locations a VM may use (`danger`), race-free creation of
+//! missing disk images (`create`), running `qemu-img` (`qemu_img`), free-space checks
+//! (`space`), and what `maqet storage ls|verify` report about a VM's disks
+//! (`inventory`). docs/storage.md is the user-facing description.
 
+pub mod create;
 pub mod danger;
+pub mod inventory;
+pub mod qemu_img;
+pub mod space;
+
+pub use qemu_img::QemuImg;

@@ -85,15 +85,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if listen_fd == QMP_FD {
-                // dup2 onto itself would keep FD_CLOEXEC: clear it explicitly.
-                if libc::fcntl(QMP_FD, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(listen_fd, QMP_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
+            crate::child::place_fd(listen_fd, QMP_FD)
         });
     }
     let child = cmd.spawn()?;

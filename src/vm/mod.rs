@@ -6,6 +6,10 @@
 //! takes the VM's operation lock, so parallel calls are serialized per VM while calls on
 //! different VMs run in parallel. Must not touch D-Bus: it announces through
 //! [`EventSink`].
+//!
+//! Operations that outlive a call (snapshot jobs) mark the VM busy instead of holding
+//! the lock: while busy, every state-changing call is refused with `InvalidState`
+//! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 pub mod launch;
 mod monitor;
@@ -73,15 +77,24 @@ impl Ctx {
     /// Parses and validates config sources with this service's environment.
     pub fn load_config(&self, sources: &[ConfigSource]) -> Result<VmConfig, MaqetError> {
         self.with_validation(|v| config::load(sources, v))
-            .map_err(|e| MaqetError::InvalidConfig(e.to_string()))
+            .map_err(|e| config_error(&e, ""))
     }
 
     /// Re-reads a stored (merged, absolute) config; the binary is checked at start.
     pub fn load_stored_config(&self, yaml: &str) -> Result<VmConfig, MaqetError> {
         self.with_validation(|v| config::load_stored(yaml, v))
-            .map_err(|e| {
-                MaqetError::InvalidConfig(format!("the stored config no longer validates: {e}"))
-            })
+            .map_err(|e| config_error(&e, "the stored config no longer validates: "))
+    }
+}
+
+/// A config whose only problems are dangerous locations is a `Storage` error (the
+/// YAML is fine, the place is not); anything else is `InvalidConfig`.
+fn config_error(e: &config::ConfigError, prefix: &str) -> MaqetError {
+    let message = format!("{prefix}{e}");
+    if e.only_dangerous_locations() {
+        MaqetError::Storage(message)
+    } else {
+        MaqetError::InvalidConfig(message)
     }
 }
 
@@ -197,6 +210,40 @@ pub struct Vm {
     op_lock: tokio::sync::Mutex<()>,
     runtime: Mutex<Option<Arc<Runtime>>>,
     qmp_events: broadcast::Sender<(String, Value)>,
+    busy: Mutex<Option<Busy>>,
+}
+
+/// An exclusive operation that holds the VM beyond one call.
+#[derive(Debug, Clone)]
+struct Busy {
+    /// For refusals: "a snapshot create ('before-upgrade', job 3)".
+    what: String,
+    /// Runs inside QEMU: its STOP/RESUME events are the job's, not a pause.
+    live: bool,
+}
+
+/// Marks a VM busy until dropped (see [`Vm::begin_exclusive`]).
+pub struct BusyGuard {
+    vm: Arc<Vm>,
+}
+
+impl BusyGuard {
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Renames what the VM is busy with (once the job has an id).
+    pub fn describe(&self, what: String) {
+        if let Some(b) = self.vm.busy.lock().unwrap().as_mut() {
+            b.what = what;
+        }
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        *self.vm.busy.lock().unwrap() = None;
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -290,6 +337,7 @@ impl Vm {
             op_lock: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
             qmp_events,
+            busy: Mutex::new(None),
         }))
     }
 
@@ -340,7 +388,63 @@ impl Vm {
         self.qmp_events.subscribe()
     }
 
+    pub(crate) fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// `InvalidState` while an exclusive operation (a snapshot job) holds the VM.
+    pub(crate) fn ensure_idle(&self) -> Result<(), MaqetError> {
+        match self.busy.lock().unwrap().as_ref() {
+            None => Ok(()),
+            Some(b) => Err(MaqetError::InvalidState(format!(
+                "VM '{}' is busy with {}; wait for it to finish or cancel it",
+                self.name(),
+                b.what
+            ))),
+        }
+    }
+
+    /// A live snapshot job runs inside QEMU (its STOP/RESUME are not a pause).
+    pub(crate) fn live_job_active(&self) -> bool {
+        self.busy.lock().unwrap().as_ref().is_some_and(|b| b.live)
+    }
+
+    /// Marks the VM busy with an operation that outlives this call. `choose` sees the
+    /// status (under the operation lock, so it cannot change meanwhile) and says
+    /// whether the operation runs inside QEMU (live) or refuses.
+    pub(crate) async fn begin_exclusive(
+        self: &Arc<Self>,
+        what: String,
+        choose: impl FnOnce(Status) -> Result<bool, MaqetError>,
+    ) -> Result<(BusyGuard, Status), MaqetError> {
+        let _op = self.op_lock.lock().await;
+        self.ensure_idle()?;
+        let status = self.status();
+        let live = choose(status)?;
+        *self.busy.lock().unwrap() = Some(Busy { what, live });
+        Ok((BusyGuard { vm: self.clone() }, status))
+    }
+
+    /// After a live job: QEMU stopped and resumed the vCPUs itself, so take its word
+    /// for whether the guest runs now.
+    pub(crate) async fn sync_run_state(self: &Arc<Self>, why: &str) {
+        let status = self.status();
+        if !matches!(status, Status::Running | Status::Paused) {
+            return;
+        }
+        let Ok(qmp) = self.qmp() else { return };
+        if let Ok(v) = qmp.execute_timeout("query-status", None, QMP_TIMEOUT).await {
+            let now = qmp_run_state(&v);
+            if now != status {
+                let _ = self.transition(now, why, true, |_| {});
+            }
+        }
+    }
+
     fn check(&self, op: Operation) -> Result<Status, MaqetError> {
+        if op != Operation::Monitor {
+            self.ensure_idle()?;
+        }
         let (status, name) = self.with_info(|i| (i.status, i.name.clone()));
         if op.is_allowed(status) {
             Ok(status)
@@ -421,7 +525,7 @@ impl Vm {
     }
 
     /// Parses the stored (merged, absolute) config.
-    fn stored_config(&self) -> Result<VmConfig, MaqetError> {
+    pub(crate) fn stored_config(&self) -> Result<VmConfig, MaqetError> {
         let yaml = self.with_info(|i| i.config.clone());
         self.ctx.load_stored_config(&yaml)
     }
@@ -448,6 +552,11 @@ impl Vm {
             }
         };
         self.transition(Status::Starting, "start requested", false, |_| {})?;
+        if let Err(e) = self.create_missing_disks(&config).await {
+            let msg = format!("cannot start VM '{name}': {}", e.message());
+            self.transition(Status::Failed, &msg, false, |_| {})?;
+            return Err(MaqetError::Storage(msg));
+        }
         match self.launch(&name, &config, &binary).await {
             Ok((runtime, events, status)) => {
                 let pid = runtime.process.pid();
@@ -477,6 +586,57 @@ impl Vm {
                 Err(MaqetError::QemuFailed(msg))
             }
         }
+    }
+
+    /// Creates every declared disk image that does not exist yet (race-free, mode
+    /// 0600, after a free-space check) and records it as maqet's. An existing file,
+    /// or anything else at the path, is used as is.
+    async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), MaqetError> {
+        let mut qemu_img = None;
+        for e in config.storage().iter().filter(|e| e.kind.is_disk()) {
+            if std::fs::symlink_metadata(&e.path).is_ok() {
+                continue;
+            }
+            let img = match &qemu_img {
+                Some(img) => img,
+                None => {
+                    qemu_img.insert(crate::storage::QemuImg::find(self.ctx.path_env.as_deref())?)
+                }
+            };
+            let backing = e.backing_file.as_deref().zip(e.backing_format.as_deref());
+            let spec = crate::storage::create::NewImage {
+                path: &e.path,
+                kind: e.kind,
+                size: e.size,
+                backing,
+            };
+            let outcome =
+                crate::storage::create::create_image(img, &spec, &self.ctx.paths.home).await?;
+            if outcome != crate::storage::create::Outcome::Created {
+                continue;
+            }
+            let (id, name) = (self.id.as_str(), self.name());
+            self.ctx
+                .store
+                .record_created_file(id, &e.path, e.kind.as_str())
+                .map_err(store_error)?;
+            let reason = format!(
+                "created {} disk image '{}' at {}",
+                e.kind.as_str(),
+                e.name,
+                e.path.display()
+            );
+            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": e.size });
+            if let Err(err) = self
+                .ctx
+                .store
+                .add_event(id, &name, "storage", &reason, Some(&detail))
+            {
+                tracing::warn!(vm = %name, error = %err, "cannot record disk creation in history");
+            }
+            tracing::info!(vm = %name, disk = %e.name, path = %e.path.display(), "created disk image");
+        }
+        Ok(())
     }
 
     async fn launch(
@@ -744,6 +904,7 @@ impl Vm {
         commit: impl FnOnce(&str, &str, &str) -> Result<(), MaqetError>,
     ) -> Result<Vec<String>, MaqetError> {
         let _op = self.op_lock.lock().await;
+        self.ensure_idle()?;
         let old = self.stored_config()?;
         let (old_name, status) = self.with_info(|i| (i.name.clone(), i.status));
         let new_name = new.name().map(str::to_string).unwrap_or(old_name.clone());

@@ -45,7 +45,8 @@ pub(super) fn spawn(vm: Arc<Vm>, rt: Arc<Runtime>, mut events: UnboundedReceiver
 
 async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
     match ev.name.as_str() {
-        "STOP" if vm.status() == Status::Running => {
+        // A live snapshot stops and resumes the vCPUs itself: not a pause.
+        "STOP" if vm.status() == Status::Running && !vm.live_job_active() => {
             let reason = if rt.pause_requested.swap(false, Ordering::SeqCst) {
                 "paused by request".to_string()
             } else {
@@ -61,7 +62,7 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
             };
             let _ = vm.transition(Status::Paused, &reason, true, |_| {});
         }
-        "RESUME" if vm.status() == Status::Paused => {
+        "RESUME" if vm.status() == Status::Paused && !vm.live_job_active() => {
             let _ = vm.transition(Status::Running, "resumed", true, |_| {});
         }
         "SHUTDOWN" => {

@@ -60,19 +60,41 @@ pub fn tiny_vm_yaml(name: &str) -> String {
 
 impl Bus {
     pub fn start() -> Bus {
-        Self::start_with_settings("")
+        Bus::start_with(&[], "")
     }
 
     /// A bus whose maqetd reads `settings` as its maqetd.yaml.
     pub fn start_with_settings(settings: &str) -> Bus {
+        Bus::start_with(&[], settings)
+    }
+
+    /// Like [`Bus::start`], with scripts `(name, body)` in a directory put first on
+    /// maqetd's `PATH` (e.g. a `qemu-img` that simulates a slow disk).
+    pub fn start_with_tools(tools: &[(&str, &str)]) -> Bus {
+        Bus::start_with(tools, "")
+    }
+
+    /// A bus with extra tools on maqetd's `PATH` and a maqetd.yaml.
+    pub fn start_with(tools: &[(&str, &str)], settings: &str) -> Bus {
         let dir = tempfile::Builder::new()
             .prefix("maqet-test-")
             .tempdir()
             .expect("temp dir");
         let root = dir.path();
-        for d in ["services", "run", "data", "state", "config", "home"] {
+        for d in ["services", "run", "data", "state", "config", "home", "bin"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
+        for (name, body) in tools {
+            use std::os::unix::fs::PermissionsExt;
+            let file = root.join("bin").join(name);
+            std::fs::write(&file, body).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let path_env = format!(
+            "{}:{}",
+            root.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(
@@ -114,6 +136,7 @@ impl Bus {
             // Activated services inherit this: maqetd's log lands in <dir>/bus.log.
             .stderr(std::fs::File::create(root.join("bus.log")).unwrap())
             .env("MAQET_TEST_MARKER", &marker)
+            .env("PATH", path_env)
             .env(
                 "RUST_LOG",
                 std::env::var("MAQET_TEST_LOG").unwrap_or_else(|_| "warn,maqet=debug".into()),

@@ -1,0 +1,175 @@
+//! `org.maqet.Maqet1.Job` objects at `/org/maqet/Maqet1/job/<n>`: serving a core
+//! [`Job`], announcing its changes, and retiring finished ones.
+//!
+//! Each published job gets a watcher task that turns the job's status changes into
+//! `PropertiesChanged` and, at the end, `Completed`. Finished job objects stay on the
+//! bus so a client that looks late still reads the outcome: the newest
+//! [`KEEP_FINISHED`] finished jobs are kept, older ones are removed as newer ones
+//! finish (no timers). The outcome is also in the VM's history for good.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedObjectPath, Variant, interface};
+
+use super::Shared;
+use super::properties::emit_changed;
+use crate::access::{Action, Request};
+use crate::client::{JOB_INTERFACE, job_path, vm_path};
+use crate::error::MaqetError;
+use crate::jobs::{Job, JobState, JobStatus};
+
+/// Finished job objects kept on the bus.
+pub const KEEP_FINISHED: usize = 32;
+
+/// Finished job objects, oldest first.
+#[derive(Debug, Default)]
+pub struct Retired {
+    paths: Mutex<VecDeque<OwnedObjectPath>>,
+}
+
+pub struct JobIface {
+    shared: Arc<Shared>,
+    job: Arc<Job>,
+}
+
+/// The action that guards a job: the one its operation needed.
+fn action_of(job: &Job) -> Action {
+    match job.operation() {
+        "snapshot-load" => Action::SnapshotLoad,
+        "snapshot-delete" => Action::SnapshotDelete,
+        _ => Action::SnapshotCreate,
+    }
+}
+
+#[interface(name = "org.maqet.Maqet1.Job")]
+impl JobIface {
+    /// Asks the job to stop. Its end (cancelled, or completed when it was already past
+    /// the point of no return) arrives as `Completed` and in `State`.
+    async fn cancel(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let mut req = Request::new(action_of(&self.job), "Job.Cancel")
+            .with_args(format!("job={}", self.job.id()));
+        if let Some(vm) = self.shared.manager.get(self.job.vm_id()) {
+            req = req.on_vm(&vm);
+        }
+        let work = async { self.job.cancel() };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// E.g. `snapshot-create`.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn operation(&self) -> String {
+        self.job.operation().to_string()
+    }
+
+    /// The VM the job works on.
+    #[zbus(property(emits_changed_signal = "const"), name = "VM")]
+    fn vm(&self) -> OwnedObjectPath {
+        vm_path(self.job.vm_id())
+    }
+
+    /// 0..1.
+    #[zbus(property)]
+    fn progress(&self) -> f64 {
+        self.job.status().progress
+    }
+
+    /// `running`, `completed`, `failed` or `cancelled`.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.job.status().state.as_str().to_string()
+    }
+
+    /// What the job is doing, or how it ended.
+    #[zbus(property)]
+    fn message(&self) -> String {
+        self.job.status().message
+    }
+
+    /// The job ended; `success` is true for `completed`.
+    #[zbus(signal)]
+    async fn completed(
+        emitter: &SignalEmitter<'_>,
+        success: bool,
+        message: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// Serves the job's object and starts announcing its changes. Returns its path.
+pub async fn publish(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    job: Arc<Job>,
+) -> Result<OwnedObjectPath, MaqetError> {
+    let path = job_path(job.id());
+    let iface = JobIface {
+        shared: shared.clone(),
+        job: job.clone(),
+    };
+    conn.object_server().at(&path, iface).await?;
+    tokio::spawn(watch(conn.clone(), shared.clone(), job, path.clone()));
+    Ok(path)
+}
+
+async fn watch(conn: Connection, shared: Arc<Shared>, job: Arc<Job>, path: OwnedObjectPath) {
+    let mut rx = job.subscribe();
+    let mut last = rx.borrow_and_update().clone();
+    let Ok(emitter) = SignalEmitter::new(&conn, path.clone()) else {
+        return;
+    };
+    while !last.state.is_finished() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let now = rx.borrow_and_update().clone();
+        if let Err(e) = properties_changed(&emitter, &last, &now).await {
+            tracing::warn!(job = job.id(), error = %e, "cannot announce job progress");
+        }
+        last = now;
+    }
+    let success = last.state == JobState::Completed;
+    if let Err(e) = JobIface::completed(&emitter, success, &last.message).await {
+        tracing::warn!(job = job.id(), error = %e, "cannot announce the job's end");
+    }
+    retire(&conn, &shared.retired_jobs, path).await;
+}
+
+async fn properties_changed(
+    emitter: &SignalEmitter<'_>,
+    old: &JobStatus,
+    new: &JobStatus,
+) -> zbus::Result<()> {
+    let mut changed: HashMap<&str, Variant<'_>> = HashMap::new();
+    if old.progress != new.progress {
+        changed.insert("Progress", Variant::from(new.progress));
+    }
+    if old.state != new.state {
+        changed.insert("State", Variant::from(new.state.as_str()));
+    }
+    if old.message != new.message {
+        changed.insert("Message", Variant::from(new.message.as_str()));
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    emit_changed(emitter, JOB_INTERFACE, changed).await
+}
+
+/// Keeps the newest finished jobs; removes the oldest beyond [`KEEP_FINISHED`].
+async fn retire(conn: &Connection, retired: &Retired, path: OwnedObjectPath) {
+    let expired: Vec<OwnedObjectPath> = {
+        let mut paths = retired.paths.lock().unwrap();
+        paths.push_back(path);
+        let excess = paths.len().saturating_sub(KEEP_FINISHED);
+        paths.drain(..excess).collect()
+    };
+    for old in expired {
+        let _ = conn.object_server().remove::<JobIface, _>(&old).await;
+    }
+}

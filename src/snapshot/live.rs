@@ -1,0 +1,359 @@
+//! Snapshots of a running or paused VM: QEMU's `snapshot-save`, `snapshot-load` and
+//! `snapshot-delete` jobs (QEMU ≥ 6.0), driven over QMP.
+//!
+//! The disks are named by their block node names (maqet gives each disk
+//! `node-name=maqet-d<N>`; `query-block` maps the drive id, which is the storage
+//! name, to it). The VM state goes to the first disk. Progress comes from the job's
+//! `JOB_STATUS_CHANGE` events and `query-jobs`' `current-progress`/`total-progress`.
+//! QEMU creates these jobs with manual dismissal: maqet reads the outcome from
+//! `query-jobs` and dismisses them. A failed or cancelled save is followed by a
+//! `snapshot-delete` of whatever QEMU left, so `List` never shows a half-made snapshot.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use super::{Disk, Op, Outcome, SnapshotInfo};
+use crate::error::MaqetError;
+use crate::jobs::{Job, JobState};
+use crate::qmp::QmpClient;
+use crate::storage::qemu_img::ImageInfo;
+use crate::storage::space;
+use crate::time::now_us;
+use crate::vm::{Vm, qmp_error};
+
+/// A query maqet sends while a job runs (QEMU may answer late: a save blocks its main
+/// loop; a late answer only costs a progress update).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One disk as the running QEMU has it.
+pub(super) struct LiveDisk {
+    pub node: String,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// Node names and current snapshots of `disks`, from `query-block`.
+pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, MaqetError> {
+    let qmp = vm.qmp()?;
+    let blocks = qmp
+        .execute_timeout("query-block", None, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| qmp_error(&vm.name(), e))?;
+    let blocks = blocks.as_array().cloned().unwrap_or_default();
+    disks
+        .iter()
+        .map(|d| {
+            let inserted = blocks
+                .iter()
+                .find(|b| b.get("device").and_then(Value::as_str) == Some(d.name.as_str()))
+                .and_then(|b| b.get("inserted"))
+                .ok_or_else(|| {
+                    MaqetError::Storage(format!(
+                        "disk '{}' is not attached to the running QEMU of VM '{}' (was the config applied after the start?); restart the VM",
+                        d.name,
+                        vm.name()
+                    ))
+                })?;
+            let node = inserted
+                .get("node-name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let snapshots = inserted
+                .get("image")
+                .map(ImageInfo::from_json)
+                .transpose()
+                .map_err(|e| MaqetError::Qmp(format!("unexpected query-block answer: {e}")))?
+                .map(|i| i.snapshots)
+                .unwrap_or_default();
+            Ok(LiveDisk { node, snapshots })
+        })
+        .collect()
+}
+
+/// Everything a live job needs, checked before it starts.
+pub(super) struct Prepared {
+    disks: Vec<(Disk, LiveDisk)>,
+}
+
+impl Prepared {
+    pub fn per_disk(&self) -> Vec<Vec<SnapshotInfo>> {
+        self.disks
+            .iter()
+            .map(|(_, l)| l.snapshots.clone())
+            .collect()
+    }
+}
+
+pub(super) async fn prepare(
+    vm: &Vm,
+    disks: &[Disk],
+    op: Op,
+    name: &str,
+) -> Result<Prepared, MaqetError> {
+    let live = inspect(vm, disks).await?;
+    if let Some((d, _)) = disks.iter().zip(&live).find(|(_, l)| l.node.is_empty()) {
+        return Err(MaqetError::Storage(format!(
+            "disk '{}' has no block node name in QEMU; restart VM '{}' so maqet can name it",
+            d.name,
+            vm.name()
+        )));
+    }
+    match op {
+        Op::Create { .. } => ensure_room_for_state(vm, &disks[0]).await?,
+        Op::Load => {
+            let state = live[0].snapshots.iter().find(|s| s.name == name);
+            if state.is_some_and(|s| s.vm_state_size == 0) {
+                return Err(MaqetError::InvalidState(format!(
+                    "snapshot '{name}' holds no VM state (it was taken while VM '{}' was stopped); stop the VM and load it then",
+                    vm.name()
+                )));
+            }
+        }
+        Op::Delete => {}
+    }
+    Ok(Prepared {
+        disks: disks.iter().cloned().zip(live).collect(),
+    })
+}
+
+/// The guest's RAM (at most) goes into the first disk: check its file system has room.
+async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), MaqetError> {
+    let qmp = vm.qmp()?;
+    let mem = qmp
+        .execute_timeout("query-memory-size-summary", None, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| qmp_error(&vm.name(), e))?;
+    let field = |k: &str| mem.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let ram = field("base-memory") + field("plugged-memory");
+    let dir = disk.path.parent().unwrap_or(std::path::Path::new("/"));
+    let available = std::fs::File::open(dir)
+        .and_then(|f| space::available(&f))
+        .map_err(|e| {
+            MaqetError::Storage(format!("cannot check free space in {}: {e}", dir.display()))
+        })?;
+    space::ensure(
+        available,
+        space::for_live_save(ram),
+        &format!("the VM state of a live snapshot (disk '{}')", disk.name),
+        dir,
+    )
+}
+
+/// How one QEMU job ended, when not well.
+enum JobEnd {
+    Failed(String),
+    Cancelled,
+}
+
+pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> Outcome {
+    let qmp = match vm.qmp() {
+        Ok(q) => q,
+        Err(e) => return Outcome::new(JobState::Failed, e.message()),
+    };
+    let runner = Runner {
+        vm,
+        qmp: &qmp,
+        job,
+        prefix: format!("maqet-{}-{}", job.id(), now_us()),
+    };
+    let nodes: Vec<String> = p.disks.iter().map(|(_, l)| l.node.clone()).collect();
+    let holding: Vec<String> = p
+        .disks
+        .iter()
+        .filter(|(_, l)| l.snapshots.iter().any(|s| s.name == name))
+        .map(|(_, l)| l.node.clone())
+        .collect();
+    match op {
+        Op::Create { overwrite } => {
+            if overwrite && !holding.is_empty() {
+                let args = json!({ "tag": name, "devices": holding });
+                if let Err(e) = runner.job("snapshot-delete", "replace", args, false).await {
+                    return failed(e, format!("could not replace the old snapshot '{name}'"));
+                }
+            }
+            let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
+            match runner.job("snapshot-save", "save", args, true).await {
+                Ok(()) if job.cancel_requested() => Outcome::new(
+                    JobState::Completed,
+                    format!(
+                        "created snapshot '{name}' (it was finished before the cancel could stop it)"
+                    ),
+                ),
+                Ok(()) => Outcome::new(JobState::Completed, format!("created snapshot '{name}'")),
+                Err(e) => {
+                    let note = runner.remove_partial(name, &p).await;
+                    failed(e, note)
+                }
+            }
+        }
+        Op::Load => {
+            let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
+            match runner.job("snapshot-load", "load", args, true).await {
+                Ok(()) => Outcome::new(JobState::Completed, format!("loaded snapshot '{name}'")),
+                Err(e) => failed(e, format!("snapshot '{name}' was not loaded")),
+            }
+        }
+        Op::Delete => {
+            let args = json!({ "tag": name, "devices": holding });
+            match runner.job("snapshot-delete", "delete", args, true).await {
+                Ok(()) => Outcome::new(JobState::Completed, format!("deleted snapshot '{name}'")),
+                Err(e) => failed(e, format!("snapshot '{name}' may remain on some disks")),
+            }
+        }
+    }
+}
+
+fn failed(e: JobEnd, note: String) -> Outcome {
+    match e {
+        JobEnd::Cancelled => Outcome::new(JobState::Cancelled, format!("cancelled; {note}")),
+        JobEnd::Failed(why) => Outcome::new(JobState::Failed, format!("{why}; {note}")),
+    }
+}
+
+struct Runner<'a> {
+    vm: &'a Vm,
+    qmp: &'a QmpClient,
+    job: &'a Job,
+    /// QEMU job ids must be unique among QEMU's jobs, also across maqetd restarts.
+    prefix: String,
+}
+
+impl Runner<'_> {
+    /// Runs one QEMU job to its end. `main`: it reports progress and can be cancelled.
+    async fn job(
+        &self,
+        command: &str,
+        suffix: &str,
+        mut args: Value,
+        main: bool,
+    ) -> Result<(), JobEnd> {
+        let id = format!("{}-{suffix}", self.prefix);
+        args["job-id"] = json!(id);
+        // Subscribe before sending: the job's first events may beat the reply.
+        let mut events = self.vm.subscribe_qmp();
+        let mut cancel = if main {
+            self.job.cancel_receiver()
+        } else {
+            watch::channel(false).1
+        };
+        let reply = self.qmp.execute(command, Some(args));
+        tokio::pin!(reply);
+        // `cancel_done`: the cancel branch has fired (a receiver whose sender is gone
+        // fires at once, without a cancel); `cancel_sent`: QEMU was asked to cancel.
+        let (mut replied, mut cancel_done, mut cancel_sent) = (false, false, false);
+        loop {
+            tokio::select! {
+                r = &mut reply, if !replied => {
+                    replied = true;
+                    if let Err(e) = r {
+                        return Err(JobEnd::Failed(qmp_error(&self.vm.name(), e).message()));
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Ok((event, data)) if event == "JOB_STATUS_CHANGE"
+                        && data.get("id").and_then(Value::as_str) == Some(id.as_str()) =>
+                    {
+                        let status = data.get("status").and_then(Value::as_str).unwrap_or("");
+                        if main {
+                            self.report_progress(&id, status).await;
+                        }
+                        if status == "concluded" {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Missed events: ask where the job is instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if self.query(&id).await.is_some_and(|j| j["status"] == "concluded") {
+                            break;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(JobEnd::Failed("QEMU went away during the snapshot".into()));
+                    }
+                },
+                changed = async { cancel.wait_for(|c| *c).await.is_ok() }, if !cancel_done => {
+                    cancel_done = true;
+                    cancel_sent = changed;
+                    if changed {
+                        // Refused once the job is past the point of no return; the
+                        // job then simply ends on its own.
+                        let _ = self.qmp.execute_timeout("job-cancel", Some(json!({ "id": id })), QUERY_TIMEOUT).await;
+                    }
+                }
+                () = self.qmp.closed() => {
+                    return Err(JobEnd::Failed("QEMU exited during the snapshot".into()));
+                }
+            }
+        }
+        let error = self
+            .query(&id)
+            .await
+            .and_then(|j| j.get("error").and_then(Value::as_str).map(str::to_owned));
+        let _ = self
+            .qmp
+            .execute_timeout("job-dismiss", Some(json!({ "id": id })), QUERY_TIMEOUT)
+            .await;
+        match error {
+            None => Ok(()),
+            Some(_) if cancel_sent => Err(JobEnd::Cancelled),
+            Some(e) => Err(JobEnd::Failed(format!("QEMU's {command} failed: {e}"))),
+        }
+    }
+
+    /// This job's entry in `query-jobs`.
+    async fn query(&self, id: &str) -> Option<Value> {
+        let jobs = self
+            .qmp
+            .execute_timeout("query-jobs", None, QUERY_TIMEOUT)
+            .await
+            .ok()?;
+        jobs.as_array()?
+            .iter()
+            .find(|j| j.get("id").and_then(Value::as_str) == Some(id))
+            .cloned()
+    }
+
+    async fn report_progress(&self, id: &str, status: &str) {
+        let Some(j) = self.query(id).await else {
+            return;
+        };
+        let get = |k: &str| j.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (current, total) = (get("current-progress"), get("total-progress"));
+        if total > 0 {
+            self.job
+                .set_progress(current as f64 / total as f64, &format!("QEMU job {status}"));
+        }
+    }
+
+    /// After a failed save: delete whatever QEMU wrote under the name.
+    async fn remove_partial(&self, name: &str, p: &Prepared) -> String {
+        let disks: Vec<Disk> = p.disks.iter().map(|(d, _)| d.clone()).collect();
+        let holding: Vec<String> = match inspect(self.vm, &disks).await {
+            Ok(now) => now
+                .into_iter()
+                .filter(|l| l.snapshots.iter().any(|s| s.name == name))
+                .map(|l| l.node)
+                .collect(),
+            Err(e) => return format!("could not check for a partial snapshot ({e})"),
+        };
+        if holding.is_empty() {
+            return "no partial snapshot was left behind".into();
+        }
+        let args = json!({ "tag": name, "devices": holding });
+        match self.job("snapshot-delete", "cleanup", args, false).await {
+            Ok(()) => "the partial snapshot was removed".into(),
+            Err(e) => {
+                let why = match e {
+                    JobEnd::Failed(why) => why,
+                    JobEnd::Cancelled => "cancelled".into(),
+                };
+                format!(
+                    "the partial snapshot '{name}' could not be removed ({why}); delete it (maqet snapshot rm)"
+                )
+            }
+        }
+    }
+}

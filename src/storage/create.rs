@@ -1,0 +1,273 @@
+//! Creating a missing disk image without a time-of-check/time-of-use window.
+//!
+//! The method (docs/storage.md):
+//! 1. Resolve the path (`danger::resolve`: symlinks of every existing ancestor) and
+//!    check the result against the dangerous list.
+//! 2. Walk the resolved parent from `/` one component at a time with
+//!    `openat(O_DIRECTORY | O_NOFOLLOW)`, creating missing directories (0700) with
+//!    `mkdirat`. A component that became a symlink after step 1 fails the walk, so the
+//!    directory fd we end with is exactly the directory that was checked.
+//! 3. Check free space on that directory's file system (`fstatvfs`).
+//! 4. `openat(dirfd, name, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY, 0600)`: a file or
+//!    symlink planted at the name makes it fail instead of being followed; verify the
+//!    result is a regular file.
+//! 5. `qemu-img create` formats that inode through `/proc/self/fd/3`, never by path.
+//! 6. Verify the name still refers to our inode. On failure the file is removed only if
+//!    it is still ours.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::qemu_img::QemuImg;
+use super::{danger, space};
+use crate::config::{PathUse, StorageKind};
+use crate::error::MaqetError;
+
+/// What to create.
+#[derive(Debug, Clone, Copy)]
+pub struct NewImage<'a> {
+    pub path: &'a Path,
+    pub kind: StorageKind,
+    pub size: Option<u64>,
+    pub backing: Option<(&'a Path, &'a str)>,
+}
+
+/// Whether maqet made the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    /// Someone created it between the caller's existence check and ours: used as is.
+    AlreadyThere,
+}
+
+fn storage_err(path: &Path, why: impl std::fmt::Display) -> MaqetError {
+    MaqetError::Storage(format!("cannot create {}: {why}", path.display()))
+}
+
+/// Creates `spec.path` as an empty image of its kind, mode 0600.
+pub async fn create_image(
+    qemu_img: &QemuImg,
+    spec: &NewImage<'_>,
+    home: &Path,
+) -> Result<Outcome, MaqetError> {
+    let path = spec.path;
+    let size = match (spec.size, spec.backing) {
+        (Some(size), _) => Some(size),
+        // A qcow2 overlay takes its size from the backing image.
+        (None, Some(_)) => None,
+        (None, None) => {
+            return Err(storage_err(
+                path,
+                "it does not exist and its storage entry has no `size` to create it with; add `size:` or create the file yourself",
+            ));
+        }
+    };
+    let resolved = danger::resolve(path);
+    danger::check(&resolved, home, PathUse::Storage).map_err(|why| storage_err(path, why))?;
+    let (Some(parent), Some(name)) = (resolved.parent(), resolved.file_name()) else {
+        return Err(storage_err(path, "it names no file"));
+    };
+    let dir = open_dir_chain(parent).map_err(|why| storage_err(path, why))?;
+
+    let available = space::available(&dir).map_err(|e| storage_err(path, e))?;
+    let required = space::for_new_image(spec.kind, size.unwrap_or(0));
+    space::ensure(
+        available,
+        required,
+        &format!("a new disk image {}", path.display()),
+        parent,
+    )?;
+
+    let file = match rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(f) => f,
+        Err(Errno::EXIST) => return Ok(Outcome::AlreadyThere),
+        Err(e) => return Err(storage_err(path, e)),
+    };
+    let created = rustix::fs::fstat(&file).map_err(|e| storage_err(path, e))?;
+    if FileType::from_raw_mode(created.st_mode) != FileType::RegularFile {
+        return Err(storage_err(path, "the created file is not a regular file"));
+    }
+    let formatted = qemu_img
+        .create(file.as_fd(), path, spec.kind.as_str(), size, spec.backing)
+        .await;
+    let still_ours = is_same_inode(&dir, name, &created);
+    match (formatted, still_ours) {
+        (Ok(()), true) => Ok(Outcome::Created),
+        (Ok(()), false) => Err(storage_err(
+            path,
+            "the file was replaced while maqet was creating it; nothing was recorded",
+        )),
+        (Err(e), ours) => {
+            if ours {
+                let _ = rustix::fs::unlinkat(&dir, name, AtFlags::empty());
+            }
+            Err(e)
+        }
+    }
+}
+
+fn is_same_inode(dir: &OwnedFd, name: &OsStr, created: &rustix::fs::Stat) -> bool {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|now| now.st_dev == created.st_dev && now.st_ino == created.st_ino)
+}
+
+/// Opens `dir` (absolute, symlink-free) from `/` without following any symlink,
+/// creating missing directories with mode 0700.
+fn open_dir_chain(dir: &Path) -> Result<OwnedFd, String> {
+    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::openat(CWD, "/", flags, Mode::empty()).map_err(|e| e.to_string())?;
+    let mut walked = std::path::PathBuf::from("/");
+    for c in dir.components() {
+        let Component::Normal(part) = c else {
+            continue;
+        };
+        walked.push(part);
+        let next = match rustix::fs::openat(&fd, part, flags, Mode::empty()) {
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(&fd, part, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(format!("cannot create {}: {e}", walked.display())),
+                }
+                rustix::fs::openat(&fd, part, flags, Mode::empty())
+            }
+            other => other,
+        };
+        fd = next.map_err(|e| match e {
+            Errno::LOOP | Errno::NOTDIR => format!(
+                "{} is not a directory or became a symlink after it was checked; nothing was written",
+                walked.display()
+            ),
+            e => format!("cannot open {}: {e}", walked.display()),
+        })?;
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn the_walk_creates_missing_directories_privately() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        let deep = base.join("a/b");
+        open_dir_chain(&deep).unwrap();
+        let mode = std::fs::metadata(&deep).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_parent_swapped_for_a_symlink_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        // Checked as a directory, then swapped for a symlink into /etc.
+        let dir = base.join("vms");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/etc", &dir).unwrap();
+        let err = open_dir_chain(&dir).unwrap_err();
+        assert!(err.contains("became a symlink"), "{err}");
+        assert!(!Path::new("/etc/x.qcow2").exists());
+    }
+
+    fn new_image(path: &Path, kind: StorageKind, size: Option<u64>) -> NewImage<'_> {
+        NewImage {
+            path,
+            kind,
+            size,
+            backing: None,
+        }
+    }
+
+    fn qemu_img() -> Option<QemuImg> {
+        QemuImg::find(std::env::var_os("PATH").as_deref()).ok()
+    }
+
+    #[tokio::test]
+    async fn creates_a_private_qcow2_and_refuses_planted_names() {
+        let Some(img) = qemu_img() else {
+            eprintln!("qemu-img not installed: skipped");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("d/root.qcow2");
+        let spec = new_image(&path, StorageKind::Qcow2, Some(1 << 20));
+        let home = Path::new("/nonexistent-home");
+        assert_eq!(
+            create_image(&img, &spec, home).await.unwrap(),
+            Outcome::Created
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(
+            img.info("qcow2", &path).await.unwrap().virtual_size,
+            1 << 20
+        );
+        // Existing: used as is, not touched.
+        let before = meta.ino();
+        assert_eq!(
+            create_image(&img, &spec, home).await.unwrap(),
+            Outcome::AlreadyThere
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), before);
+
+        // A dangling symlink planted at the name is not followed: O_EXCL|O_NOFOLLOW
+        // fails on it, and the file it points to is never created.
+        let target = tmp.path().join("victim");
+        let planted = tmp.path().join("d/planted.qcow2");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        let spec = NewImage {
+            path: &planted,
+            ..spec
+        };
+        assert_eq!(
+            create_image(&img, &spec, home).await.unwrap(),
+            Outcome::AlreadyThere
+        );
+        assert!(!target.exists());
+    }
+
+    #[tokio::test]
+    async fn a_path_through_a_symlink_into_etc_writes_nothing() {
+        let Some(img) = qemu_img() else {
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("innocent");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let path = link.join("maqet-test-x.qcow2");
+        let spec = new_image(&path, StorageKind::Qcow2, Some(1 << 20));
+        let err = create_image(&img, &spec, Path::new("/home/u"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "Storage");
+        assert!(err.to_string().contains("/etc"), "{err}");
+        assert!(!Path::new("/etc/maqet-test-x.qcow2").exists());
+    }
+
+    #[tokio::test]
+    async fn no_size_no_image() {
+        let Some(img) = qemu_img() else {
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.img");
+        let spec = new_image(&path, StorageKind::Raw, None);
+        let err = create_image(&img, &spec, Path::new("/h"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("`size`"), "{err}");
+        assert!(!path.exists());
+    }
+}

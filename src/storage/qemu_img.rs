@@ -1,0 +1,440 @@
+//! Running `qemu-img`: finding it, command lines that never let it guess an image's
+//! format, cancellation, the JSON it prints, and errors that say what failed.
+//!
+//! Every image is named with `--image-opts driver=<format>,file.filename=<path>` (or
+//! `-f`): format probing of a raw image the guest wrote could read it as qcow2 with a
+//! backing file anywhere on the host.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use crate::config::{escape_commas, find_binary};
+use crate::error::MaqetError;
+
+/// The fd number a new image is handed to `qemu-img create` at (`/proc/self/fd/3`).
+const IMAGE_FD: i32 = 3;
+/// How much of `qemu-img`'s stderr an error carries.
+const STDERR_LIMIT: usize = 1024;
+
+/// A `qemu-img` found on the service's `PATH`.
+#[derive(Debug, Clone)]
+pub struct QemuImg {
+    program: PathBuf,
+}
+
+/// Why a `qemu-img` run did not succeed.
+#[derive(Debug)]
+pub enum RunError {
+    /// The caller cancelled; the process was killed and reaped.
+    Cancelled,
+    Failed(MaqetError),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Cancelled => f.write_str("cancelled"),
+            RunError::Failed(e) => f.write_str(&e.message()),
+        }
+    }
+}
+
+impl From<MaqetError> for RunError {
+    fn from(e: MaqetError) -> Self {
+        RunError::Failed(e)
+    }
+}
+
+/// What `qemu-img snapshot` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOp {
+    Create,
+    Apply,
+    Delete,
+}
+
+impl SnapshotOp {
+    fn flag(self) -> &'static str {
+        match self {
+            SnapshotOp::Create => "-c",
+            SnapshotOp::Apply => "-a",
+            SnapshotOp::Delete => "-d",
+        }
+    }
+}
+
+/// One internal snapshot, as `qemu-img info` and QMP's `ImageInfo` describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Bytes of saved VM state (0: a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// µs since the Unix epoch.
+    pub date_us: u64,
+    /// The guest's clock at the snapshot, ns.
+    pub vm_clock_ns: u64,
+}
+
+/// The parts of QEMU's `ImageInfo` maqet uses (same schema from `qemu-img info
+/// --output=json` and from QMP `query-block`'s `inserted.image`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: String,
+    pub virtual_size: u64,
+    /// Bytes allocated on the host (0 when QEMU could not tell).
+    pub actual_size: u64,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawImageInfo {
+    format: String,
+    virtual_size: u64,
+    #[serde(default)]
+    actual_size: u64,
+    #[serde(default)]
+    snapshots: Vec<RawSnapshot>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawSnapshot {
+    name: String,
+    vm_state_size: u64,
+    date_sec: u64,
+    date_nsec: u64,
+    vm_clock_sec: u64,
+    vm_clock_nsec: u64,
+}
+
+impl ImageInfo {
+    pub fn from_json(value: &serde_json::Value) -> Result<ImageInfo, String> {
+        let raw = RawImageInfo::deserialize(value).map_err(|e| e.to_string())?;
+        Ok(ImageInfo {
+            format: raw.format,
+            virtual_size: raw.virtual_size,
+            actual_size: raw.actual_size,
+            snapshots: raw
+                .snapshots
+                .into_iter()
+                .map(|s| SnapshotInfo {
+                    name: s.name,
+                    vm_state_size: s.vm_state_size,
+                    date_us: s.date_sec * 1_000_000 + s.date_nsec / 1_000,
+                    vm_clock_ns: s.vm_clock_sec * 1_000_000_000 + s.vm_clock_nsec,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What `qemu-img check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// No corruption and no error (leaks are harmless).
+    pub ok: bool,
+    pub message: String,
+}
+
+impl QemuImg {
+    /// Finds `qemu-img` on `path_env`, or says which package ships it.
+    pub fn find(path_env: Option<&OsStr>) -> Result<QemuImg, MaqetError> {
+        find_binary("qemu-img", path_env)
+            .map(|program| QemuImg { program })
+            .map_err(|e| {
+                MaqetError::Storage(format!(
+                    "{}; maqet needs qemu-img for disk images and snapshots: install the `qemu-utils` package (Debian, Ubuntu) or `qemu-img` (Fedora)",
+                    e.message.replace("QEMU binary", "the program")
+                ))
+            })
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("LC_ALL", "C")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// `driver=<format>,file.filename=<path>`: the image, with its format stated.
+    fn image_opts(format: &str, path: &Path) -> String {
+        format!(
+            "driver={format},file.filename={}",
+            escape_commas(&path.to_string_lossy())
+        )
+    }
+
+    /// Size, allocation and internal snapshots of an image. `-U` lets it read an
+    /// image a running QEMU holds.
+    pub async fn info(&self, format: &str, path: &Path) -> Result<ImageInfo, MaqetError> {
+        let mut cmd = self.command();
+        cmd.args(["info", "-U", "--output=json", "--image-opts"])
+            .arg(Self::image_opts(format, path));
+        let out = run(cmd, "info", path, None).await.map_err(failed)?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            MaqetError::Storage(format!(
+                "qemu-img info {}: unreadable output ({e})",
+                path.display()
+            ))
+        })?;
+        ImageInfo::from_json(&value).map_err(|e| {
+            MaqetError::Storage(format!(
+                "qemu-img info {}: unexpected output ({e})",
+                path.display()
+            ))
+        })
+    }
+
+    /// `qemu-img check` of a qcow2 image (read-only; `-U` while a VM uses it).
+    pub async fn check(&self, path: &Path, in_use: bool) -> Result<CheckReport, MaqetError> {
+        let mut cmd = self.command();
+        cmd.args(["check", "--output=json"]);
+        if in_use {
+            cmd.arg("-U");
+        }
+        cmd.arg("--image-opts").arg(Self::image_opts("qcow2", path));
+        let out = match spawn_and_wait(cmd, None).await {
+            Ok(out) => out,
+            Err(WaitError::Io(e)) => return Err(spawn_error("check", &e)),
+            Err(WaitError::Cancelled) => unreachable!("no cancel receiver"),
+        };
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let count = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        // Exit codes (qemu-img(1)): 0 clean, 2 corrupted, 3 leaked clusters only.
+        Ok(match out.status.code() {
+            Some(0) => CheckReport {
+                ok: true,
+                message: "no errors".into(),
+            },
+            Some(3) => CheckReport {
+                ok: true,
+                message: format!(
+                    "{} leaked clusters (harmless; `qemu-img check -r leaks` reclaims them while the VM is stopped)",
+                    count("leaks")
+                ),
+            },
+            Some(2) => CheckReport {
+                ok: false,
+                message: format!(
+                    "{} corruptions, {} leaked clusters: restore from a backup, or repair with `qemu-img check -r all` while the VM is stopped",
+                    count("corruptions"),
+                    count("leaks")
+                ),
+            },
+            _ => CheckReport {
+                ok: false,
+                message: format!("the check could not complete: {}", stderr_text(&out)),
+            },
+        })
+    }
+
+    /// `qemu-img snapshot -c|-a|-d NAME` on a qcow2 image; killed when `cancel` turns
+    /// true.
+    pub async fn snapshot(
+        &self,
+        op: SnapshotOp,
+        name: &str,
+        path: &Path,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let mut cmd = self.command();
+        cmd.args(["snapshot", op.flag(), name, "--image-opts"])
+            .arg(Self::image_opts("qcow2", path));
+        run(cmd, &format!("snapshot {}", op.flag()), path, Some(cancel))
+            .await
+            .map(|_| ())
+    }
+
+    /// Formats the (empty, just created) image open at `image`: `qemu-img` opens it
+    /// through `/proc/self/fd/3`, the very inode maqet created, never by a path that
+    /// could have been swapped since.
+    pub async fn create(
+        &self,
+        image: BorrowedFd<'_>,
+        shown: &Path,
+        format: &str,
+        size: Option<u64>,
+        backing: Option<(&Path, &str)>,
+    ) -> Result<(), MaqetError> {
+        let mut cmd = self.command();
+        cmd.args(["create", "-q", "-f", format]);
+        if let Some((file, fmt)) = backing {
+            cmd.arg("-b").arg(file).args(["-F", fmt]);
+        }
+        cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"));
+        if let Some(size) = size {
+            cmd.arg(size.to_string());
+        }
+        let fd = image.as_raw_fd();
+        // SAFETY: place_fd only calls dup2/fcntl, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || crate::child::place_fd(fd, IMAGE_FD));
+        }
+        run(cmd, "create", shown, None).await.map_err(failed)?;
+        Ok(())
+    }
+}
+
+fn failed(e: RunError) -> MaqetError {
+    match e {
+        RunError::Failed(e) => e,
+        RunError::Cancelled => MaqetError::Cancelled("qemu-img was cancelled".into()),
+    }
+}
+
+fn spawn_error(what: &str, e: &std::io::Error) -> MaqetError {
+    MaqetError::Storage(format!("cannot run qemu-img {what}: {e}"))
+}
+
+fn stderr_text(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let text = text.trim();
+    let cut = text.len().saturating_sub(STDERR_LIMIT);
+    // Keep the tail (the actual error), on a char boundary.
+    let start = (cut..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    let tail = &text[start..];
+    if tail.is_empty() {
+        format!("exit status {}", out.status)
+    } else {
+        tail.replace('\n', "; ")
+    }
+}
+
+/// Runs to completion; a nonzero exit is a `Storage` error carrying qemu-img's stderr.
+async fn run(
+    cmd: Command,
+    what: &str,
+    path: &Path,
+    cancel: Option<&mut watch::Receiver<bool>>,
+) -> Result<std::process::Output, RunError> {
+    let out = spawn_and_wait(cmd, cancel).await.map_err(|e| match e {
+        WaitError::Cancelled => RunError::Cancelled,
+        WaitError::Io(e) => RunError::Failed(spawn_error(what, &e)),
+    })?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(RunError::Failed(MaqetError::Storage(format!(
+            "qemu-img {what} {} failed: {}",
+            path.display(),
+            stderr_text(&out)
+        ))))
+    }
+}
+
+enum WaitError {
+    Cancelled,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for WaitError {
+    fn from(e: std::io::Error) -> Self {
+        WaitError::Io(e)
+    }
+}
+
+/// Spawns, collects output, waits. On cancellation the child is killed and reaped
+/// before returning, so its image lock is gone when the caller cleans up.
+async fn spawn_and_wait(
+    mut cmd: Command,
+    cancel: Option<&mut watch::Receiver<bool>>,
+) -> Result<std::process::Output, WaitError> {
+    let already = cancel.as_ref().is_some_and(|c| *c.borrow());
+    if already {
+        return Err(WaitError::Cancelled);
+    }
+    let mut child = cmd.spawn()?;
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let output = tokio::spawn(async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut out).await;
+        }
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut err).await;
+        }
+        (out, err)
+    });
+    let cancelled = async {
+        if let Some(rx) = cancel
+            && rx.wait_for(|c| *c).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    let status = tokio::select! {
+        status = child.wait() => Some(status?),
+        () = cancelled => None,
+    };
+    let Some(status) = status else {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        output.abort();
+        return Err(WaitError::Cancelled);
+    };
+    let (stdout, stderr) = output.await.unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_info_from_qemu_json() {
+        let v = serde_json::json!({
+            "snapshots": [{"vm-clock-nsec": 929334938, "name": "s1", "date-sec": 1795316966,
+                "date-nsec": 550466000, "vm-clock-sec": 2, "id": "1", "vm-state-size": 777340}],
+            "virtual-size": 67108864, "filename": "d.qcow2", "format": "qcow2",
+            "actual-size": 1130496, "dirty-flag": false
+        });
+        let info = ImageInfo::from_json(&v).unwrap();
+        assert_eq!(info.virtual_size, 64 << 20);
+        assert_eq!(info.actual_size, 1130496);
+        assert_eq!(
+            info.snapshots,
+            vec![SnapshotInfo {
+                name: "s1".into(),
+                vm_state_size: 777340,
+                date_us: 1_795_316_966_550_466,
+                vm_clock_ns: 2_929_334_938,
+            }]
+        );
+        let bare = serde_json::json!({"virtual-size": 1, "format": "raw"});
+        assert!(ImageInfo::from_json(&bare).unwrap().snapshots.is_empty());
+    }
+
+    #[test]
+    fn image_opts_state_the_format_and_escape_commas() {
+        assert_eq!(
+            QemuImg::image_opts("qcow2", Path::new("/v/a,b.qcow2")),
+            "driver=qcow2,file.filename=/v/a,,b.qcow2"
+        );
+    }
+
+    #[test]
+    fn a_missing_qemu_img_names_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = QemuImg::find(Some(dir.path().as_os_str())).unwrap_err();
+        assert_eq!(err.kind(), "Storage");
+        assert!(err.to_string().contains("qemu-utils"), "{err}");
+    }
+}

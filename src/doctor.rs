@@ -47,9 +47,20 @@ fn finding(check: &'static str, health: Health, message: String, hint: &str) -> 
     }
 }
 
-/// Runs every check. `refusal` is why the database was refused, if it was.
-pub async fn run(manager: &Arc<Manager>, refusal: Option<&str>, fix: bool) -> Vec<Finding> {
-    let mut out = vec![binaries(manager), kvm(), database(manager, refusal)];
+/// Runs every check. `refusal` is why the database was refused, if it was;
+/// `policy_problem` why policy.yaml was not taken, if it was not.
+pub async fn run(
+    manager: &Arc<Manager>,
+    refusal: Option<&str>,
+    policy_problem: Option<String>,
+    fix: bool,
+) -> Vec<Finding> {
+    let mut out = vec![
+        binaries(manager),
+        kvm(),
+        database(manager, refusal),
+        policy(manager, policy_problem),
+    ];
     out.push(runtime_dir(manager, fix));
     if refusal.is_none() {
         out.extend(processes(manager, fix).await);
@@ -108,6 +119,30 @@ fn database(manager: &Manager, refusal: Option<&str>) -> Finding {
         ),
         "",
     )
+}
+
+fn policy(manager: &Manager, problem: Option<String>) -> Finding {
+    let path = manager.ctx().paths.policy_file();
+    match problem {
+        Some(p) => finding(
+            "policy",
+            Health::Error,
+            p,
+            "fix the file (docs/security.md); until then the last good policy applies",
+        ),
+        None if path.exists() => finding(
+            "policy",
+            Health::Ok,
+            format!("{} in force", path.display()),
+            "",
+        ),
+        None => finding(
+            "policy",
+            Health::Ok,
+            "shipped defaults (no policy.yaml)".into(),
+            "",
+        ),
+    }
 }
 
 fn runtime_dir(manager: &Manager, fix: bool) -> Finding {

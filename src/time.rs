@@ -40,6 +40,58 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A point in time for `--since`: a duration ago (`90s`, `30m`, `2h`, `7d`) or a UTC
+/// date (`2026-11-22`, `2026-11-22T14:05:00Z`). Returns µs since the epoch.
+pub fn parse_since(s: &str, now_us: u64) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "cannot read time '{s}': use a duration ago (90s, 30m, 2h, 7d) or a UTC date (2026-11-22 or 2026-11-22T14:05:00Z)"
+        )
+    };
+    let s = s.trim();
+    if let Some(unit) = s.chars().last().filter(|c| c.is_ascii_alphabetic())
+        && let Ok(n) = s[..s.len() - 1].parse::<u64>()
+    {
+        let secs = match unit {
+            's' => n,
+            'm' => n * 60,
+            'h' => n * 3600,
+            'd' => n * 86_400,
+            _ => return Err(bad()),
+        };
+        return Ok(now_us.saturating_sub(secs * 1_000_000));
+    }
+    let (date, clock) = s.split_once('T').unwrap_or((s, "00:00:00Z"));
+    let d: Vec<u32> = date
+        .split('-')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let c: Vec<u32> = clock
+        .trim_end_matches('Z')
+        .split(':')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if d.len() != 3 || c.len() != 3 || !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) {
+        return Err(bad());
+    }
+    let days = days_from_civil(d[0] as i64, d[1], d[2]);
+    let secs = days * 86_400 + (c[0] * 3600 + c[1] * 60 + c[2]) as i64;
+    u64::try_from(secs)
+        .map(|s| s * 1_000_000)
+        .map_err(|_| bad())
+}
+
 /// "3h 12m", "45s": a compact duration for uptime columns.
 pub fn format_duration_us(us: u64) -> String {
     let s = us / 1_000_000;
@@ -63,5 +115,22 @@ mod tests {
         assert_eq!(format_us(1_795_313_373_000_000), "2026-11-22T02:09:33Z");
         assert_eq!(format_duration_us(3_723_000_000), "1h 2m");
         assert_eq!(format_duration_us(59_000_000), "59s");
+    }
+
+    #[test]
+    fn since_accepts_durations_and_dates() {
+        let now = 1_795_313_373_000_000;
+        assert_eq!(parse_since("90s", now), Ok(now - 90_000_000));
+        assert_eq!(parse_since("2h", now), Ok(now - 7_200_000_000));
+        assert_eq!(
+            format_us(parse_since("2026-11-22T02:09:33Z", now).unwrap()),
+            "2026-11-22T02:09:33Z"
+        );
+        assert_eq!(
+            format_us(parse_since("2024-02-29", now).unwrap()),
+            "2024-02-29T00:00:00Z"
+        );
+        assert!(parse_since("yesterday", now).is_err());
+        assert!(parse_since("2026-13-01", now).is_err());
     }
 }

@@ -145,6 +145,9 @@ async fn passthrough_tiers_events_keys_and_quit() {
         "AccessDenied",
     );
     assert!(m.contains("allow_dangerous=true"), "{m}");
+    // The flag alone is not enough: the shipped policy asks polkit (see e2e_access);
+    // this user's policy allows dangerous commands.
+    bus.write_policy("actions:\n  org.maqet.qmp.dangerous: yes\n");
     let version = qmp
         .execute("human-monitor-command", hmp, true)
         .await
@@ -393,6 +396,7 @@ async fn cli_round_trips() {
     let out = bus.maqet(&["qmp", "web", "human-monitor-command", hmp]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains("allow_dangerous"), "{}", stderr(&out));
+    bus.write_policy("actions:\n  org.maqet.qmp.dangerous: yes\n");
     let version = json(&run(&[
         "qmp",
         "web",

@@ -1,7 +1,7 @@
 //! The actions calls are checked against (`data/polkit-1/actions/org.maqet.policy`
 //! declares the same ids).
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     /// Reading state: list, find, properties, wait.
     Observe,

@@ -6,10 +6,14 @@
 //! the bus (`GetConnectionCredentials` on the message's sender), never from an argument.
 
 mod action;
+pub mod policy;
+mod polkit;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use zbus::Connection;
@@ -17,6 +21,8 @@ use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 
 pub use action::Action;
+use policy::{Policy, Verdict};
+use polkit::Polkit;
 
 use crate::error::MaqetError;
 use crate::store::{AuditDecision, AuditRow, Store};
@@ -119,7 +125,17 @@ pub struct Gate {
     /// Set when the service cannot work at all (its database was refused): every call
     /// gets this answer instead of acting.
     refusal: Option<String>,
+    policy: PolicySource,
+    polkit: Polkit,
+    /// Recent polkit approvals, so a burst of calls does not prompt again and again.
+    approvals: Mutex<HashMap<ApprovalKey, Instant>>,
 }
+
+/// (caller's unique name, action, VM id).
+type ApprovalKey = (String, Action, Option<String>);
+
+/// How long a polkit approval is reused for the same caller, action and VM.
+pub const APPROVAL_TTL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +150,7 @@ impl Gate {
         store: Arc<Store>,
         activity: Option<Arc<dyn ActivityObserver>>,
         refusal: Option<String>,
+        policy_file: PathBuf,
     ) -> Arc<Gate> {
         Arc::new(Gate {
             own_uid: rustix::process::getuid().as_raw(),
@@ -141,7 +158,15 @@ impl Gate {
             callers: Mutex::new(HashMap::new()),
             activity,
             refusal,
+            policy: PolicySource::new(policy_file),
+            polkit: Polkit::default(),
+            approvals: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The problem with policy.yaml, if its last version could not be used.
+    pub fn policy_problem(&self) -> Option<String> {
+        self.policy.current().1
     }
 
     /// Why the service answers every call with an error, if it does.
@@ -218,21 +243,87 @@ impl Gate {
         Ok(caller)
     }
 
-    /// Decides whether `caller` may do `req`.
-    pub fn decide(&self, caller: &Caller, req: &Request) -> Result<(), String> {
-        if caller.uid != self.own_uid {
-            return Err(format!(
-                "{} ({}) is refused: this maqetd serves uid {} and the caller is uid {}",
-                req.method,
-                req.action.id(),
-                self.own_uid,
-                caller.uid
-            ));
-        }
+    /// Decides whether `caller` may do `req`: the safety interlock, then the policy,
+    /// then (for `auth`) polkit. `Ok(true)` means polkit was consulted.
+    pub async fn decide(&self, caller: &Caller, req: &Request) -> Result<bool, String> {
         if let Some(why) = &req.interlock {
             return Err(why.clone());
         }
-        Ok(())
+        let (policy, _) = self.policy.current();
+        let vm = req
+            .vm
+            .as_ref()
+            .map(|(id, name)| (id.as_str(), name.as_str()));
+        let decision = policy.decide(self.own_uid, caller.uid, req.action, vm);
+        let refused = |because: &str| {
+            let on = req
+                .vm
+                .as_ref()
+                .map(|v| format!(" on VM '{}'", v.1))
+                .unwrap_or_default();
+            format!(
+                "{} ({}){on} is refused: {because}",
+                req.method,
+                req.action.id()
+            )
+        };
+        match decision.verdict {
+            Verdict::Yes => Ok(false),
+            Verdict::No => Err(refused(&decision.because)),
+            Verdict::Auth => {
+                let key = (
+                    caller.unique_name.clone(),
+                    req.action,
+                    req.vm.as_ref().map(|v| v.0.clone()),
+                );
+                let fresh = |t: &Instant| t.elapsed() < APPROVAL_TTL;
+                if self.approvals.lock().unwrap().get(&key).is_some_and(fresh) {
+                    return Ok(true);
+                }
+                match self.polkit.check(caller, req.action).await {
+                    Ok(Ok(())) => {
+                        let mut approvals = self.approvals.lock().unwrap();
+                        approvals.retain(|_, t| fresh(t));
+                        approvals.insert(key, Instant::now());
+                        Ok(true)
+                    }
+                    Ok(Err(no)) => Err(refused(&format!("{}; {no}", decision.because))),
+                    Err(unavailable) => Err(refused(&format!(
+                        "{} (ask polkit), but {unavailable}",
+                        decision.because
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The access check of a property read (`org.maqet.vm.observe`). Property reads are
+    /// not audited when allowed.
+    pub async fn check_read(
+        &self,
+        conn: &Connection,
+        hdr: Option<&Header<'_>>,
+        vm: Option<&crate::vm::Vm>,
+    ) -> zbus::fdo::Result<()> {
+        // No header: maqetd itself reads (ObjectManager, signals).
+        let Some(hdr) = hdr else {
+            return Ok(());
+        };
+        let mut req = Request::new(Action::Observe, "Get");
+        if let Some(vm) = vm {
+            req = req.on_vm(vm);
+        }
+        let caller = self
+            .identify(conn, hdr)
+            .await
+            .map_err(|e| zbus::fdo::Error::AccessDenied(e.message()))?;
+        match self.decide(&caller, &req).await {
+            Ok(_) => Ok(()),
+            Err(why) => {
+                self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
+                Err(zbus::fdo::Error::AccessDenied(why))
+            }
+        }
     }
 
     /// Identifies, decides, runs `work` when allowed, and audits. The single path every
@@ -255,12 +346,15 @@ impl Gate {
             return Err(e);
         }
         let caller = self.identify(conn, hdr).await?;
-        if let Err(why) = self.decide(&caller, &req) {
-            self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
-            return Err(MaqetError::AccessDenied(why));
-        }
+        let asked_polkit = match self.decide(&caller, &req).await {
+            Ok(asked) => asked,
+            Err(why) => {
+                self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
+                return Err(MaqetError::AccessDenied(why));
+            }
+        };
         let result = work.await;
-        if req.audited {
+        if req.audited || asked_polkit {
             let (outcome, message) = match &result {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),
@@ -307,5 +401,67 @@ impl Gate {
         if let Err(e) = self.store.insert_audit(&row) {
             tracing::error!(error = %e, "cannot write audit row");
         }
+    }
+}
+
+/// policy.yaml, re-read whenever it changes (checked with one `stat` per decision: no
+/// watcher, no timer). A file that does not parse is reported and the last good policy
+/// (at start: the shipped one) stays in force; never "allow all".
+struct PolicySource {
+    path: PathBuf,
+    state: Mutex<LoadedPolicy>,
+}
+
+struct LoadedPolicy {
+    policy: Arc<Policy>,
+    /// (mtime, inode, size) of the file the policy came from; `None`: no file.
+    stamp: Option<(i64, i64, u64, u64)>,
+    problem: Option<String>,
+}
+
+fn stamp(path: &std::path::Path) -> Option<(i64, i64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.mtime(), m.mtime_nsec(), m.ino(), m.size()))
+}
+
+impl PolicySource {
+    fn new(path: PathBuf) -> PolicySource {
+        let source = PolicySource {
+            path,
+            state: Mutex::new(LoadedPolicy {
+                policy: Arc::new(Policy::shipped()),
+                stamp: None,
+                problem: None,
+            }),
+        };
+        let (_, problem) = source.current();
+        if let Some(p) = problem {
+            tracing::warn!("{p}");
+        }
+        source
+    }
+
+    /// The policy in force, and the problem with the file if it was refused.
+    fn current(&self) -> (Arc<Policy>, Option<String>) {
+        let now = stamp(&self.path);
+        let mut state = self.state.lock().unwrap();
+        if now != state.stamp {
+            state.stamp = now;
+            match Policy::load(&self.path) {
+                Ok(p) => {
+                    tracing::info!(path = %self.path.display(), "access policy loaded");
+                    state.policy = Arc::new(p);
+                    state.problem = None;
+                }
+                Err(e) => {
+                    let msg = format!("{e}; keeping the previous policy");
+                    tracing::warn!("{msg}");
+                    state.problem = Some(msg);
+                }
+            }
+        }
+        (state.policy.clone(), state.problem.clone())
     }
 }

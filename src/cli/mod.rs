@@ -1,6 +1,7 @@
 //! The `maqet` command line: parses arguments, talks only D-Bus (through
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
+mod audit;
 mod doctor;
 mod exit;
 mod output;
@@ -106,6 +107,18 @@ pub enum Command {
     Events {
         /// Only this VM.
         vm: Option<String>,
+    },
+    /// Show the audit log: every denied call and every call that changed something.
+    Audit {
+        /// Only this VM (name or id).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only entries since then: 90s, 30m, 2h, 7d, or a UTC date (2026-11-22T14:05:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
     /// Check the bus, the service, QEMU, KVM, the database, sockets and VM states.
     Doctor {
@@ -228,6 +241,9 @@ async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
         } => vm::wait(&s, &vm, &condition, timeout).await,
         Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
         Command::Doctor { .. } => unreachable!("handled before connecting"),
+        Command::Audit { vm, since, limit } => {
+            audit::run(&s, vm.as_deref(), since.as_deref(), limit).await
+        }
         Command::Qmp {
             vm,
             command,

@@ -53,6 +53,22 @@ pub fn id_from_path(path: &ObjectPath<'_>) -> Option<String> {
 /// One row of `ListVMs`: id, name, object path, status.
 pub type VmListEntry = (String, String, OwnedObjectPath, String);
 
+/// One row of `Audit`: time (µs), caller uid, caller pid, caller bus name, action,
+/// VM id, method, arguments, decision, outcome, message.
+pub type AuditEntry = (
+    u64,
+    u32,
+    u32,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
 /// One row of `Snapshots.List`: name, VM state size (bytes), date (µs since the
 /// epoch), VM clock (ns).
 pub type SnapshotRow = (String, u64, u64, u64);
@@ -86,6 +102,8 @@ pub trait Manager {
     fn list_vms(&self) -> Result<Vec<VmListEntry>, MaqetError>;
 
     fn doctor(&self, fix: bool) -> Result<Vec<(String, String, String, String)>, MaqetError>;
+
+    fn audit(&self, vm: &str, since: u64, limit: u32) -> Result<Vec<AuditEntry>, MaqetError>;
 
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

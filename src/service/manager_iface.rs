@@ -10,7 +10,7 @@ use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 use super::object_manager::ObjectManagerIface;
 use super::{Shared, vm_objects};
 use crate::access::{Action, Request};
-use crate::client::{MANAGER_PATH, VmListEntry, vm_path};
+use crate::client::{AuditEntry, MANAGER_PATH, VmListEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
 use crate::manager::{INLINE_ORIGIN, Manager};
@@ -180,16 +180,68 @@ impl ManagerIface {
             .with_args(format!("fix={fix}"))
             .even_when_degraded();
         let work = async {
-            let refusal = self.shared.gate.refusal_message();
-            Ok(crate::doctor::run(&self.shared.manager, refusal, fix)
-                .await
+            let gate = &self.shared.gate;
+            let (refusal, policy) = (gate.refusal_message(), gate.policy_problem());
+            Ok(
+                crate::doctor::run(&self.shared.manager, refusal, policy, fix)
+                    .await
+                    .into_iter()
+                    .map(|f| {
+                        (
+                            f.check.to_string(),
+                            f.health.as_str().to_string(),
+                            f.message,
+                            f.hint,
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// The audit log, oldest first: every denial and every changing call. `vm` (name or
+    /// id) filters by VM ("" = all), `since` (µs since the epoch, 0 = all), `limit` the
+    /// newest rows (0 = 1000). Rows: (time, caller uid, caller pid, caller bus name,
+    /// action, VM id, method, arguments, decision, outcome, message).
+    #[zbus(out_args("rows"))]
+    async fn audit(
+        &self,
+        vm: &str,
+        since: u64,
+        limit: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<AuditEntry>, MaqetError> {
+        let req = Request::new(Action::Observe, "Audit").with_args(format!("vm={vm:?}"));
+        let work = async {
+            let vm_id = match vm {
+                "" => None,
+                v => Some(self.shared.manager.find(v)?.id().to_string()),
+            };
+            let limit = if limit == 0 { 1000 } else { limit as usize };
+            let rows = self
+                .shared
+                .manager
+                .ctx()
+                .store
+                .audit(vm_id.as_deref(), (since > 0).then_some(since), limit)
+                .map_err(crate::vm::store_error)?;
+            Ok(rows
                 .into_iter()
-                .map(|f| {
+                .map(|r| {
                     (
-                        f.check.to_string(),
-                        f.health.as_str().to_string(),
-                        f.message,
-                        f.hint,
+                        r.time,
+                        r.caller_uid.unwrap_or(u32::MAX),
+                        r.caller_pid.unwrap_or(0),
+                        r.caller_name.unwrap_or_default(),
+                        r.action,
+                        r.vm_id.unwrap_or_default(),
+                        r.method.unwrap_or_default(),
+                        r.arguments.unwrap_or_default(),
+                        r.decision.as_str().to_string(),
+                        r.outcome.unwrap_or_default(),
+                        r.message.unwrap_or_default(),
                     )
                 })
                 .collect())
@@ -197,25 +249,53 @@ impl ManagerIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Readable by anyone who can reach the service, so a client can tell "wrong
+    /// version" from "not allowed".
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
     }
 
     #[zbus(property(emits_changed_signal = "false"), name = "KvmAvailable")]
-    fn kvm_available(&self) -> bool {
-        self.shared.host.kvm_available
+    async fn kvm_available(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<bool> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), None)
+            .await?;
+        Ok(self.shared.host.kvm_available)
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
-    fn polkit_available(&self) -> bool {
-        self.shared.host.polkit_available()
+    async fn polkit_available(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<bool> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), None)
+            .await?;
+        Ok(self.shared.host.polkit_available())
     }
 
     /// Paths of the `qemu-system-*` binaries on the service's PATH.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn qemu_binaries(&self) -> Vec<String> {
-        crate::host::qemu_binaries(self.shared.manager.ctx().path_env.as_deref())
+    async fn qemu_binaries(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), None)
+            .await?;
+        Ok(crate::host::qemu_binaries(
+            self.shared.manager.ctx().path_env.as_deref(),
+        ))
     }
 
     #[zbus(signal, name = "VMAdded")]

@@ -87,7 +87,10 @@ pub async fn serve(
     // A refused database (corrupt, newer, locked) is left untouched and the service
     // still answers, so every client is told what is wrong and what to do.
     let (store, refusal) = match open_store(&paths) {
-        Ok(store) => (store, None),
+        Ok(store) => {
+            prune_audit(&store);
+            (store, None)
+        }
         Err(why) => {
             tracing::error!("{why}");
             let empty = Store::open_in_memory().map_err(|e| MaqetError::Storage(e.to_string()))?;
@@ -106,7 +109,8 @@ pub async fn serve(
     manager.readopt_all().await;
 
     let idle = Idle::new();
-    let gate = Gate::new(store, Some(idle.clone()), refusal);
+    let policy_file = manager.ctx().paths.policy_file();
+    let gate = Gate::new(store, Some(idle.clone()), refusal, policy_file);
     let shared = Arc::new(Shared {
         manager: manager.clone(),
         gate: gate.clone(),
@@ -179,4 +183,18 @@ fn open_store(paths: &Paths) -> Result<Arc<Store>, String> {
     Store::open(&paths.database())
         .map(Arc::new)
         .map_err(|e| e.to_string())
+}
+
+/// Audit rows are kept 90 days, and at most the newest 100,000 (docs/security.md);
+/// pruned once per start, never by a timer.
+fn prune_audit(store: &Store) {
+    const KEEP: Duration = Duration::from_secs(90 * 86_400);
+    let cutoff = crate::time::now_us().saturating_sub(KEEP.as_micros() as u64);
+    let old = store.prune_audit(cutoff);
+    let extra = store.prune_audit_keep_last(100_000);
+    match (old, extra) {
+        (Ok(a), Ok(b)) if a + b > 0 => tracing::info!(pruned = a + b, "old audit rows pruned"),
+        (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot prune the audit log"),
+        _ => {}
+    }
 }

@@ -9,11 +9,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::{ObjectPath, OwnedObjectPath, Variant, interface};
+use zbus::{Connection, ObjectPath, OwnedObjectPath, Variant, interface};
 
 use super::Shared;
 use super::vm_objects::{self, InterfaceProps};
+use crate::access::{Action, Request};
 use crate::client::vm_path;
 use crate::vm::Vm;
 
@@ -57,17 +59,20 @@ impl ObjectManagerIface {
     #[zbus(out_args("objects"))]
     async fn get_managed_objects(
         &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
     ) -> Result<HashMap<OwnedObjectPath, InterfaceProps>, crate::error::MaqetError> {
-        if let Some(e) = self.shared.gate.refusal() {
-            return Err(e);
-        }
-        Ok(self
-            .shared
-            .manager
-            .list()
-            .iter()
-            .map(|vm| (vm_path(vm.id()), vm.with_info(vm_objects::interfaces)))
-            .collect())
+        let req = Request::new(Action::Observe, "GetManagedObjects");
+        let work = async {
+            Ok(self
+                .shared
+                .manager
+                .list()
+                .iter()
+                .map(|vm| (vm_path(vm.id()), vm.with_info(vm_objects::interfaces)))
+                .collect())
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
     }
 
     #[zbus(signal)]

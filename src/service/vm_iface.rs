@@ -28,6 +28,20 @@ impl VmIface {
     fn req(&self, action: Action, method: &'static str) -> Request {
         Request::new(action, method).on_vm(&self.vm)
     }
+
+    /// A property read, after the gate's `org.maqet.vm.observe` check.
+    async fn read<T>(
+        &self,
+        conn: &Connection,
+        hdr: Option<Header<'_>>,
+        value: impl FnOnce(&crate::vm::VmInfo) -> T,
+    ) -> zbus::fdo::Result<T> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), Some(&self.vm))
+            .await?;
+        Ok(self.vm.with_info(value))
+    }
 }
 
 #[interface(name = "org.maqet.Maqet1.VM")]
@@ -207,56 +221,97 @@ impl VmIface {
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn id(&self) -> String {
-        self.vm.id().to_string()
+    async fn id(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |i| i.id.clone()).await
     }
 
     #[zbus(property)]
-    fn name(&self) -> String {
-        self.vm.name()
+    async fn name(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |i| i.name.clone()).await
     }
 
     #[zbus(property)]
-    fn status(&self) -> String {
-        self.vm.status().as_str().to_string()
+    async fn status(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |i| i.status.as_str().to_string())
+            .await
     }
 
     #[zbus(property)]
-    fn status_reason(&self) -> String {
-        self.vm.with_info(|i| i.reason.clone())
+    async fn status_reason(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |i| i.reason.clone()).await
     }
 
     /// 0 when no QEMU runs.
     #[zbus(property)]
-    fn pid(&self) -> u32 {
-        self.vm.with_info(|i| i.pid.unwrap_or(0))
+    async fn pid(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u32> {
+        self.read(conn, hdr, |i| i.pid.unwrap_or(0)).await
     }
 
     /// The merged, normalized YAML.
     #[zbus(property)]
-    fn config(&self) -> String {
-        self.vm.with_info(|i| i.config.clone())
+    async fn config(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |i| i.config.clone()).await
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn created_at(&self) -> u64 {
-        self.vm.with_info(|i| i.created_at)
+    async fn created_at(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.read(conn, hdr, |i| i.created_at).await
     }
 
     #[zbus(property)]
-    fn started_at(&self) -> u64 {
-        self.vm.with_info(|i| i.started_at)
+    async fn started_at(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.read(conn, hdr, |i| i.started_at).await
     }
 
     #[zbus(property)]
-    fn stopped_at(&self) -> u64 {
-        self.vm.with_info(|i| i.stopped_at)
+    async fn stopped_at(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.read(conn, hdr, |i| i.stopped_at).await
     }
 
     /// Exit code, 128 + signal when killed, -1 unknown or not exited.
     #[zbus(property)]
-    fn exit_status(&self) -> i32 {
-        self.vm.with_info(|i| i.exit_status)
+    async fn exit_status(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<i32> {
+        self.read(conn, hdr, |i| i.exit_status).await
     }
 
     /// Every status change (named so it does not clash with the `Status` property's

@@ -22,6 +22,19 @@ use zbus::{Connection, OwnedObjectPath};
 /// Generous bound for anything a VM does under TCG on a loaded 2-core machine.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a test bus is set up.
+#[derive(Default)]
+pub struct BusOptions<'a> {
+    /// Scripts `(name, body)` put first on maqetd's `PATH`.
+    pub tools: &'a [(&'a str, &'a str)],
+    /// maqetd.yaml.
+    pub settings: &'a str,
+    /// Let other uids connect (the bus socket's directory is made traversable).
+    pub other_users: bool,
+    /// maqetd's system bus (for polkit); default: none.
+    pub system_bus: Option<&'a str>,
+}
+
 pub struct Bus {
     daemon: Child,
     pub address: String,
@@ -76,11 +89,26 @@ impl Bus {
 
     /// A bus with extra tools on maqetd's `PATH` and a maqetd.yaml.
     pub fn start_with(tools: &[(&str, &str)], settings: &str) -> Bus {
+        Bus::start_with_options(&BusOptions {
+            tools,
+            settings,
+            ..BusOptions::default()
+        })
+    }
+
+    /// The general form: see [`BusOptions`].
+    pub fn start_with_options(opts: &BusOptions<'_>) -> Bus {
+        let (tools, settings) = (opts.tools, opts.settings);
         let dir = tempfile::Builder::new()
             .prefix("maqet-test-")
             .tempdir()
             .expect("temp dir");
         let root = dir.path();
+        if opts.other_users {
+            use std::os::unix::fs::PermissionsExt;
+            // Others may reach the bus socket in this directory, nothing else in it.
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
         for d in ["services", "run", "data", "state", "config", "home", "bin"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
@@ -118,11 +146,16 @@ impl Bus {
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
-    <allow own="*"/>
+    <allow own="*"/>{others}
   </policy>
 </busconfig>
 "#,
-                root = root.display()
+                root = root.display(),
+                others = if opts.other_users {
+                    "\n    <allow user=\"*\"/>"
+                } else {
+                    ""
+                }
             ),
         )
         .unwrap();
@@ -136,6 +169,13 @@ impl Bus {
             // Activated services inherit this: maqetd's log lands in <dir>/bus.log.
             .stderr(std::fs::File::create(root.join("bus.log")).unwrap())
             .env("MAQET_TEST_MARKER", &marker)
+            // No polkitd unless the test brings its own: `auth` answers are then
+            // deterministic ("polkitd is not reachable"), never a prompt on a desktop.
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                opts.system_bus
+                    .unwrap_or("unix:path=/nonexistent/system_bus_socket"),
+            )
             .env("PATH", path_env)
             .env(
                 "RUST_LOG",
@@ -175,6 +215,15 @@ impl Bus {
     /// The environment marker that makes a process this test's to clean up.
     pub fn marker(&self) -> &str {
         &self.marker
+    }
+
+    /// Writes maqetd's policy.yaml (re-read by maqetd on its next decision).
+    pub fn write_policy(&self, yaml: &str) {
+        let path = self.root().join("config/maqet/policy.yaml");
+        // Write-and-rename: maqetd sees either the old or the new file, never half.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, path).unwrap();
     }
 
     pub fn root(&self) -> &Path {

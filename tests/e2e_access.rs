@@ -1,0 +1,466 @@
+//! Access control end to end: identity from the bus, the policy file, polkit, audit.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use common::{Bus, BusOptions, error_name, stderr, stdout, tiny_vm_yaml};
+
+const TEST_USER: &str = "maqet-test";
+
+/// A second, unprivileged user for the tests that need one (root only: creates it).
+fn test_user() -> Option<(u32, u32)> {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: creating a second user needs root");
+        return None;
+    }
+    let _ = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            TEST_USER,
+        ])
+        .output();
+    let name = std::ffi::CString::new(TEST_USER).unwrap();
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        eprintln!("skipped: cannot create user {TEST_USER}");
+        return None;
+    }
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// `busctl` against the test bus, run as `uid`.
+fn busctl_as(bus: &Bus, (uid, gid): (u32, u32), args: &[&str]) -> Output {
+    Command::new("busctl")
+        .arg(format!("--address={}", bus.address))
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .env("MAQET_TEST_MARKER", bus.marker())
+        .output()
+        .unwrap()
+}
+
+fn manager_call(bus: &Bus, user: (u32, u32), method: &str, sig_args: &[&str]) -> Output {
+    let mut args = vec![
+        "call",
+        "org.maqet.Maqet1",
+        "/org/maqet/Maqet1",
+        "org.maqet.Maqet1.Manager",
+        method,
+    ];
+    args.extend_from_slice(sig_args);
+    busctl_as(bus, user, &args)
+}
+
+async fn audit(bus: &Bus) -> Vec<maqet::client::AuditEntry> {
+    let conn = bus.conn().await;
+    bus.manager(&conn).await.audit("", 0, 0).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_is_refused_until_the_policy_admits_them() {
+    let Some(user) = test_user() else { return };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("guarded")).await;
+    let path = vm.inner().path().to_string();
+
+    // Reads and writes are both refused, and say why.
+    let out = manager_call(&bus, user, "ListVMs", &[]);
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("org.maqet.vm.observe") && msg.contains("allow_uids"),
+        "{msg}"
+    );
+    // (gdbus, because busctl prints only "Access denied" for this error name.)
+    let out = Command::new("gdbus")
+        .args([
+            "call",
+            "--address",
+            &bus.address,
+            "--dest",
+            "org.maqet.Maqet1",
+        ])
+        .args([
+            "--object-path",
+            &path,
+            "--method",
+            "org.freedesktop.DBus.Properties.Get",
+        ])
+        .args(["org.maqet.Maqet1.VM", "Status"])
+        .uid(user.0)
+        .gid(user.1)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("AccessDenied")
+            && msg.contains("org.maqet.vm.observe")
+            && msg.contains("allow_uids"),
+        "{msg}"
+    );
+    let out = busctl_as(
+        &bus,
+        user,
+        &[
+            "call",
+            "org.maqet.Maqet1",
+            &path,
+            "org.maqet.Maqet1.VM",
+            "Start",
+        ],
+    );
+    assert!(
+        stderr(&out).contains("org.maqet.vm.lifecycle"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(vm.status().await.unwrap(), "created");
+
+    // Every denial is in the audit log, with the caller's uid.
+    let rows = audit(&bus).await;
+    let denied: Vec<_> = rows
+        .iter()
+        .filter(|r| r.1 == user.0 && r.8 == "deny")
+        .collect();
+    let methods: Vec<&str> = denied.iter().map(|r| r.6.as_str()).collect();
+    for m in ["ListVMs", "Get", "Start"] {
+        assert!(methods.contains(&m), "{m} not audited: {methods:?}");
+    }
+    assert!(denied.iter().all(|r| r.2 > 0 && r.9 == "AccessDenied"));
+
+    // allow_uids admits them; the policy is re-read without a restart.
+    bus.write_policy(&format!("allow_uids: [{}]\n", user.0));
+    let out = manager_call(&bus, user, "ListVMs", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("guarded"));
+    let out = busctl_as(
+        &bus,
+        user,
+        &[
+            "get-property",
+            "org.maqet.Maqet1",
+            &path,
+            "org.maqet.Maqet1.VM",
+            "Status",
+        ],
+    );
+    assert_eq!(stdout(&out).trim(), "s \"created\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_vm_rule_stops_lifecycle_calls_on_that_vm_only() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let prod = bus.add(&conn, "", &tiny_vm_yaml("prod")).await;
+    let dev = bus.add(&conn, "", &tiny_vm_yaml("dev")).await;
+    bus.write_policy("vms:\n  prod:\n    org.maqet.vm.lifecycle: no\n");
+    let e = prod.start().await.unwrap_err();
+    assert_eq!(error_name(&e), "org.maqet.Maqet1.Error.AccessDenied");
+    let m = e.to_string();
+    assert!(
+        m.contains("org.maqet.vm.lifecycle") && m.contains("policy.yaml says no for VM 'prod'"),
+        "{m}"
+    );
+    assert_eq!(prod.status().await.unwrap(), "created");
+    dev.start().await.unwrap();
+    dev.stop(true, 0).await.unwrap();
+    // Reads of prod still work: only lifecycle is refused.
+    assert_eq!(prod.name().await.unwrap(), "prod");
+    // The CLI maps the denial to its own exit code.
+    let out = bus.maqet(&["start", "prod"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dangerous_qmp_needs_the_flag_and_the_policy() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("danger")).await;
+    vm.start().await.unwrap();
+    let qmp = maqet::client::QmpProxy::builder(&conn)
+        .path(vm.inner().path().clone())
+        .build()
+        .await
+        .unwrap();
+    let hmp = r#"{"command-line": "info version"}"#;
+    // Without the flag: refused before any policy is asked.
+    let e = qmp
+        .execute("human-monitor-command", hmp, false)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("allow_dangerous=true"), "{e}");
+    // With the flag, the shipped policy asks polkit, which this bus does not have.
+    let e = qmp
+        .execute("human-monitor-command", hmp, true)
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "org.maqet.Maqet1.Error.AccessDenied");
+    let m = e.to_string();
+    assert!(
+        m.contains("polkitd is not reachable") && m.contains("policy.yaml"),
+        "{m}"
+    );
+    // With the flag and a policy that says yes.
+    bus.write_policy("actions:\n  org.maqet.qmp.dangerous: yes\n");
+    let out = qmp
+        .execute("human-monitor-command", hmp, true)
+        .await
+        .unwrap();
+    assert!(out.contains("7.2"), "{out}");
+    vm.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_policy_keeps_the_last_good_one_and_doctor_says_so() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("steady")).await;
+    bus.write_policy("actions:\n  org.maqet.vm.lifecycle: no\n");
+    assert!(vm.start().await.is_err());
+    // A broken file: the last good policy stays (lifecycle still refused), never "allow all".
+    bus.write_policy("actions: [this is not a mapping\n");
+    let e = vm.start().await.unwrap_err();
+    assert_eq!(error_name(&e), "org.maqet.Maqet1.Error.AccessDenied");
+    let out = bus.maqet(&["--json", "doctor"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let policy = rows.iter().find(|r| r["check"] == "policy").unwrap();
+    assert_eq!(policy["status"], "error", "{policy}");
+    assert!(
+        policy["message"].as_str().unwrap().contains("policy.yaml"),
+        "{policy}"
+    );
+    // Fixed file: in force at once.
+    bus.write_policy("actions:\n  org.maqet.vm.lifecycle: yes\n");
+    vm.start().await.unwrap();
+    vm.stop(true, 0).await.unwrap();
+}
+
+#[test]
+fn the_polkit_action_file_declares_every_action_with_matching_defaults() {
+    let xml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/polkit-1/actions/org.maqet.policy"
+    ))
+    .unwrap();
+    let doc = roxmltree::Document::parse_with_options(
+        &xml,
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let declared: Vec<(String, String)> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("action"))
+        .map(|a| {
+            let active = a
+                .descendants()
+                .find(|n| n.has_tag_name("allow_active"))
+                .and_then(|n| n.text())
+                .unwrap_or("")
+                .to_string();
+            (a.attribute("id").unwrap().to_string(), active)
+        })
+        .collect();
+    let policy = maqet::access::policy::Policy::shipped();
+    for action in maqet::access::Action::ALL {
+        let (_, active) = declared
+            .iter()
+            .find(|(id, _)| id == action.id())
+            .unwrap_or_else(|| panic!("{} not declared", action.id()));
+        let ours = policy.decide(0, 0, action, None).verdict;
+        let want = match ours {
+            maqet::access::policy::Verdict::Auth => "auth_self",
+            _ => "yes",
+        };
+        assert_eq!(active, want, "{}", action.id());
+    }
+    assert_eq!(declared.len(), maqet::access::Action::ALL.len());
+}
+
+/// A private system bus with a real polkitd whose rules answer per action.
+struct PrivatePolkit {
+    bus: std::process::Child,
+    polkitd: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+    installed: Vec<std::path::PathBuf>,
+}
+
+impl PrivatePolkit {
+    fn start() -> Option<PrivatePolkit> {
+        let polkitd = std::path::Path::new("/usr/lib/polkit-1/polkitd");
+        if unsafe { libc::geteuid() } != 0 || !polkitd.exists() {
+            eprintln!(
+                "skipped: a private polkitd needs root and /usr/lib/polkit-1/polkitd (package polkitd)"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("system.sock");
+        let conf = dir.path().join("system.conf");
+        std::fs::write(&conf, format!(r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#, sock.display())).unwrap();
+        // polkitd reads actions and rules from the system's directories only.
+        let action_file = std::path::PathBuf::from("/usr/share/polkit-1/actions/org.maqet.policy");
+        let rules_file = std::path::PathBuf::from("/etc/polkit-1/rules.d/49-maqet-test.rules");
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/data/polkit-1/actions/org.maqet.policy"
+            ),
+            &action_file,
+        )
+        .ok()?;
+        std::fs::write(
+            &rules_file,
+            format!(
+                r#"// Written by maqet's tests (tests/e2e_access.rs); removed when they end.
+polkit.addRule(function(action, subject) {{
+    if (subject.user != "{TEST_USER}") {{ return polkit.Result.NOT_HANDLED; }}
+    if (action.id == "org.maqet.vm.manage") {{ return polkit.Result.YES; }}
+    if (action.id == "org.maqet.vm.lifecycle") {{ return polkit.Result.NO; }}
+}});
+"#
+            ),
+        )
+        .ok()?;
+        let installed = vec![action_file, rules_file];
+        let mut bus = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(bus.stdout.take().unwrap())
+            .read_line(&mut line)
+            .ok()?;
+        let address = line.trim().to_string();
+        let polkitd = Command::new(polkitd)
+            .arg("--no-debug")
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(PrivatePolkit {
+            bus,
+            polkitd,
+            address,
+            _dir: dir,
+            installed,
+        })
+    }
+
+    /// Waits (bounded) until polkitd owns its name on the private bus.
+    async fn ready(&self) {
+        let conn = zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
+        let name: zbus::names::BusName<'_> = "org.freedesktop.PolicyKit1".try_into().unwrap();
+        let mut owners = dbus
+            .receive_name_owner_changed_with_args(&[(0, "org.freedesktop.PolicyKit1")])
+            .await
+            .unwrap();
+        if !dbus.name_has_owner(name).await.unwrap() {
+            use futures_util::StreamExt;
+            tokio::time::timeout(common::TIMEOUT, owners.next())
+                .await
+                .expect("polkitd did not start");
+        }
+    }
+}
+
+impl Drop for PrivatePolkit {
+    fn drop(&mut self) {
+        let _ = self.polkitd.kill();
+        let _ = self.polkitd.wait();
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+        for f in &self.installed {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polkit_decides_auth_actions_for_the_calling_process() {
+    let Some(user) = test_user() else { return };
+    let Some(polkit) = PrivatePolkit::start() else {
+        return;
+    };
+    polkit.ready().await;
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        system_bus: Some(&polkit.address),
+        ..BusOptions::default()
+    });
+    bus.write_policy(&format!(
+        "allow_uids: [{}]\nactions:\n  org.maqet.vm.manage: auth\n  org.maqet.vm.lifecycle: auth\n",
+        user.0
+    ));
+    // polkit's rule says yes to org.maqet.vm.manage for this user: AddVM works.
+    let yaml = tiny_vm_yaml("judged");
+    let out = manager_call(&bus, user, "AddVM", &["ss", "", &yaml]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let path = stdout(&out)
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_string();
+    // ...and no to org.maqet.vm.lifecycle: Start is refused, saying polkit said no.
+    let out = busctl_as(
+        &bus,
+        user,
+        &[
+            "call",
+            "org.maqet.Maqet1",
+            &path,
+            "org.maqet.Maqet1.VM",
+            "Start",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("polkit says no"), "{}", stderr(&out));
+    // Both decisions were polkit's, and both are audited.
+    let rows = audit(&bus).await;
+    let mine: Vec<_> = rows.iter().filter(|r| r.1 == user.0).collect();
+    assert!(
+        mine.iter().any(|r| r.6 == "AddVM" && r.8 == "allow"),
+        "{mine:?}"
+    );
+    assert!(
+        mine.iter().any(|r| r.6 == "Start" && r.8 == "deny"),
+        "{mine:?}"
+    );
+}

@@ -321,3 +321,76 @@ async fn a_locked_database_gives_a_clear_error_after_a_bounded_wait() {
     bus.add(&conn, "", &tiny_vm_yaml("second")).await;
     assert_eq!(bus.manager(&conn).await.list_vms().await.unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_different_vms_run_in_parallel() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let (script, fifo) = gated_qemu(&bus);
+    let slow_yaml = tiny_vm_yaml("slow").replace(
+        "binary: qemu-system-x86_64",
+        &format!("binary: {}", script.display()),
+    );
+    let slow = bus.add(&conn, "", &slow_yaml).await;
+    let quick = bus.add(&conn, "", &tiny_vm_yaml("quick")).await;
+    let mut watch = StatusWatch::new(&slow).await;
+    let blocked = {
+        let slow = slow.clone();
+        tokio::spawn(async move { slow.start().await })
+    };
+    watch.until("starting").await;
+    // slow's start is held inside QEMU's launch; quick's start does not wait for it.
+    quick.start().await.unwrap();
+    assert_eq!(quick.status().await.unwrap(), "running");
+    assert_eq!(slow.status().await.unwrap(), "starting");
+    std::fs::write(&fifo, "go\n").unwrap();
+    blocked.await.unwrap().unwrap();
+    assert_eq!(slow.status().await.unwrap(), "running");
+    quick.stop(true, 0).await.unwrap();
+    slow.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_directory_removed_under_a_running_service() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let a = bus.add(&conn, "", &tiny_vm_yaml("before")).await;
+    a.start().await.unwrap();
+    std::fs::remove_dir_all(bus.root().join("run/maqet")).unwrap();
+    // The running VM's monitor connection does not need the path: still fully managed.
+    let mut watch = StatusWatch::new(&a).await;
+    a.pause().await.unwrap();
+    watch.until("paused").await;
+    a.resume().await.unwrap();
+    // A new start recreates the directory, private again.
+    let b = bus.add(&conn, "", &tiny_vm_yaml("after")).await;
+    b.start().await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(bus.root().join("run/maqet"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    a.stop(true, 0).await.unwrap();
+    b.stop(true, 0).await.unwrap();
+    assert_eq!(a.status().await.unwrap(), "stopped");
+}
+
+#[test]
+fn the_systemd_unit_keeps_vms_alive_across_service_restarts() {
+    // What can be checked without systemd: the unit stops only maqetd's own process,
+    // never the QEMU processes in its cgroup (docs/architecture.md).
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/maqetd.service"
+    ))
+    .unwrap();
+    let line = |key: &str| {
+        unit.lines()
+            .find(|l| l.starts_with(&format!("{key}=")))
+            .map(|l| l.split_once('=').unwrap().1.trim().to_string())
+    };
+    assert_eq!(line("KillMode").as_deref(), Some("process"));
+    assert_eq!(line("Type").as_deref(), Some("dbus"));
+    assert_eq!(line("BusName").as_deref(), Some("org.maqet.Maqet1"));
+}

@@ -105,8 +105,8 @@ impl Run {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("bus.log"))?)
             .env(MARKER_VAR, &marker)
-            // maqetd logs at its default level; a chatty log would skew the figures.
-            .env("RUST_LOG", "warn")
+            // maqetd logs at its own default level (audit lines included), as deployed.
+            .env_remove("RUST_LOG")
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
             .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .process_group(0);

@@ -132,6 +132,7 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         b.report.notes.push(format!("QMP.Execute: {why}"));
     }
     let (mut ping, mut get, mut qmp, mut raw) = Default::default();
+    let mut audited = Samples::default();
     let warmup = (b.opts.calls / 10).max(20);
     for i in 0..warmup + b.opts.calls {
         let measured = i >= warmup;
@@ -153,7 +154,23 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
             Err(_) => None,
         };
         let d4 = bare.query_status().ctx("raw QMP query-status")?;
+        // Every tenth round, an audited call with no QMP in it: Start on a running VM
+        // is refused (InvalidState) after the gate has decided, and audited like every
+        // call that is not a read. QMP.Execute pays the same gate and audit.
+        let refused = if i % 10 == 0 {
+            let t = Instant::now();
+            let res = vm.start().await;
+            if res.is_ok() {
+                return Err("Start on a running VM was not refused".into());
+            }
+            Some(t.elapsed())
+        } else {
+            None
+        };
         if measured {
+            if let Some(d5) = refused {
+                audited.push(d5);
+            }
             Samples::push(&mut ping, d);
             Samples::push(&mut get, d2);
             if let Some(d3) = d3 {
@@ -178,6 +195,21 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
     if exec.is_err() {
         r.note_last("not available on this build");
     }
+    r.add_pcts(
+        "calls",
+        "audited",
+        "maqet: audited call (Start refused while running)",
+        &audited,
+    );
+    r.add(
+        "calls",
+        "audit_cost",
+        "maqet: audited call p50 − Get p50",
+        (|| Some(audited.median()? - get.median()?))(),
+        Unit::Us,
+        0,
+    );
+    r.note_last("the gate's audit (row + log line) that every non-read call pays");
     Ok(())
 }
 
@@ -455,6 +487,15 @@ pub async fn scale(b: &mut Bench<'_>) -> Res<()> {
 }
 
 async fn list_figures(b: &mut Bench<'_>, s: &Session, count: usize) -> Res<()> {
+    let rss = rss_bytes(s.maqetd_pid().await?)?;
+    b.report.add(
+        "scale",
+        &format!("rss_defined_{count}"),
+        &format!("maqetd RSS, {count} VMs added (none running)"),
+        Some(rss as f64),
+        Unit::Bytes,
+        0,
+    );
     let n = if b.opts.quick { 10 } else { 30 };
     let (mut list, mut gmo) = (Samples::default(), Samples::default());
     for i in 0..n + 2 {
@@ -516,6 +557,15 @@ async fn startup(b: &mut Bench<'_>, s: &Session, count: usize) -> Res<()> {
         let d = s.version_call().await.ctx("activating call")?;
         samples.push(d);
     }
+    let rss = rss_bytes(s.maqetd_pid().await?)?;
+    b.report.add(
+        "scale",
+        &format!("rss_loaded_{count}"),
+        &format!("maqetd RSS right after start with {count} VMs defined"),
+        Some(rss as f64),
+        Unit::Bytes,
+        0,
+    );
     b.report.add(
         "scale",
         &format!("startup_{count}"),

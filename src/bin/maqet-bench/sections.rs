@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use maqet::client::{BUS_NAME, MANAGER_PATH, VM_INTERFACE, VmProxy};
+use maqet::client::{BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, VmProxy};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use crate::bare::{self, BareQemu};
@@ -132,7 +132,7 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         b.report.notes.push(format!("QMP.Execute: {why}"));
     }
     let (mut ping, mut get, mut qmp, mut raw) = Default::default();
-    let mut audited = Samples::default();
+    let (mut audited, mut unaudited) = (Samples::default(), Samples::default());
     let warmup = (b.opts.calls / 10).max(20);
     for i in 0..warmup + b.opts.calls {
         let measured = i >= warmup;
@@ -158,18 +158,24 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         // is refused (InvalidState) after the gate has decided, and audited like every
         // call that is not a read. QMP.Execute pays the same gate and audit.
         let refused = if i % 10 == 0 {
-            let t = Instant::now();
-            let res = vm.start().await;
-            if res.is_ok() {
-                return Err("Start on a running VM was not refused".into());
-            }
-            Some(t.elapsed())
+            Some((
+                refusal(&s, &path, VM_INTERFACE, "Start", &()).await?,
+                refusal(
+                    &s,
+                    MANAGER_PATH,
+                    MANAGER_INTERFACE,
+                    "FindVM",
+                    &("no-such-vm",),
+                )
+                .await?,
+            ))
         } else {
             None
         };
         if measured {
-            if let Some(d5) = refused {
+            if let Some((d5, d6)) = refused {
                 audited.push(d5);
+                unaudited.push(d6);
             }
             Samples::push(&mut ping, d);
             Samples::push(&mut get, d2);
@@ -180,6 +186,7 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         }
     }
     drop(bare);
+    let cpu = cpu_per_call(&s, &path, b.opts.calls).await?;
     act_until(&mut watch, "stopped", vm.stop(true, 0)).await?;
 
     let r = &mut b.report;
@@ -197,20 +204,112 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
     }
     r.add_pcts(
         "calls",
+        "refused",
+        "maqet: refused read (FindVM → NotFound)",
+        &unaudited,
+    );
+    r.add_pcts(
+        "calls",
         "audited",
-        "maqet: audited call (Start refused while running)",
+        "maqet: refused Start (running → InvalidState)",
         &audited,
     );
     r.add(
         "calls",
         "audit_cost",
-        "maqet: audited call p50 − Get p50",
-        (|| Some(audited.median()? - get.median()?))(),
+        "maqet: audit cost (refused Start p50 − refused read p50)",
+        (|| Some(audited.median()? - unaudited.median()?))(),
+        Unit::Us,
+        0,
+    );
+    for (key, label, v) in &cpu {
+        r.add("calls", key, label, Some(*v), Unit::Us, b.opts.calls);
+    }
+    r.add(
+        "calls",
+        "cpu_audit",
+        "maqetd CPU per call: audit (refused Start − refused read)",
+        (|| {
+            let get = |k: &str| cpu.iter().find(|c| c.0 == k).map(|c| c.2);
+            Some(get("cpu_refused_start")? - get("cpu_refused_read")?)
+        })(),
         Unit::Us,
         0,
     );
     r.note_last("the gate's audit (row + log line) that every non-read call pays");
     Ok(())
+}
+
+/// maqetd's CPU time per call (all threads, from schedstat), for blocks of `n` calls of
+/// one kind: load on the machine stretches latencies, much less the work done per call.
+async fn cpu_per_call(
+    s: &Session,
+    path: &str,
+    n: usize,
+) -> Res<Vec<(&'static str, &'static str, f64)>> {
+    let pid = s.maqetd_pid().await?;
+    let mut out = Vec::new();
+    let kinds: [(&str, &str); 4] = [
+        ("cpu_ping", "maqetd CPU per call: Peer.Ping"),
+        ("cpu_get", "maqetd CPU per call: Get(Status)"),
+        (
+            "cpu_refused_read",
+            "maqetd CPU per call: refused read (FindVM)",
+        ),
+        (
+            "cpu_refused_start",
+            "maqetd CPU per call: refused Start (audited)",
+        ),
+    ];
+    for (key, label) in kinds {
+        let before = cpu_ns(pid)?;
+        for _ in 0..n {
+            let _ = match key {
+                "cpu_ping" => s.timed_call(path, PEER, "Ping", &()).await,
+                "cpu_get" => {
+                    s.timed_call(path, PROPERTIES, "Get", &(VM_INTERFACE, "Status"))
+                        .await
+                }
+                "cpu_refused_read" => {
+                    s.timed_call(MANAGER_PATH, MANAGER_INTERFACE, "FindVM", &("no-such-vm",))
+                        .await
+                }
+                _ => s.timed_call(path, VM_INTERFACE, "Start", &()).await,
+            };
+        }
+        // Let work the calls left behind (the audit writer) finish before reading.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let spent = cpu_ns(pid)? - before;
+        out.push((key, label, spent as f64 / 1000.0 / n as f64));
+    }
+    Ok(out)
+}
+
+/// Nanoseconds on CPU of every thread of `pid` (first field of each task's schedstat).
+fn cpu_ns(pid: u32) -> Res<u64> {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ctx("task dir")? {
+        let t = t.ctx("task")?.path().join("schedstat");
+        let text = std::fs::read_to_string(&t).ctx("schedstat")?;
+        sum += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or("bad schedstat")?;
+    }
+    Ok(sum)
+}
+
+/// A call that must fail; returns its round trip.
+async fn refusal<B>(s: &Session, path: &str, iface: &str, method: &str, body: &B) -> Res<Duration>
+where
+    B: serde::Serialize + zbus::zvariant::DynamicType,
+{
+    let t = Instant::now();
+    match s.timed_call(path, iface, method, body).await {
+        Ok(_) => Err(format!("{method} was expected to be refused")),
+        Err(_) => Ok(t.elapsed()),
+    }
 }
 
 /// The arguments `QMP.Execute` takes for `query-status`, or why it cannot be measured.

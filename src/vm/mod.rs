@@ -952,26 +952,36 @@ async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
     let _ = rt.process.signal(Signal::KILL);
 }
 
+/// A core context over an in-memory database and XDG directories under `root`.
+#[cfg(test)]
+pub(crate) fn test_ctx(root: &std::path::Path) -> Arc<Ctx> {
+    let root = root.to_path_buf();
+    let paths = Paths::from_lookup(&|k| match k {
+        "HOME" => Some(root.join("home").into()),
+        "XDG_RUNTIME_DIR" => Some(root.join("run").into()),
+        "XDG_DATA_HOME" => Some(root.join("data").into()),
+        "XDG_STATE_HOME" => Some(root.join("state").into()),
+        "XDG_CONFIG_HOME" => Some(root.join("config").into()),
+        _ => None,
+    })
+    .unwrap();
+    Arc::new(Ctx {
+        paths,
+        store: Arc::new(Store::open_in_memory().unwrap()),
+        sink: EventSink::new().0,
+        path_env: std::env::var_os("PATH"),
+        default_arch: "x86_64".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn vm() -> Arc<Vm> {
-        let paths = Paths::from_lookup(&|k| match k {
-            "HOME" => Some("/nonexistent-home".into()),
-            "XDG_RUNTIME_DIR" => Some("/nonexistent-run".into()),
-            _ => None,
-        })
-        .unwrap();
-        let ctx = Arc::new(Ctx {
-            paths,
-            store: Arc::new(Store::open_in_memory().unwrap()),
-            sink: EventSink::new().0,
-            path_env: None,
-            default_arch: "x86_64".into(),
-        });
+        let dir = tempfile::tempdir().unwrap();
         let rec = VmRecord::new("id-1".into(), "web".into(), String::new(), "created", 1);
-        Vm::from_record(ctx, rec).unwrap()
+        Vm::from_record(test_ctx(dir.path()), rec).unwrap()
     }
 
     #[test]

@@ -156,6 +156,19 @@ impl BareQemu {
         Ok(d)
     }
 
+    /// SIGKILL → the pidfd reports the exit (the floor of crash detection: what the
+    /// kernel takes to tear a QEMU down).
+    pub fn kill(mut self) -> io::Result<Duration> {
+        let t0 = Instant::now();
+        pidfd_send_signal(&self.pidfd, Signal::KILL)?;
+        if !wait_pidfd(&self.pidfd, Duration::from_secs(20)) {
+            return Err(io::Error::other("QEMU did not exit on SIGKILL"));
+        }
+        let d = t0.elapsed();
+        self.reap();
+        Ok(d)
+    }
+
     fn reap(&mut self) {
         if !self.reaped {
             let _ = waitid(WaitId::PidFd(self.pidfd.as_fd()), WaitIdOptions::EXITED);

@@ -349,8 +349,13 @@ pub async fn crash(b: &mut Bench<'_>) -> Res<()> {
     let vm = s.add_tiny("crash").await?;
     let id = vm.id().await.ctx("Id")?;
     let mut watch = Watch::new(&vm).await?;
-    let mut crash = Samples::default();
+    let (binary, args) = bare::command_line(&uuid::Uuid::new_v4().to_string(), "bare")?;
+    let socket = s.bus.dir().join("bare.sock");
+    let (mut crash, mut bare_kill) = (Samples::default(), Samples::default());
     for _ in 0..b.opts.runs {
+        let (q, _) =
+            BareQemu::spawn_ready(&binary, &args, &socket, s.bus.marker()).ctx("bare QEMU")?;
+        bare_kill.push(q.kill().ctx("bare QEMU kill")?);
         act_until(&mut watch, "running", vm.start()).await?;
         let pid = vm.pid().await.ctx("Pid")?;
         let fd = Pid::from_raw(pid as i32)
@@ -365,6 +370,14 @@ pub async fn crash(b: &mut Bench<'_>) -> Res<()> {
         let at = watch.until("crashed").await?;
         crash.push(at.duration_since(t0));
     }
+    b.report.add(
+        "crash",
+        "bare_kill_exit",
+        "floor: bare QEMU SIGKILLed → pidfd readable (median)",
+        bare_kill.median(),
+        Unit::Us,
+        bare_kill.len(),
+    );
     b.report.add(
         "crash",
         "crash_signal",

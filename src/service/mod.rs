@@ -28,6 +28,7 @@ use crate::store::Store;
 use crate::vm::Ctx;
 use idle::Idle;
 
+pub use host::kvm_usable;
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
 pub use vm_iface::VmIface;

@@ -37,12 +37,11 @@ pub fn maqet_bin() -> &'static str {
 
 /// KVM when this user can use it, TCG otherwise.
 pub fn accel() -> &'static str {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
+    if maqet::service::kvm_usable() {
+        "kvm"
+    } else {
+        "tcg"
+    }
 }
 
 /// The smallest useful VM: no disk, no devices, 64 MiB.

@@ -22,12 +22,11 @@ use crate::fixture::{MARKER_VAR, wait_pidfd};
 
 /// KVM when this user can use it, TCG otherwise (the tests' choice).
 pub fn accel() -> &'static str {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
+    if maqet::service::kvm_usable() {
+        "kvm"
+    } else {
+        "tcg"
+    }
 }
 
 /// The smallest useful VM: no disk, no devices, 64 MiB (as in the end-to-end tests).

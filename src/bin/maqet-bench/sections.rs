@@ -51,6 +51,7 @@ pub async fn start(b: &mut Bench<'_>) -> Res<()> {
             if side == 0 {
                 let (q, d) = BareQemu::spawn_ready(&binary, &args, &socket, s.bus.marker())
                     .ctx("bare QEMU")?;
+                settle_guest().await;
                 let quit = q.quit().ctx("bare QEMU quit")?;
                 if measured {
                     Samples::push(&mut bare_spawn, d);
@@ -58,6 +59,7 @@ pub async fn start(b: &mut Bench<'_>) -> Res<()> {
                 }
             } else {
                 let d = act_until(&mut watch, "running", vm.start()).await?;
+                settle_guest().await;
                 let d2 = act_until(&mut watch, "stopped", vm.stop(true, 0)).await?;
                 if measured {
                     Samples::push(&mut start, d);
@@ -355,8 +357,10 @@ pub async fn crash(b: &mut Bench<'_>) -> Res<()> {
     for _ in 0..b.opts.runs {
         let (q, _) =
             BareQemu::spawn_ready(&binary, &args, &socket, s.bus.marker()).ctx("bare QEMU")?;
+        settle_guest().await;
         bare_kill.push(q.kill().ctx("bare QEMU kill")?);
         act_until(&mut watch, "running", vm.start()).await?;
+        settle_guest().await;
         let pid = vm.pid().await.ctx("Pid")?;
         let fd = Pid::from_raw(pid as i32)
             .ok_or("Pid is 0 while running")
@@ -489,6 +493,13 @@ pub async fn footprint(b: &mut Bench<'_>) -> Res<()> {
         0,
     );
     Ok(())
+}
+
+/// Lets a fresh guest get as far as its firmware takes it before it is stopped or
+/// killed: how long QEMU takes to end grows with the guest memory it has touched, so a
+/// floor QEMU killed younger than maqet's would flatter the floor.
+async fn settle_guest() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {

@@ -156,9 +156,9 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
             Err(_) => None,
         };
         let d4 = bare.query_status().ctx("raw QMP query-status")?;
-        // Every tenth round, an audited call with no QMP in it: Start on a running VM
-        // is refused (InvalidState) after the gate has decided, and audited like every
-        // call that is not a read. QMP.Execute pays the same gate and audit.
+        // Every tenth round, two refusals that differ only in the audit: Start on a
+        // running VM (InvalidState, audited like every call that is not a read, as
+        // QMP.Execute will be) and FindVM of a missing name (NotFound, a read).
         let refused = if i % 10 == 0 {
             Some((
                 refusal(&s, &path, VM_INTERFACE, "Start", &()).await?,

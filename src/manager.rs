@@ -5,7 +5,7 @@
 //! name, write the row, publish the VM" one atomic step, and the database's UNIQUE
 //! constraint backs it up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -19,8 +19,8 @@ use crate::vm::{Ctx, Operation, Status, Vm, store_error};
 #[derive(Default)]
 struct Registry {
     by_id: HashMap<String, Arc<Vm>>,
-    /// name → id
-    by_name: HashMap<String, String>,
+    /// name → id, kept in name order: listing (ListVMs, start-up) sorts nothing.
+    by_name: BTreeMap<String, String>,
 }
 
 pub struct Manager {
@@ -102,11 +102,9 @@ impl Manager {
     /// Every VM, sorted by name.
     pub fn list(&self) -> Vec<Arc<Vm>> {
         let reg = self.registry.read().unwrap();
-        let mut names: Vec<(&String, &String)> = reg.by_name.iter().collect();
-        names.sort();
-        names
-            .into_iter()
-            .filter_map(|(_, id)| reg.by_id.get(id).cloned())
+        reg.by_name
+            .values()
+            .filter_map(|id| reg.by_id.get(id).cloned())
             .collect()
     }
 
@@ -304,4 +302,37 @@ fn list_paths(paths: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(m: &Manager) -> Vec<String> {
+        m.list().iter().map(|vm| vm.name()).collect()
+    }
+
+    #[tokio::test]
+    async fn list_is_in_name_order_through_add_rename_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manager::open(crate::vm::test_ctx(dir.path())).unwrap();
+        let yaml = |name: &str| ConfigSource {
+            origin: INLINE_ORIGIN.into(),
+            text: format!("name: {name}\nbinary: /bin/true\n"),
+            base_dir: PathBuf::new(),
+        };
+        for n in ["web", "db", "cache"] {
+            m.add("", vec![yaml(n)]).unwrap();
+        }
+        assert_eq!(names(&m), ["cache", "db", "web"]);
+        let db = m.find("db").unwrap();
+        m.apply(&db, "name: zoo\nbinary: /bin/true\n")
+            .await
+            .unwrap();
+        assert_eq!(names(&m), ["cache", "web", "zoo"]);
+        m.remove(&m.find("web").unwrap(), false, false)
+            .await
+            .unwrap();
+        assert_eq!(names(&m), ["cache", "zoo"]);
+    }
 }

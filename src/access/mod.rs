@@ -6,6 +6,7 @@
 //! the bus (`GetConnectionCredentials` on the message's sender), never from an argument.
 
 mod action;
+mod audit;
 pub mod policy;
 mod polkit;
 
@@ -27,6 +28,7 @@ use polkit::Polkit;
 use crate::error::MaqetError;
 use crate::store::{AuditDecision, AuditRow, Store};
 use crate::time::now_us;
+use audit::{AuditWriter, Record};
 
 /// Who is calling, as the bus vouches for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +121,8 @@ impl Drop for CallGuard<'_> {
 
 pub struct Gate {
     own_uid: u32,
-    store: Arc<Store>,
+    /// Writes audit records off the reply path (see `audit.rs`).
+    auditor: AuditWriter,
     callers: Mutex<HashMap<String, Caller>>,
     activity: Option<Arc<dyn ActivityObserver>>,
     /// Set when the service cannot work at all (its database was refused): every call
@@ -154,7 +157,7 @@ impl Gate {
     ) -> Arc<Gate> {
         Arc::new(Gate {
             own_uid: rustix::process::getuid().as_raw(),
-            store,
+            auditor: AuditWriter::start(store),
             callers: Mutex::new(HashMap::new()),
             activity,
             refusal,
@@ -372,18 +375,6 @@ impl Gate {
         outcome: &str,
         message: &str,
     ) {
-        // One structured record per decision, in the journal and in the database.
-        tracing::info!(
-            caller_uid = caller.uid,
-            caller_pid = caller.pid,
-            caller = %caller.unique_name,
-            action = req.action.id(),
-            method = req.method,
-            vm = req.vm.as_ref().map(|v| v.1.as_str()),
-            decision = decision.as_str(),
-            outcome,
-            "audit"
-        );
         let row = AuditRow {
             seq: 0,
             time: now_us(),
@@ -398,9 +389,15 @@ impl Gate {
             outcome: Some(outcome.to_string()),
             message: Some(message.to_string()),
         };
-        if let Err(e) = self.store.insert_audit(&row) {
-            tracing::error!(error = %e, "cannot write audit row");
-        }
+        self.auditor.record(Record {
+            row,
+            vm_name: req.vm.as_ref().map(|v| v.1.clone()),
+        });
+    }
+
+    /// Waits until every audit record of the calls answered so far is written.
+    pub async fn flush_audit(&self) {
+        self.auditor.flush().await;
     }
 }
 
@@ -463,5 +460,51 @@ impl PolicySource {
             }
         }
         (state.policy.clone(), state.problem.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn audit_records_are_written_in_call_order_by_flush() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = Gate::new(
+            store.clone(),
+            None,
+            None,
+            PathBuf::from("/nonexistent/policy.yaml"),
+        );
+        let caller = Caller {
+            unique_name: ":1.7".into(),
+            uid: 1000,
+            pid: Some(42),
+        };
+        for (i, method) in ["Start", "Stop", "AddVM"].into_iter().enumerate() {
+            let req = Request::new(Action::Lifecycle, method).with_args(format!("n={i}"));
+            let decision = if i == 1 {
+                AuditDecision::Deny
+            } else {
+                AuditDecision::Allow
+            };
+            gate.audit(&caller, &req, decision, "ok", "");
+        }
+        gate.flush_audit().await;
+        let rows = store.audit(None, None, 0).unwrap();
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.method.as_deref().unwrap(), r.decision))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Start", AuditDecision::Allow),
+                ("Stop", AuditDecision::Deny),
+                ("AddVM", AuditDecision::Allow)
+            ]
+        );
+        assert_eq!(rows[0].caller_name.as_deref(), Some(":1.7"));
+        assert_eq!(rows[2].arguments.as_deref(), Some("n=2"));
     }
 }

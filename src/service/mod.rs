@@ -173,6 +173,7 @@ pub async fn serve(
     }
     let _ = conn.release_name(BUS_NAME).await;
     pump.abort();
+    gate.flush_audit().await;
     // Give in-flight replies a moment to leave.
     let _ = tokio::time::timeout(Duration::from_millis(200), conn.graceful_shutdown()).await;
     Ok(())

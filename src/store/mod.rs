@@ -611,30 +611,19 @@ impl Store {
 
     /// Appends one audit row (see [`AuditRow`] for the convention); returns its seq.
     pub fn insert_audit(&self, row: &AuditRow) -> Result<i64, StoreError> {
-        let time = to_i64(if row.time == 0 { now_us() } else { row.time }, "time")?;
-        let arguments = row.arguments.as_deref().map(clip);
-        let message = row.message.as_deref().map(clip);
+        self.with_conn(|conn| insert_audit_row(conn, row))
+    }
+
+    /// Appends several audit rows in order, in one transaction (one commit for a burst
+    /// of calls instead of one each). All or none are written.
+    pub fn insert_audits(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            conn.prepare_cached(
-                "INSERT INTO audit (time, caller_uid, caller_pid, caller_name, action, vm_id, \
-                 method, arguments, decision, outcome, message) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                time,
-                row.caller_uid,
-                row.caller_pid,
-                row.caller_name,
-                row.action,
-                row.vm_id,
-                row.method,
-                arguments,
-                row.decision.as_str(),
-                row.outcome,
-                message,
-            ])
-            .map_err(constraint_to_invalid)?;
-            Ok(conn.last_insert_rowid())
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for row in rows {
+                insert_audit_row(&tx, row)?;
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -788,6 +777,32 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<EventRecord> {
         reason: r.get(7)?,
         detail: json_column(r, 8)?,
     })
+}
+
+fn insert_audit_row(conn: &Connection, row: &AuditRow) -> Result<i64, StoreError> {
+    let time = to_i64(if row.time == 0 { now_us() } else { row.time }, "time")?;
+    let arguments = row.arguments.as_deref().map(clip);
+    let message = row.message.as_deref().map(clip);
+    conn.prepare_cached(
+        "INSERT INTO audit (time, caller_uid, caller_pid, caller_name, action, vm_id, \
+         method, arguments, decision, outcome, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        time,
+        row.caller_uid,
+        row.caller_pid,
+        row.caller_name,
+        row.action,
+        row.vm_id,
+        row.method,
+        arguments,
+        row.decision.as_str(),
+        row.outcome,
+        message,
+    ])
+    .map_err(constraint_to_invalid)?;
+    Ok(conn.last_insert_rowid())
 }
 
 fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {

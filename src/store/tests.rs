@@ -1020,3 +1020,20 @@ fn read_only_database_is_refused_clearly() {
     let err = Store::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::ReadOnly { .. }), "{err:?}");
 }
+
+#[test]
+fn audit_batches_land_in_order_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&db_in(&dir)).unwrap();
+    let rows: Vec<_> = (1..=3)
+        .map(|t| audit_row(t, None, AuditDecision::Allow))
+        .collect();
+    store.insert_audits(&rows).unwrap();
+    let got = store.audit(None, None, 0).unwrap();
+    assert_eq!(got.iter().map(|r| r.time).collect::<Vec<_>>(), [1, 2, 3]);
+    // One bad row (a time beyond i64) refuses the whole batch.
+    let mut bad = rows.clone();
+    bad[1].time = u64::MAX;
+    assert!(store.insert_audits(&bad).is_err());
+    assert_eq!(store.audit(None, None, 0).unwrap().len(), 3);
+}

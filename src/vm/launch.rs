@@ -39,6 +39,22 @@ pub fn management_args(uuid: &str, name: &str) -> Vec<String> {
     ]
 }
 
+/// Makes `cmd` run in a session of its own with `listener` as fd 3, where
+/// [`management_args`] tell QEMU to find its monitor. Shared with the benchmark's bare
+/// QEMU floor, so both start QEMU the same way.
+pub fn run_with_monitor(cmd: &mut Command, listener: &UnixListener) {
+    let listen_fd = listener.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            crate::child::place_fd(listen_fd, QMP_FD)
+        });
+    }
+}
+
 pub struct LaunchSpec<'a> {
     pub binary: &'a Path,
     pub uuid: &'a str,
@@ -78,16 +94,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
-    let listen_fd = listener.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            crate::child::place_fd(listen_fd, QMP_FD)
-        });
-    }
+    run_with_monitor(&mut cmd, &listener);
     let child = cmd.spawn()?;
     let pid = child.id();
     // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.

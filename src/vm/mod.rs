@@ -20,7 +20,7 @@ mod supervisor;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -46,6 +46,8 @@ pub const REPLY_LIMIT: Duration = Duration::from_secs(20);
 /// Escalation step waits after the graceful phase.
 const QUIT_WAIT: Duration = Duration::from_secs(5);
 const TERM_WAIT: Duration = Duration::from_secs(5);
+/// QMP events a slow `Wait(event=…)` caller may fall behind by before it skips some.
+const QMP_EVENT_BUFFER: usize = 256;
 /// A QMP command maqet issues itself.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -209,7 +211,10 @@ pub struct Vm {
     status_tx: watch::Sender<Status>,
     op_lock: tokio::sync::Mutex<()>,
     runtime: Mutex<Option<Arc<Runtime>>>,
-    qmp_events: broadcast::Sender<(String, Value)>,
+    /// QMP events for `Wait(event=…)`, made on the first subscription: a buffer of
+    /// [`QMP_EVENT_BUFFER`] slots costs ~20 KiB, which most of 10,000 defined VMs
+    /// would carry for nothing.
+    qmp_events: OnceLock<broadcast::Sender<(String, Value)>>,
     busy: Mutex<Option<Busy>>,
 }
 
@@ -328,7 +333,6 @@ impl Vm {
     pub fn from_record(ctx: Arc<Ctx>, rec: VmRecord) -> Result<Arc<Vm>, MaqetError> {
         let info = VmInfo::from_record(rec)?;
         let (status_tx, _) = watch::channel(info.status);
-        let (qmp_events, _) = broadcast::channel(256);
         Ok(Arc::new(Vm {
             id: info.id.clone(),
             ctx,
@@ -336,7 +340,7 @@ impl Vm {
             info: RwLock::new(info),
             op_lock: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
-            qmp_events,
+            qmp_events: OnceLock::new(),
             busy: Mutex::new(None),
         }))
     }
@@ -385,7 +389,18 @@ impl Vm {
 
     /// Subscribes to the VM's QMP events (name, data).
     pub fn subscribe_qmp(&self) -> broadcast::Receiver<(String, Value)> {
-        self.qmp_events.subscribe()
+        self.qmp_events
+            .get_or_init(|| broadcast::channel(QMP_EVENT_BUFFER).0)
+            .subscribe()
+    }
+
+    /// Hands a QMP event to the subscribers, if there are any.
+    fn publish_qmp(&self, name: &str, data: &Value) {
+        if let Some(tx) = self.qmp_events.get()
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send((name.to_string(), data.clone()));
+        }
     }
 
     pub(crate) fn ctx(&self) -> &Arc<Ctx> {
@@ -885,7 +900,7 @@ impl Vm {
                 }
             }
             WaitCondition::Event(name) => {
-                let mut rx = self.qmp_events.subscribe();
+                let mut rx = self.subscribe_qmp();
                 let wait = next_qmp_event(&mut rx, |n, _| n == name);
                 match tokio::time::timeout(limit, wait).await {
                     Ok(Some(data)) => Ok(data.to_string()),
@@ -1121,4 +1136,52 @@ async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
     rt.set_intent(StopIntent::Kill);
     tracing::warn!(vm = %name, "QEMU ignored SIGTERM; sending SIGKILL");
     let _ = rt.process.signal(Signal::KILL);
+}
+
+/// A core context over an in-memory database and XDG directories under `root`.
+#[cfg(test)]
+pub(crate) fn test_ctx(root: &std::path::Path) -> Arc<Ctx> {
+    let root = root.to_path_buf();
+    let paths = Paths::from_lookup(&|k| match k {
+        "HOME" => Some(root.join("home").into()),
+        "XDG_RUNTIME_DIR" => Some(root.join("run").into()),
+        "XDG_DATA_HOME" => Some(root.join("data").into()),
+        "XDG_STATE_HOME" => Some(root.join("state").into()),
+        "XDG_CONFIG_HOME" => Some(root.join("config").into()),
+        _ => None,
+    })
+    .unwrap();
+    Arc::new(Ctx {
+        paths,
+        store: Arc::new(Store::open_in_memory().unwrap()),
+        sink: EventSink::new().0,
+        path_env: std::env::var_os("PATH"),
+        default_arch: "x86_64".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> Arc<Vm> {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = VmRecord::new("id-1".into(), "web".into(), String::new(), "created", 1);
+        Vm::from_record(test_ctx(dir.path()), rec).unwrap()
+    }
+
+    #[test]
+    fn qmp_events_reach_subscribers_and_cost_nothing_without_them() {
+        let vm = vm();
+        // No subscriber yet: nothing is allocated and publishing is a no-op.
+        vm.publish_qmp("RESET", &serde_json::json!({}));
+        assert!(vm.qmp_events.get().is_none());
+        let mut rx = vm.subscribe_qmp();
+        vm.publish_qmp("STOP", &serde_json::json!({"a": 1}));
+        let (name, data) = rx.try_recv().unwrap();
+        assert_eq!(name, "STOP");
+        assert_eq!(data["a"], 1);
+        // The event from before the subscription was not kept.
+        assert!(rx.try_recv().is_err());
+    }
 }

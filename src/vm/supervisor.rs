@@ -81,7 +81,7 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
         }
         _ => {}
     }
-    let _ = vm.qmp_events.send((ev.name.clone(), ev.data.clone()));
+    vm.publish_qmp(&ev.name, &ev.data);
     vm.ctx.sink.emit(CoreEvent::Qmp {
         vm: vm.clone(),
         name: ev.name,

@@ -55,12 +55,11 @@ pub fn accel() -> &'static str {
     if std::env::var("MAQET_TEST_ACCEL").is_ok_and(|a| a == "tcg") {
         return "tcg";
     }
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
+    if maqet::host::kvm_usable() {
+        "kvm"
+    } else {
+        "tcg"
+    }
 }
 
 /// The smallest useful VM: no disk, no devices, 64 MiB.

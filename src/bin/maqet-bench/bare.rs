@@ -1,0 +1,186 @@
+//! The floor: bare QEMU with the tiny VM's own arguments, started exactly the way maqetd
+//! starts it (bind the QMP socket, pass the listening fd as fd 3, `setsid`, connect,
+//! greeting, `qmp_capabilities`), and raw QMP over a blocking socket. No maqet code runs
+//! on the timed path; the library only supplies the argument list, so both sides run
+//! the same QEMU command line.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{
+    Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, pidfd_open, pidfd_send_signal, waitid,
+};
+
+use maqet::config::{self, ConfigSource, ValidationContext};
+use maqet::vm::launch::{management_args, run_with_monitor};
+
+use crate::fixture::{MARKER_VAR, wait_pidfd};
+
+/// KVM when this user can use it, TCG otherwise (the tests' choice).
+pub fn accel() -> &'static str {
+    if maqet::host::kvm_usable() {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// The smallest useful VM: no disk, no devices, 64 MiB (as in the end-to-end tests).
+pub fn tiny_vm_yaml(name: &str) -> String {
+    format!(
+        "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 64\narguments:\n  - nodefaults\n  - accel: {}\n",
+        accel()
+    )
+}
+
+/// The binary and full command line maqetd would run for the tiny VM.
+pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), String> {
+    let home = std::env::temp_dir();
+    let path_env = std::env::var_os("PATH");
+    let no_policy = |_: &Path, _: config::PathUse| Ok(());
+    let ctx = ValidationContext {
+        home: &home,
+        path_env: path_env.as_deref(),
+        default_arch: std::env::consts::ARCH,
+        check_path: &no_policy,
+    };
+    let source = ConfigSource {
+        origin: "<bench>".into(),
+        text: tiny_vm_yaml(name),
+        base_dir: home.clone(),
+    };
+    let cfg = config::load(&[source], &ctx).map_err(|e| e.to_string())?;
+    let binary = cfg.resolve_binary(path_env.as_deref())?;
+    let mut args = management_args(uuid, name);
+    args.extend(cfg.qemu_args());
+    Ok((binary, args))
+}
+
+/// A bare QEMU with its QMP connection open.
+pub struct BareQemu {
+    pidfd: OwnedFd,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: String,
+    reaped: bool,
+}
+
+impl BareQemu {
+    /// Spawns QEMU and completes the QMP handshake; returns it with the time from the
+    /// first step (binding the socket) to the `qmp_capabilities` reply.
+    pub fn spawn_ready(
+        binary: &Path,
+        args: &[String],
+        socket: &Path,
+        marker: &str,
+    ) -> io::Result<(BareQemu, Duration)> {
+        let t0 = Instant::now();
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(socket)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env(MARKER_VAR, marker);
+        run_with_monitor(&mut cmd, &listener);
+        let child = cmd.spawn()?;
+        let pid = Pid::from_raw(child.id() as i32).expect("child pid");
+        // Unreaped child: the pidfd names it; `Child` is dropped without reaping.
+        let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+        drop(child);
+        drop(listener);
+        let writer = UnixStream::connect(socket)?;
+        writer.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut q = BareQemu {
+            pidfd,
+            reader: BufReader::new(writer.try_clone()?),
+            writer,
+            line: String::new(),
+            reaped: false,
+        };
+        q.read_line()?; // greeting
+        q.command(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+        Ok((q, t0.elapsed()))
+    }
+
+    fn read_line(&mut self) -> io::Result<&str> {
+        self.line.clear();
+        if self.reader.read_line(&mut self.line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "QEMU closed its monitor",
+            ));
+        }
+        Ok(&self.line)
+    }
+
+    /// Sends one command and reads up to its reply (skipping events).
+    fn command(&mut self, msg: &[u8]) -> io::Result<()> {
+        self.writer.write_all(msg)?;
+        loop {
+            let line = self.read_line()?;
+            if line.starts_with("{\"return\"") {
+                return Ok(());
+            }
+            if line.starts_with("{\"error\"") {
+                return Err(io::Error::other(line.trim().to_string()));
+            }
+        }
+    }
+
+    /// One raw `query-status` round trip.
+    pub fn query_status(&mut self) -> io::Result<Duration> {
+        let t0 = Instant::now();
+        self.command(b"{\"execute\":\"query-status\"}\n")?;
+        Ok(t0.elapsed())
+    }
+
+    /// QMP `quit` → process exit (the floor of a forced stop).
+    pub fn quit(mut self) -> io::Result<Duration> {
+        let t0 = Instant::now();
+        self.writer.write_all(b"{\"execute\":\"quit\"}\n")?;
+        if !wait_pidfd(&self.pidfd, Duration::from_secs(20)) {
+            return Err(io::Error::other("QEMU did not exit after quit"));
+        }
+        let d = t0.elapsed();
+        self.reap();
+        Ok(d)
+    }
+
+    /// SIGKILL → the pidfd reports the exit (the floor of crash detection: what the
+    /// kernel takes to tear a QEMU down).
+    pub fn kill(mut self) -> io::Result<Duration> {
+        let t0 = Instant::now();
+        pidfd_send_signal(&self.pidfd, Signal::KILL)?;
+        if !wait_pidfd(&self.pidfd, Duration::from_secs(20)) {
+            return Err(io::Error::other("QEMU did not exit on SIGKILL"));
+        }
+        let d = t0.elapsed();
+        self.reap();
+        Ok(d)
+    }
+
+    fn reap(&mut self) {
+        if !self.reaped {
+            let _ = waitid(WaitId::PidFd(self.pidfd.as_fd()), WaitIdOptions::EXITED);
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for BareQemu {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = pidfd_send_signal(&self.pidfd, Signal::KILL);
+            self.reap();
+        }
+    }
+}

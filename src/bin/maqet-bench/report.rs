@@ -1,0 +1,210 @@
+//! Figures, targets and their verdicts; the human table and the JSON document.
+
+use std::time::Duration;
+
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+
+/// Samples of one timed step.
+#[derive(Debug, Default, Clone)]
+pub struct Samples(Vec<Duration>);
+
+impl Samples {
+    pub fn push(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Nearest-rank percentile, in microseconds.
+    pub fn pct(&self, p: f64) -> Option<f64> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut v = self.0.clone();
+        v.sort();
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        Some(v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1e6)
+    }
+
+    pub fn median(&self) -> Option<f64> {
+        self.pct(50.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Us,
+    Bytes,
+    Count,
+    PerSec,
+    Ratio,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub section: &'static str,
+    pub key: String,
+    pub label: String,
+    pub value: Option<f64>,
+    pub unit: Unit,
+    /// Samples behind the value, 0 for single readings.
+    pub n: usize,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Met,
+    Missed,
+    /// A figure it needs was not measured (section skipped, interface absent).
+    #[serde(rename = "NOT MEASURED")]
+    NotMeasured,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub key: &'static str,
+    pub label: &'static str,
+    /// What was measured, in words with numbers.
+    pub measured: String,
+    pub limit: String,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub command: String,
+    pub figures: Vec<Figure>,
+    pub targets: Vec<Target>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub accel: String,
+    pub kernel: String,
+    pub qemu: String,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+impl Report {
+    pub fn add(
+        &mut self,
+        section: &'static str,
+        key: &str,
+        label: &str,
+        value: Option<f64>,
+        unit: Unit,
+        n: usize,
+    ) {
+        self.figures.push(Figure {
+            section,
+            key: key.to_string(),
+            label: label.to_string(),
+            value,
+            unit,
+            n,
+            note: String::new(),
+        });
+    }
+
+    /// p50 and p99 of a sample set, as `<key>_p50` / `<key>_p99`.
+    pub fn add_pcts(&mut self, section: &'static str, key: &str, label: &str, s: &Samples) {
+        self.add(
+            section,
+            &format!("{key}_p50"),
+            &format!("{label} p50"),
+            s.pct(50.0),
+            Unit::Us,
+            s.len(),
+        );
+        self.add(
+            section,
+            &format!("{key}_p99"),
+            &format!("{label} p99"),
+            s.pct(99.0),
+            Unit::Us,
+            s.len(),
+        );
+    }
+
+    pub fn note_last(&mut self, note: impl Into<String>) {
+        if let Some(f) = self.figures.last_mut() {
+            f.note = note.into();
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.key == key)
+            .and_then(|f| f.value)
+    }
+
+    pub fn print_table(&self) {
+        let m = &self.machine;
+        println!(
+            "maqet-bench: {} CPUs ({}), {}, kernel {}, {}",
+            m.nproc, m.cpu, m.accel, m.kernel, m.qemu
+        );
+        println!("load before: {}; after: {}", m.load_before, m.load_after);
+        println!("command: {}\n", self.command);
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED)
+            .set_header(["section", "figure", "value", "n", "note"]);
+        for f in &self.figures {
+            t.add_row([
+                f.section.to_string(),
+                f.label.clone(),
+                fmt_value(f.value, f.unit),
+                if f.n > 0 {
+                    f.n.to_string()
+                } else {
+                    String::new()
+                },
+                f.note.clone(),
+            ]);
+        }
+        println!("{t}\n");
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED)
+            .set_header(["target", "measured", "limit", "verdict"]);
+        for g in &self.targets {
+            let verdict = match g.verdict {
+                Verdict::Met => "MET",
+                Verdict::Missed => "MISSED",
+                Verdict::NotMeasured => "NOT MEASURED",
+            };
+            t.add_row([g.label, &g.measured, &g.limit, verdict]);
+        }
+        println!("{t}");
+        for n in &self.notes {
+            println!("note: {n}");
+        }
+    }
+}
+
+pub fn fmt_value(v: Option<f64>, unit: Unit) -> String {
+    let Some(v) = v else {
+        return "n/a".into();
+    };
+    match unit {
+        Unit::Us if v >= 10_000.0 => format!("{:.1} ms", v / 1000.0),
+        Unit::Us if v >= 1000.0 => format!("{:.2} ms", v / 1000.0),
+        Unit::Us => format!("{v:.0} µs"),
+        Unit::Bytes if v.abs() < 1024.0 * 1024.0 => format!("{:.0} KiB", v / 1024.0),
+        Unit::Bytes => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
+        Unit::Count => format!("{v:.0}"),
+        Unit::PerSec => format!("{v:.0}/s"),
+        Unit::Ratio => format!("{v:.2}×"),
+    }
+}

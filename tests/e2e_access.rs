@@ -9,28 +9,32 @@ use common::{Bus, BusOptions, error_name, stderr, stdout, tiny_vm_yaml};
 
 const TEST_USER: &str = "maqet-test";
 
-/// A second, unprivileged user for the tests that need one (root only: creates it).
+/// A second, unprivileged user for the tests that need one (root only: creates it,
+/// once per test binary, so parallel tests do not race on /etc/passwd).
 fn test_user() -> Option<(u32, u32)> {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: creating a second user needs root");
-        return None;
-    }
-    let _ = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            TEST_USER,
-        ])
-        .output();
-    let name = std::ffi::CString::new(TEST_USER).unwrap();
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        eprintln!("skipped: cannot create user {TEST_USER}");
-        return None;
-    }
-    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+    static USER: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a second user needs root");
+            return None;
+        }
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                TEST_USER,
+            ])
+            .output();
+        let name = std::ffi::CString::new(TEST_USER).unwrap();
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            eprintln!("skipped: cannot create user {TEST_USER}");
+            return None;
+        }
+        Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+    })
 }
 
 /// `busctl` against the test bus, run as `uid`.

@@ -74,23 +74,18 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
 }
 
 /// Rows of the audit table for one method: (action, decision, outcome, arguments).
-fn audit_rows(bus: &Bus, method: &str) -> Vec<(String, String, String, String)> {
-    let db = rusqlite::Connection::open_with_flags(
-        bus.database(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let mut stmt = db
-        .prepare(
-            "SELECT action, decision, outcome, arguments FROM audit WHERE method = ?1 ORDER BY seq",
-        )
-        .unwrap();
-    stmt.query_map([method], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-    })
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
+/// The audit log through the API (which first writes out what is queued).
+async fn audit_rows(bus: &Bus, method: &str) -> Vec<(String, String, String, String)> {
+    let conn = bus.conn().await;
+    bus.manager(&conn)
+        .await
+        .audit("", 0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.6 == method)
+        .map(|r| (r.4, r.8, r.9, r.7))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,6 +152,7 @@ async fn passthrough_tiers_events_keys_and_quit() {
         "{version}"
     );
     let hmp_rows: Vec<_> = audit_rows(&bus, "Execute")
+        .await
         .into_iter()
         .filter(|r| r.3.starts_with("human-monitor-command"))
         .collect();
@@ -177,6 +173,7 @@ async fn passthrough_tiers_events_keys_and_quit() {
     // Reads are not audited.
     assert!(
         audit_rows(&bus, "Execute")
+            .await
             .iter()
             .all(|r| !r.3.starts_with("query-status"))
     );
@@ -251,7 +248,7 @@ async fn passthrough_tiers_events_keys_and_quit() {
     vm.type_text("root\n\tls -l | grep ~\n").await.unwrap();
     let m = assert_err(vm.type_text("café").await, "InvalidArgument");
     assert!(m.contains("'é'") && m.contains("index 3"), "{m}");
-    let keys_rows = audit_rows(&bus, "TypeText");
+    let keys_rows = audit_rows(&bus, "TypeText").await;
     assert!(keys_rows.iter().all(|r| r.0 == "org.maqet.vm.console"));
     assert!(
         keys_rows.iter().all(|r| !r.3.contains("root")),

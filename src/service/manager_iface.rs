@@ -215,6 +215,8 @@ impl ManagerIface {
     ) -> Result<Vec<AuditEntry>, MaqetError> {
         let req = Request::new(Action::Observe, "Audit").with_args(format!("vm={vm:?}"));
         let work = async {
+            // Records of calls answered so far may still be queued: write them first.
+            self.shared.gate.flush_audit().await;
             let vm_id = match vm {
                 "" => None,
                 v => Some(self.shared.manager.find(v)?.id().to_string()),

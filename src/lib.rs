@@ -13,6 +13,7 @@ pub mod host;
 pub mod jobs;
 pub mod logging;
 pub mod manager;
+pub mod notify;
 pub mod paths;
 pub mod qmp;
 pub mod service;

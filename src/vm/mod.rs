@@ -30,7 +30,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use crate::config::{self, ConfigSource, VmConfig};
 
 use crate::error::MaqetError;
-use crate::events::{CoreEvent, EventSink};
+use crate::events::{Cause, CoreEvent, EventSink};
 use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
@@ -467,6 +467,19 @@ impl Vm {
         observed: bool,
         fill: impl FnOnce(&mut Transition),
     ) -> Result<(), MaqetError> {
+        self.transition_because(status, reason, observed, Cause::Other, fill)
+    }
+
+    /// [`Vm::transition`] for a change whose cause listeners need to know (the guest
+    /// powered off, a restart's stop).
+    fn transition_because(
+        self: &Arc<Self>,
+        status: Status,
+        reason: &str,
+        observed: bool,
+        cause: Cause,
+        fill: impl FnOnce(&mut Transition),
+    ) -> Result<(), MaqetError> {
         let mut info = self.info.write().unwrap();
         let previous = info.status;
         let mut t = Transition {
@@ -511,6 +524,7 @@ impl Vm {
                 vm: self.clone(),
                 info: info.clone(),
                 previous,
+                cause,
             });
         } else {
             self.ctx.sink.emit(CoreEvent::PropertiesChanged {

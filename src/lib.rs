@@ -9,6 +9,7 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod events;
+pub mod fdio;
 pub mod host;
 pub mod jobs;
 pub mod logging;

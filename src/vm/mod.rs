@@ -366,6 +366,37 @@ impl Vm {
         self.ctx.paths.vm_log(&self.id)
     }
 
+    /// QEMU's log of this VM (every run's output), opened read-only.
+    pub fn open_log(&self) -> Result<std::fs::File, MaqetError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.log_file();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => MaqetError::NotFound(format!(
+                    "VM '{}' has no QEMU log yet: it is written from the first start on",
+                    self.name()
+                )),
+                _ => MaqetError::Storage(format!("cannot open {}: {e}", path.display())),
+            })
+    }
+
+    /// The VM's lifecycle history, oldest first: events at or after `since_us` (0: all),
+    /// the newest `limit` of them (0: all).
+    pub fn history(
+        &self,
+        since_us: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::EventRecord>, MaqetError> {
+        let since = (since_us > 0).then_some(since_us);
+        self.ctx
+            .store
+            .events(Some(&self.id), since, limit)
+            .map_err(store_error)
+    }
+
     fn runtime(&self) -> Option<Arc<Runtime>> {
         self.runtime.lock().unwrap().clone()
     }
@@ -678,6 +709,7 @@ impl Vm {
             .ensure_log_dir()
             .map_err(|e| setup("log directory", &e))?;
         let socket = paths.qmp_socket(&self.id);
+        let console = paths.console_socket(&self.id);
         let log_file = paths.vm_log(&self.id);
         let args = config.qemu_args();
         let spawned = launch::spawn(&launch::LaunchSpec {
@@ -686,6 +718,7 @@ impl Vm {
             name,
             user_args: &args,
             qmp_socket: &socket,
+            console_socket: launch::wants_console(&args).then_some(console.as_path()),
             log_file: &log_file,
         })
         .map_err(|e| setup(&format!("spawning {}", binary.display()), &e))?;
@@ -962,7 +995,8 @@ impl Vm {
 
     fn cleanup_runtime_dir(&self) {
         let dir = self.ctx.paths.vm_runtime_dir(&self.id);
-        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(self.ctx.paths.qmp_socket(&self.id));
+        let _ = std::fs::remove_file(self.ctx.paths.console_socket(&self.id));
         monitor::remove_stale_screendumps(&dir);
         let _ = std::fs::remove_dir(&dir);
     }

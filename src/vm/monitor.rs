@@ -1,5 +1,5 @@
 //! What a caller does to a running VM through its monitor: QMP passthrough of classified
-//! commands, keys and text, screendumps, and device hot-plug.
+//! commands, keys and text, screendumps, device hot-plug, and its serial console.
 //!
 //! Owns how these are carried out (what is checked before anything is sent, how long
 //! each may take, where a screendump is written). Which commands are allowed, and under
@@ -150,6 +150,48 @@ impl Vm {
         })?;
         drop(target);
         Ok(file)
+    }
+
+    /// A connection to the VM's serial console (the socket maqet gave the first serial
+    /// port, see [`super::launch`]). QEMU serves one client at a time, so a console
+    /// already in use is refused rather than left to queue silently.
+    pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, MaqetError> {
+        let qmp = self.qmp()?;
+        let name = self.name();
+        let path = self.ctx.paths.console_socket(&self.id);
+        if !path.exists() {
+            return Err(MaqetError::NotFound(format!(
+                "VM '{name}' has no maqet console: its config chooses its own serial port \
+                 (-serial, -nographic or an isa-serial device), or it was started by an older \
+                 maqet (restart it)"
+            )));
+        }
+        let chardevs = qmp
+            .execute_timeout("query-chardev", None, QMP_TIMEOUT)
+            .await
+            .map_err(|e| qmp_error(&name, e))?;
+        let in_use = chardevs.as_array().into_iter().flatten().any(|c| {
+            c.get("label").and_then(Value::as_str) == Some(super::launch::CONSOLE_CHARDEV_ID)
+                && c.get("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| !f.starts_with("disconnected:"))
+        });
+        if in_use {
+            return Err(MaqetError::InvalidState(format!(
+                "the console of VM '{name}' is in use by another client (one at a time); \
+                 detach that one first (Ctrl-])"
+            )));
+        }
+        let stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .and_then(|s| s.into_std())
+            .map_err(|e| {
+                MaqetError::Internal(format!("cannot connect to {}: {e}", path.display()))
+            })?;
+        stream.set_nonblocking(false).map_err(|e| {
+            MaqetError::Internal(format!("cannot hand over the console socket: {e}"))
+        })?;
+        Ok(stream)
     }
 
     /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past

@@ -77,6 +77,16 @@ impl Bus {
 
     /// A bus with extra tools on maqetd's `PATH` and a maqetd.yaml.
     pub fn start_with(tools: &[(&str, &str)], settings: &str) -> Bus {
+        Bus::build(tools, settings, true)
+    }
+
+    /// A bus that does not know maqetd: it activates from the standard session service
+    /// directories (`$XDG_DATA_HOME/dbus-1/services`, empty until `maqet setup --user`).
+    pub fn start_unactivated() -> Bus {
+        Bus::build(&[], "", false)
+    }
+
+    fn build(tools: &[(&str, &str)], settings: &str, activation: bool) -> Bus {
         let dir = tempfile::Builder::new()
             .prefix("maqet-test-")
             .tempdir()
@@ -98,14 +108,19 @@ impl Bus {
         );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::write(
-            root.join("services/org.maqet.Maqet1.service"),
-            format!(
-                "[D-BUS Service]\nName=org.maqet.Maqet1\nExec={}\n",
-                maqetd_bin()
-            ),
-        )
-        .unwrap();
+        let servicedirs = if activation {
+            std::fs::write(
+                root.join("services/org.maqet.Maqet1.service"),
+                format!(
+                    "[D-BUS Service]\nName=org.maqet.Maqet1\nExec={}\n",
+                    maqetd_bin()
+                ),
+            )
+            .unwrap();
+            format!("<servicedir>{}/services</servicedir>", root.display())
+        } else {
+            "<standard_session_servicedirs/>".to_string()
+        };
         std::fs::write(
             root.join("bus.conf"),
             format!(
@@ -114,7 +129,7 @@ impl Bus {
 <busconfig>
   <type>session</type>
   <listen>unix:dir={root}</listen>
-  <servicedir>{root}/services</servicedir>
+  {servicedirs}
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
@@ -123,7 +138,7 @@ impl Bus {
   </policy>
 </busconfig>
 "#,
-                root = root.display()
+                root = root.display(),
             ),
         )
         .unwrap();

@@ -1,9 +1,9 @@
 //! `maqet --host [USER@]MACHINE`: the session bus of a user on another machine, over ssh.
 //!
-//! zbus's `unixexec` transport runs `ssh MACHINE systemd-stdio-bridge --user` and speaks
+//! zbus's `unixexec` transport runs `ssh MACHINE systemd-stdio-bridge …` and speaks
 //! D-Bus over its standard input and output; on the far side the bridge connects to that
-//! user's session bus (`DBUS_SESSION_BUS_ADDRESS`, else `$XDG_RUNTIME_DIR/bus`), where
-//! D-Bus activation starts maqetd as usual. `MAQET_SSH` replaces the `ssh` command (e.g.
+//! user's session bus (`DBUS_SESSION_BUS_ADDRESS`, else `$XDG_RUNTIME_DIR/bus`, else
+//! `/run/user/UID/bus`), where D-Bus activation starts maqetd as usual. `MAQET_SSH` replaces the `ssh` command (e.g.
 //! `ssh -p 2222 -i ~/.ssh/vmhost`). A pipe carries no file descriptors, so calls that
 //! hand one over (console, QEMU log, screendump) need a local connection.
 
@@ -15,10 +15,13 @@ use zbus::address::transport::{Transport, Unixexec};
 use crate::error::MaqetError;
 
 /// Run by the remote user's login shell (whatever it is, `sh` reads the script): the
-/// bridge, or a message saying it is missing.
-const REMOTE_COMMAND: &str = "sh -c 'if command -v systemd-stdio-bridge >/dev/null 2>&1; \
-then exec systemd-stdio-bridge --user; \
-else echo \"maqet: systemd-stdio-bridge is not installed on $(hostname) (it comes with systemd)\" >&2; exit 127; fi'";
+/// bridge on that user's session bus, or a message saying what is missing. The address
+/// is passed explicitly because systemd 252 (Debian 12) ignores `--user` and opens the
+/// system bus; errors go to stderr (by default the bridge logs them to the kernel log).
+const REMOTE_COMMAND: &str = "sh -c 'command -v systemd-stdio-bridge >/dev/null 2>&1 || \
+{ echo \"maqet: systemd-stdio-bridge is not installed on $(hostname) (it comes with systemd)\" >&2; exit 127; }; \
+export SYSTEMD_LOG_TARGET=console; \
+exec systemd-stdio-bridge --bus-path=\"${DBUS_SESSION_BUS_ADDRESS:-unix:path=${XDG_RUNTIME_DIR:-/run/user/$(id -u)}/bus}\"'";
 
 /// The ssh command line: `MAQET_SSH` (split on spaces) or plain `ssh`, then ours.
 fn ssh_argv(host: &str, ssh: Option<&str>) -> Result<(String, Vec<OsString>), MaqetError> {
@@ -74,7 +77,7 @@ mod tests {
         assert_eq!(p, "ssh");
         let a: Vec<_> = a.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(&a[..5], ["-p", "2222", "-T", "--", "me@box"]);
-        assert!(a[5].contains("systemd-stdio-bridge --user"));
+        assert!(a[5].contains("exec systemd-stdio-bridge --bus-path="));
     }
 
     #[test]

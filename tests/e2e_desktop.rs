@@ -223,6 +223,27 @@ fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut Vec<u8>, want:
     }
 }
 
+/// `maqet console VM` with its input, and its output as it comes.
+fn console(
+    bus: &Bus,
+    vm: &str,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let mut child = bus
+        .maqet_command(&["console", vm])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin, out)
+}
+
 /// `maqet console`: bytes go through QEMU's serial port to a guest that echoes them,
 /// Ctrl-] detaches, a second client is refused while one is attached, and a VM whose
 /// config chooses its own serial port keeps it.
@@ -235,16 +256,8 @@ async fn console_round_trip_through_the_guests_serial_port() {
     let vm = bus.add(&conn, "", &guest::vm_yaml("serial", &img)).await;
     vm.start().await.unwrap();
 
-    let mut child = bus
-        .maqet_command(&["console", "serial"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = collect(child.stdout.take().unwrap());
+    let (mut child, mut stdin, out) = console(&bus, "serial");
     let err = collect(child.stderr.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
     let mut seen = Vec::new();
     read_until(&err, &mut seen, "Ctrl-] detaches");
     // The banner went out before anyone attached (and was dropped); the echo proves
@@ -271,15 +284,7 @@ async fn console_round_trip_through_the_guests_serial_port() {
     );
 
     // Attach again: the console is free once detached.
-    let mut again = bus
-        .maqet_command(&["console", "serial"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = collect(again.stdout.take().unwrap());
-    let mut stdin = again.stdin.take().unwrap();
+    let (mut again, mut stdin, out) = console(&bus, "serial");
     stdin.write_all(b"second-visit").unwrap();
     stdin.flush().unwrap();
     let mut seen = Vec::new();
@@ -316,7 +321,12 @@ async fn logs_show_history_and_the_qemu_log_and_follow_them() {
     );
     assert!(common::stderr(&never).contains("no QEMU log yet"));
 
+    // Following from before the first start: the log appears with the first run.
+    let first = common::ChildLines::spawn(bus.maqet_command(&["logs", "chatty", "-f"]));
+    first.next_matching(&|l| l.contains("chatty: added"));
     vm.start().await.unwrap();
+    wait_for_run(&first);
+    drop(first);
     let out = bus.maqet(&["stop", "chatty", "--force"]);
     assert!(out.status.success());
     let out = bus.maqet(&["logs", "chatty"]);
@@ -348,11 +358,15 @@ async fn logs_show_history_and_the_qemu_log_and_follow_them() {
     }));
 
     let follow = common::ChildLines::spawn(bus.maqet_command(&["logs", "chatty", "-f", "-n", "0"]));
-    let header = |l: &str| l.starts_with("=== maqet: starting VM chatty");
-    follow.next_matching(&header);
+    follow.next_matching(&|l| l.starts_with("=== maqet: starting VM chatty"));
     vm.start().await.unwrap();
-    // The new run's header comes through inotify, the status change as a signal: in
-    // either order.
+    wait_for_run(&follow);
+}
+
+/// A `logs -f` sees a start: the run's header in the log (through inotify) and the
+/// change to running (a signal), in either order.
+fn wait_for_run(follow: &common::ChildLines) {
+    let header = |l: &str| l.starts_with("=== maqet: starting VM chatty");
     let (mut header_seen, mut running_seen) = (false, false);
     while !(header_seen && running_seen) {
         let l = follow.next_matching(&|l| header(l) || l.contains("starting → running"));

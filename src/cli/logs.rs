@@ -69,12 +69,12 @@ pub(super) async fn run(
                 let Ok(a) = sig.args() else { continue };
                 let row = (now_us(), "status".to_string(), a.status().to_string(), a.previous().to_string(), a.reason().to_string(), String::new());
                 print_history(s.json, &vm_name, &row);
-                // A start may have rotated the log: pick up the file QEMU writes now.
-                let rotated = log.as_ref().map(|l| l.moved).unwrap_or(!s.remote);
-                if rotated && *a.status() == "starting" {
-                    if let Ok(new) = open(&proxy).await {
-                        log = Some(new);
-                    }
+                // A first start creates the log, a later one may rotate it: pick up the
+                // file QEMU writes now (from its beginning), once it is there.
+                let stale = log.as_ref().map_or(!s.remote, |l| l.moved);
+                if stale && let Ok(mut new) = open(&proxy).await {
+                    new.print_tail(s.json, 0)?;
+                    log = Some(new);
                 }
             }
             more = wait_for_more(&mut log) => {

@@ -180,7 +180,7 @@ impl Task {
             Err(e) => return self.unavailable(&e),
         };
         self.warned = false;
-        tracing::info!(vm_id = %n.vm_id, kind = ?n.kind, id, "desktop notification: {}", n.summary);
+        tracing::info!(vm = %n.vm_name, kind = ?n.kind, id, "desktop notification: {}", n.summary);
         if with_actions {
             let keep = Duration::from_secs(self.settings.action_keep_alive_sec);
             let hold = self
@@ -291,7 +291,7 @@ async fn act(
         tracing::warn!(vm = %name, action = key, caller = ?hdr.sender().map(|s| s.as_str()), error = %e, "notification action failed");
         // A start that failed in QEMU has its own "failed to start" notification.
         if !matches!(e, MaqetError::QemuFailed(_) | MaqetError::Storage(_)) {
-            let _ = feedback.send(notice::action_failed(vm.id(), &what, &e.message()));
+            let _ = feedback.send(notice::action_failed(vm.id(), &name, &what, &e.message()));
         }
     }
 }

@@ -51,6 +51,8 @@ pub enum Urgency {
 pub struct Notice {
     pub kind: Kind,
     pub vm_id: String,
+    /// For the log (the summary already names it).
+    pub vm_name: String,
     pub summary: String,
     /// Plain text (escaped for servers that read markup when sent).
     pub body: String,
@@ -119,6 +121,7 @@ fn about_status(kind: Kind, vm_id: &str, name: &str, reason: &str) -> Notice {
     Notice {
         kind,
         vm_id: vm_id.to_string(),
+        vm_name: name.to_string(),
         summary,
         body: reason.to_string(),
         actions,
@@ -155,6 +158,7 @@ fn about_job(
     Some(Notice {
         kind,
         vm_id: vm_id.to_string(),
+        vm_name: name.to_string(),
         summary,
         body: message.to_string(),
         actions: vec![],
@@ -163,10 +167,11 @@ fn about_job(
 }
 
 /// Feedback when a notification's button could not do its job.
-pub fn action_failed(vm_id: &str, what: &str, why: &str) -> Notice {
+pub fn action_failed(vm_id: &str, vm_name: &str, what: &str, why: &str) -> Notice {
     Notice {
         kind: Kind::ActionFailed,
         vm_id: vm_id.to_string(),
+        vm_name: vm_name.to_string(),
         summary: what.to_string(),
         body: why.to_string(),
         actions: vec![],

@@ -31,6 +31,11 @@ impl VmIface {
     }
 }
 
+/// A file or socket handed to the caller (`h`).
+fn fd(f: impl Into<std::os::fd::OwnedFd>) -> zbus::OwnedFd {
+    zbus::OwnedFd::from(f.into())
+}
+
 #[interface(name = "org.maqet.Maqet1.VM")]
 impl VmIface {
     /// Starts QEMU; returns once its monitor is ready.
@@ -200,10 +205,7 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd, MaqetError> {
         let req = self.req(Action::Console, "Screendump");
-        let work = async {
-            let file = self.vm.screendump().await?;
-            Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(file)))
-        };
+        let work = async { self.vm.screendump().await.map(fd) };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
@@ -217,10 +219,7 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd, MaqetError> {
         let req = self.req(Action::Console, "OpenConsole");
-        let work = async {
-            let stream = self.vm.open_console().await?;
-            Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(stream)))
-        };
+        let work = async { self.vm.open_console().await.map(fd) };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
@@ -267,10 +266,7 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd, MaqetError> {
         let req = self.req(Action::Observe, "OpenLog");
-        let work = async {
-            let file = self.vm.open_log()?;
-            Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(file)))
-        };
+        let work = async { self.vm.open_log().map(fd) };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 

@@ -171,6 +171,8 @@ struct Runtime {
     exited: watch::Sender<bool>,
     /// Wakes a running stop escalation to skip its graceful wait (`Stop(force)`).
     force_now: Notify,
+    /// A client is attached to the serial console (see `monitor::open_console`).
+    console_attached: AtomicBool,
 }
 
 impl Runtime {
@@ -186,6 +188,7 @@ impl Runtime {
             shutdown: Mutex::new(None),
             exited,
             force_now: Notify::new(),
+            console_attached: AtomicBool::new(false),
         })
     }
 

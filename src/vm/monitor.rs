@@ -153,11 +153,18 @@ impl Vm {
     }
 
     /// A connection to the VM's serial console (the socket maqet gave the first serial
-    /// port, see [`super::launch`]). QEMU serves one client at a time, so a console
-    /// already in use is refused rather than left to queue silently.
+    /// port, see [`super::launch`]) for one client at a time.
+    ///
+    /// The caller gets one end of a socket pair and maqetd relays between the other end
+    /// and QEMU's socket. So maqetd knows the moment a client goes (its end closes) and
+    /// the next one is never refused for a client QEMU has not yet seen leave; a second
+    /// client while one is attached is refused rather than left queued in silence.
     pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, MaqetError> {
-        let qmp = self.qmp()?;
+        self.qmp()?;
         let name = self.name();
+        let rt = self
+            .runtime()
+            .ok_or_else(|| MaqetError::InvalidState(format!("VM '{name}' has no process")))?;
         let path = self.ctx.paths.console_socket(&self.id);
         if !path.exists() {
             return Err(MaqetError::NotFound(format!(
@@ -166,32 +173,25 @@ impl Vm {
                  maqet (restart it)"
             )));
         }
-        let chardevs = qmp
-            .execute_timeout("query-chardev", None, QMP_TIMEOUT)
-            .await
-            .map_err(|e| qmp_error(&name, e))?;
-        let in_use = chardevs.as_array().into_iter().flatten().any(|c| {
-            c.get("label").and_then(Value::as_str) == Some(super::launch::CONSOLE_CHARDEV_ID)
-                && c.get("filename")
-                    .and_then(Value::as_str)
-                    .is_some_and(|f| !f.starts_with("disconnected:"))
-        });
-        if in_use {
-            return Err(MaqetError::InvalidState(format!(
+        let attached = ConsoleAttached::claim(rt.clone()).ok_or_else(|| {
+            MaqetError::InvalidState(format!(
                 "the console of VM '{name}' is in use by another client (one at a time); \
                  detach that one first (Ctrl-])"
-            )));
-        }
-        let stream = tokio::net::UnixStream::connect(&path)
-            .await
-            .and_then(|s| s.into_std())
-            .map_err(|e| {
-                MaqetError::Internal(format!("cannot connect to {}: {e}", path.display()))
-            })?;
-        stream.set_nonblocking(false).map_err(|e| {
-            MaqetError::Internal(format!("cannot hand over the console socket: {e}"))
+            ))
         })?;
-        Ok(stream)
+        let failed = |what: &str, e: std::io::Error| {
+            MaqetError::Internal(format!("console of VM '{name}': {what}: {e}"))
+        };
+        let qemu = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| failed(&format!("cannot connect to {}", path.display()), e))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| failed("socket pair", e))?;
+        ours.set_nonblocking(true)
+            .map_err(|e| failed("socket pair", e))?;
+        let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| failed("socket pair", e))?;
+        tokio::spawn(relay(ours, qemu, attached));
+        Ok(theirs)
     }
 
     /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past
@@ -290,4 +290,54 @@ pub(super) fn remove_stale_screendumps(dir: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// Marks a QEMU's console as attached until dropped.
+struct ConsoleAttached(std::sync::Arc<super::Runtime>);
+
+impl ConsoleAttached {
+    fn claim(rt: std::sync::Arc<super::Runtime>) -> Option<ConsoleAttached> {
+        (!rt.console_attached.swap(true, Ordering::SeqCst)).then_some(ConsoleAttached(rt))
+    }
+}
+
+impl Drop for ConsoleAttached {
+    fn drop(&mut self) {
+        self.0.console_attached.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies bytes both ways until either side closes (the client detached, or QEMU
+/// exited); then both connections close and the console is free again.
+async fn relay(
+    client: tokio::net::UnixStream,
+    qemu: tokio::net::UnixStream,
+    attached: ConsoleAttached,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut qemu_rx, mut qemu_tx) = qemu.into_split();
+    let to_qemu = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = client_rx.read(&mut buf).await {
+            if n == 0 || qemu_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = qemu_rx.read(&mut buf).await {
+            if n == 0 || client_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_qemu => {}
+        _ = to_client => {}
+    }
+    // Both connections close before the console counts as free.
+    drop((client_rx, client_tx, qemu_rx, qemu_tx));
+    drop(attached);
 }

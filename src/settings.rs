@@ -148,7 +148,11 @@ mod tests {
             let err = serde_yaml::from_str::<Settings>(yaml)
                 .unwrap_err()
                 .to_string();
-            let expected = err.split("expected one of").nth(1).expect("field list");
+            // "unknown field `zzz`, expected `a` or `b`" / "expected one of `a`, `b`, …"
+            let expected = err
+                .split(", expected")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no field list in {err:?}"));
             expected
                 .split('`')
                 .skip(1)
@@ -157,10 +161,14 @@ mod tests {
                 .collect()
         };
         let mut keys = fields("zzz: 1\n");
-        keys.extend(fields("notifications: {zzz: 1}\n"));
-        assert!(keys.len() > 10, "{keys:?}");
+        let nested = fields("notifications: {zzz: 1}\n");
+        assert!(nested.len() > 10, "{nested:?}");
+        keys.extend(nested.iter().map(|k| format!("notifications.{k}")));
         for k in keys {
-            assert!(section.contains(&format!("`{k}`")), "{k} is not documented");
+            assert!(
+                section.contains(&format!("| `{k}` |")),
+                "{k} is not documented"
+            );
         }
     }
 

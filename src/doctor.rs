@@ -3,7 +3,6 @@
 //! are what stands between the CLI and this code).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::manager::Manager;
@@ -270,7 +269,7 @@ fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
             continue;
         }
         let dir = e.path();
-        if fix && remove_socket_dir(&dir) {
+        if fix && remove_socket_dir(&manager.ctx().paths, &id) {
             out.push(finding(
                 "sockets",
                 Health::Fixed,
@@ -297,7 +296,8 @@ fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
     out
 }
 
-fn remove_socket_dir(dir: &Path) -> bool {
-    let _ = std::fs::remove_file(dir.join("qmp.sock"));
-    std::fs::remove_dir(dir).is_ok()
+fn remove_socket_dir(paths: &crate::paths::Paths, id: &str) -> bool {
+    let _ = std::fs::remove_file(paths.qmp_socket(id));
+    let _ = std::fs::remove_file(paths.console_socket(id));
+    std::fs::remove_dir(paths.vm_runtime_dir(id)).is_ok()
 }

@@ -5,7 +5,20 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::jobs::JobState;
 use crate::vm::{Status, Vm, VmInfo};
+
+/// What brought a status change about, for listeners that tell what a person asked for
+/// from what happened on its own (notifications).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A call, maqet itself, or the host (a crash reads as such from its status).
+    Other,
+    /// The guest: it powered off, or rebooted under `-no-reboot`.
+    Guest,
+    /// The stop between a restart's two QEMU processes.
+    Restart,
+}
 
 #[derive(Debug, Clone)]
 pub enum CoreEvent {
@@ -15,6 +28,7 @@ pub enum CoreEvent {
         vm: Arc<Vm>,
         info: VmInfo,
         previous: Status,
+        cause: Cause,
     },
     /// Other properties changed (e.g. `Pid` while starting, `Name`/`Config` on Apply).
     PropertiesChanged {
@@ -28,6 +42,18 @@ pub enum CoreEvent {
         name: String,
         data_json: String,
         timestamp_us: u64,
+    },
+    /// A job ended (the Job object signals `Completed` itself; this is for listeners
+    /// that did not start it).
+    JobFinished {
+        vm: Arc<Vm>,
+        job: u64,
+        /// E.g. `snapshot-create`.
+        operation: &'static str,
+        /// What it worked on (a snapshot name).
+        target: String,
+        state: JobState,
+        message: String,
     },
 }
 

@@ -57,14 +57,8 @@ impl Paths {
     /// Derives every path from an environment lookup (the seam tests use).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Paths, PathsError> {
         let uid = rustix::process::getuid().as_raw();
-        let home = absolute_env(get, "HOME")
-            .or_else(|| home_from_passwd(uid))
-            .ok_or(PathsError::NoHome(uid))?;
-        let xdg = |key: &str, default: &str| {
-            absolute_env(get, key)
-                .unwrap_or_else(|| home.join(default))
-                .join("maqet")
-        };
+        let home = home_dir(get, uid)?;
+        let xdg = |key: &str, default: &str| xdg_base(get, &home, key, default).join("maqet");
         let runtime_base = absolute_env(get, "XDG_RUNTIME_DIR")
             .or_else(|| {
                 let p = PathBuf::from(format!("/run/user/{uid}"));
@@ -98,6 +92,11 @@ impl Paths {
     /// The listening QMP socket maqetd creates and passes to QEMU.
     pub fn qmp_socket(&self, vm_id: &str) -> PathBuf {
         self.vm_runtime_dir(vm_id).join("qmp.sock")
+    }
+
+    /// The serial console's listening socket (when maqet provides the console).
+    pub fn console_socket(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join("console.sock")
     }
 
     /// Directory of QEMU logs.
@@ -138,6 +137,73 @@ impl Paths {
         let dir = self.vm_runtime_dir(vm_id);
         create_private_dir(&dir)?;
         Ok(dir)
+    }
+}
+
+fn home_dir(get: &dyn Fn(&str) -> Option<OsString>, uid: u32) -> Result<PathBuf, PathsError> {
+    absolute_env(get, "HOME")
+        .or_else(|| home_from_passwd(uid))
+        .ok_or(PathsError::NoHome(uid))
+}
+
+/// An XDG base directory: the variable when absolute, else `~/<default>`.
+fn xdg_base(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    home: &Path,
+    key: &str,
+    default: &str,
+) -> PathBuf {
+    absolute_env(get, key).unwrap_or_else(|| home.join(default))
+}
+
+/// Where `maqet setup --user` installs maqet for a desktop session: the files systemd,
+/// the session bus, GNOME/KDE and D-Bus tools look for under the user's XDG
+/// directories (no runtime directory needed, unlike [`Paths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInstall {
+    /// `$XDG_DATA_HOME` (`~/.local/share`).
+    pub data_home: PathBuf,
+    /// `$XDG_CONFIG_HOME` (`~/.config`).
+    pub config_home: PathBuf,
+}
+
+impl UserInstall {
+    pub fn from_env() -> Result<UserInstall, PathsError> {
+        Self::from_lookup(&|key| std::env::var_os(key))
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<OsString>) -> Result<UserInstall, PathsError> {
+        let home = home_dir(get, rustix::process::getuid().as_raw())?;
+        Ok(UserInstall {
+            data_home: xdg_base(get, &home, "XDG_DATA_HOME", ".local/share"),
+            config_home: xdg_base(get, &home, "XDG_CONFIG_HOME", ".config"),
+        })
+    }
+
+    /// The systemd user unit.
+    pub fn systemd_unit(&self) -> PathBuf {
+        self.config_home.join("systemd/user/maqetd.service")
+    }
+
+    /// The session bus's activation file for `org.maqet.Maqet1`.
+    pub fn dbus_service(&self) -> PathBuf {
+        self.data_home
+            .join("dbus-1/services/org.maqet.Maqet1.service")
+    }
+
+    /// Introspection XML of one interface (`org.maqet.Maqet1.VM.xml`), for D-Bus tools.
+    pub fn dbus_interface(&self, file_name: &str) -> PathBuf {
+        self.data_home.join("dbus-1/interfaces").join(file_name)
+    }
+
+    /// The desktop entry notifications name in their `desktop-entry` hint.
+    pub fn desktop_entry(&self) -> PathBuf {
+        self.data_home.join("applications/org.maqet.Maqet.desktop")
+    }
+
+    pub fn icon(&self) -> PathBuf {
+        self.data_home
+            .join("icons/hicolor/scalable/apps/org.maqet.Maqet.svg")
     }
 }
 
@@ -240,6 +306,25 @@ mod tests {
         assert_eq!(
             p.vm_log("abc"),
             Path::new("/home/u/.local/state/maqet/logs/abc.log")
+        );
+    }
+
+    #[test]
+    fn install_locations_follow_xdg() {
+        let i =
+            UserInstall::from_lookup(&lookup(&[("HOME", "/home/u"), ("XDG_CONFIG_HOME", "/c")]))
+                .unwrap();
+        assert_eq!(
+            i.systemd_unit(),
+            Path::new("/c/systemd/user/maqetd.service")
+        );
+        assert_eq!(
+            i.dbus_service(),
+            Path::new("/home/u/.local/share/dbus-1/services/org.maqet.Maqet1.service")
+        );
+        assert_eq!(
+            i.icon(),
+            Path::new("/home/u/.local/share/icons/hicolor/scalable/apps/org.maqet.Maqet.svg")
         );
     }
 

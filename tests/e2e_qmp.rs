@@ -311,11 +311,12 @@ async fn screendump_png_and_hot_plug() {
     // No file is left behind in the VM's runtime directory.
     let id = vm.id().await.unwrap();
     let dir = bus.root().join("run/maqet/vms").join(&id);
-    let left: Vec<_> = std::fs::read_dir(&dir)
+    let mut left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left, ["qmp.sock"], "in {}", dir.display());
+    left.sort();
+    assert_eq!(left, ["console.sock", "qmp.sock"], "in {}", dir.display());
 
     // Hot-plug into the root port, then unplug: QEMU empties a slot the guest never
     // powered on without asking the guest, so DEVICE_DELETED comes and DeviceDel returns.

@@ -27,9 +27,9 @@ fn row(check: &str, status: &str, message: String, hint: &str) -> Row {
 }
 
 /// Prints every finding; the exit code says whether any check failed.
-pub async fn run(json: bool, fix: bool) -> Result<ExitCode, MaqetError> {
+pub async fn run(json: bool, fix: bool, host: Option<&str>) -> Result<ExitCode, MaqetError> {
     let mut rows = Vec::new();
-    let session = match Session::connect(json).await {
+    let session = match Session::connect(json, host).await {
         Ok(s) => {
             rows.push(row("bus", "ok", "session bus reachable".into(), ""));
             Some(s)
@@ -59,7 +59,7 @@ pub async fn run(json: bool, fix: bool) -> Result<ExitCode, MaqetError> {
                 "service",
                 "error",
                 format!("maqetd cannot be reached or activated: {e}"),
-                "install the activation file (scripts/install-user) or run maqetd by hand",
+                "install maqetd for your session (maqet setup --user) or run maqetd by hand",
             )),
         }
         if rows.last().is_some_and(|r| r.status != "error") {

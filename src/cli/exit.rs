@@ -8,7 +8,8 @@ pub enum ExitCode {
     Ok = 0,
     /// Anything not covered below (internal errors, storage, QMP).
     Failure = 1,
-    // 2 is clap's usage error.
+    /// Bad command-line usage (clap uses 2 as well).
+    Usage = 2,
     NotFound = 3,
     /// Bad arguments, bad config, name taken.
     InvalidInput = 4,

@@ -2,31 +2,71 @@
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
 mod audit;
+mod console;
 mod doctor;
 mod exit;
+mod logs;
 mod output;
 mod qmp;
+mod remote;
 mod session;
+mod setup;
 mod snapshot;
 mod storage;
+mod version;
 mod vm;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::error::MaqetError;
 
 pub use exit::ExitCode;
 
+/// What `--help` and the man page say after the options.
+const AFTER_LONG_HELP: &str = "\
+Exit codes:
+  0 ok; 1 any other failure; 2 bad usage; 3 no such VM; 4 invalid input (arguments,
+  config, name taken); 5 not legal in the VM's current state; 6 access denied;
+  7 maqetd unreachable (no session bus, not installed, ssh failed); 8 QEMU failed to
+  start; 9 timed out.
+
+Environment:
+  DBUS_SESSION_BUS_ADDRESS  the session bus maqetd is on
+  MAQET_SSH                 the ssh command for --host (default: ssh)
+  NO_COLOR                  no colours (there are none when stdout is not a terminal)
+
+Files: ~/.config/maqet/maqetd.yaml (service settings), ~/.local/state/maqet/logs/
+(QEMU logs), ~/.local/share/maqet/maqet.db (state). See docs/ in the source tree.";
+
 /// maqet: run QEMU virtual machines through your session's maqetd service.
 #[derive(Parser, Debug)]
-#[command(name = "maqet", version, about, propagate_version = true)]
+#[command(
+    name = "maqet",
+    about,
+    version,
+    disable_version_flag = true,
+    after_help = "Exit codes: 0 ok, 1 other failure, 2 usage, 3 not found, 4 invalid input, \
+                  5 invalid state, 6 access denied, 7 service unreachable, 8 QEMU failed, 9 timeout.",
+    after_long_help = AFTER_LONG_HELP
+)]
 pub struct Cli {
     /// Print machine-readable JSON instead of tables and messages.
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Drive maqetd of a user on another machine, over ssh (that machine needs
+    /// systemd-stdio-bridge; ssh options go in MAQET_SSH).
+    #[arg(long, global = true, value_name = "[USER@]MACHINE")]
+    pub host: Option<String>,
+
+    /// Print the CLI's and the service's versions (and warn when they differ).
+    #[arg(short = 'V', long)]
+    pub version: bool,
+
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,14 +218,74 @@ pub enum Command {
         #[command(subcommand)]
         command: storage::StorageCommand,
     },
+    /// Show a VM's lifecycle history and QEMU's log.
+    Logs {
+        vm: String,
+        /// Keep printing new log output and status changes.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many history events and log lines to show first (0: all).
+        #[arg(long, short = 'n', default_value_t = 50)]
+        lines: usize,
+    },
+    /// Attach this terminal to a VM's serial console; Ctrl-] detaches.
+    Console { vm: String },
+    /// Install maqetd for your desktop session: systemd user unit, D-Bus activation,
+    /// desktop entry and icon, interface XML.
+    Setup {
+        /// Install for this user (the only kind of install maqet does itself).
+        #[arg(long, required = true)]
+        user: bool,
+        /// Remove what `setup --user` installed.
+        #[arg(long)]
+        uninstall: bool,
+        /// The maqetd to run (default: the one next to this maqet).
+        #[arg(long, value_name = "PATH", conflicts_with = "uninstall")]
+        maqetd: Option<PathBuf>,
+    },
+    /// Print a shell completion script: maqet completions bash > ~/.local/share/bash-completion/completions/maqet
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    Manpage {
+        /// Write maqet.1 and maqet-<command>.1 here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
-    if let Command::Doctor { fix } = cli.command {
-        return doctor::run(cli.json, fix).await;
+async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
+    let host = cli.host.as_deref();
+    // The commands that work without maqetd.
+    match command {
+        Command::Doctor { fix } => return doctor::run(cli.json, fix, host).await,
+        Command::Setup {
+            user: _,
+            uninstall,
+            maqetd,
+        } => {
+            if host.is_some() {
+                return Err(MaqetError::InvalidArgument(
+                    "setup installs on this machine; run it on the other one (ssh HOST maqet setup --user)".into(),
+                ));
+            }
+            return setup::run(cli.json, uninstall, maqetd).await;
+        }
+        Command::Completions { shell } => {
+            // Generated into memory: clap_complete panics on a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "maqet", &mut script);
+            return write_stdout(&script).map(|()| ExitCode::Ok);
+        }
+        Command::Manpage { dir } => return manpage(dir),
+        _ => {}
     }
-    let s = session::Session::connect(cli.json).await?;
-    match cli.command {
+    let s = session::Session::connect(cli.json, host).await?;
+    match command {
+        Command::Logs { vm, follow, lines } => logs::run(&s, &vm, follow, lines).await,
+        Command::Console { vm } => console::run(&s, &vm).await,
         Command::Storage { command } => {
             // A verification that found problems has printed them; only the code says so.
             return Ok(match storage::run(&s, command).await? {
@@ -227,7 +327,11 @@ async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
         Command::Inspect { vm, config } => {
             if config {
                 let v = session::view(&s, &vm).await?;
-                print!("{}", v.config);
+                if s.json {
+                    output::print_json(&serde_json::json!({ "vm": v.name, "config": v.config }));
+                } else {
+                    print!("{}", v.config);
+                }
                 Ok(())
             } else {
                 vm::status(&s, &vm, true).await
@@ -240,7 +344,10 @@ async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
             timeout,
         } => vm::wait(&s, &vm, &condition, timeout).await,
         Command::Events { vm } => vm::events(&s, vm.as_deref()).await,
-        Command::Doctor { .. } => unreachable!("handled before connecting"),
+        Command::Doctor { .. }
+        | Command::Setup { .. }
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => unreachable!("handled before connecting"),
         Command::Audit { vm, since, limit } => {
             audit::run(&s, vm.as_deref(), since.as_deref(), limit).await
         }
@@ -265,9 +372,42 @@ async fn run(cli: Cli) -> Result<ExitCode, MaqetError> {
     .map(|()| ExitCode::Ok)
 }
 
+/// The man page on stdout, or every command's page into `dir`.
+fn manpage(dir: Option<PathBuf>) -> Result<ExitCode, MaqetError> {
+    let failed =
+        |e: std::io::Error| MaqetError::Internal(format!("cannot write the man page: {e}"));
+    let cmd = Cli::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(failed)?;
+            clap_mangen::generate_to(cmd, &dir).map_err(failed)?;
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(failed)?;
+            write_stdout(&page)?;
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// Writes generated output; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<(), MaqetError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(MaqetError::Internal(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -278,12 +418,20 @@ pub fn main() -> std::process::ExitCode {
             return ExitCode::Failure.into();
         }
     };
-    let json = cli.json;
-    match runtime.block_on(run(cli)) {
+    let (json, host) = (cli.json, cli.host.clone());
+    let result = match cli.command.take() {
+        _ if cli.version => Ok(runtime.block_on(version::run(json, host.as_deref()))),
+        Some(command) => runtime.block_on(run(cli, command)),
+        None => {
+            eprint!("{}", Cli::command().render_help());
+            return ExitCode::Usage.into();
+        }
+    };
+    match result {
         Ok(code) => code.into(),
         Err(e) => {
             let code = ExitCode::for_error(&e);
-            output::print_error(&e, json);
+            output::print_error(&e, json, host.as_deref());
             code.into()
         }
     }

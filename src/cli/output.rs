@@ -2,7 +2,10 @@
 
 use std::collections::HashMap;
 
-use comfy_table::{Table, presets};
+use std::ffi::OsStr;
+use std::io::IsTerminal;
+
+use comfy_table::{Cell, Color, Table, presets};
 use serde::Serialize;
 use zbus::OwnedVariant;
 
@@ -77,17 +80,54 @@ pub fn print_json<T: Serialize>(value: &T) {
     }
 }
 
+/// One compact JSON object per line, for streams (`events`, `logs -f`).
+pub fn print_json_line<T: Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("maqet: cannot encode JSON: {e}"),
+    }
+}
+
+/// Colour is for people at a terminal: never when stdout is not a terminal, never
+/// with `NO_COLOR` set to anything but empty (no-color.org), never on a dumb terminal.
+pub fn colour_enabled() -> bool {
+    colour_decision(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+        std::env::var_os("TERM").as_deref(),
+    )
+}
+
+fn colour_decision(tty: bool, no_color: Option<&OsStr>, term: Option<&OsStr>) -> bool {
+    tty && no_color.is_none_or(OsStr::is_empty) && term != Some(OsStr::new("dumb"))
+}
+
+/// A status, coloured by what it means when colour is on.
+fn status_cell(status: &str, colour: bool) -> Cell {
+    let cell = Cell::new(status);
+    if !colour {
+        return cell;
+    }
+    match status {
+        "running" => cell.fg(Color::Green),
+        "paused" | "starting" | "stopping" => cell.fg(Color::Yellow),
+        "crashed" | "failed" => cell.fg(Color::Red),
+        _ => cell,
+    }
+}
+
 pub fn vm_table(vms: &[VmView]) -> String {
+    let colour = colour_enabled();
     let mut t = Table::new();
     t.load_preset(presets::NOTHING)
         .set_header(["NAME", "STATUS", "PID", "UPTIME", "ID"]);
     for vm in vms {
         t.add_row([
-            vm.name.clone(),
-            vm.status.clone(),
-            vm.pid_text(),
-            vm.uptime(),
-            vm.id.clone(),
+            Cell::new(&vm.name),
+            status_cell(&vm.status, colour),
+            Cell::new(vm.pid_text()),
+            Cell::new(vm.uptime()),
+            Cell::new(&vm.id),
         ]);
     }
     t.to_string()
@@ -120,25 +160,39 @@ pub fn vm_details(vm: &VmView) -> String {
             },
         ),
     ];
+    let colour = colour_enabled();
     for (k, v) in rows {
-        t.add_row([format!("{k}:"), v]);
+        let value = if k == "Status" {
+            status_cell(&v, colour)
+        } else {
+            Cell::new(v)
+        };
+        t.add_row([Cell::new(format!("{k}:")), value]);
     }
     t.to_string()
 }
 
 /// Prints an error the way the user asked for output; for an unreachable service, says
-/// what to check.
-pub fn print_error(e: &MaqetError, json: bool) {
+/// what to check (`host`: the machine of `--host`).
+pub fn print_error(e: &MaqetError, json: bool, host: Option<&str>) {
     let code = ExitCode::for_error(e);
     let mut message = e.message();
     if let MaqetError::ZBus(z) = e
         && is_unreachable(z)
     {
-        message = format!(
-            "cannot reach maqetd on the session bus ({z}). Check that a session bus is running \
-             (DBUS_SESSION_BUS_ADDRESS), that maqetd's D-Bus activation file is installed \
-             (README: scripts/demo sets one up), or start `maqetd` by hand"
-        );
+        message = match (z, host) {
+            // Already explained where the ssh connection failed.
+            (zbus::Error::Address(m), Some(_)) => m.clone(),
+            (_, Some(h)) => format!(
+                "cannot reach maqetd on {h} ({z}). Is maqet installed for that user \
+                 (maqet setup --user, run there)?"
+            ),
+            (_, None) => format!(
+                "cannot reach maqetd on the session bus ({z}). Check that a session bus is running \
+                 (DBUS_SESSION_BUS_ADDRESS), that maqetd is installed for you (maqet setup --user; \
+                 README: scripts/demo sets one up), or start `maqetd` by hand"
+            ),
+        };
     }
     if json {
         print_json(&serde_json::json!({
@@ -146,5 +200,26 @@ pub fn print_error(e: &MaqetError, json: bool) {
         }));
     } else {
         eprintln!("maqet: {message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_for_a_terminal_without_no_color() {
+        let term = Some(OsStr::new("xterm-256color"));
+        assert!(colour_decision(true, None, term));
+        assert!(!colour_decision(false, None, term), "not a terminal");
+        assert!(
+            !colour_decision(true, Some(OsStr::new("1")), term),
+            "NO_COLOR"
+        );
+        assert!(
+            colour_decision(true, Some(OsStr::new("")), term),
+            "empty NO_COLOR"
+        );
+        assert!(!colour_decision(true, None, Some(OsStr::new("dumb"))));
     }
 }

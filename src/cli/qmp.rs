@@ -75,6 +75,7 @@ pub(super) async fn type_text(s: &Session, name: &str, text: &str) -> Result<(),
 
 /// Writes the PNG to `file` (`-`: standard output).
 pub(super) async fn screendump(s: &Session, name: &str, file: &str) -> Result<(), MaqetError> {
+    s.need_fd_passing("screendump")?;
     let (_, proxy) = vm(s, name).await?;
     let fd = proxy.screendump().await?;
     let mut png = std::fs::File::from(std::os::fd::OwnedFd::from(fd));

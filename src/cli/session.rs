@@ -16,11 +16,17 @@ pub struct Session {
     pub conn: Connection,
     pub manager: ManagerProxy<'static>,
     pub json: bool,
+    /// Another machine's bus over ssh (`--host`): no file descriptors pass.
+    pub remote: bool,
 }
 
 impl Session {
-    pub async fn connect(json: bool) -> Result<Session, MaqetError> {
-        let conn = Connection::session().await?;
+    /// This session's bus, or `host`'s over ssh.
+    pub async fn connect(json: bool, host: Option<&str>) -> Result<Session, MaqetError> {
+        let conn = match host {
+            None => Connection::session().await?,
+            Some(h) => super::remote::connect(h).await?,
+        };
         let manager = ManagerProxy::builder(&conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
@@ -29,7 +35,19 @@ impl Session {
             conn,
             manager,
             json,
+            remote: host.is_some(),
         })
+    }
+
+    /// Refuses, with a clear reason, a call that hands over a file descriptor when
+    /// the connection cannot carry one.
+    pub fn need_fd_passing(&self, what: &str) -> Result<(), MaqetError> {
+        if self.remote {
+            return Err(MaqetError::InvalidArgument(format!(
+                "{what} hands over a file descriptor, which cannot cross ssh: run it on that machine (ssh -t HOST maqet …)"
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,10 @@ pub type SnapshotRow = (String, u64, u64, u64);
 /// virtual size, actual size (bytes), created by maqet.
 pub type StorageRow = (String, String, String, bool, u64, u64, bool);
 
+/// One row of `VM.History`: time (µs), kind, status, previous status, reason, detail
+/// JSON (empty strings where an event has none).
+pub type HistoryRow = (u64, String, String, String, String, String);
+
 /// One row of `Storage.Verify`: name, ok, message.
 pub type VerifyRow = (String, bool, String);
 
@@ -143,6 +147,12 @@ pub trait Vm {
     fn type_text(&self, text: &str) -> Result<(), MaqetError>;
     /// A readable fd holding a PNG of the display.
     fn screendump(&self) -> Result<OwnedFd, MaqetError>;
+    /// Lifecycle history since `since` µs (0: all), the newest `limit` (0: all).
+    fn history(&self, since: u64, limit: u32) -> Result<Vec<HistoryRow>, MaqetError>;
+    /// QEMU's log of the VM, read-only.
+    fn open_log(&self) -> Result<OwnedFd, MaqetError>;
+    /// A connected socket to the VM's serial console.
+    fn open_console(&self) -> Result<OwnedFd, MaqetError>;
 
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;

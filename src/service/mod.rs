@@ -26,6 +26,7 @@ use crate::client::{BUS_NAME, MANAGER_PATH};
 use crate::error::MaqetError;
 use crate::events::EventSink;
 use crate::manager::Manager;
+use crate::notify::{self, Notifier};
 use crate::paths::Paths;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -138,7 +139,16 @@ pub async fn serve(
             )),
         })?;
     gate.watch_departures(&conn);
-    let pump = tokio::spawn(pump::run(conn.clone(), events, idle.clone()));
+    let notifier = Notifier::start(
+        notify::Deps {
+            conn: conn.clone(),
+            gate: gate.clone(),
+            manager: manager.clone(),
+            activity: Some(idle.clone()),
+        },
+        settings.notifications.clone(),
+    );
+    let pump = tokio::spawn(pump::run(conn.clone(), events, idle.clone(), notifier));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
     let lost_name = async {

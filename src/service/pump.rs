@@ -1,4 +1,5 @@
-//! Turns core events into D-Bus signals, in the order the core produced them.
+//! The one consumer of core events: turns them into D-Bus signals, in the order the
+//! core produced them, and hands each to the desktop notifier after its signal.
 
 use std::collections::HashMap;
 
@@ -13,22 +14,32 @@ use super::properties::{STATUS_PROPERTIES, emit_changed, vm_property};
 use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
+use crate::notify::Notifier;
 use crate::vm::VmInfo;
 
-pub async fn run(conn: Connection, mut events: UnboundedReceiver<CoreEvent>, idle: Arc<Idle>) {
+pub async fn run(
+    conn: Connection,
+    mut events: UnboundedReceiver<CoreEvent>,
+    idle: Arc<Idle>,
+    notifier: Notifier,
+) {
     while let Some(ev) = events.recv().await {
         if matches!(ev, CoreEvent::StatusChanged { .. }) {
             idle.vms_changed();
         }
-        if let Err(e) = emit(&conn, ev).await {
+        if let Err(e) = emit(&conn, &ev).await {
             tracing::warn!(error = %e, "cannot emit signal");
         }
+        // Queues and returns: a slow notification server never holds up a signal.
+        notifier.observe(&ev);
     }
 }
 
-async fn emit(conn: &Connection, ev: CoreEvent) -> zbus::Result<()> {
+async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
     match ev {
-        CoreEvent::StatusChanged { vm, info, previous } => {
+        CoreEvent::StatusChanged {
+            vm, info, previous, ..
+        } => {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
             VmIface::vm_status_changed(
                 &emitter,
@@ -37,11 +48,11 @@ async fn emit(conn: &Connection, ev: CoreEvent) -> zbus::Result<()> {
                 &info.reason,
             )
             .await?;
-            properties_changed(&emitter, &info, STATUS_PROPERTIES).await
+            properties_changed(&emitter, info, STATUS_PROPERTIES).await
         }
         CoreEvent::PropertiesChanged { vm, info, names } => {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            properties_changed(&emitter, &info, names).await
+            properties_changed(&emitter, info, names).await
         }
         CoreEvent::Qmp {
             vm,
@@ -50,8 +61,10 @@ async fn emit(conn: &Connection, ev: CoreEvent) -> zbus::Result<()> {
             timestamp_us,
         } => {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            QmpIface::event(&emitter, &name, &data_json, timestamp_us).await
+            QmpIface::event(&emitter, name, data_json, *timestamp_us).await
         }
+        // The job's own object signals `Completed`.
+        CoreEvent::JobFinished { .. } => Ok(()),
     }
 }
 

@@ -9,6 +9,7 @@ use zbus::{Connection, interface};
 
 use super::Shared;
 use crate::access::{Action, Request};
+use crate::client::HistoryRow;
 use crate::error::MaqetError;
 use crate::vm::{Vm, WaitCondition};
 
@@ -42,6 +43,11 @@ impl VmIface {
             .await?;
         Ok(self.vm.with_info(value))
     }
+}
+
+/// A file or socket handed to the caller (`h`).
+fn fd(f: impl Into<std::os::fd::OwnedFd>) -> zbus::OwnedFd {
+    zbus::OwnedFd::from(f.into())
 }
 
 #[interface(name = "org.maqet.Maqet1.VM")]
@@ -213,10 +219,68 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd, MaqetError> {
         let req = self.req(Action::Console, "Screendump");
+        let work = async { self.vm.screendump().await.map(fd) };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// A connected socket to the VM's serial console (the first serial port, when maqet
+    /// provides it): read the guest's output from it, write its input to it. One client
+    /// at a time.
+    #[zbus(out_args("console"))]
+    async fn open_console(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, MaqetError> {
+        let req = self.req(Action::Console, "OpenConsole");
+        let work = async { self.vm.open_console().await.map(fd) };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// The lifecycle history, oldest first: (time µs, kind, status, previous status,
+    /// reason, detail JSON). Events at or after `since` (0: all), the newest `limit` of
+    /// them (0: all). Kinds: `added`, `status`, `applied`, `renamed`, `storage`,
+    /// `snapshot`; status and previous are empty for events that are not status changes.
+    #[zbus(out_args("events"))]
+    async fn history(
+        &self,
+        since: u64,
+        limit: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<HistoryRow>, MaqetError> {
+        let req = self
+            .req(Action::Observe, "History")
+            .with_args(format!("since={since} limit={limit}"));
         let work = async {
-            let file = self.vm.screendump().await?;
-            Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(file)))
+            let rows = self.vm.history(since, limit as usize)?;
+            Ok(rows
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.time,
+                        e.kind,
+                        e.status.unwrap_or_default(),
+                        e.previous.unwrap_or_default(),
+                        e.reason,
+                        e.detail.map(|d| d.to_string()).unwrap_or_default(),
+                    )
+                })
+                .collect())
         };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// QEMU's log of this VM (its output, every run, newest last) as a read-only fd; a
+    /// client follows it by watching the fd (e.g. inotify on /proc/self/fd/N).
+    #[zbus(out_args("log"))]
+    async fn open_log(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, MaqetError> {
+        let req = self.req(Action::Observe, "OpenLog");
+        let work = async { self.vm.open_log().map(fd) };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::config::{StorageKind, VmConfig};
 use crate::error::MaqetError;
+use crate::events::CoreEvent;
 use crate::jobs::{Job, JobRegistry, JobState};
 use crate::storage::QemuImg;
 pub use crate::storage::qemu_img::SnapshotInfo;
@@ -332,6 +333,14 @@ async fn run(
     // Completed with a Start must not be refused as busy.
     drop(guard);
     job.finish(outcome.state, &outcome.message);
+    vm.ctx().sink.emit(CoreEvent::JobFinished {
+        vm: vm.clone(),
+        job: job.id(),
+        operation: op.operation(),
+        target: name,
+        state: outcome.state,
+        message: outcome.message,
+    });
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
-//! Spawning QEMU: the management command line, the fd-passed QMP socket, the log.
+//! Spawning QEMU: the management command line, the fd-passed QMP and console sockets,
+//! the log.
 //!
 //! maqetd binds the QMP socket itself and hands the listening fd to QEMU, so the socket
 //! exists before QEMU runs (no polling for a socket file) and lives in a 0700 directory
-//! only this user can enter (no unauthenticated control socket). QEMU runs in its own
-//! session with no parent-death signal: it outlives maqetd by design.
+//! only this user can enter (no unauthenticated control socket). The serial console
+//! (`maqet console`) is a second socket made the same way, added only when the config
+//! does not choose its own serial port. QEMU runs in its own session with no
+//! parent-death signal: it outlives maqetd by design.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -19,14 +22,19 @@ use crate::qmp::classify::QMP_CHARDEV_ID;
 
 /// The fd number QEMU finds its QMP listening socket at.
 const QMP_FD: RawFd = 3;
+/// The fd number of the serial console's listening socket.
+const CONSOLE_FD: RawFd = 4;
+/// The chardev behind the first serial port when maqet provides the console.
+pub const CONSOLE_CHARDEV_ID: &str = "maqet-console";
 /// Logs above this size are rotated to `<id>.log.1` when a VM starts.
 const LOG_ROTATE_BYTES: u64 = 1024 * 1024;
 /// How much of QEMU's output a start failure carries.
 const TAIL_BYTES: u64 = 2048;
 
-/// What maqet adds to every QEMU command line: identity and its monitor. Nothing else.
-pub fn management_args(uuid: &str, name: &str) -> Vec<String> {
-    vec![
+/// What maqet adds to every QEMU command line: identity, its monitor, and (`console`)
+/// the first serial port on a socket for `maqet console`. Nothing else.
+pub fn management_args(uuid: &str, name: &str, console: bool) -> Vec<String> {
+    let mut args = vec![
         "-uuid".into(),
         uuid.into(),
         "-name".into(),
@@ -36,21 +44,56 @@ pub fn management_args(uuid: &str, name: &str) -> Vec<String> {
         format!("socket,id={QMP_CHARDEV_ID},fd={QMP_FD},server=on,wait=off"),
         "-mon".into(),
         format!("chardev={QMP_CHARDEV_ID},mode=control"),
-    ]
+    ];
+    if console {
+        // wait=off: the guest runs whether or not anyone is attached (output with no
+        // one attached is dropped).
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id={CONSOLE_CHARDEV_ID},fd={CONSOLE_FD},server=on,wait=off"),
+            "-serial".into(),
+            format!("chardev:{CONSOLE_CHARDEV_ID}"),
+        ]);
+    }
+    args
+}
+
+/// Whether maqet may give the first serial port to `maqet console`: not when the config
+/// chooses a serial port itself (`-serial`, `-nographic`, an `isa-serial` device), so a
+/// user's serial setup is never taken away.
+pub fn wants_console(user_args: &[String]) -> bool {
+    let mut prev = "";
+    for a in user_args {
+        let a = a.as_str();
+        let serial_device = matches!(prev, "-device" | "--device") && a.starts_with("isa-serial");
+        if matches!(a, "-serial" | "--serial" | "-nographic" | "--nographic") || serial_device {
+            return false;
+        }
+        prev = a;
+    }
+    true
 }
 
 /// Makes `cmd` run in a session of its own with `listener` as fd 3, where
 /// [`management_args`] tell QEMU to find its monitor. Shared with the benchmark's bare
 /// QEMU floor, so both start QEMU the same way.
-pub fn run_with_monitor(cmd: &mut Command, listener: &UnixListener) {
+pub fn run_with_monitor(
+    cmd: &mut Command,
+    listener: &UnixListener,
+    console: Option<&UnixListener>,
+) {
     let listen_fd = listener.as_raw_fd();
+    let console_fd = console.map(|l| l.as_raw_fd());
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            crate::child::place_fd(listen_fd, QMP_FD)
+            match console_fd {
+                Some(c) => crate::child::place_fds(&mut [(listen_fd, QMP_FD), (c, CONSOLE_FD)]),
+                None => crate::child::place_fd(listen_fd, QMP_FD),
+            }
         });
     }
 }
@@ -61,6 +104,8 @@ pub struct LaunchSpec<'a> {
     pub name: &'a str,
     pub user_args: &'a [String],
     pub qmp_socket: &'a Path,
+    /// Where the serial console listens, when maqet provides one.
+    pub console_socket: Option<&'a Path>,
     pub log_file: &'a Path,
 }
 
@@ -74,19 +119,13 @@ pub struct Spawned {
 /// exists; the caller connects to the socket (the connection queues on the listening
 /// socket until QEMU's main loop accepts it).
 pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
-    // A stale socket from a dead QEMU: the directory is ours and 0700, so removing it
-    // cannot be raced by another user.
-    match fs::remove_file(spec.qmp_socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(spec.qmp_socket)?;
+    let listener = bind_fresh(spec.qmp_socket)?;
+    let console = spec.console_socket.map(bind_fresh).transpose()?;
     let (log, log_offset) = open_log(spec)?;
     let log_err = log.try_clone()?;
 
     let mut cmd = Command::new(spec.binary);
-    cmd.args(management_args(spec.uuid, spec.name))
+    cmd.args(management_args(spec.uuid, spec.name, console.is_some()))
         .args(spec.user_args)
         .stdin(Stdio::null())
         .stdout(log)
@@ -94,17 +133,29 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
-    run_with_monitor(&mut cmd, &listener);
+    run_with_monitor(&mut cmd, &listener, console.as_ref());
     let child = cmd.spawn()?;
     let pid = child.id();
     // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.
     drop(child);
     drop(listener);
+    drop(console);
     let process = Process::from_child(pid)?;
     Ok(Spawned {
         process,
         log_offset,
     })
+}
+
+/// Binds a listening socket at `path`, replacing a stale one from a dead QEMU (the
+/// directory is ours and 0700, so removing it cannot be raced by another user).
+fn bind_fresh(path: &Path) -> io::Result<UnixListener> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
 }
 
 fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
@@ -126,7 +177,7 @@ fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
         crate::time::format_us(crate::time::now_us()),
         spec.binary.display()
     );
-    for a in management_args(spec.uuid, spec.name)
+    for a in management_args(spec.uuid, spec.name, spec.console_socket.is_some())
         .iter()
         .chain(spec.user_args)
     {
@@ -160,10 +211,24 @@ mod tests {
 
     #[test]
     fn management_args_name_the_vm_and_its_monitor() {
-        let a = management_args("1234", "web");
+        let a = management_args("1234", "web", false);
         assert_eq!(&a[..4], &["-uuid", "1234", "-name", "web"]);
         assert!(a.contains(&"socket,id=maqet-qmp,fd=3,server=on,wait=off".to_string()));
         assert!(a.contains(&"chardev=maqet-qmp,mode=control".to_string()));
+        assert!(!a.contains(&"-serial".to_string()));
+        let a = management_args("1234", "web", true);
+        assert!(a.contains(&"socket,id=maqet-console,fd=4,server=on,wait=off".to_string()));
+        assert!(a.ends_with(&["-serial".to_string(), "chardev:maqet-console".to_string()]));
+    }
+
+    #[test]
+    fn a_config_with_its_own_serial_port_keeps_it() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(wants_console(&args(&["-m", "64", "-nodefaults"])));
+        assert!(!wants_console(&args(&["-serial", "stdio"])));
+        assert!(!wants_console(&args(&["-nographic"])));
+        assert!(!wants_console(&args(&["-device", "isa-serial,chardev=s0"])));
+        assert!(wants_console(&args(&["-device", "virtio-serial-pci"])));
     }
 
     #[test]

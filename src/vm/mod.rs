@@ -30,7 +30,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use crate::config::{self, ConfigSource, VmConfig};
 
 use crate::error::MaqetError;
-use crate::events::{CoreEvent, EventSink};
+use crate::events::{Cause, CoreEvent, EventSink};
 use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
@@ -173,6 +173,8 @@ struct Runtime {
     exited: watch::Sender<bool>,
     /// Wakes a running stop escalation to skip its graceful wait (`Stop(force)`).
     force_now: Notify,
+    /// A client is attached to the serial console (see `monitor::open_console`).
+    console_attached: AtomicBool,
 }
 
 impl Runtime {
@@ -188,6 +190,7 @@ impl Runtime {
             shutdown: Mutex::new(None),
             exited,
             force_now: Notify::new(),
+            console_attached: AtomicBool::new(false),
         })
     }
 
@@ -370,6 +373,37 @@ impl Vm {
         self.ctx.paths.vm_log(&self.id)
     }
 
+    /// QEMU's log of this VM (every run's output), opened read-only.
+    pub fn open_log(&self) -> Result<std::fs::File, MaqetError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.log_file();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => MaqetError::NotFound(format!(
+                    "VM '{}' has no QEMU log yet: it is written from the first start on",
+                    self.name()
+                )),
+                _ => MaqetError::Storage(format!("cannot open {}: {e}", path.display())),
+            })
+    }
+
+    /// The VM's lifecycle history, oldest first: events at or after `since_us` (0: all),
+    /// the newest `limit` of them (0: all).
+    pub fn history(
+        &self,
+        since_us: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::EventRecord>, MaqetError> {
+        let since = (since_us > 0).then_some(since_us);
+        self.ctx
+            .store
+            .events(Some(&self.id), since, limit)
+            .map_err(store_error)
+    }
+
     fn runtime(&self) -> Option<Arc<Runtime>> {
         self.runtime.lock().unwrap().clone()
     }
@@ -482,6 +516,19 @@ impl Vm {
         observed: bool,
         fill: impl FnOnce(&mut Transition),
     ) -> Result<(), MaqetError> {
+        self.transition_because(status, reason, observed, Cause::Other, fill)
+    }
+
+    /// [`Vm::transition`] for a change whose cause listeners need to know (the guest
+    /// powered off, a restart's stop).
+    fn transition_because(
+        self: &Arc<Self>,
+        status: Status,
+        reason: &str,
+        observed: bool,
+        cause: Cause,
+        fill: impl FnOnce(&mut Transition),
+    ) -> Result<(), MaqetError> {
         let mut info = self.info.write().unwrap();
         let previous = info.status;
         let mut t = Transition {
@@ -526,6 +573,7 @@ impl Vm {
                 vm: self.clone(),
                 info: info.clone(),
                 previous,
+                cause,
             });
         } else {
             self.ctx.sink.emit(CoreEvent::PropertiesChanged {
@@ -679,6 +727,7 @@ impl Vm {
             .ensure_log_dir()
             .map_err(|e| setup("log directory", &e))?;
         let socket = paths.qmp_socket(&self.id);
+        let console = paths.console_socket(&self.id);
         let log_file = paths.vm_log(&self.id);
         let args = config.qemu_args();
         let spawned = launch::spawn(&launch::LaunchSpec {
@@ -687,6 +736,7 @@ impl Vm {
             name,
             user_args: &args,
             qmp_socket: &socket,
+            console_socket: launch::wants_console(&args).then_some(console.as_path()),
             log_file: &log_file,
         })
         .map_err(|e| setup(&format!("spawning {}", binary.display()), &e))?;
@@ -963,7 +1013,8 @@ impl Vm {
 
     fn cleanup_runtime_dir(&self) {
         let dir = self.ctx.paths.vm_runtime_dir(&self.id);
-        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(self.ctx.paths.qmp_socket(&self.id));
+        let _ = std::fs::remove_file(self.ctx.paths.console_socket(&self.id));
         monitor::remove_stale_screendumps(&dir);
         let _ = std::fs::remove_dir(&dir);
     }

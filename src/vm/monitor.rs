@@ -1,5 +1,5 @@
 //! What a caller does to a running VM through its monitor: QMP passthrough of classified
-//! commands, keys and text, screendumps, and device hot-plug.
+//! commands, keys and text, screendumps, device hot-plug, and its serial console.
 //!
 //! Owns how these are carried out (what is checked before anything is sent, how long
 //! each may take, where a screendump is written). Which commands are allowed, and under
@@ -152,6 +152,48 @@ impl Vm {
         Ok(file)
     }
 
+    /// A connection to the VM's serial console (the socket maqet gave the first serial
+    /// port, see [`super::launch`]) for one client at a time.
+    ///
+    /// The caller gets one end of a socket pair and maqetd relays between the other end
+    /// and QEMU's socket. So maqetd knows the moment a client goes (its end closes) and
+    /// the next one is never refused for a client QEMU has not yet seen leave; a second
+    /// client while one is attached is refused rather than left queued in silence.
+    pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, MaqetError> {
+        self.qmp()?;
+        let name = self.name();
+        let rt = self
+            .runtime()
+            .ok_or_else(|| MaqetError::InvalidState(format!("VM '{name}' has no process")))?;
+        let path = self.ctx.paths.console_socket(&self.id);
+        if !path.exists() {
+            return Err(MaqetError::NotFound(format!(
+                "VM '{name}' has no maqet console: its config chooses its own serial port \
+                 (-serial, -nographic or an isa-serial device), or it was started by an older \
+                 maqet (restart it)"
+            )));
+        }
+        let attached = ConsoleAttached::claim(rt.clone()).ok_or_else(|| {
+            MaqetError::InvalidState(format!(
+                "the console of VM '{name}' is in use by another client (one at a time); \
+                 detach that one first (Ctrl-])"
+            ))
+        })?;
+        let failed = |what: &str, e: std::io::Error| {
+            MaqetError::Internal(format!("console of VM '{name}': {what}: {e}"))
+        };
+        let qemu = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| failed(&format!("cannot connect to {}", path.display()), e))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| failed("socket pair", e))?;
+        ours.set_nonblocking(true)
+            .map_err(|e| failed("socket pair", e))?;
+        let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| failed("socket pair", e))?;
+        tokio::spawn(relay(ours, qemu, attached));
+        Ok(theirs)
+    }
+
     /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past
     /// [`DEVICE_DEL_WAIT`] the removal is still pending (the guest has not released the
     /// device): that is a `Timeout`, and the event may still come later.
@@ -248,4 +290,54 @@ pub(super) fn remove_stale_screendumps(dir: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// Marks a QEMU's console as attached until dropped.
+struct ConsoleAttached(std::sync::Arc<super::Runtime>);
+
+impl ConsoleAttached {
+    fn claim(rt: std::sync::Arc<super::Runtime>) -> Option<ConsoleAttached> {
+        (!rt.console_attached.swap(true, Ordering::SeqCst)).then_some(ConsoleAttached(rt))
+    }
+}
+
+impl Drop for ConsoleAttached {
+    fn drop(&mut self) {
+        self.0.console_attached.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies bytes both ways until either side closes (the client detached, or QEMU
+/// exited); then both connections close and the console is free again.
+async fn relay(
+    client: tokio::net::UnixStream,
+    qemu: tokio::net::UnixStream,
+    attached: ConsoleAttached,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut qemu_rx, mut qemu_tx) = qemu.into_split();
+    let to_qemu = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = client_rx.read(&mut buf).await {
+            if n == 0 || qemu_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = qemu_rx.read(&mut buf).await {
+            if n == 0 || client_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_qemu => {}
+        _ = to_client => {}
+    }
+    // Both connections close before the console counts as free.
+    drop((client_rx, client_tx, qemu_rx, qemu_tx));
+    drop(attached);
 }

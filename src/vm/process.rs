@@ -13,7 +13,6 @@ use std::sync::Mutex;
 use rustix::process::{
     Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, pidfd_open, pidfd_send_signal, waitid,
 };
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// How a QEMU process ended.
@@ -91,7 +90,7 @@ impl Process {
         Ok(Process {
             pid,
             start_time,
-            pidfd: register(fd)?,
+            pidfd: crate::fdio::readable(fd)?,
             is_child: true,
             exit: Mutex::new(None),
         })
@@ -107,7 +106,7 @@ impl Process {
             _ => AdoptError::Io { pid, source },
         })?;
         verify_identity(pid, start_time, uuid)?;
-        let pidfd = register(fd).map_err(|source| AdoptError::Io { pid, source })?;
+        let pidfd = crate::fdio::readable(fd).map_err(|source| AdoptError::Io { pid, source })?;
         Ok(Process {
             pid,
             start_time,
@@ -194,11 +193,6 @@ impl Process {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns `fd`, which stays open and unchanged for its lifetime.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(Into::into)
 }
 
 fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::process::ExitInfo;
 use super::{Runtime, ShutdownEvent, Status, StopIntent, Vm, launch};
-use crate::events::CoreEvent;
+use crate::events::{Cause, CoreEvent};
 use crate::qmp::QmpEvent;
 use crate::time::now_us;
 
@@ -94,7 +94,7 @@ fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
     let intent = *rt.intent.lock().unwrap();
     let shutdown = rt.shutdown.lock().unwrap().clone();
     let restarting = rt.restarting.load(Ordering::SeqCst);
-    let (status, mut reason) = classify(exit, intent, shutdown.as_ref(), restarting);
+    let (status, mut reason, cause) = classify(exit, intent, shutdown.as_ref(), restarting);
     if status == Status::Crashed && matches!(exit, ExitInfo::Code(c) if c != 0) {
         let tail = launch::log_tail(&vm.log_file(), rt.log_offset);
         if let Some(last) = tail.lines().last() {
@@ -103,7 +103,7 @@ fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
         }
     }
     *vm.runtime.lock().unwrap() = None;
-    let _ = vm.transition(status, &reason, true, |t| {
+    let _ = vm.transition_because(status, &reason, true, cause, |t| {
         t.pid = Some(None);
         t.pid_start_time = Some(None);
         t.stopped_at = Some(now_us());
@@ -114,17 +114,24 @@ fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
 }
 
 /// Tells a stop from a crash: what we asked for, what QEMU announced, how it ended.
+/// The cause says whether the guest did it on its own (a power-off nobody asked for).
 fn classify(
     exit: ExitInfo,
     intent: StopIntent,
     shutdown: Option<&ShutdownEvent>,
     restarting: bool,
-) -> (Status, String) {
+) -> (Status, String, Cause) {
     if restarting {
-        return (Status::Stopped, "restarting".into());
+        return (Status::Stopped, "restarting".into(), Cause::Restart);
     }
     if let Some(sd) = shutdown.filter(|s| s.guest) {
-        return match sd.reason.as_str() {
+        // Answering our ACPI power-down is doing what was asked.
+        let cause = if intent == StopIntent::Powerdown {
+            Cause::Other
+        } else {
+            Cause::Guest
+        };
+        let (status, reason) = match sd.reason.as_str() {
             "guest-shutdown" if intent == StopIntent::Powerdown => (
                 Status::Stopped,
                 "guest powered off after an ACPI power-down request".into(),
@@ -134,7 +141,18 @@ fn classify(
             "guest-reset" => (Status::Stopped, "guest rebooted (-no-reboot)".into()),
             other => (Status::Stopped, format!("guest shut down ({other})")),
         };
+        return (status, reason, cause);
     }
+    let (status, reason) = classify_host(exit, intent, shutdown);
+    (status, reason, Cause::Other)
+}
+
+/// An end the guest did not ask for: ours, or the host's.
+fn classify_host(
+    exit: ExitInfo,
+    intent: StopIntent,
+    shutdown: Option<&ShutdownEvent>,
+) -> (Status, String) {
     match intent {
         StopIntent::Powerdown | StopIntent::Quit => {
             return (Status::Stopped, "stopped by request (QMP quit)".into());
@@ -196,33 +214,41 @@ mod tests {
 
     #[test]
     fn a_kill_from_outside_is_a_crash() {
-        let (s, r) = classify(ExitInfo::Signal(9), StopIntent::None, None, false);
+        let (s, r, _) = classify(ExitInfo::Signal(9), StopIntent::None, None, false);
         assert_eq!(s, Status::Crashed);
         assert!(r.contains("SIGKILL"), "{r}");
     }
 
     #[test]
     fn our_kill_is_a_stop() {
-        let (s, _) = classify(ExitInfo::Signal(9), StopIntent::Kill, None, false);
-        assert_eq!(s, Status::Stopped);
+        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::Kill, None, false);
+        assert_eq!((s, cause), (Status::Stopped, Cause::Other));
     }
 
     #[test]
     fn guest_poweroff_is_a_stop_with_its_reason() {
-        let (s, r) = classify(
+        let (s, r, cause) = classify(
             ExitInfo::Code(0),
             StopIntent::None,
             Some(&sd(true, "guest-shutdown")),
             false,
         );
-        assert_eq!((s, r.as_str()), (Status::Stopped, "guest powered off"));
-        let (_, r) = classify(
+        assert_eq!(
+            (s, r.as_str(), cause),
+            (Status::Stopped, "guest powered off", Cause::Guest)
+        );
+        let (_, r, cause) = classify(
             ExitInfo::Code(0),
             StopIntent::Powerdown,
             Some(&sd(true, "guest-shutdown")),
             false,
         );
         assert!(r.contains("ACPI"), "{r}");
+        assert_eq!(
+            cause,
+            Cause::Other,
+            "a requested power-down is not the guest's idea"
+        );
     }
 
     #[test]
@@ -241,9 +267,7 @@ mod tests {
             classify(ExitInfo::Code(1), StopIntent::None, None, false).0,
             Status::Crashed
         );
-        assert_eq!(
-            classify(ExitInfo::Signal(9), StopIntent::None, None, true).0,
-            Status::Stopped
-        );
+        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::None, None, true);
+        assert_eq!((s, cause), (Status::Stopped, Cause::Restart));
     }
 }

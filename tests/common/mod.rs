@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod notifications;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
@@ -33,6 +34,9 @@ pub struct BusOptions<'a> {
     pub other_users: bool,
     /// maqetd's system bus (for polkit); default: none.
     pub system_bus: Option<&'a str>,
+    /// No activation file for maqetd: the bus uses the standard session service
+    /// directories instead.
+    pub no_activation: bool,
 }
 
 pub struct Bus {
@@ -95,9 +99,18 @@ impl Bus {
         })
     }
 
+    /// A bus that does not know maqetd: it activates from the standard session service
+    /// directories (`$XDG_DATA_HOME/dbus-1/services`, empty until `maqet setup --user`).
+    pub fn start_unactivated() -> Bus {
+        Bus::start_with_options(&BusOptions {
+            no_activation: true,
+            ..BusOptions::default()
+        })
+    }
+
     /// The general form: see [`BusOptions`].
     pub fn start_with_options(opts: &BusOptions<'_>) -> Bus {
-        let (tools, settings) = (opts.tools, opts.settings);
+        let (tools, settings, activation) = (opts.tools, opts.settings, !opts.no_activation);
         let dir = tempfile::Builder::new()
             .prefix("maqet-test-")
             .tempdir()
@@ -124,14 +137,19 @@ impl Bus {
         );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::write(
-            root.join("services/org.maqet.Maqet1.service"),
-            format!(
-                "[D-BUS Service]\nName=org.maqet.Maqet1\nExec={}\n",
-                maqetd_bin()
-            ),
-        )
-        .unwrap();
+        let servicedirs = if activation {
+            std::fs::write(
+                root.join("services/org.maqet.Maqet1.service"),
+                format!(
+                    "[D-BUS Service]\nName=org.maqet.Maqet1\nExec={}\n",
+                    maqetd_bin()
+                ),
+            )
+            .unwrap();
+            format!("<servicedir>{}/services</servicedir>", root.display())
+        } else {
+            "<standard_session_servicedirs/>".to_string()
+        };
         std::fs::write(
             root.join("bus.conf"),
             format!(
@@ -140,7 +158,7 @@ impl Bus {
 <busconfig>
   <type>session</type>
   <listen>unix:dir={root}</listen>
-  <servicedir>{root}/services</servicedir>
+  {servicedirs}
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>

@@ -55,7 +55,8 @@ pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), St
     };
     let cfg = config::load(&[source], &ctx).map_err(|e| e.to_string())?;
     let binary = cfg.resolve_binary(path_env.as_deref())?;
-    let mut args = management_args(uuid, name);
+    // With the serial console maqetd adds to a config without one, as it really runs.
+    let mut args = management_args(uuid, name, true);
     args.extend(cfg.qemu_args());
     Ok((binary, args))
 }
@@ -84,19 +85,24 @@ impl BareQemu {
             _ => {}
         }
         let listener = UnixListener::bind(socket)?;
+        let console_path = socket.with_extension("console");
+        let _ = std::fs::remove_file(&console_path);
+        let console = UnixListener::bind(&console_path)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .env(MARKER_VAR, marker);
-        run_with_monitor(&mut cmd, &listener);
+        run_with_monitor(&mut cmd, &listener, Some(&console));
         let child = cmd.spawn()?;
         let pid = Pid::from_raw(child.id() as i32).expect("child pid");
         // Unreaped child: the pidfd names it; `Child` is dropped without reaping.
         let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
         drop(child);
         drop(listener);
+        drop(console);
+        let _ = std::fs::remove_file(&console_path);
         let writer = UnixStream::connect(socket)?;
         writer.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut q = BareQemu {

@@ -1,0 +1,228 @@
+//! `maqet setup --user`: installs maqetd for this user's desktop session (the systemd
+//! user unit, the D-Bus activation file, the desktop entry and icon notifications name,
+//! the interface XML) and `--uninstall` removes them. Needs no maqetd: it is what makes
+//! maqetd reachable. The files are built into the binary, so no source tree is needed.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::ExitCode;
+use super::output::print_json;
+use crate::error::MaqetError;
+use crate::paths::UserInstall;
+
+const UNIT: &str = include_str!("../../systemd/maqetd.service");
+const DBUS_SERVICE: &str = include_str!("../../data/dbus-1/services/org.maqet.Maqet1.service");
+const DESKTOP_ENTRY: &str = include_str!("../../data/applications/org.maqet.Maqet.desktop");
+const ICON: &str = include_str!("../../data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg");
+
+macro_rules! interfaces {
+    ($($name:literal),*) => {
+        [$(($name, include_str!(concat!("../../dbus-interfaces/", $name)))),*]
+    };
+}
+const INTERFACES: [(&str, &str); 6] = interfaces!(
+    "org.maqet.Maqet1.Manager.xml",
+    "org.maqet.Maqet1.VM.xml",
+    "org.maqet.Maqet1.QMP.xml",
+    "org.maqet.Maqet1.Snapshots.xml",
+    "org.maqet.Maqet1.Storage.xml",
+    "org.maqet.Maqet1.Job.xml"
+);
+
+/// Every file setup writes, with its content for these binaries.
+fn files(at: &UserInstall, maqetd: &str, maqet: &str) -> Vec<(PathBuf, String)> {
+    let fill = |t: &str| t.replace("@MAQETD@", maqetd).replace("@MAQET@", maqet);
+    let mut out = vec![
+        (at.systemd_unit(), fill(UNIT)),
+        (at.dbus_service(), fill(DBUS_SERVICE)),
+        (at.desktop_entry(), fill(DESKTOP_ENTRY)),
+        (at.icon(), ICON.to_string()),
+    ];
+    for (name, xml) in INTERFACES {
+        out.push((at.dbus_interface(name), xml.to_string()));
+    }
+    out
+}
+
+pub async fn run(
+    json: bool,
+    uninstall: bool,
+    maqetd: Option<PathBuf>,
+) -> Result<ExitCode, MaqetError> {
+    let at = UserInstall::from_env().map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
+    let (action, maqetd_text, touched) = if uninstall {
+        let mut removed = Vec::new();
+        for (path, _) in files(&at, "", "") {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", &path, e)),
+            }
+        }
+        ("removed", None, removed)
+    } else {
+        let maqet = std::env::current_exe()
+            .map_err(|e| MaqetError::Internal(format!("cannot find this maqet binary: {e}")))?;
+        let maqetd = find_maqetd(maqetd, &maqet)?;
+        let (maqetd, maqet) = (exec_path(&maqetd)?, exec_path(&maqet)?);
+        let mut written = Vec::new();
+        for (path, content) in files(&at, &maqetd, &maqet) {
+            write_file(&path, &content)?;
+            written.push(path);
+        }
+        ("installed", Some(maqetd), written)
+    };
+    let systemd = reload_systemd().await;
+    let bus = reload_bus().await;
+    if json {
+        print_json(&json!({
+            "action": action,
+            "maqetd": maqetd_text,
+            "files": touched,
+            "systemd_user": systemd,
+            "session_bus": bus,
+        }));
+    } else {
+        if touched.is_empty() {
+            println!("nothing to remove: maqet was not set up for this user");
+        }
+        for p in &touched {
+            println!("{action} {}", p.display());
+        }
+        if let Some(d) = maqetd_text {
+            println!("maqetd: {d}");
+        }
+        println!("systemd --user: {systemd}");
+        println!("session bus: {bus}");
+        if action == "installed" {
+            println!(
+                "polkit (only for policy answers of `auth`): as root, install data/polkit-1/actions/org.maqet.policy into /usr/share/polkit-1/actions/"
+            );
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// `--maqetd`, else the `maqetd` next to this `maqet` (both come from one build).
+fn find_maqetd(given: Option<PathBuf>, maqet: &Path) -> Result<PathBuf, MaqetError> {
+    let path = match given {
+        Some(p) => std::path::absolute(&p)
+            .map_err(|e| MaqetError::InvalidArgument(format!("bad path {}: {e}", p.display())))?,
+        None => maqet.with_file_name("maqetd"),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(path),
+        _ => Err(MaqetError::InvalidArgument(format!(
+            "no executable maqetd at {}: build it (cargo build --release) or name it with --maqetd PATH",
+            path.display()
+        ))),
+    }
+}
+
+/// A path as unit, activation and desktop files can carry it unquoted.
+fn exec_path(p: &Path) -> Result<String, MaqetError> {
+    let s = p.to_str().unwrap_or("");
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+@,:~".contains(c));
+    if plain {
+        Ok(s.to_string())
+    } else {
+        Err(MaqetError::InvalidArgument(format!(
+            "{} contains characters systemd, D-Bus and desktop files would need quoted (spaces, quotes, %, $, …); put maqet somewhere plainer, e.g. ~/.local/bin",
+            p.display()
+        )))
+    }
+}
+
+/// Writes `content` to `path` whole or not at all (a temporary file, then a rename).
+fn write_file(path: &Path, content: &str) -> Result<(), MaqetError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".maqet-tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, content).map_err(|e| io_error("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_error("write", path, e))
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> MaqetError {
+    MaqetError::Storage(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Tells a running systemd user manager about the unit (absent: nothing to tell).
+async fn reload_systemd() -> &'static str {
+    let out = tokio::process::Command::new("systemctl")
+        .args(["--user", "daemon-reload"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => "reloaded",
+        Ok(_) => "not running (nothing to reload)",
+        Err(_) => "not installed (nothing to reload)",
+    }
+}
+
+/// Asks the session bus to re-read its activation files.
+async fn reload_bus() -> &'static str {
+    let Ok(conn) = zbus::Connection::session().await else {
+        return "not reachable (it reads the file when it starts)";
+    };
+    let reloaded = match zbus::fdo::DBusProxy::new(&conn).await {
+        Ok(dbus) => dbus.reload_config().await.is_ok(),
+        Err(_) => false,
+    };
+    if reloaded {
+        "reloaded"
+    } else {
+        "did not reload (it reads the file when it starts)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_name_the_binaries() {
+        let at = UserInstall {
+            data_home: "/d".into(),
+            config_home: "/c".into(),
+        };
+        let f = files(&at, "/opt/m/maqetd", "/opt/m/maqet");
+        let get = |p: &str| &f.iter().find(|(path, _)| path == Path::new(p)).unwrap().1;
+        assert!(get("/c/systemd/user/maqetd.service").contains("ExecStart=/opt/m/maqetd\n"));
+        assert!(
+            get("/d/dbus-1/services/org.maqet.Maqet1.service").contains("Exec=/opt/m/maqetd\n")
+        );
+        assert!(get("/d/applications/org.maqet.Maqet.desktop").contains("Exec=/opt/m/maqet ls\n"));
+        assert!(f.iter().all(|(_, c)| !c.contains("@MAQET")));
+        assert_eq!(f.len(), 4 + INTERFACES.len());
+    }
+
+    /// Every interface of the contract is installed.
+    #[test]
+    fn every_interface_file_is_built_in() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dbus-interfaces");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut built_in: Vec<String> = INTERFACES.iter().map(|i| i.0.to_string()).collect();
+        on_disk.sort();
+        built_in.sort();
+        assert_eq!(on_disk, built_in);
+    }
+
+    #[test]
+    fn awkward_paths_are_refused() {
+        assert!(exec_path(Path::new("/home/u/.local/bin/maqetd")).is_ok());
+        assert!(exec_path(Path::new("/home/u/my bin/maqetd")).is_err());
+        assert!(exec_path(Path::new("/home/u/100%/maqetd")).is_err());
+    }
+}

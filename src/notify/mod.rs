@@ -1,0 +1,354 @@
+//! Desktop notifications: maqetd tells the person at the desktop what they would want to
+//! hear (a crash, a guest that powered itself off, a failed start, a finished or failed
+//! snapshot) and carries out the notifications' buttons ("Start again", "Show log").
+//!
+//! Owns maqetd's side of the session's notification server. The signal pump hands it
+//! every core event, in order, without waiting ([`Notifier::observe`]); one task sends
+//! the notifications and listens to `ActionInvoked`/`NotificationClosed`. An action runs
+//! through the access gate with the `ActionInvoked` message as the call: the caller is
+//! the notification server's connection (the session user's shell), checked and audited
+//! like any D-Bus caller. See docs/desktop.md.
+
+pub mod notice;
+pub mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use zbus::Connection;
+use zbus::message::Message;
+use zbus::zvariant::Variant;
+
+use crate::access::{Action, ActivityObserver, Gate, Request};
+use crate::error::MaqetError;
+use crate::events::CoreEvent;
+use crate::manager::Manager;
+use crate::settings::Notifications;
+use crate::vm::Vm;
+use notice::{ACTION_LOG, ACTION_START, Notice};
+use server::{APP_ID, APP_NAME, NotificationsProxy, escape_markup};
+
+/// Notifications with buttons maqetd remembers at most (servers that never send
+/// `NotificationClosed` must not grow this without bound).
+const MAX_OPEN: usize = 64;
+/// How long "Show log" waits for its opener to report success before leaving it be
+/// (`xdg-open` returns at once; an editor run directly does not).
+const OPENER_REPORT: Duration = Duration::from_secs(5);
+
+/// What the notifier needs from the service.
+pub struct Deps {
+    pub conn: Connection,
+    pub gate: Arc<Gate>,
+    pub manager: Arc<Manager>,
+    /// Told while a notification with buttons is open, so idle exit waits for a click.
+    pub activity: Option<Arc<dyn ActivityObserver>>,
+}
+
+/// The pump's handle: decides at once and queues, never waits.
+pub struct Notifier {
+    queue: Option<(mpsc::UnboundedSender<Notice>, Notifications)>,
+}
+
+impl Notifier {
+    /// Starts the notifier task (nothing at all when notifications are off).
+    pub fn start(deps: Deps, settings: Notifications) -> Notifier {
+        if !settings.enabled {
+            return Notifier { queue: None };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = Task {
+            deps: Arc::new(deps),
+            settings: settings.clone(),
+            open: BTreeMap::new(),
+            warned: false,
+            feedback: tx.clone(),
+        };
+        tokio::spawn(task.run(rx));
+        Notifier {
+            queue: Some((tx, settings)),
+        }
+    }
+
+    /// Queues the notification `ev` deserves, if any.
+    pub fn observe(&self, ev: &CoreEvent) {
+        let Some((tx, settings)) = &self.queue else {
+            return;
+        };
+        if let Some(n) = notice::for_event(ev, settings) {
+            let _ = tx.send(n);
+        }
+    }
+}
+
+/// Keeps maqetd from its idle exit while held (a call that lasts until dropped).
+struct Hold {
+    activity: Arc<dyn ActivityObserver>,
+    until: Instant,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.activity.call_ended();
+    }
+}
+
+/// A notification of ours with buttons, still on the screen as far as we know.
+struct Open {
+    vm_id: String,
+    keys: Vec<&'static str>,
+    hold: Option<Hold>,
+}
+
+struct Task {
+    deps: Arc<Deps>,
+    settings: Notifications,
+    /// By server id (ids grow, so the first is the oldest).
+    open: BTreeMap<u32, Open>,
+    /// The "no notification server" warning was logged since the last success.
+    warned: bool,
+    /// For feedback on failed actions.
+    feedback: mpsc::UnboundedSender<Notice>,
+}
+
+impl Task {
+    async fn run(mut self, mut notices: mpsc::UnboundedReceiver<Notice>) {
+        let server = match NotificationsProxy::new(&self.deps.conn).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up desktop notifications");
+                return;
+            }
+        };
+        // Subscribed once; zbus follows the server's name to whichever process owns it.
+        let mut invoked = server.receive_action_invoked().await.ok();
+        let mut closed = server.receive_notification_closed().await.ok();
+        loop {
+            let expiry = self
+                .open
+                .values()
+                .filter_map(|o| o.hold.as_ref().map(|h| h.until))
+                .min();
+            tokio::select! {
+                n = notices.recv() => match n {
+                    Some(n) => self.send(&server, n).await,
+                    None => break,
+                },
+                Some(sig) = next_or_pending(&mut invoked) => {
+                    if let Ok(args) = sig.args() {
+                        self.invoked(sig.message(), args.id, args.action_key);
+                    }
+                }
+                Some(sig) = next_or_pending(&mut closed) => {
+                    if let Ok(args) = sig.args() {
+                        self.open.remove(&args.id);
+                    }
+                }
+                _ = sleep_until_some(expiry) => self.release_expired(),
+            }
+        }
+    }
+
+    async fn send(&mut self, server: &NotificationsProxy<'_>, n: Notice) {
+        let caps = match server.get_capabilities().await {
+            Ok(c) => c,
+            Err(e) => return self.unavailable(&e),
+        };
+        let has = |cap: &str| caps.iter().any(|c| c == cap);
+        let with_actions = self.settings.actions && has("actions") && !n.actions.is_empty();
+        let actions: Vec<&str> = if with_actions {
+            n.actions.iter().flat_map(|(k, l)| [*k, *l]).collect()
+        } else {
+            Vec::new()
+        };
+        let body = if has("body-markup") {
+            escape_markup(&n.body)
+        } else {
+            n.body.clone()
+        };
+        let mut hints = HashMap::new();
+        hints.insert("desktop-entry", Variant::from(APP_ID));
+        hints.insert("urgency", Variant::from(n.urgency as u8));
+        let sent = server
+            .notify(APP_NAME, 0, APP_ID, &n.summary, &body, &actions, hints, -1)
+            .await;
+        let id = match sent {
+            Ok(id) => id,
+            Err(e) => return self.unavailable(&e),
+        };
+        self.warned = false;
+        tracing::info!(vm = %n.vm_name, kind = ?n.kind, id, "desktop notification: {}", n.summary);
+        if with_actions {
+            let keep = Duration::from_secs(self.settings.action_keep_alive_sec);
+            let hold = self
+                .deps
+                .activity
+                .clone()
+                .filter(|_| !keep.is_zero())
+                .map(|activity| {
+                    activity.call_started();
+                    Hold {
+                        activity,
+                        until: Instant::now() + keep,
+                    }
+                });
+            let keys = n.actions.iter().map(|a| a.0).collect();
+            self.open.insert(
+                id,
+                Open {
+                    vm_id: n.vm_id,
+                    keys,
+                    hold,
+                },
+            );
+            while self.open.len() > MAX_OPEN {
+                self.open.pop_first();
+            }
+        }
+    }
+
+    /// No server (or a broken one): say so once, then carry on without.
+    fn unavailable(&mut self, e: &zbus::Error) {
+        if self.warned {
+            tracing::debug!(error = %e, "desktop notification not sent");
+        } else {
+            self.warned = true;
+            tracing::warn!(error = %e, "no notification server answers on the session bus; carrying on without desktop notifications");
+        }
+    }
+
+    fn release_expired(&mut self) {
+        let now = Instant::now();
+        for o in self.open.values_mut() {
+            if o.hold.as_ref().is_some_and(|h| h.until <= now) {
+                o.hold = None;
+            }
+        }
+    }
+
+    /// A button of ours was clicked: run it through the gate, on its own task.
+    fn invoked(&mut self, msg: &Message, id: u32, key: &str) {
+        // Other applications' notifications and keys we never offered (`default`).
+        let Some(open) = self.open.get_mut(&id) else {
+            return;
+        };
+        let Some(&key) = open.keys.iter().find(|k| **k == key) else {
+            return;
+        };
+        // The button did what it was there for: idle exit need not wait any longer.
+        open.hold = None;
+        let Some(vm) = self.deps.manager.get(&open.vm_id) else {
+            return;
+        };
+        tokio::spawn(act(
+            self.deps.clone(),
+            self.feedback.clone(),
+            msg.clone(),
+            vm,
+            key,
+            self.settings.log_opener.clone(),
+        ));
+    }
+}
+
+/// Carries out one action as the notification server's caller.
+async fn act(
+    deps: Arc<Deps>,
+    feedback: mpsc::UnboundedSender<Notice>,
+    msg: Message,
+    vm: Arc<Vm>,
+    key: &'static str,
+    opener: Vec<String>,
+) {
+    let hdr = msg.header();
+    let name = vm.name();
+    let (result, what) = match key {
+        ACTION_START => {
+            let req = Request::new(Action::Lifecycle, "Start")
+                .on_vm(&vm)
+                .with_args("notification action \"Start again\"");
+            let r = deps.gate.call(&deps.conn, &hdr, req, vm.start()).await;
+            (r, format!("Cannot start VM '{name}'"))
+        }
+        ACTION_LOG => {
+            let mut req = Request::new(Action::Observe, "ShowLog")
+                .on_vm(&vm)
+                .with_args(format!("notification action \"Show log\": {opener:?}"));
+            // It starts a program on the desktop: on the record, unlike other reads.
+            req.audited = true;
+            let r = deps
+                .gate
+                .call(&deps.conn, &hdr, req, show_log(&vm, &opener))
+                .await;
+            (r, format!("Cannot show the log of VM '{name}'"))
+        }
+        _ => return,
+    };
+    if let Err(e) = result {
+        tracing::warn!(vm = %name, action = key, caller = ?hdr.sender().map(|s| s.as_str()), error = %e, "notification action failed");
+        // A start that failed in QEMU has its own "failed to start" notification.
+        if !matches!(e, MaqetError::QemuFailed(_) | MaqetError::Storage(_)) {
+            let _ = feedback.send(notice::action_failed(vm.id(), &name, &what, &e.message()));
+        }
+    }
+}
+
+/// Opens the VM's QEMU log with the configured opener (`xdg-open` by default).
+async fn show_log(vm: &Vm, opener: &[String]) -> Result<(), MaqetError> {
+    let log = vm.log_file();
+    if !log.exists() {
+        return Err(MaqetError::NotFound(format!(
+            "VM '{}' has no QEMU log yet ({} does not exist)",
+            vm.name(),
+            log.display()
+        )));
+    }
+    let Some((program, args)) = opener.split_first() else {
+        return Err(MaqetError::InvalidConfig(
+            "notifications.log_opener in maqetd.yaml is empty".into(),
+        ));
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .arg(&log)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            MaqetError::Internal(format!(
+                "cannot run {program} (notifications.log_opener): {e}"
+            ))
+        })?;
+    match tokio::time::timeout(OPENER_REPORT, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(MaqetError::Internal(format!(
+            "{program} {} failed ({status})",
+            log.display()
+        ))),
+        Ok(Err(e)) => Err(MaqetError::Internal(format!("waiting for {program}: {e}"))),
+        Err(_) => {
+            // Still running (an editor itself): let it be, and reap it when it ends.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            Ok(())
+        }
+    }
+}
+
+async fn next_or_pending<S: futures_util::Stream + Unpin>(s: &mut Option<S>) -> Option<S::Item> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

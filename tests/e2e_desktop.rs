@@ -1,0 +1,461 @@
+//! End-to-end: desktop integration. Notifications to a test notification server on the
+//! private bus (a crash with working "Start again" and "Show log" buttons, silence for
+//! a requested stop), with real QEMU.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::Path;
+
+use common::guest::{self, Behaviour};
+use common::notifications::FakeNotifications;
+use common::{Bus, StatusWatch, TIMEOUT, tiny_vm_yaml};
+
+/// A FIFO a tool writes one line into; the test reads it without polling.
+fn fifo(path: &Path) -> std::sync::mpsc::Receiver<String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        // Opening blocks until the writer opens its end.
+        let f = std::fs::File::open(&path).unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(f).read_line(&mut line);
+        let _ = tx.send(line.trim().to_string());
+    });
+    rx
+}
+
+fn kill9(pid: u32) {
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_is_notified_and_its_buttons_work_through_the_gate() {
+    // "Show log" runs this opener, which reports the file it was given.
+    let opener = "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/../opened.fifo\"\n";
+    let bus = Bus::start_with(
+        &[("test-opener", opener)],
+        "notifications:\n  log_opener: [test-opener]\n",
+    );
+    let opened = fifo(&bus.root().join("opened.fifo"));
+    let mut server = FakeNotifications::start(&bus, &["actions", "body", "body-markup"]).await;
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("crashy")).await;
+    let id = vm.id().await.unwrap();
+    let mut watch = StatusWatch::new(&vm).await;
+    vm.start().await.unwrap();
+    watch.until("running").await;
+
+    kill9(vm.pid().await.unwrap());
+    let (_, _, reason) = watch.until("crashed").await;
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'crashy' crashed", "{n:?}");
+    assert!(n.body.contains("SIGKILL"), "body carries the reason: {n:?}");
+    assert!(reason.contains("SIGKILL"));
+    assert_eq!(n.action_keys(), ["start", "log"]);
+    assert_eq!(n.app_name, "maqet");
+    assert_eq!(n.app_icon, "org.maqet.Maqet");
+    assert_eq!(
+        n.hint_str("desktop-entry").as_deref(),
+        Some("org.maqet.Maqet")
+    );
+
+    // "Show log": the opener gets the VM's QEMU log.
+    server.click(n.id, "log").await;
+    let got = opened.recv_timeout(TIMEOUT).expect("the log opener ran");
+    assert!(got.ends_with(&format!("logs/{id}.log")), "{got}");
+
+    // "Start again": the VM runs again (the audit, checked below, names the server as
+    // the caller).
+    server.click(n.id, "start").await;
+    watch.until("running").await;
+    server.dismiss(n.id).await;
+    // A stop the user asked for is not news; the next notification is the failed start
+    // below, so none came in between (the notifier keeps the core's order).
+    let out = bus.maqet(&["stop", "crashy", "--force"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let bad = format!("{}args: [-no-such-option]\n", tiny_vm_yaml("broken"));
+    let broken = bus.add(&conn, "", &bad).await;
+    assert!(broken.start().await.is_err());
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'broken' failed to start", "{n:?}");
+    assert!(n.body.contains("no-such-option"), "{n:?}");
+    assert_eq!(n.action_keys(), ["log"]);
+
+    // A guest that powers itself off is news, without buttons.
+    let img = guest::write_image(bus.root(), Behaviour::PowerOffAtOnce);
+    let off = bus
+        .add(&conn, "", &guest::vm_yaml("lights-out", &img))
+        .await;
+    let mut off_watch = StatusWatch::new(&off).await;
+    off.start().await.unwrap();
+    off_watch.until("stopped").await;
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'lights-out' powered off", "{n:?}");
+    assert!(n.actions.is_empty());
+
+    // The audit rows of both clicks: written when each action's call ended, which was
+    // long before this (a stop, another VM's failed start and a boot ago).
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    let (caller, method, outcome): (String, String, String) = db
+        .query_row(
+            "SELECT caller_name, method, outcome FROM audit WHERE method = 'Start' \
+             AND arguments LIKE '%notification%' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("the notification's start is audited");
+    assert_eq!(
+        (caller.as_str(), method.as_str(), outcome.as_str()),
+        (server.conn.unique_name().unwrap().as_str(), "Start", "ok")
+    );
+    let shown: String = db
+        .query_row(
+            "SELECT method FROM audit WHERE method = 'ShowLog'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("showing the log is audited");
+    assert_eq!(shown, "ShowLog");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_notification_server_maqetd_says_so_once_and_carries_on() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("lonely")).await;
+    let mut watch = StatusWatch::new(&vm).await;
+    let mut crash = async || {
+        vm.start().await.unwrap();
+        watch.until("running").await;
+        kill9(vm.pid().await.unwrap());
+        watch.until("crashed").await;
+    };
+    crash().await;
+    crash().await;
+    // A server that appears later is used: no retry loop, the next event simply goes
+    // there. Notices go out in order, so the two before have been dealt with by now.
+    let mut server = FakeNotifications::start(&bus, &["body"]).await;
+    crash().await;
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'lonely' crashed");
+    assert!(n.actions.is_empty(), "no `actions` capability, no buttons");
+    let log = std::fs::read_to_string(bus.root().join("bus.log")).unwrap();
+    assert_eq!(
+        log.matches("no notification server answers").count(),
+        1,
+        "{log}"
+    );
+}
+
+/// `maqet setup --user` into a throwaway HOME: the files land where systemd, the bus and
+/// the desktop look, name the freshly built binaries, and make activation work; then
+/// `--uninstall` removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_user_installs_what_activation_needs_and_uninstall_removes_it() {
+    let bus = Bus::start_unactivated();
+    let before = bus.maqet(&["ls"]);
+    assert_eq!(before.status.code(), Some(7), "nothing installed yet");
+
+    let out = bus.maqet(&["setup", "--user"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("session bus: reloaded"), "{text}");
+    let maqetd = common::maqetd_bin();
+    let root = bus.root();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
+    let unit = read("config/systemd/user/maqetd.service");
+    assert!(unit.contains(&format!("ExecStart={maqetd}\n")), "{unit}");
+    assert!(unit.contains("KillMode=process") && unit.contains("Type=dbus"));
+    let service = read("data/dbus-1/services/org.maqet.Maqet1.service");
+    assert!(service.contains(&format!("Exec={maqetd}\n")), "{service}");
+    let desktop = read("data/applications/org.maqet.Maqet.desktop");
+    assert!(desktop.contains(&format!("Exec={} ls\n", common::maqet_bin())));
+    assert!(desktop.contains("NoDisplay=true") && desktop.contains("Icon=org.maqet.Maqet"));
+    assert!(read("data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg").contains("<svg"));
+    assert!(read("data/dbus-1/interfaces/org.maqet.Maqet1.VM.xml").contains("OpenConsole"));
+
+    // The bus now activates maqetd from the installed file.
+    let ls = bus.maqet(&["ls"]);
+    assert!(ls.status.success(), "{}", common::stderr(&ls));
+
+    let out = bus.maqet(&["--json", "setup", "--user", "--uninstall"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["action"], "removed");
+    assert_eq!(v["files"].as_array().unwrap().len(), 10, "{v}");
+    for p in [
+        "config/systemd/user/maqetd.service",
+        "data/dbus-1/services/org.maqet.Maqet1.service",
+        "data/applications/org.maqet.Maqet.desktop",
+        "data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg",
+    ] {
+        assert!(!root.join(p).exists(), "{p} left behind");
+    }
+    let again = bus.maqet(&["setup", "--user", "--uninstall"]);
+    assert!(common::stdout(&again).contains("nothing to remove"));
+}
+
+/// Reads a child's stdout as bytes arrive (console output has no newlines to wait for).
+fn collect(mut from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, seen: &mut Vec<u8>, want: &str) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !String::from_utf8_lossy(seen).contains(want) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.extend(chunk),
+            Err(_) => panic!(
+                "no {want:?} on the console; got {:?}",
+                String::from_utf8_lossy(seen)
+            ),
+        }
+    }
+}
+
+/// `maqet console VM` with its input, and its output as it comes.
+fn console(
+    bus: &Bus,
+    vm: &str,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let mut child = bus
+        .maqet_command(&["console", vm])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin, out)
+}
+
+/// `maqet console`: bytes go through QEMU's serial port to a guest that echoes them,
+/// Ctrl-] detaches, a second client is refused while one is attached, and a VM whose
+/// config chooses its own serial port keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_round_trip_through_the_guests_serial_port() {
+    use std::io::Write;
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let img = guest::write_console_image(bus.root());
+    let vm = bus.add(&conn, "", &guest::vm_yaml("serial", &img)).await;
+    vm.start().await.unwrap();
+
+    let (mut child, mut stdin, out) = console(&bus, "serial");
+    let err = collect(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    read_until(&err, &mut seen, "Ctrl-] detaches");
+    // The banner went out before anyone attached (and was dropped); the echo proves
+    // both directions.
+    seen.clear();
+    stdin.write_all(b"maqet-ping-42").unwrap();
+    stdin.flush().unwrap();
+    read_until(&out, &mut seen, "maqet-ping-42");
+
+    let second = bus.maqet(&["console", "serial"]);
+    assert_eq!(second.status.code(), Some(5), "{}", common::stderr(&second));
+    assert!(common::stderr(&second).contains("in use"));
+
+    stdin.write_all(&[0x1d]).unwrap();
+    stdin.flush().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut seen = Vec::new();
+    read_until(&err, &mut seen, "detached");
+    assert_eq!(
+        vm.status().await.unwrap(),
+        "running",
+        "detaching leaves the VM be"
+    );
+
+    // Attach again: the console is free once detached.
+    let (mut again, mut stdin, out) = console(&bus, "serial");
+    stdin.write_all(b"second-visit").unwrap();
+    stdin.flush().unwrap();
+    let mut seen = Vec::new();
+    read_until(&out, &mut seen, "second-visit");
+    // The end of input detaches too.
+    drop(stdin);
+    assert!(again.wait().unwrap().success());
+
+    let own = format!("{}args: [-serial, none]\n", tiny_vm_yaml("own-serial"));
+    let own = bus.add(&conn, "", &own).await;
+    own.start().await.unwrap();
+    let refused = bus.maqet(&["console", "own-serial"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "{}",
+        common::stderr(&refused)
+    );
+    assert!(common::stderr(&refused).contains("chooses its own serial port"));
+}
+
+/// `maqet logs`: history and QEMU's log; `-f` follows both (inotify, StatusChanged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_show_history_and_the_qemu_log_and_follow_them() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("chatty")).await;
+    let never = bus.maqet(&["logs", "chatty"]);
+    assert!(never.status.success());
+    assert!(
+        common::stdout(&never).contains("chatty: added"),
+        "{}",
+        common::stdout(&never)
+    );
+    assert!(common::stderr(&never).contains("no QEMU log yet"));
+
+    // Following from before the first start: the log appears with the first run.
+    let first = common::ChildLines::spawn(bus.maqet_command(&["logs", "chatty", "-f"]));
+    first.next_matching(&|l| l.contains("chatty: added"));
+    vm.start().await.unwrap();
+    wait_for_run(&first);
+    drop(first);
+    let out = bus.maqet(&["stop", "chatty", "--force"]);
+    assert!(out.status.success());
+    let out = bus.maqet(&["logs", "chatty"]);
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("created → starting (start requested)"),
+        "{text}"
+    );
+    assert!(text.contains("stopping → stopped"), "{text}");
+    assert!(text.contains("=== maqet: starting VM chatty"), "{text}");
+    assert!(!text.contains('\x1b'), "no colour into a pipe");
+
+    let json = bus.maqet(&["--json", "logs", "chatty", "-n", "0"]);
+    let lines: Vec<serde_json::Value> = common::stdout(&json)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "history" && l["status"] == "running")
+    );
+    assert!(lines.iter().any(|l| {
+        l["type"] == "log"
+            && l["line"]
+                .as_str()
+                .unwrap()
+                .starts_with("=== maqet: starting VM chatty")
+    }));
+
+    let follow = common::ChildLines::spawn(bus.maqet_command(&["logs", "chatty", "-f", "-n", "0"]));
+    follow.next_matching(&|l| l.starts_with("=== maqet: starting VM chatty"));
+    vm.start().await.unwrap();
+    wait_for_run(&follow);
+}
+
+/// A `logs -f` sees a start: the run's header in the log (through inotify) and the
+/// change to running (a signal), in either order.
+fn wait_for_run(follow: &common::ChildLines) {
+    let header = |l: &str| l.starts_with("=== maqet: starting VM chatty");
+    let (mut header_seen, mut running_seen) = (false, false);
+    while !(header_seen && running_seen) {
+        let l = follow.next_matching(&|l| header(l) || l.contains("starting → running"));
+        header_seen |= header(&l);
+        running_seen |= !header(&l);
+    }
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_definitions() {
+    let bus_less = |args: &[&str]| {
+        std::process::Command::new(common::maqet_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bus_less(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = common::stdout(&out);
+        for sub in ["console", "logs", "snapshot", "setup"] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let page = common::stdout(&bus_less(&["manpage"]));
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH maqet 1"),
+        "{page}"
+    );
+    for sub in ["maqet\\-logs", "maqet\\-console", "maqet\\-setup"] {
+        assert!(page.contains(sub), "the man page lists {sub}");
+    }
+    assert!(page.contains("Exit codes"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = bus_less(&["manpage", "--dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success());
+    let logs = std::fs::read_to_string(dir.path().join("maqet-logs.1")).unwrap();
+    assert!(logs.contains("follow"));
+}
+
+/// A maqetd of another version, as far as `--version` can tell.
+struct OldManager;
+
+#[zbus::interface(name = "org.maqet.Maqet1.Manager")]
+impl OldManager {
+    #[zbus(property)]
+    fn version(&self) -> String {
+        "0.0.1-old".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_shows_both_sides_and_warns_when_they_differ() {
+    let cli = env!("CARGO_PKG_VERSION");
+    let bus = Bus::start();
+    let out = bus.maqet(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(common::stdout(&out), format!("maqet {cli}\nmaqetd {cli}\n"));
+    assert!(!common::stderr(&out).contains("warning"));
+
+    let old = Bus::start_unactivated();
+    let _service = zbus::connection::Builder::address(old.address.as_str())
+        .serve_at("/org/maqet/Maqet1", OldManager)
+        .name("org.maqet.Maqet1")
+        .build()
+        .await
+        .unwrap();
+    let out = old.maqet(&["--version"]);
+    assert!(out.status.success());
+    assert!(common::stdout(&out).contains("maqetd 0.0.1-old"));
+    assert!(common::stderr(&out).contains("warning: maqetd is version 0.0.1-old"));
+    let out = old.maqet(&["--json", "--version"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["cli"].as_str(), v["differ"].as_bool()),
+        (Some(cli), Some(true))
+    );
+
+    let out = bus
+        .maqet_command(&["--version"])
+        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the CLI's own version is always known"
+    );
+    assert!(common::stdout(&out).contains("maqetd: not reachable"));
+}

@@ -1,0 +1,102 @@
+//! Re-adoption: taking back a QEMU that outlived a previous maqetd, or one the record
+//! lost track of, after checking it really is this VM's (pid, start time, `-uuid`).
+
+use super::*;
+
+impl Vm {
+    /// Takes over a QEMU that runs this VM although its record says otherwise (found by
+    /// `maqet doctor`): record the process, then re-adopt it like after a restart.
+    pub(crate) async fn adopt_orphan(self: &Arc<Self>, pid: u32, start_time: u64) {
+        let _op = self.op_lock.lock().await;
+        if self.status().has_process() {
+            return;
+        }
+        let noted = self.transition(Status::Starting, "found running QEMU", true, |t| {
+            t.pid = Some(Some(pid));
+            t.pid_start_time = Some(Some(start_time));
+        });
+        if noted.is_ok() {
+            self.readopt().await;
+        }
+    }
+
+    /// Re-attaches to a QEMU that outlived a previous maqetd (see docs/architecture.md).
+    pub(crate) async fn readopt(self: &Arc<Self>) {
+        let info = self.info();
+        if !info.status.has_process() {
+            return;
+        }
+        let gone = |why: String| {
+            let reason = format!("QEMU ended while maqetd was not running ({why})");
+            let status = if info.status == Status::Stopping {
+                Status::Stopped
+            } else {
+                Status::Crashed
+            };
+            let _ = self.transition(status, &reason, true, |t| {
+                t.pid = Some(None);
+                t.pid_start_time = Some(None);
+                t.stopped_at = Some(now_us());
+                t.exit_status = Some(-1);
+            });
+            self.cleanup_runtime_dir();
+        };
+        let recorded = match (info.pid, info.pid_start_time) {
+            (Some(pid), Some(start)) => Some((pid, start)),
+            _ => process::find_by_uuid(&self.id),
+        };
+        let Some((pid, start)) = recorded else {
+            gone("no process was recorded".into());
+            return;
+        };
+        let process = match Process::adopt(pid, start, &self.id) {
+            Ok(p) => p,
+            Err(e) => {
+                gone(e.to_string());
+                return;
+            }
+        };
+        let socket = self.ctx.paths.qmp_socket(&self.id);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let connect = async {
+            let stream = tokio::net::UnixStream::connect(&socket).await?;
+            QmpClient::connect(stream, tx)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let qmp = match tokio::time::timeout(MONITOR_READY_TIMEOUT, connect).await {
+            Ok(Ok((c, _))) => c,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::error!(vm = %info.name, pid, error = %why, "cannot reconnect to the monitor of a surviving QEMU");
+                // Alive but unmanageable: end it through the pidfd (never by bare pid)
+                // rather than leave a VM nobody can control.
+                let _ = process.signal(Signal::KILL);
+                gone(format!(
+                    "its monitor at {} was unreachable ({why}), so maqetd killed it",
+                    socket.display()
+                ));
+                return;
+            }
+        };
+        let status = match qmp.execute_timeout("query-status", None, QMP_TIMEOUT).await {
+            Ok(v) => qmp_run_state(&v),
+            Err(_) => info.status,
+        };
+        let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
+        let runtime = Runtime::new(process, qmp, log_offset);
+        *self.runtime.lock().unwrap() = Some(runtime.clone());
+        let _ = self.transition(status, "re-adopted after a maqetd restart", true, |t| {
+            t.pid = Some(Some(pid));
+            t.pid_start_time = Some(Some(start));
+            if info.started_at == 0 {
+                t.started_at = Some(now_us());
+            }
+        });
+        supervisor::spawn(self.clone(), runtime, rx);
+        tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
+    }
+}

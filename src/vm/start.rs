@@ -1,0 +1,237 @@
+//! Starting a VM: disks first, then QEMU with its fd-passed monitor, racing the
+//! monitor handshake against QEMU's exit so a refused option fails the start with QEMU's
+//! own words.
+
+use super::*;
+
+impl Vm {
+    /// Starts QEMU and returns once its monitor is ready (status `running`, or `paused`
+    /// for a config with `-S`).
+    pub async fn start(self: &Arc<Self>) -> Result<(), MaqetError> {
+        let _op = self.op_lock.lock().await;
+        self.check(Operation::Start)?;
+        self.start_locked().await
+    }
+
+    pub(super) async fn start_locked(self: &Arc<Self>) -> Result<(), MaqetError> {
+        let name = self.name();
+        let config = self.stored_config()?;
+        let binary = match config.resolve_binary(self.ctx.path_env.as_deref()) {
+            Ok(b) => b,
+            Err(why) => {
+                let msg = format!("cannot start VM '{name}': {why}");
+                self.transition(Status::Failed, &msg, false, |_| {})?;
+                return Err(MaqetError::QemuFailed(msg));
+            }
+        };
+        self.transition(Status::Starting, "start requested", false, |_| {})?;
+        if let Err(e) = self.create_missing_disks(&config).await {
+            let msg = format!("cannot start VM '{name}': {}", e.message());
+            self.transition(Status::Failed, &msg, false, |_| {})?;
+            return Err(MaqetError::Storage(msg));
+        }
+        match self.launch(&name, &config, &binary).await {
+            Ok((runtime, events, status)) => {
+                let pid = runtime.process.pid();
+                *self.runtime.lock().unwrap() = Some(runtime.clone());
+                let reason = if status == Status::Paused {
+                    "started paused (-S)"
+                } else {
+                    "started"
+                };
+                self.transition(status, reason, true, |t| {
+                    t.pid = Some(Some(pid));
+                    t.started_at = Some(now_us());
+                    t.exit_status = Some(-1);
+                })?;
+                supervisor::spawn(self.clone(), runtime, events);
+                Ok(())
+            }
+            Err(failure) => {
+                let msg = failure.message;
+                self.transition(Status::Failed, &msg, true, |t| {
+                    t.pid = Some(None);
+                    t.pid_start_time = Some(None);
+                    t.stopped_at = Some(now_us());
+                    t.exit_status = Some(failure.exit.map(|e| e.as_property()).unwrap_or(-1));
+                })?;
+                self.cleanup_runtime_dir();
+                Err(MaqetError::QemuFailed(msg))
+            }
+        }
+    }
+
+    /// Creates every declared disk image that does not exist yet (race-free, mode
+    /// 0600, after a free-space check) and records it as maqet's. An existing file,
+    /// or anything else at the path, is used as is.
+    async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), MaqetError> {
+        let mut qemu_img = None;
+        for e in config.storage().iter().filter(|e| e.kind.is_disk()) {
+            if std::fs::symlink_metadata(&e.path).is_ok() {
+                continue;
+            }
+            let img = match &qemu_img {
+                Some(img) => img,
+                None => {
+                    qemu_img.insert(crate::storage::QemuImg::find(self.ctx.path_env.as_deref())?)
+                }
+            };
+            let backing = e.backing_file.as_deref().zip(e.backing_format.as_deref());
+            let spec = crate::storage::create::NewImage {
+                path: &e.path,
+                kind: e.kind,
+                size: e.size,
+                backing,
+            };
+            let outcome =
+                crate::storage::create::create_image(img, &spec, &self.ctx.paths.home).await?;
+            if outcome != crate::storage::create::Outcome::Created {
+                continue;
+            }
+            let (id, name) = (self.id.as_str(), self.name());
+            self.ctx
+                .store
+                .record_created_file(id, &e.path, e.kind.as_str())
+                .map_err(store_error)?;
+            let reason = format!(
+                "created {} disk image '{}' at {}",
+                e.kind.as_str(),
+                e.name,
+                e.path.display()
+            );
+            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": e.size });
+            if let Err(err) = self
+                .ctx
+                .store
+                .add_event(id, &name, "storage", &reason, Some(&detail))
+            {
+                tracing::warn!(vm = %name, error = %err, "cannot record disk creation in history");
+            }
+            tracing::info!(vm = %name, disk = %e.name, path = %e.path.display(), "created disk image");
+        }
+        Ok(())
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        name: &str,
+        config: &VmConfig,
+        binary: &std::path::Path,
+    ) -> Result<
+        (
+            Arc<Runtime>,
+            tokio::sync::mpsc::UnboundedReceiver<crate::qmp::QmpEvent>,
+            Status,
+        ),
+        LaunchFailure,
+    > {
+        let paths = &self.ctx.paths;
+        let setup = |what: &str, e: &dyn std::fmt::Display| LaunchFailure {
+            message: format!("cannot start VM '{name}': {what}: {e}"),
+            exit: None,
+        };
+        paths
+            .ensure_vm_runtime_dir(&self.id)
+            .map_err(|e| setup("runtime directory", &e))?;
+        paths
+            .ensure_log_dir()
+            .map_err(|e| setup("log directory", &e))?;
+        let socket = paths.qmp_socket(&self.id);
+        let console = paths.console_socket(&self.id);
+        let log_file = paths.vm_log(&self.id);
+        let args = config.qemu_args();
+        let spawned = launch::spawn(&launch::LaunchSpec {
+            binary,
+            uuid: &self.id,
+            name,
+            user_args: &args,
+            qmp_socket: &socket,
+            console_socket: launch::wants_console(&args).then_some(console.as_path()),
+            log_file: &log_file,
+        })
+        .map_err(|e| setup(&format!("spawning {}", binary.display()), &e))?;
+        let process = spawned.process;
+        let pid = process.pid();
+        // Record the pid before anything can fail: a row never claims no process while
+        // one exists.
+        if let Err(e) = self.transition(Status::Starting, "QEMU spawned", false, |t| {
+            t.pid = Some(Some(pid));
+            t.pid_start_time = Some(Some(process.start_time()));
+        }) {
+            let _ = process.signal(Signal::KILL);
+            process.wait().await;
+            return Err(setup("recording the process", &e));
+        }
+
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let connect = async {
+            let stream = tokio::net::UnixStream::connect(&socket).await?;
+            crate::qmp::QmpClient::connect(stream, tx)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let failure = |exit: Option<ExitInfo>, why: String| {
+            let tail = launch::log_tail(&log_file, spawned.log_offset);
+            let mut message = format!("QEMU for VM '{name}' {why}");
+            if !tail.is_empty() {
+                message.push_str(": ");
+                message.push_str(&tail);
+            }
+            message.push_str(&format!(" (full log: {})", log_file.display()));
+            LaunchFailure { message, exit }
+        };
+        let qmp = tokio::select! {
+            res = tokio::time::timeout(MONITOR_READY_TIMEOUT, connect) => match res {
+                Ok(Ok((client, _greeting))) => client,
+                Ok(Err(e)) => {
+                    // Usually QEMU exited during start-up; let its exit speak.
+                    let exit = tokio::time::timeout(Duration::from_secs(5), process.wait()).await.ok();
+                    if exit.is_none() {
+                        let _ = process.signal(Signal::KILL);
+                        process.wait().await;
+                    }
+                    let why = match exit {
+                        Some(x) => format!("{} during start-up", x.describe()),
+                        None => format!("did not complete the monitor handshake ({e})"),
+                    };
+                    return Err(failure(exit, why));
+                }
+                Err(_) => {
+                    let _ = process.signal(Signal::KILL);
+                    process.wait().await;
+                    return Err(failure(None, format!("did not open its monitor within {} s and was killed", MONITOR_READY_TIMEOUT.as_secs())));
+                }
+            },
+            exit = process.wait() => {
+                return Err(failure(Some(exit), format!("{} during start-up", exit.describe())));
+            }
+        };
+        let status = match qmp.execute_timeout("query-status", None, QMP_TIMEOUT).await {
+            Ok(v) => qmp_run_state(&v),
+            Err(e) => {
+                let _ = process.signal(Signal::KILL);
+                let exit = process.wait().await;
+                return Err(failure(
+                    Some(exit),
+                    format!("failed its first status query ({e})"),
+                ));
+            }
+        };
+        let runtime = Runtime::new(process, qmp, spawned.log_offset);
+        Ok((runtime, rx, status))
+    }
+}
+
+struct LaunchFailure {
+    message: String,
+    exit: Option<ExitInfo>,
+}
+
+/// `query-status` → our status: a QEMU that is not executing vCPUs is `paused`.
+pub(super) fn qmp_run_state(v: &Value) -> Status {
+    if v.get("running").and_then(Value::as_bool).unwrap_or(false) {
+        Status::Running
+    } else {
+        Status::Paused
+    }
+}

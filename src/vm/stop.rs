@@ -1,0 +1,124 @@
+//! Stopping and restarting: the escalation of ARCHITECTURE §3 (ACPI power-down, wait,
+//! QMP quit, SIGTERM, SIGKILL), run on its own task so it finishes if the caller leaves.
+
+use super::*;
+
+impl Vm {
+    /// Stops the VM: ACPI power-down, wait up to `timeout`, then QMP `quit`, SIGTERM,
+    /// SIGKILL (`force` starts at `quit`). The escalation runs on its own task, so it
+    /// finishes even if the caller goes away; the call returns when the VM has stopped,
+    /// or after [`REPLY_LIMIT`] with the VM still `stopping`.
+    pub async fn stop(self: &Arc<Self>, force: bool, timeout: Duration) -> Result<(), MaqetError> {
+        let runtime = {
+            let _op = self.op_lock.lock().await;
+            let status = self.check(Operation::Stop)?;
+            let Some(rt) = self.runtime() else {
+                return Err(MaqetError::Internal(format!(
+                    "VM '{}' is {status} but maqetd holds no process for it",
+                    self.name()
+                )));
+            };
+            if status == Status::Stopping {
+                if force {
+                    rt.force_now.notify_one();
+                }
+            } else {
+                let graceful = !force && status == Status::Running;
+                let reason = if force {
+                    "forced stop requested"
+                } else {
+                    "stop requested"
+                };
+                self.transition(Status::Stopping, reason, false, |_| {})?;
+                tokio::spawn(escalate(
+                    self.clone(),
+                    rt.clone(),
+                    graceful.then_some(timeout),
+                ));
+            }
+            rt
+        };
+        runtime.wait_exited(REPLY_LIMIT).await;
+        Ok(())
+    }
+
+    /// Restart: a new QEMU process with the current config (so applied changes take
+    /// effect). A running VM is told to `quit` (then killed if it does not); a VM that
+    /// is not running is started.
+    pub async fn restart(self: &Arc<Self>) -> Result<(), MaqetError> {
+        let _op = self.op_lock.lock().await;
+        let status = self.check(Operation::Restart)?;
+        if status.has_process() {
+            let rt = self.runtime().ok_or_else(|| {
+                MaqetError::Internal(format!("VM '{}' has no process to restart", self.name()))
+            })?;
+            rt.restarting.store(true, Ordering::SeqCst);
+            self.transition(Status::Stopping, "restart requested", false, |_| {})?;
+            rt.set_intent(StopIntent::Quit);
+            let _ = rt.qmp.execute_timeout("quit", None, QMP_TIMEOUT).await;
+            if !rt.wait_exited(QUIT_WAIT).await {
+                rt.set_intent(StopIntent::Kill);
+                let _ = rt.process.signal(Signal::KILL);
+                rt.wait_exited(REPLY_LIMIT).await;
+            }
+        }
+        self.start_locked().await
+    }
+
+    /// Kills the process for a forced removal and waits until it is gone.
+    pub(crate) async fn kill_for_removal(self: &Arc<Self>) {
+        if let Some(rt) = self.runtime() {
+            if self.status() != Status::Stopping {
+                let _ = self.transition(Status::Stopping, "forced removal", false, |_| {});
+            }
+            rt.set_intent(StopIntent::Kill);
+            let _ = rt.process.signal(Signal::KILL);
+            rt.wait_exited(REPLY_LIMIT).await;
+        }
+    }
+}
+
+/// The stop escalation of ARCHITECTURE §3; runs detached from the caller.
+async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
+    let name = vm.name();
+    if let Some(timeout) = graceful {
+        rt.set_intent(StopIntent::Powerdown);
+        match rt
+            .qmp
+            .execute_timeout("system_powerdown", None, QMP_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                let mut rx = rt.exited.subscribe();
+                tokio::select! {
+                    _ = tokio::time::timeout(timeout, rx.wait_for(|e| *e)) => {}
+                    _ = rt.force_now.notified() => {}
+                }
+                if *rt.exited.borrow() {
+                    return;
+                }
+                tracing::info!(vm = %name, "guest did not power off in time; escalating to quit");
+            }
+            Err(e) => tracing::warn!(vm = %name, error = %e, "system_powerdown failed; escalating"),
+        }
+    }
+    rt.set_intent(StopIntent::Quit);
+    if rt
+        .qmp
+        .execute_timeout("quit", None, QMP_TIMEOUT)
+        .await
+        .is_ok()
+        && rt.wait_exited(QUIT_WAIT).await
+    {
+        return;
+    }
+    rt.set_intent(StopIntent::Terminate);
+    tracing::warn!(vm = %name, "QEMU did not quit; sending SIGTERM");
+    let _ = rt.process.signal(Signal::TERM);
+    if rt.wait_exited(TERM_WAIT).await {
+        return;
+    }
+    rt.set_intent(StopIntent::Kill);
+    tracing::warn!(vm = %name, "QEMU ignored SIGTERM; sending SIGKILL");
+    let _ = rt.process.signal(Signal::KILL);
+}

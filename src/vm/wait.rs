@@ -1,0 +1,120 @@
+//! `Wait`: conditions on the status or on the VM's QMP events.
+
+use super::*;
+
+impl Vm {
+    pub(super) async fn await_status(
+        &self,
+        wanted: &[Status],
+        limit: Duration,
+    ) -> Result<(), MaqetError> {
+        let mut rx = self.status_tx.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(|s| wanted.contains(s))).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(MaqetError::Timeout(format!(
+                "VM '{}' did not become {} within {} s (it is {})",
+                self.name(),
+                wanted
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                limit.as_secs(),
+                self.status()
+            ))),
+        }
+    }
+
+    /// Waits for a condition; returns what satisfied it (the status, or the event's
+    /// data as JSON).
+    pub async fn wait(&self, cond: &WaitCondition, limit: Duration) -> Result<String, MaqetError> {
+        let timeout = || {
+            MaqetError::Timeout(format!(
+                "VM '{}': condition not met within {} s (status is {})",
+                self.name(),
+                limit.as_secs(),
+                self.status()
+            ))
+        };
+        match cond {
+            WaitCondition::Status(states) => {
+                let mut rx = self.status_tx.subscribe();
+                match tokio::time::timeout(limit, rx.wait_for(|s| states.contains(s))).await {
+                    Ok(Ok(s)) => Ok(s.as_str().to_string()),
+                    _ => Err(timeout()),
+                }
+            }
+            WaitCondition::Event(name) => {
+                let mut rx = self.subscribe_qmp();
+                let wait = next_qmp_event(&mut rx, |n, _| n == name);
+                match tokio::time::timeout(limit, wait).await {
+                    Ok(Some(data)) => Ok(data.to_string()),
+                    _ => Err(timeout()),
+                }
+            }
+        }
+    }
+}
+
+/// What `Wait` can wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitCondition {
+    /// `status=running` or `status=stopped|crashed`.
+    Status(Vec<Status>),
+    /// `event=RESUME`: the next QMP event of that name.
+    Event(String),
+}
+
+impl WaitCondition {
+    pub fn parse(s: &str) -> Result<WaitCondition, MaqetError> {
+        let bad = |why: String| {
+            MaqetError::InvalidArgument(format!(
+                "bad wait condition '{s}': {why}; use status=<state>[|<state>…] or event=<QMP event name>, e.g. status=running or event=RESUME"
+            ))
+        };
+        let (key, value) = s.split_once('=').ok_or_else(|| bad("missing '='".into()))?;
+        match key.trim() {
+            "status" => {
+                let states = value
+                    .split('|')
+                    .map(|v| {
+                        Status::parse(v.trim()).ok_or_else(|| {
+                            bad(format!(
+                                "unknown state '{}' (states: {})",
+                                v.trim(),
+                                Status::ALL.map(|s| s.as_str()).join(", ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(WaitCondition::Status(states))
+            }
+            "event" => {
+                let name = value.trim();
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                {
+                    return Err(bad("QMP event names are upper case, like RESUME".into()));
+                }
+                Ok(WaitCondition::Event(name.to_string()))
+            }
+            other => Err(bad(format!("unknown condition '{other}'"))),
+        }
+    }
+}
+
+/// The data of the next QMP event `matches` accepts; `None` once no more can come.
+pub(super) async fn next_qmp_event(
+    rx: &mut broadcast::Receiver<(String, Value)>,
+    matches: impl Fn(&str, &Value) -> bool,
+) -> Option<Value> {
+    loop {
+        match rx.recv().await {
+            Ok((name, data)) if matches(&name, &data) => return Some(data),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}

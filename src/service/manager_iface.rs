@@ -25,6 +25,20 @@ impl ManagerIface {
         ManagerIface { shared }
     }
 
+    /// A host fact behind the gate's `org.maqet.vm.observe` check.
+    async fn host_fact<T>(
+        &self,
+        conn: &Connection,
+        hdr: Option<Header<'_>>,
+        fact: impl FnOnce(&Shared) -> T,
+    ) -> zbus::fdo::Result<T> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), None)
+            .await?;
+        Ok(fact(&self.shared))
+    }
+
     /// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).
     async fn publish(
         &self,
@@ -264,11 +278,7 @@ impl ManagerIface {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<bool> {
-        self.shared
-            .gate
-            .check_read(conn, hdr.as_ref(), None)
-            .await?;
-        Ok(self.shared.host.kvm_available)
+        self.host_fact(conn, hdr, |s| s.host.kvm_available).await
     }
 
     #[zbus(property(emits_changed_signal = "false"))]
@@ -277,11 +287,8 @@ impl ManagerIface {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<bool> {
-        self.shared
-            .gate
-            .check_read(conn, hdr.as_ref(), None)
-            .await?;
-        Ok(self.shared.host.polkit_available())
+        self.host_fact(conn, hdr, |s| s.host.polkit_available())
+            .await
     }
 
     /// Paths of the `qemu-system-*` binaries on the service's PATH.
@@ -291,13 +298,10 @@ impl ManagerIface {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<Vec<String>> {
-        self.shared
-            .gate
-            .check_read(conn, hdr.as_ref(), None)
-            .await?;
-        Ok(crate::host::qemu_binaries(
-            self.shared.manager.ctx().path_env.as_deref(),
-        ))
+        self.host_fact(conn, hdr, |s| {
+            crate::host::qemu_binaries(s.manager.ctx().path_env.as_deref())
+        })
+        .await
     }
 
     #[zbus(signal, name = "VMAdded")]

@@ -44,7 +44,7 @@ Files: ~/.config/maqet/maqetd.yaml (service settings), ~/.local/state/maqet/logs
 #[derive(Parser, Debug)]
 #[command(
     name = "maqet",
-    about,
+    about = "Run QEMU virtual machines through your desktop session's maqetd service",
     version,
     disable_version_flag = true,
     after_help = "Exit codes: 0 ok, 1 other failure, 2 usage, 3 not found, 4 invalid input, \

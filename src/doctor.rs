@@ -269,7 +269,7 @@ fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
             continue;
         }
         let dir = e.path();
-        if fix && remove_socket_dir(&manager.ctx().paths, &id) {
+        if fix && manager.ctx().paths.remove_vm_runtime_dir(&id) {
             out.push(finding(
                 "sockets",
                 Health::Fixed,
@@ -294,10 +294,4 @@ fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
         ));
     }
     out
-}
-
-fn remove_socket_dir(paths: &crate::paths::Paths, id: &str) -> bool {
-    let _ = std::fs::remove_file(paths.qmp_socket(id));
-    let _ = std::fs::remove_file(paths.console_socket(id));
-    std::fs::remove_dir(paths.vm_runtime_dir(id)).is_ok()
 }

@@ -30,12 +30,11 @@ pub enum CoreEvent {
         previous: Status,
         cause: Cause,
     },
-    /// Other properties changed (e.g. `Pid` while starting, `Name`/`Config` on Apply).
-    PropertiesChanged {
-        vm: Arc<Vm>,
-        info: VmInfo,
-        names: &'static [&'static str],
-    },
+    /// The runtime record changed without a status change (the pid of a QEMU being
+    /// started, a re-adoption): reason, pid, timestamps, exit status.
+    RuntimeChanged { vm: Arc<Vm>, info: VmInfo },
+    /// The definition changed (`Apply`): name and config.
+    ConfigChanged { vm: Arc<Vm>, info: VmInfo },
     /// An asynchronous QMP event of a running VM, with QEMU's own timestamp.
     Qmp {
         vm: Arc<Vm>,

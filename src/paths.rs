@@ -119,6 +119,17 @@ impl Paths {
         self.config_dir.join("maqetd.yaml")
     }
 
+    /// Removes a VM's runtime directory and what maqet keeps in it (sockets, screendumps
+    /// in the making): only for a VM without a QEMU. Returns whether it is gone.
+    pub fn remove_vm_runtime_dir(&self, vm_id: &str) -> bool {
+        let dir = self.vm_runtime_dir(vm_id);
+        // remove_dir_all does not follow symlinks; the directory is ours and 0700.
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => true,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        }
+    }
+
     /// Creates the data directory (for the database) if missing.
     pub fn ensure_data_dir(&self) -> Result<(), PathsError> {
         create_private_dir(&self.data_dir)

@@ -84,7 +84,9 @@ pub fn for_event(ev: &CoreEvent, s: &Notifications) -> Option<Notice> {
             message,
             ..
         } => about_job(vm.id(), &vm.name(), operation, target, *state, message)?,
-        CoreEvent::PropertiesChanged { .. } | CoreEvent::Qmp { .. } => return None,
+        CoreEvent::RuntimeChanged { .. }
+        | CoreEvent::ConfigChanged { .. }
+        | CoreEvent::Qmp { .. } => return None,
     };
     notice.kind.wanted(s).then_some(notice)
 }

@@ -26,7 +26,10 @@ pub const VM_PROPERTIES: &[&str] = &[
     "ExitStatus",
 ];
 
-/// Properties a status change can touch.
+/// Properties `Apply` can touch.
+pub const CONFIG_PROPERTIES: &[&str] = &["Name", "Config"];
+
+/// Properties a status change (or a change of the runtime record) can touch.
 pub const STATUS_PROPERTIES: &[&str] = &[
     "Status",
     "StatusReason",

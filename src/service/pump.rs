@@ -10,7 +10,7 @@ use zbus::object_server::SignalEmitter;
 use std::sync::Arc;
 
 use super::idle::Idle;
-use super::properties::{STATUS_PROPERTIES, emit_changed, vm_property};
+use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_property};
 use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
@@ -50,9 +50,13 @@ async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
             .await?;
             properties_changed(&emitter, info, STATUS_PROPERTIES).await
         }
-        CoreEvent::PropertiesChanged { vm, info, names } => {
+        CoreEvent::RuntimeChanged { vm, info } => {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            properties_changed(&emitter, info, names).await
+            properties_changed(&emitter, info, STATUS_PROPERTIES).await
+        }
+        CoreEvent::ConfigChanged { vm, info } => {
+            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
+            properties_changed(&emitter, info, CONFIG_PROPERTIES).await
         }
         CoreEvent::Qmp {
             vm,

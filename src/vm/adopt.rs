@@ -57,19 +57,12 @@ impl Vm {
             }
         };
         let socket = self.ctx.paths.qmp_socket(&self.id);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let connect = async {
-            let stream = tokio::net::UnixStream::connect(&socket).await?;
-            QmpClient::connect(stream, tx)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        let qmp = match tokio::time::timeout(MONITOR_READY_TIMEOUT, connect).await {
-            Ok(Ok((c, _))) => c,
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
+        let (qmp, rx) = match connect_monitor(&socket).await {
+            Ok(connected) => connected,
+            Err(e) => {
+                let why = match e {
+                    QmpError::Timeout(d) => format!("no QMP greeting within {} s", d.as_secs()),
+                    other => other.to_string(),
                 };
                 tracing::error!(vm = %info.name, pid, error = %why, "cannot reconnect to the monitor of a surviving QEMU");
                 // Alive but unmanageable: end it through the pidfd (never by bare pid)

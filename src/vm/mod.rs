@@ -278,6 +278,29 @@ pub(crate) fn store_error(e: StoreError) -> MaqetError {
     }
 }
 
+/// Connects to a VM's monitor socket and negotiates QMP, within
+/// [`MONITOR_READY_TIMEOUT`]; the VM's events arrive on the receiver.
+async fn connect_monitor(
+    socket: &std::path::Path,
+) -> Result<
+    (
+        QmpClient,
+        tokio::sync::mpsc::UnboundedReceiver<crate::qmp::QmpEvent>,
+    ),
+    QmpError,
+> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let connect = async {
+        let stream = tokio::net::UnixStream::connect(socket).await?;
+        QmpClient::connect(stream, tx).await
+    };
+    match tokio::time::timeout(MONITOR_READY_TIMEOUT, connect).await {
+        Ok(Ok((client, _greeting))) => Ok((client, rx)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(QmpError::Timeout(MONITOR_READY_TIMEOUT)),
+    }
+}
+
 pub(crate) fn qmp_error(vm: &str, e: QmpError) -> MaqetError {
     match e {
         QmpError::Command { class, desc } => MaqetError::Qmp(format!("{class}: {desc}")),
@@ -535,10 +558,9 @@ impl Vm {
                 cause,
             });
         } else {
-            self.ctx.sink.emit(CoreEvent::PropertiesChanged {
+            self.ctx.sink.emit(CoreEvent::RuntimeChanged {
                 vm: self.clone(),
                 info: info.clone(),
-                names: &["StatusReason", "Pid"],
             });
         }
         drop(info);
@@ -615,10 +637,9 @@ impl Vm {
             let mut info = self.info.write().unwrap();
             info.name = new_name;
             info.config = yaml;
-            self.ctx.sink.emit(CoreEvent::PropertiesChanged {
+            self.ctx.sink.emit(CoreEvent::ConfigChanged {
                 vm: self.clone(),
                 info: info.clone(),
-                names: &["Name", "Config"],
             });
         }
         Ok(if status.has_process() {
@@ -634,11 +655,7 @@ impl Vm {
     }
 
     fn cleanup_runtime_dir(&self) {
-        let dir = self.ctx.paths.vm_runtime_dir(&self.id);
-        let _ = std::fs::remove_file(self.ctx.paths.qmp_socket(&self.id));
-        let _ = std::fs::remove_file(self.ctx.paths.console_socket(&self.id));
-        monitor::remove_stale_screendumps(&dir);
-        let _ = std::fs::remove_dir(&dir);
+        self.ctx.paths.remove_vm_runtime_dir(&self.id);
     }
 }
 

@@ -276,22 +276,6 @@ impl Drop for ScreendumpFile {
     }
 }
 
-/// Removes screendump files a crash between QEMU's write and the unlink left behind.
-pub(super) fn remove_stale_screendumps(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(SCREENDUMP_PREFIX))
-        {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
 /// Marks a QEMU's console as attached until dropped.
 struct ConsoleAttached(std::sync::Arc<super::Runtime>);
 

@@ -163,13 +163,6 @@ impl Vm {
             return Err(setup("recording the process", &e));
         }
 
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let connect = async {
-            let stream = tokio::net::UnixStream::connect(&socket).await?;
-            crate::qmp::QmpClient::connect(stream, tx)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
         let failure = |exit: Option<ExitInfo>, why: String| {
             let tail = launch::log_tail(&log_file, spawned.log_offset);
             let mut message = format!("QEMU for VM '{name}' {why}");
@@ -180,10 +173,15 @@ impl Vm {
             message.push_str(&format!(" (full log: {})", log_file.display()));
             LaunchFailure { message, exit }
         };
-        let qmp = tokio::select! {
-            res = tokio::time::timeout(MONITOR_READY_TIMEOUT, connect) => match res {
-                Ok(Ok((client, _greeting))) => client,
-                Ok(Err(e)) => {
+        let (qmp, rx) = tokio::select! {
+            res = connect_monitor(&socket) => match res {
+                Ok(connected) => connected,
+                Err(QmpError::Timeout(_)) => {
+                    let _ = process.signal(Signal::KILL);
+                    process.wait().await;
+                    return Err(failure(None, format!("did not open its monitor within {} s and was killed", MONITOR_READY_TIMEOUT.as_secs())));
+                }
+                Err(e) => {
                     // Usually QEMU exited during start-up; let its exit speak.
                     let exit = tokio::time::timeout(Duration::from_secs(5), process.wait()).await.ok();
                     if exit.is_none() {
@@ -195,11 +193,6 @@ impl Vm {
                         None => format!("did not complete the monitor handshake ({e})"),
                     };
                     return Err(failure(exit, why));
-                }
-                Err(_) => {
-                    let _ = process.signal(Signal::KILL);
-                    process.wait().await;
-                    return Err(failure(None, format!("did not open its monitor within {} s and was killed", MONITOR_READY_TIMEOUT.as_secs())));
                 }
             },
             exit = process.wait() => {

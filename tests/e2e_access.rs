@@ -184,6 +184,29 @@ async fn a_per_vm_rule_stops_lifecycle_calls_on_that_vm_only() {
     // The CLI maps the denial to its own exit code.
     let out = bus.maqet(&["start", "prod"]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+
+    // `maqet audit` shows the denials, filtered by VM, as a table and as JSON.
+    let out = bus.maqet(&["--json", "audit", "--vm", "prod", "--since", "1h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!rows.is_empty());
+    let prod_id = prod.id().await.unwrap();
+    assert!(rows.iter().all(|r| r["vm_id"] == prod_id.as_str()));
+    let starts: Vec<_> = rows.iter().filter(|r| r["method"] == "Start").collect();
+    assert_eq!(starts.len(), 2, "{rows:#?}");
+    assert!(
+        starts
+            .iter()
+            .all(|r| r["decision"] == "deny" && r["action"] == "org.maqet.vm.lifecycle")
+    );
+    let table = stdout(&bus.maqet(&["audit", "--vm", "dev"]));
+    assert!(
+        table.contains("Start") && table.contains("allow"),
+        "{table}"
+    );
+    assert!(!table.contains("deny"), "{table}");
+    let out = bus.maqet(&["audit", "--since", "yesterday"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

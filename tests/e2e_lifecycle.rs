@@ -197,10 +197,30 @@ async fn apply_reports_restart_keys_and_restart_uses_the_new_config() {
         .unwrap()
         .replace('\0', " ");
     assert!(cmdline.contains("-m 96"), "{cmdline}");
-    // Renaming through Apply.
+    // Renaming through Apply, announced as a property change.
+    let props = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination("org.maqet.Maqet1")
+        .path(vm.inner().path().clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
     vm.apply(&bigger.replace("name: grow", "name: grown"))
         .await
         .unwrap();
+    let renamed = async {
+        while let Some(sig) = changes.next().await {
+            let args = sig.args().unwrap();
+            if let Some(name) = args.changed_properties().get("Name") {
+                return String::try_from(name.try_clone().unwrap()).unwrap();
+            }
+        }
+        panic!("no PropertiesChanged with Name");
+    };
+    assert_eq!(
+        tokio::time::timeout(TIMEOUT, renamed).await.unwrap(),
+        "grown"
+    );
     assert_eq!(vm.name().await.unwrap(), "grown");
     let manager = bus.manager(&conn).await;
     assert!(manager.find_vm("grown").await.is_ok());

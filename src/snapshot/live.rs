@@ -8,6 +8,8 @@
 //! QEMU creates these jobs with manual dismissal: maqet reads the outcome from
 //! `query-jobs` and dismisses them. A failed or cancelled save is followed by a
 //! `snapshot-delete` of whatever QEMU left, so `List` never shows a half-made snapshot.
+//! QEMU cannot stop a save once it has begun: a cancel that maqet accepted is honoured
+//! by deleting the finished snapshot too (the job ends `cancelled`, nothing is left).
 
 use std::time::Duration;
 
@@ -173,14 +175,36 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
                     return failed(e, format!("could not replace the old snapshot '{name}'"));
                 }
             }
+            if job.cancel_requested() {
+                let note = if overwrite && !holding.is_empty() {
+                    format!("the old snapshot '{name}' was already deleted to be replaced")
+                } else {
+                    "nothing was saved".into()
+                };
+                return Outcome::new(
+                    JobState::Cancelled,
+                    format!("cancelled before saving; {note}"),
+                );
+            }
             let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
             match runner.job("snapshot-save", "save", args, true).await {
-                Ok(()) if job.cancel_requested() => Outcome::new(
-                    JobState::Completed,
-                    format!(
-                        "created snapshot '{name}' (it was finished before the cancel could stop it)"
+                // QEMU (7.2 at least) saves in one block of its main loop and cannot
+                // stop a save once begun: a cancel maqet accepted is honoured by
+                // deleting what QEMU made, so the user sees no snapshot.
+                Ok(()) if job.seal() => match runner.remove_made(name, &p).await {
+                    Ok(_) => Outcome::new(
+                        JobState::Cancelled,
+                        format!(
+                            "cancelled; QEMU had already saved snapshot '{name}' (it cannot stop a save once begun), so maqet deleted it"
+                        ),
                     ),
-                ),
+                    Err(why) => Outcome::new(
+                        JobState::Failed,
+                        format!(
+                            "cancelled too late: QEMU had already saved snapshot '{name}', and deleting it failed ({why}); delete it (maqet snapshot rm)"
+                        ),
+                    ),
+                },
                 Ok(()) => Outcome::new(JobState::Completed, format!("created snapshot '{name}'")),
                 Err(e) => {
                     let note = runner.remove_partial(name, &p).await;
@@ -330,30 +354,34 @@ impl Runner<'_> {
 
     /// After a failed save: delete whatever QEMU wrote under the name.
     async fn remove_partial(&self, name: &str, p: &Prepared) -> String {
+        match self.remove_made(name, p).await {
+            Ok(false) => "no partial snapshot was left behind".into(),
+            Ok(true) => "the partial snapshot was removed".into(),
+            Err(why) => format!(
+                "the partial snapshot '{name}' could not be removed ({why}); delete it (maqet snapshot rm)"
+            ),
+        }
+    }
+
+    /// Deletes snapshot `name` from every disk that now holds it (after a save that
+    /// failed or was cancelled). `Ok(true)`: something was deleted; `Err`: why not.
+    async fn remove_made(&self, name: &str, p: &Prepared) -> Result<bool, String> {
         let disks: Vec<Disk> = p.disks.iter().map(|(d, _)| d.clone()).collect();
-        let holding: Vec<String> = match inspect(self.vm, &disks).await {
-            Ok(now) => now
-                .into_iter()
-                .filter(|l| l.snapshots.iter().any(|s| s.name == name))
-                .map(|l| l.node)
-                .collect(),
-            Err(e) => return format!("could not check for a partial snapshot ({e})"),
-        };
+        let holding: Vec<String> = inspect(self.vm, &disks)
+            .await
+            .map_err(|e| format!("could not check which disks hold it: {e}"))?
+            .into_iter()
+            .filter(|l| l.snapshots.iter().any(|s| s.name == name))
+            .map(|l| l.node)
+            .collect();
         if holding.is_empty() {
-            return "no partial snapshot was left behind".into();
+            return Ok(false);
         }
         let args = json!({ "tag": name, "devices": holding });
         match self.job("snapshot-delete", "cleanup", args, false).await {
-            Ok(()) => "the partial snapshot was removed".into(),
-            Err(e) => {
-                let why = match e {
-                    JobEnd::Failed(why) => why,
-                    JobEnd::Cancelled => "cancelled".into(),
-                };
-                format!(
-                    "the partial snapshot '{name}' could not be removed ({why}); delete it (maqet snapshot rm)"
-                )
-            }
+            Ok(()) => Ok(true),
+            Err(JobEnd::Failed(why)) => Err(why),
+            Err(JobEnd::Cancelled) => Err("cancelled".into()),
         }
     }
 }

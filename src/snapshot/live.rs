@@ -94,6 +94,7 @@ pub(super) async fn prepare(
     op: Op,
     name: &str,
 ) -> Result<Prepared, MaqetError> {
+    ensure_commands(vm, op).await?;
     let live = inspect(vm, disks).await?;
     if let Some((d, _)) = disks.iter().zip(&live).find(|(_, l)| l.node.is_empty()) {
         return Err(MaqetError::Storage(format!(
@@ -118,6 +119,47 @@ pub(super) async fn prepare(
     Ok(Prepared {
         disks: disks.iter().cloned().zip(live).collect(),
     })
+}
+
+/// The QMP commands a live `op` sends, beyond the ones every QMP has.
+fn commands_needed(op: Op) -> &'static [&'static str] {
+    match op {
+        // A failed, cancelled or overwriting save deletes too.
+        Op::Create { .. } => &["snapshot-save", "snapshot-delete"],
+        Op::Load => &["snapshot-load"],
+        Op::Delete => &["snapshot-delete"],
+    }
+}
+
+/// The commands of `needed` that a `query-commands` answer does not list.
+fn missing_commands<'a>(answer: &Value, needed: &[&'a str]) -> Vec<&'a str> {
+    let has = |c: &str| {
+        answer.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("name").and_then(Value::as_str) == Some(c))
+        })
+    };
+    needed.iter().copied().filter(|c| !has(c)).collect()
+}
+
+/// Whether this VM's QEMU can do `op` live, asked by capability (`query-commands`),
+/// never by version number: the snapshot jobs came with QEMU 6.0, and a build may lack
+/// or add commands whatever its version says.
+async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), MaqetError> {
+    let qmp = vm.qmp()?;
+    let answer = qmp
+        .execute_timeout("query-commands", None, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| qmp_error(&vm.name(), e))?;
+    let missing = missing_commands(&answer, commands_needed(op));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(MaqetError::InvalidState(format!(
+        "the QEMU running VM '{}' has no {} (live snapshots need QEMU 6.0 or later); stop the VM to use offline snapshots, or upgrade QEMU and restart the VM",
+        vm.name(),
+        missing.join(", ")
+    )))
 }
 
 /// The guest's RAM (at most) goes into the first disk: check its file system has room.
@@ -383,5 +425,31 @@ impl Runner<'_> {
             Err(JobEnd::Failed(why)) => Err(why),
             Err(JobEnd::Cancelled) => Err("cancelled".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_commands_are_found_by_name_in_query_commands() {
+        let qemu_7_2 = json!([{"name": "snapshot-save"}, {"name": "snapshot-load"}, {"name": "snapshot-delete"}, {"name": "query-jobs"}]);
+        let qemu_5_2 = json!([{"name": "query-jobs"}, {"name": "savevm-not-in-qmp"}]);
+        for op in [Op::Create { overwrite: true }, Op::Load, Op::Delete] {
+            assert!(missing_commands(&qemu_7_2, commands_needed(op)).is_empty());
+        }
+        assert_eq!(
+            missing_commands(&qemu_5_2, commands_needed(Op::Create { overwrite: false })),
+            ["snapshot-save", "snapshot-delete"]
+        );
+        assert_eq!(
+            missing_commands(&qemu_5_2, commands_needed(Op::Load)),
+            ["snapshot-load"]
+        );
+        assert_eq!(
+            missing_commands(&json!({}), &["snapshot-delete"]),
+            ["snapshot-delete"]
+        );
     }
 }

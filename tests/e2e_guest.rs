@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 
-use common::linux_guest::{self, ACPI_POWEROFF, NO_ACPI, Serial, TYPED};
+use common::linux_guest::{self, ACPI_POWEROFF, NO_ACPI, Serial, Setup, TYPED, USER_NET};
 use common::{Bus, StatusWatch, TIMEOUT};
 
 /// The distinct RGBA colours of a PNG.
@@ -86,7 +86,7 @@ async fn a_real_guest_types_shows_runs_commands_and_powers_off_by_acpi() {
     };
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "linux", image, "").await;
+    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "linux", image, &Setup::default()).await;
     let log = String::from_utf8_lossy(&serial.log).into_owned();
     assert!(log.contains("MAQET-GUEST-ACPI on"), "{log}");
 
@@ -168,9 +168,16 @@ async fn a_real_guest_that_ignores_the_power_button_is_quit_after_the_timeout() 
     };
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "deaf-linux", image, NO_ACPI).await;
+    // With a NIC too: the guest configures it (for the tests of guest addresses).
+    let setup = Setup {
+        append: NO_ACPI,
+        arguments: USER_NET,
+        ..Setup::default()
+    };
+    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "deaf-linux", image, &setup).await;
     let log = String::from_utf8_lossy(&serial.log).into_owned();
     assert!(log.contains("MAQET-GUEST-ACPI off"), "{log}");
+    assert!(log.contains("MAQET-GUEST-NET eth0 10.0.2.15/24"), "{log}");
     let mut watch = StatusWatch::new(&vm).await;
     let t = std::time::Instant::now();
     vm.stop(false, 2).await.unwrap();

@@ -74,19 +74,42 @@ fn build() -> Result<Image, String> {
     })
 }
 
+/// What a test adds to the guest's VM config.
+#[derive(Default, Clone, Copy)]
+pub struct Setup<'a> {
+    /// Kernel command-line words (e.g. [`NO_ACPI`], `maqet.load=vfat`).
+    pub append: &'a str,
+    /// More `arguments` items, one YAML flow item each (e.g. [`USER_NET`]).
+    pub arguments: &'a [&'a str],
+    /// More top-level config keys, as YAML lines.
+    pub keys: &'a str,
+}
+
+/// A user-mode network (no outside access) on a virtio NIC: the guest sets eth0 to
+/// 10.0.2.15/24 (the cloud kernel has no e1000 driver).
+pub const USER_NET: &[&str] = &[
+    "netdev: {user: null, id: net0, restrict: 'on'}",
+    "device: {virtio-net-pci: null, netdev: net0}",
+];
+
 /// A VM config booting the guest: TCG always (the nested KVM of CI machines cannot run a
-/// real kernel), 256 MiB, std VGA (tty1, screendumps), maqet's console on ttyS0. `append`
-/// adds kernel command-line words (e.g. [`NO_ACPI`]). The VM starts paused (`-S`) so a
-/// test attaches to the serial console before the guest prints anything: [`boot`].
-pub fn vm_yaml(name: &str, image: &Image, append: &str) -> String {
-    format!(
+/// real kernel), 256 MiB, std VGA (tty1, screendumps), maqet's console on ttyS0. The VM
+/// starts paused (`-S`) so a test attaches to the serial console before the guest prints
+/// anything: see [`boot`].
+pub fn vm_yaml(name: &str, image: &Image, setup: &Setup<'_>) -> String {
+    let mut yaml = format!(
         "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 256\nvga: std\n\
          arguments:\n  - nodefaults\n  - S\n  - machine: pc\n  - accel: tcg\n\
-         \x20 - kernel: {}\n  - initrd: {}\n  - append: \"console=ttyS0 {append}\"\n\
-         \x20 - device: {{virtio-serial-pci: null, id: vser0}}\n",
+         \x20 - kernel: {}\n  - initrd: {}\n  - append: \"console=ttyS0 {}\"\n",
         image.kernel.display(),
         image.initrd.display(),
-    )
+        setup.append,
+    );
+    for item in setup.arguments {
+        yaml.push_str(&format!("  - {item}\n"));
+    }
+    yaml.push_str(setup.keys);
+    yaml
 }
 
 /// Adds and boots a guest VM: start (paused), attach to the serial console, resume, wait
@@ -96,9 +119,9 @@ pub async fn boot(
     conn: &Connection,
     name: &str,
     image: &Image,
-    append: &str,
+    setup: &Setup<'_>,
 ) -> (VmProxy<'static>, Serial) {
-    let vm = bus.add(conn, "", &vm_yaml(name, image, append)).await;
+    let vm = bus.add(conn, "", &vm_yaml(name, image, setup)).await;
     vm.start().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), "paused", "-S starts it paused");
     let mut serial = Serial::attach(&vm).await;

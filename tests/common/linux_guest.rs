@@ -31,35 +31,48 @@ pub struct Image {
     pub initrd: PathBuf,
 }
 
+/// Why the guest is not there.
+enum Missing {
+    /// Its packages cannot be had on this machine (no apt lists, no registry).
+    Unavailable(String),
+    /// The build failed: a bug to fix, never a skip.
+    Failed(String),
+}
+
 /// The guest, built once per test binary (the builder caches between runs). `None` after
-/// printing `SKIPPED: …` when it cannot be built here (no apt package lists, no registry);
-/// with `MAQET_TEST_REQUIRE_ALL=1` (CI) that is a failure instead.
+/// printing `SKIPPED: …` when its packages cannot be had here (no apt package lists, no
+/// registry); with `MAQET_TEST_REQUIRE_ALL=1` (CI) that is a failure instead, and so is
+/// a failed build everywhere.
 pub fn image() -> Option<&'static Image> {
-    static IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
+    static IMAGE: OnceLock<Result<Image, Missing>> = OnceLock::new();
     match IMAGE.get_or_init(build) {
         Ok(image) => Some(image),
-        Err(why) if std::env::var("MAQET_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1") => {
+        Err(Missing::Failed(why)) => panic!("building the Linux test guest failed: {why}"),
+        Err(Missing::Unavailable(why))
+            if std::env::var("MAQET_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1") =>
+        {
             panic!("the Linux test guest is required (MAQET_TEST_REQUIRE_ALL=1): {why}")
         }
-        Err(why) => {
+        Err(Missing::Unavailable(why)) => {
             eprintln!("SKIPPED: no Linux test guest: {why}");
             None
         }
     }
 }
 
-fn build() -> Result<Image, String> {
+fn build() -> Result<Image, Missing> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-guest");
     let t = Instant::now();
     let out = std::process::Command::new(script)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {script}: {e}"))?;
+        .map_err(|e| Missing::Failed(format!("cannot run {script}: {e}")))?;
     if !out.status.success() {
-        return Err(format!(
-            "{script} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        let why = format!("{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return Err(match out.status.code() {
+            Some(2) => Missing::Unavailable(why),
+            _ => Missing::Failed(why),
+        });
     }
     let dir = String::from_utf8_lossy(&out.stdout);
     let dir = PathBuf::from(dir.lines().last().unwrap_or_default());

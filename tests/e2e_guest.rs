@@ -156,7 +156,7 @@ async fn a_real_guest_types_shows_runs_commands_and_powers_off_by_acpi() {
     assert!(seen.len() > 1, "a blank screen: only {seen:?}");
 
     // `maqet console` (the CLI, stdin a pipe) reaches the guest's root shell on ttyS0.
-    drop(serial); // one console client at a time
+    serial.detach().await; // one console client at a time
     let mut cli = bus
         .maqet_command(&["console", "linux"])
         .stdin(std::process::Stdio::piped())

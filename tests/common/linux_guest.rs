@@ -151,6 +151,7 @@ pub async fn boot(
 /// The guest's serial console through `VM.OpenConsole`: what it printed since attaching,
 /// and a way to type into it. Dropping it detaches.
 pub struct Serial {
+    reader: tokio::task::JoinHandle<()>,
     chunks: mpsc::UnboundedReceiver<Vec<u8>>,
     writer: tokio::net::unix::OwnedWriteHalf,
     /// Everything received since the last [`Serial::wait_for`] match.
@@ -168,7 +169,7 @@ impl Serial {
             .unwrap()
             .into_split();
         let (tx, chunks) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = reader.read(&mut buf).await {
                 if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
@@ -177,6 +178,7 @@ impl Serial {
             }
         });
         Serial {
+            reader,
             chunks,
             writer,
             seen: Vec::new(),
@@ -230,9 +232,24 @@ impl Serial {
         }
     }
 
+    /// Detaches and waits until maqetd has let go (it closes its end after ours: the
+    /// console is then free for the next client, e.g. `maqet console`).
+    pub async fn detach(mut self) {
+        self.writer.shutdown().await.unwrap();
+        self.read_to_end().await;
+    }
+
     /// Types into the serial console (the guest's shell on ttyS0 reads it).
     pub async fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).await.unwrap();
+    }
+}
+
+impl Drop for Serial {
+    /// Closes both directions at once, so maqetd sees the client leave and the console is
+    /// free for the next one (`maqet console`).
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

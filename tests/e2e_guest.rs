@@ -179,6 +179,8 @@ async fn a_real_guest_types_shows_runs_commands_and_powers_off_by_acpi() {
 
     // Stop: ACPI power-down, answered by the guest's acpid; no quit, no signal.
     let mut serial = Serial::attach(&vm).await;
+    let (status, shown) = serial.run("pidof acpid").await;
+    assert_eq!(status, 0, "acpid runs in the guest: {shown}");
     let mut watch = StatusWatch::new(&vm).await;
     vm.stop(false, 50).await.unwrap();
     let (_, previous, reason) = watch.until("stopped").await;
@@ -237,6 +239,8 @@ async fn a_real_guest_that_ignores_the_power_button_is_quit_after_the_timeout() 
     let (vm, mut serial) = linux_guest::boot(&bus, &conn, "deaf-linux", image, &setup).await;
     let log = String::from_utf8_lossy(&serial.log).into_owned();
     assert!(log.contains("MAQET-GUEST-ACPI off"), "{log}");
+    let (status, shown) = serial.run("pidof acpid").await;
+    assert_eq!(status, 1, "no acpid in this guest: {shown}");
     assert!(log.contains("MAQET-GUEST-NET eth0 10.0.2.15/24"), "{log}");
     assert!(log.contains("MAQET-GUEST-AGENT started"), "{log}");
     let mut agent = Agent::connect(&agent_socket);

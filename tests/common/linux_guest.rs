@@ -239,6 +239,21 @@ impl Serial {
         self.read_to_end().await;
     }
 
+    /// Runs `command` in the guest's root shell on the serial console and returns its
+    /// exit status and what the console showed meanwhile (the echoed command line, then
+    /// the command's output).
+    pub async fn run(&mut self, command: &str) -> (i32, String) {
+        // `\055` is `-`: the echoed command line never contains the marker, its output does.
+        self.send(format!("{command}; printf 'MAQET\\055RC=%s.\\n' $?\n").as_bytes())
+            .await;
+        let shown = self.wait_for("MAQET-RC=").await;
+        let status = self.wait_for(".").await;
+        let status = status.trim_end_matches('.').parse().unwrap_or_else(|e| {
+            panic!("bad exit status {status:?} after {command:?}: {e}\n{shown}")
+        });
+        (status, shown)
+    }
+
     /// Types into the serial console (the guest's shell on ttyS0 reads it).
     pub async fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).await.unwrap();

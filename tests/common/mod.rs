@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod linux_guest;
 pub mod notifications;
 pub mod require;
 

@@ -22,6 +22,7 @@
 
 mod argv;
 mod diag;
+mod guest;
 mod merge;
 mod paths;
 mod size;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 
 pub(crate) use argv::escape_commas;
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto};
 pub(crate) use paths::find_binary;
 pub use size::{format_size, parse_size};
 pub use storage::{Interface, StorageEntry, StorageKind};
@@ -173,6 +175,7 @@ pub struct VmConfig {
     default_binary: String,
     argv: Vec<String>,
     storage: Vec<StorageEntry>,
+    guest: GuestKeys,
 }
 
 impl VmConfig {
@@ -201,6 +204,11 @@ impl VmConfig {
 
     pub fn storage(&self) -> &[StorageEntry] {
         &self.storage
+    }
+
+    /// `guest_agent`, `forwards` (and their netdev), `ssh_user`.
+    pub fn guest(&self) -> &GuestKeys {
+        &self.guest
     }
 
     /// The merged config as YAML, with absolute paths; [`load`] reads it back

@@ -829,3 +829,61 @@ async fn gone(pid: u32) {
         .unwrap()
         .retain_ready();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_denials_is_counted_when_it_ends() {
+    let Some(user) = test_user() else { return };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let stranger = connect_as(&bus, user).await;
+    // 5 recorded one by one, 3 counted (ListVMs and FindVM are both observe).
+    for method in ["ListVMs", "ListVMs", "ListVMs", "ListVMs", "ListVMs"] {
+        refusal(stranger.call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1",
+            Some("org.maqet.Maqet1.Manager"),
+            method,
+            &(),
+        ))
+        .await;
+    }
+    for _ in 0..3 {
+        refusal(stranger.call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1",
+            Some("org.maqet.Maqet1.Manager"),
+            "FindVM",
+            &("x",),
+        ))
+        .await;
+    }
+    // No call ends the burst: its quiet period does, and then the count is in the log.
+    let aggregate = tokio::time::timeout(common::TIMEOUT, async {
+        loop {
+            let rows = manager.audit("", 0, 0).await.unwrap();
+            if let Some(r) = rows.into_iter().find(|r| r.7.starts_with("count=")) {
+                return r;
+            }
+            // The row appears about 5 s after the last denial; look again shortly.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the count of the burst is written when it ends");
+    assert_eq!(
+        (aggregate.1, aggregate.6.as_str(), aggregate.7.as_str()),
+        (user.0, "FindVM", "count=3")
+    );
+    assert!(
+        aggregate.10.starts_with(&format!(
+            "uid {}: 3 more denials of FindVM (org.maqet.vm.observe)",
+            user.0
+        )),
+        "{}",
+        aggregate.10
+    );
+}

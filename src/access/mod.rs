@@ -214,18 +214,19 @@ impl Gate {
         let Some(everyone) = self.peers.everyone(conn).await else {
             return Recipients::Everyone;
         };
-        if everyone.iter().all(|c| c.uid == self.own_uid) {
+        if everyone.iter().all(|(_, uid)| *uid == Some(self.own_uid)) {
             return Recipients::Everyone;
         }
-        let admitted = |uid: u32| self.may_observe(uid, vm);
-        if everyone.iter().all(|c| admitted(c.uid)) {
+        // A connection the bus would not identify counts as a stranger.
+        let admitted = |uid: &Option<u32>| uid.is_some_and(|uid| self.may_observe(uid, vm));
+        if everyone.iter().all(|(_, uid)| admitted(uid)) {
             return Recipients::Everyone;
         }
         Recipients::Only(
             everyone
                 .into_iter()
-                .filter(|c| admitted(c.uid))
-                .map(|c| c.unique_name)
+                .filter(|(_, uid)| admitted(uid))
+                .map(|(name, _)| name)
                 .collect(),
         )
     }

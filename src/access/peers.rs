@@ -166,9 +166,10 @@ impl Peers {
         }
     }
 
-    /// Every connection on the bus with its user, asking the bus about the ones not
-    /// identified yet. `None`: not tracking (everyone may listen).
-    pub async fn everyone(&self, conn: &Connection) -> Option<Vec<Caller>> {
+    /// Every connection on the bus (unique name, uid), asking the bus about the ones not
+    /// identified yet; a uid the bus would not tell is `None`. `None`: not tracking
+    /// (everyone may listen).
+    pub async fn everyone(&self, conn: &Connection) -> Option<Vec<(String, Option<u32>)>> {
         let _ = self.ready.subscribe().wait_for(|r| *r).await;
         if lock(&self.changes).is_none() {
             return None;
@@ -184,20 +185,19 @@ impl Peers {
                 futures_util::future::join_all(unknown.iter().map(|n| credentials(conn, n))).await;
             let mut map = lock(&self.names);
             for (name, answer) in unknown.iter().zip(answers) {
-                match answer {
-                    Ok(caller) => {
-                        if let Some(slot) = map.get_mut(name) {
-                            *slot = Some(caller);
-                        }
-                    }
-                    // Gone (its NameOwnerChanged is on its way): no one to send to.
-                    Err(_) => {
-                        map.remove(name);
-                    }
+                // On failure the connection stays unidentified (and is treated as a
+                // stranger); if it left, its NameOwnerChanged removes it.
+                if let (Ok(caller), Some(slot)) = (answer, map.get_mut(name)) {
+                    *slot = Some(caller);
                 }
             }
         }
-        Some(lock(&self.names).values().flatten().cloned().collect())
+        Some(
+            lock(&self.names)
+                .iter()
+                .map(|(name, c)| (name.clone(), c.as_ref().map(|c| c.uid)))
+                .collect(),
+        )
     }
 }
 

@@ -218,7 +218,8 @@ impl Gate {
             return Recipients::Everyone;
         }
         // A connection the bus would not identify counts as a stranger.
-        let admitted = |uid: &Option<u32>| uid.is_some_and(|uid| self.may_observe(uid, vm));
+        let (policy, _) = self.policy.current();
+        let admitted = |uid: &Option<u32>| uid.is_some_and(|uid| self.observes(&policy, uid, vm));
         if everyone.iter().all(|(_, uid)| admitted(uid)) {
             return Recipients::Everyone;
         }
@@ -235,7 +236,10 @@ impl Gate {
     /// user always; others when the policy says `yes` to `org.maqet.vm.observe`. Decides
     /// who hears signals and who sees VMs in introspection; never prompts.
     pub fn may_observe(&self, uid: u32, vm: Option<(&str, &str)>) -> bool {
-        let (policy, _) = self.policy.current();
+        self.observes(&self.policy.current().0, uid, vm)
+    }
+
+    fn observes(&self, policy: &Policy, uid: u32, vm: Option<(&str, &str)>) -> bool {
         uid == self.own_uid
             || policy
                 .decide(self.own_uid, uid, Action::Observe, vm)

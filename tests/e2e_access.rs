@@ -550,11 +550,51 @@ async fn a_stranger_learns_nothing_about_vms() {
         ..BusOptions::default()
     });
     let conn = bus.conn().await;
-    let vm = bus.add(&conn, "", &tiny_vm_yaml("secretvm")).await;
+    // A VM with a disk, so a snapshot job (an object that names the VM) exists too.
+    let disk = bus.root().join("secret.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let yaml = format!(
+        "{}storage:\n  - {{type: qcow2, file: '{}'}}\n",
+        tiny_vm_yaml("secretvm"),
+        disk.display()
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
     let path = vm.inner().path().to_string();
     let id = vm.id().await.unwrap();
     let node = path.rsplit('/').next().unwrap().to_string();
+    let snapshots: maqet::client::SnapshotsProxy =
+        maqet::client::proxy_at(&conn, vm.inner().path().to_owned().into())
+            .await
+            .unwrap();
+    let job = snapshots
+        .create("s1", std::collections::HashMap::new())
+        .await
+        .unwrap()
+        .to_string();
+    let job_node = format!("<node name=\"{}\"", job.rsplit('/').next().unwrap());
+    assert!(
+        introspect(&conn, "/org/maqet/Maqet1/job")
+            .await
+            .contains(&job_node)
+    );
     let stranger = connect_as(&bus, user).await;
+    assert!(
+        !introspect(&stranger, "/org/maqet/Maqet1/job")
+            .await
+            .contains(&job_node)
+    );
+    let job_vm = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        job.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.maqet.Maqet1.Job", "VM"),
+    ))
+    .await;
 
     // The owner sees the VM's node; the stranger sees the way to the manager, no VM.
     let vm_node = format!("<node name=\"{node}\"");
@@ -577,7 +617,10 @@ async fn a_stranger_learns_nothing_about_vms() {
     ] {
         let xml = introspect(&stranger, p).await;
         assert!(
-            !xml.contains(&node) && !xml.contains("<node name=\"vm\"") && !xml.contains("secretvm"),
+            !xml.contains(&node)
+                && !xml.contains("<node name=\"vm\"")
+                && !xml.contains("<node name=\"job\"")
+                && !xml.contains("secretvm"),
             "{p}: {xml}"
         );
     }
@@ -640,7 +683,7 @@ async fn a_stranger_learns_nothing_about_vms() {
         &("org.maqet.Maqet1.VM", "Config"),
     ))
     .await;
-    for msg in [&managed, &known, &start, &config] {
+    for msg in [&managed, &known, &start, &config, &job_vm] {
         assert!(
             msg.contains("AccessDenied") && !msg.contains("secretvm") && !msg.contains(&id),
             "{msg}"

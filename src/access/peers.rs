@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
@@ -32,19 +32,32 @@ pub struct Peers {
     names: Mutex<HashMap<String, Option<Caller>>>,
     /// `NameOwnerChanged` as the bus sends it; `None` until tracking starts.
     changes: Mutex<Option<MessageStream>>,
-    /// Tells the tracking task to poll again (after someone else drained the stream).
-    repoll: Notify,
+    /// Tells the tracking task to poll again: the waker [`Peers::drain`] leaves on the
+    /// stream, so the task wakes only when a message arrives.
+    repoll: Arc<Notify>,
+    repoll_waker: Waker,
     /// True once the names on the bus are known (or there is no bus to track).
     ready: watch::Sender<bool>,
     own_name: Mutex<Option<String>>,
 }
 
+/// Wakes the tracking task (through its `Notify`).
+struct RepollWaker(Arc<Notify>);
+
+impl Wake for RepollWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
 impl Default for Peers {
     fn default() -> Peers {
+        let repoll = Arc::new(Notify::new());
         Peers {
             names: Mutex::new(HashMap::new()),
             changes: Mutex::new(None),
-            repoll: Notify::new(),
+            repoll_waker: Waker::from(Arc::new(RepollWaker(repoll.clone()))),
+            repoll,
             ready: watch::Sender::new(false),
             own_name: Mutex::new(None),
         }
@@ -131,23 +144,19 @@ impl Peers {
         self.ready.send_replace(true);
     }
 
-    /// Takes in every `NameOwnerChanged` queued so far.
+    /// Takes in every `NameOwnerChanged` queued so far. The stream keeps a waker for
+    /// the tracking task, so this costs it no wake-up.
     fn drain(&self) {
-        {
-            let mut changes = lock(&self.changes);
-            let Some(stream) = changes.as_mut() else {
-                return;
-            };
-            let waker = futures_util::task::noop_waker();
-            let mut cx = Context::from_waker(&waker);
-            while let Poll::Ready(Some(msg)) = stream.poll_next_unpin(&mut cx) {
-                if let Ok(msg) = msg {
-                    self.changed(&msg);
-                }
+        let mut changes = lock(&self.changes);
+        let Some(stream) = changes.as_mut() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&self.repoll_waker);
+        while let Poll::Ready(Some(msg)) = stream.poll_next_unpin(&mut cx) {
+            if let Ok(msg) = msg {
+                self.changed(&msg);
             }
         }
-        // The poll above left a no-op waker behind: let the tracking task poll again.
-        self.repoll.notify_one();
     }
 
     fn changed(&self, msg: &Message) {

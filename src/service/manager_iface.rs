@@ -8,6 +8,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
 use super::object_manager::ObjectManagerIface;
+use super::signals::emitters;
 use super::{Shared, vm_objects};
 use crate::access::{Action, Request};
 use crate::client::{AuditEntry, MANAGER_PATH, VmListEntry, vm_path};
@@ -46,9 +47,11 @@ impl ManagerIface {
         vm: &Arc<Vm>,
     ) -> Result<OwnedObjectPath, MaqetError> {
         let path = vm_objects::publish(conn, &self.shared, vm).await?;
-        let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
-        ObjectManagerIface::announce_added(&emitter, vm).await?;
-        Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
+        let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
+        for emitter in emitters(&self.shared.gate, conn, at, Some(vm)).await? {
+            ObjectManagerIface::announce_added(&emitter, vm).await?;
+            Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
+        }
         Ok(path)
     }
 }
@@ -129,9 +132,11 @@ impl ManagerIface {
             }
             let path = vm_path(vm.id());
             let ifaces = vm_objects::unpublish(conn, &path).await?;
-            let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
-            ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
-            Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
+            let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
+            for emitter in emitters(&self.shared.gate, conn, at, Some(&vm)).await? {
+                ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
+                Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
+            }
             Ok(())
         };
         self.shared.gate.call(conn, &hdr, req, work).await

@@ -546,7 +546,9 @@ async fn refusal(call: impl std::future::Future<Output = zbus::Result<zbus::Mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_learns_nothing_about_vms() {
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     let bus = Bus::start_with_options(&BusOptions {
         other_users: true,
         ..BusOptions::default()
@@ -757,7 +759,9 @@ async fn until_signal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_about_vms_do_not_reach_a_stranger() {
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     let bus = Bus::start_with_options(&BusOptions {
         other_users: true,
         ..BusOptions::default()
@@ -802,7 +806,9 @@ async fn signals_about_vms_do_not_reach_a_stranger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_denials_is_a_few_audit_rows_and_one_count() {
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     let bus = Bus::start_with_options(&BusOptions {
         other_users: true,
         ..BusOptions::default()
@@ -877,7 +883,9 @@ async fn gone(pid: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_denials_is_counted_when_it_ends() {
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     let bus = Bus::start_with_options(&BusOptions {
         other_users: true,
         ..BusOptions::default()

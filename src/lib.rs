@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod logging;
 pub mod manager;
 pub mod notify;
+pub mod outbound;
 pub mod paths;
 pub mod qmp;
 pub mod service;

@@ -26,6 +26,7 @@ use policy::{Policy, Verdict};
 use polkit::Polkit;
 
 use crate::error::MaqetError;
+use crate::outbound::Outbound;
 use crate::store::{AuditDecision, AuditRow, Store};
 use crate::time::now_us;
 use audit::{AuditWriter, Record};
@@ -324,7 +325,7 @@ impl Gate {
             Ok(_) => Ok(()),
             Err(why) => {
                 self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
-                Err(zbus::fdo::Error::AccessDenied(why))
+                Err(zbus::fdo::Error::AccessDenied(why.outbound()))
             }
         }
     }
@@ -339,6 +340,7 @@ impl Gate {
         work: F,
     ) -> Result<T, MaqetError>
     where
+        T: Outbound,
         F: Future<Output = Result<T, MaqetError>>,
     {
         if let Some(a) = &self.activity {
@@ -346,14 +348,14 @@ impl Gate {
         }
         let _guard = CallGuard(self.activity.as_ref());
         if let Some(e) = self.refusal().filter(|_| !req.works_degraded) {
-            return Err(e);
+            return Err(e.outbound());
         }
-        let caller = self.identify(conn, hdr).await?;
+        let caller = self.identify(conn, hdr).await.map_err(Outbound::outbound)?;
         let asked_polkit = match self.decide(&caller, &req).await {
             Ok(asked) => asked,
             Err(why) => {
                 self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
-                return Err(MaqetError::AccessDenied(why));
+                return Err(MaqetError::AccessDenied(why).outbound());
             }
         };
         let result = work.await;
@@ -364,7 +366,8 @@ impl Gate {
             };
             self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
         }
-        result
+        // The one place every method's answer passes on its way out.
+        result.outbound()
     }
 
     fn audit(

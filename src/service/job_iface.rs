@@ -20,6 +20,7 @@ use crate::access::{Action, Request};
 use crate::client::{JOB_INTERFACE, job_path, vm_path};
 use crate::error::MaqetError;
 use crate::jobs::{Job, JobState, JobStatus};
+use crate::outbound::{Outbound, escape};
 
 /// Finished job objects kept on the bus.
 pub const KEEP_FINISHED: usize = 32;
@@ -89,7 +90,7 @@ impl JobIface {
     /// What the job is doing, or how it ended.
     #[zbus(property)]
     fn message(&self) -> String {
-        self.job.status().message
+        self.job.status().message.outbound()
     }
 
     /// The job ended; `success` is true for `completed`.
@@ -134,7 +135,7 @@ async fn watch(conn: Connection, shared: Arc<Shared>, job: Arc<Job>, path: Owned
         last = now;
     }
     let success = last.state == JobState::Completed;
-    if let Err(e) = JobIface::completed(&emitter, success, &last.message).await {
+    if let Err(e) = JobIface::completed(&emitter, success, &escape(&last.message)).await {
         tracing::warn!(job = job.id(), error = %e, "cannot announce the job's end");
     }
     retire(&conn, &shared.retired_jobs, path).await;
@@ -153,7 +154,7 @@ async fn properties_changed(
         changed.insert("State", Variant::from(new.state.as_str()));
     }
     if old.message != new.message {
-        changed.insert("Message", Variant::from(new.message.as_str()));
+        changed.insert("Message", Variant::from(escape(&new.message).into_owned()));
     }
     if changed.is_empty() {
         return Ok(());

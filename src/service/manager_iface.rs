@@ -14,6 +14,7 @@ use crate::client::{AuditEntry, MANAGER_PATH, VmListEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
 use crate::manager::{INLINE_ORIGIN, Manager};
+use crate::outbound::Outbound;
 use crate::vm::Vm;
 
 pub struct ManagerIface {
@@ -31,12 +32,15 @@ impl ManagerIface {
         conn: &Connection,
         hdr: Option<Header<'_>>,
         fact: impl FnOnce(&Shared) -> T,
-    ) -> zbus::fdo::Result<T> {
+    ) -> zbus::fdo::Result<T>
+    where
+        T: Outbound,
+    {
         self.shared
             .gate
             .check_read(conn, hdr.as_ref(), None)
             .await?;
-        Ok(fact(&self.shared))
+        Ok(fact(&self.shared).outbound())
     }
 
     /// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).

@@ -15,6 +15,7 @@ use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
 use crate::notify::Notifier;
+use crate::outbound::escape;
 use crate::vm::VmInfo;
 
 pub async fn run(
@@ -45,7 +46,7 @@ async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
                 &emitter,
                 info.status.as_str(),
                 previous.as_str(),
-                &info.reason,
+                &escape(&info.reason),
             )
             .await?;
             properties_changed(&emitter, info, STATUS_PROPERTIES).await
@@ -65,7 +66,7 @@ async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
             timestamp_us,
         } => {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            QmpIface::event(&emitter, name, data_json, *timestamp_us).await
+            QmpIface::event(&emitter, &escape(name), &escape(data_json), *timestamp_us).await
         }
         // The job's own object signals `Completed`.
         CoreEvent::JobFinished { .. } => Ok(()),

@@ -101,6 +101,124 @@ async fn nul_in_a_config_is_refused() {
         "{e}"
     );
     assert!(manager.list_vms().await.unwrap().is_empty());
-    let _ = tiny_vm_yaml;
-    let _ = TIMEOUT;
+}
+
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mkfifoat(rustix::fs::CWD, path, rustix::fs::Mode::from(0o600)).unwrap();
+}
+
+fn assert_kind(e: &maqet::error::MaqetError, kind: &str, needle: &str) {
+    assert_eq!(error_name(e), format!("org.maqet.Maqet1.Error.{kind}"), "{e}");
+    assert!(e.to_string().contains(needle), "{needle:?} not in: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_never_end_or_never_answer_are_refused() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let dir = bus.root().join("configs");
+    std::fs::create_dir(&dir).unwrap();
+    let (fifo1, fifo2) = (dir.join("fifo1"), dir.join("fifo2"));
+    mkfifo(&fifo1);
+    mkfifo(&fifo2);
+    let big = dir.join("big.yaml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+
+    let by_path = |p: String| {
+        let manager = manager.clone();
+        async move { manager.add_vm_from_files("", &[p.as_str()]).await }
+    };
+    let e = by_path("/dev/zero".into()).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "character device");
+    let e = by_path(dir.display().to_string()).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "directory");
+    let e = by_path(big.display().to_string()).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "1 MiB");
+
+    // Two FIFOs at once, and the service answers a property read meanwhile.
+    let (a, b, version) = tokio::time::timeout(
+        TIMEOUT,
+        futures_util::future::join3(
+            by_path(fifo1.display().to_string()),
+            by_path(fifo2.display().to_string()),
+            manager.version(),
+        ),
+    )
+    .await
+    .expect("FIFOs must not hang the service");
+    assert_kind(&a.unwrap_err(), "InvalidArgument", "FIFO");
+    assert_kind(&b.unwrap_err(), "InvalidArgument", "FIFO");
+    assert!(!version.unwrap().is_empty());
+
+    // The same limits for passed descriptors (a FIFO opened read-write does not block).
+    let fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo1)
+        .unwrap();
+    let e = manager
+        .add_vm_from_fds("", &[zbus::Fd::from(&fifo)])
+        .await
+        .unwrap_err();
+    assert_kind(&e, "InvalidArgument", "FIFO");
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let e = manager
+        .add_vm_from_fds("", &[zbus::Fd::from(&zero)])
+        .await
+        .unwrap_err();
+    assert_kind(&e, "InvalidArgument", "character device");
+    let big = std::fs::File::open(&big).unwrap();
+    let e = manager
+        .add_vm_from_fds("", &[zbus::Fd::from(&big)])
+        .await
+        .unwrap_err();
+    assert_kind(&e, "InvalidArgument", "1 MiB");
+    assert!(manager.list_vms().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_files_merge_and_resolve_relative_paths_by_their_directory() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let dir = bus.root().join("home/vms");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.yaml");
+    std::fs::write(&base, tiny_vm_yaml("fromfds")).unwrap();
+    let disk = dir.join("disk.yaml");
+    std::fs::write(
+        &disk,
+        "storage:\n  - name: hd\n    type: qcow2\n    file: hd.qcow2\n    size: 1M\n",
+    )
+    .unwrap();
+    let files = [std::fs::File::open(&base).unwrap(), std::fs::File::open(&disk).unwrap()];
+    let fds: Vec<zbus::Fd<'_>> = files.iter().map(zbus::Fd::from).collect();
+    let path = manager.add_vm_from_fds("", &fds).await.unwrap();
+    let vm = bus.vm(&conn, path).await;
+    assert_eq!(vm.name().await.unwrap(), "fromfds");
+    let config = vm.config().await.unwrap();
+    assert!(config.contains(&dir.join("hd.qcow2").display().to_string()), "{config}");
+
+    // A file no path names any more: relative paths in it are refused, absolute ones work.
+    let gone = dir.join("gone.yaml");
+    std::fs::write(&gone, "storage:\n  - name: hd\n    type: qcow2\n    file: x.qcow2\n    size: 1M\n").unwrap();
+    let f = std::fs::File::open(&gone).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    let e = manager
+        .add_vm_from_fds("gone", &[zbus::Fd::from(&files[0]), zbus::Fd::from(&f)])
+        .await
+        .unwrap_err();
+    assert_kind(&e, "InvalidConfig", "config file #2");
+    assert!(e.to_string().contains("absolute path"), "{e}");
+
+    // The CLI passes the files it opened: relative names work from its directory.
+    let out = bus
+        .maqet_command(&["add", "--name", "cli", "-c", "base.yaml", "-c", "disk.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed = manager.list_vms().await.unwrap();
+    assert!(listed.iter().any(|v| v.1 == "cli"), "{listed:?}");
 }

@@ -59,6 +59,9 @@ pub struct Request {
     /// `allow_dangerous`): denied before the policy is asked, so nobody is prompted for
     /// a call that cannot run.
     pub interlock: Option<String>,
+    /// Only the service's own user may make this call, whatever the policy says; the
+    /// text says what others should do instead.
+    pub own_user_only: Option<&'static str>,
 }
 
 impl Request {
@@ -71,6 +74,7 @@ impl Request {
             works_degraded: false,
             audited: action.is_mutating(),
             interlock: None,
+            own_user_only: None,
         }
     }
 
@@ -92,6 +96,12 @@ impl Request {
     /// Marks a call that only reads state.
     pub fn read_only(mut self) -> Request {
         self.audited = false;
+        self
+    }
+
+    /// Refuses every caller but the service's own user (see [`Request::own_user_only`]).
+    pub fn own_user_only(mut self, otherwise: &'static str) -> Request {
+        self.own_user_only = Some(otherwise);
         self
     }
 
@@ -271,6 +281,14 @@ impl Gate {
                 req.action.id()
             )
         };
+        if let Some(otherwise) = req.own_user_only
+            && caller.uid != self.own_uid
+        {
+            return Err(refused(&format!(
+                "only uid {} (the user maqetd runs as) may make this call; {otherwise}",
+                self.own_uid
+            )));
+        }
         match decision.verdict {
             Verdict::Yes => Ok(false),
             Verdict::No => Err(refused(&decision.because)),

@@ -358,6 +358,8 @@ async fn read_blocking(
         Ok(Ok(sources)) => Ok(sources),
         Ok(Err(ReadError::File(m))) => Err(MaqetError::InvalidArgument(m)),
         Ok(Err(ReadError::Text(m))) => Err(MaqetError::InvalidConfig(m)),
-        Err(e) => Err(MaqetError::Internal(format!("reading config files failed: {e}"))),
+        Err(e) => Err(MaqetError::Internal(format!(
+            "reading config files failed: {e}"
+        ))),
     }
 }

@@ -517,7 +517,10 @@ async fn another_user_cannot_make_maqetd_read_a_file() {
     let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
     let rows = format!("{:?}", audit(&bus).await);
     for line in shadow.lines().filter(|l| l.len() > 8) {
-        assert!(!msg.contains(line) && !rows.contains(line), "leaked {line:?}");
+        assert!(
+            !msg.contains(line) && !rows.contains(line),
+            "leaked {line:?}"
+        );
     }
     let audited = audit(&bus).await;
     assert!(

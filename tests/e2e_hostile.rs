@@ -108,7 +108,11 @@ fn mkfifo(path: &std::path::Path) {
 }
 
 fn assert_kind(e: &maqet::error::MaqetError, kind: &str, needle: &str) {
-    assert_eq!(error_name(e), format!("org.maqet.Maqet1.Error.{kind}"), "{e}");
+    assert_eq!(
+        error_name(e),
+        format!("org.maqet.Maqet1.Error.{kind}"),
+        "{e}"
+    );
     assert!(e.to_string().contains(needle), "{needle:?} not in: {e}");
 }
 
@@ -192,17 +196,27 @@ async fn passed_files_merge_and_resolve_relative_paths_by_their_directory() {
         "storage:\n  - name: hd\n    type: qcow2\n    file: hd.qcow2\n    size: 1M\n",
     )
     .unwrap();
-    let files = [std::fs::File::open(&base).unwrap(), std::fs::File::open(&disk).unwrap()];
+    let files = [
+        std::fs::File::open(&base).unwrap(),
+        std::fs::File::open(&disk).unwrap(),
+    ];
     let fds: Vec<zbus::Fd<'_>> = files.iter().map(zbus::Fd::from).collect();
     let path = manager.add_vm_from_fds("", &fds).await.unwrap();
     let vm = bus.vm(&conn, path).await;
     assert_eq!(vm.name().await.unwrap(), "fromfds");
     let config = vm.config().await.unwrap();
-    assert!(config.contains(&dir.join("hd.qcow2").display().to_string()), "{config}");
+    assert!(
+        config.contains(&dir.join("hd.qcow2").display().to_string()),
+        "{config}"
+    );
 
     // A file no path names any more: relative paths in it are refused, absolute ones work.
     let gone = dir.join("gone.yaml");
-    std::fs::write(&gone, "storage:\n  - name: hd\n    type: qcow2\n    file: x.qcow2\n    size: 1M\n").unwrap();
+    std::fs::write(
+        &gone,
+        "storage:\n  - name: hd\n    type: qcow2\n    file: x.qcow2\n    size: 1M\n",
+    )
+    .unwrap();
     let f = std::fs::File::open(&gone).unwrap();
     std::fs::remove_file(&gone).unwrap();
     let e = manager
@@ -221,4 +235,28 @@ async fn passed_files_merge_and_resolve_relative_paths_by_their_directory() {
     assert!(out.status.success(), "{out:?}");
     let listed = manager.list_vms().await.unwrap();
     assert!(listed.iter().any(|v| v.1 == "cli"), "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_timeouts_are_capped_and_a_shorter_stop_takes_over() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    // No guest OS: nothing answers the ACPI power button, so only the timeout ends it.
+    let vm = bus.add(&conn, "deaf", &tiny_vm_yaml("deaf")).await;
+    vm.start().await.unwrap();
+
+    let e = vm.stop(false, u32::MAX).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "3600");
+    assert_eq!(vm.status().await.unwrap(), "running");
+
+    let mut watch = common::StatusWatch::new(&vm).await;
+    let slow = {
+        let vm = vm.clone();
+        tokio::spawn(async move { vm.stop(false, 3600).await })
+    };
+    watch.until("stopping").await;
+    // The second Stop's 1 s replaces the first one's hour.
+    vm.stop(false, 1).await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+    slow.await.unwrap().unwrap();
 }

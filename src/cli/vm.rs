@@ -46,7 +46,11 @@ pub(super) async fn add(s: &Session, name: String, files: Vec<String>) -> Result
 /// Hands the files to the service as open descriptors (maqetd reads nothing by path on
 /// our behalf). Over `--host` no descriptor passes: one file is read here and sent as
 /// text (`AddVM`, so its relative paths resolve against the VM's directory there).
-async fn add_files(s: &Session, name: &str, files: &[String]) -> Result<OwnedObjectPath, MaqetError> {
+async fn add_files(
+    s: &Session,
+    name: &str,
+    files: &[String],
+) -> Result<OwnedObjectPath, MaqetError> {
     use std::os::unix::fs::OpenOptionsExt;
     if s.remote {
         let [file] = files else {
@@ -54,9 +58,10 @@ async fn add_files(s: &Session, name: &str, files: &[String]) -> Result<OwnedObj
                 "with --host, maqet add takes one config file (file descriptors do not pass over ssh): merge them into one, or run maqet on that machine".into(),
             ));
         };
-        let source = crate::config::source::read_path(&std::path::absolute(file).map_err(
-            |e| MaqetError::InvalidArgument(format!("bad path {file}: {e}")),
-        )?)
+        let source = crate::config::source::read_path(
+            &std::path::absolute(file)
+                .map_err(|e| MaqetError::InvalidArgument(format!("bad path {file}: {e}")))?,
+        )
         .map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
         return Ok(s.manager.add_vm(name, &source.text).await?);
     }

@@ -197,7 +197,10 @@ mod tests {
     fn a_message_quotes_at_most_one_line() {
         assert_eq!(one_line("bad `x`".into()), "bad `x`");
         assert_eq!(one_line("bad `a\nsecret`".into()), "bad `a […]");
-        assert_eq!(one_line("y".repeat(400)).chars().count(), MAX_MESSAGE_CHARS + 4);
+        assert_eq!(
+            one_line("y".repeat(400)).chars().count(),
+            MAX_MESSAGE_CHARS + 4
+        );
     }
 
     #[test]

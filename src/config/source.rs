@@ -187,7 +187,10 @@ mod tests {
         let ok = dir.path().join("ok.yaml");
         std::fs::write(&ok, "memory: 64\n").unwrap();
         let s = read_path(&ok).unwrap();
-        assert_eq!((s.text.as_str(), s.base_dir.as_path()), ("memory: 64\n", dir.path()));
+        assert_eq!(
+            (s.text.as_str(), s.base_dir.as_path()),
+            ("memory: 64\n", dir.path())
+        );
         let bin = dir.path().join("bin.yaml");
         std::fs::write(&bin, b"\xff\xfe").unwrap();
         assert!(matches!(read_path(&bin), Err(ReadError::Text(_))));

@@ -69,8 +69,8 @@ impl VmIface {
             .await
     }
 
-    /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s);
-    /// `force` starts at quit.
+    /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s, at
+    /// most 3600); `force` starts at quit. A Stop while stopping can shorten the wait.
     async fn stop(
         &self,
         force: bool,

@@ -12,6 +12,7 @@ pub mod events;
 pub mod fdio;
 pub mod host;
 pub mod jobs;
+pub mod log_limit;
 pub mod logging;
 pub mod manager;
 pub mod notify;

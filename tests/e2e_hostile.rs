@@ -260,3 +260,37 @@ async fn stop_timeouts_are_capped_and_a_shorter_stop_takes_over() {
     assert_eq!(vm.status().await.unwrap(), "stopped");
     slow.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_qmp_arguments_never_reach_qemu() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "big", &tiny_vm_yaml("big")).await;
+    vm.start().await.unwrap();
+    let qmp = maqet::client::qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+
+    // 20 MB of string, a 1.1M-element array, deep nesting: each refused by name.
+    let string = format!(r#"{{"path": "{}"}}"#, "x".repeat(20 << 20));
+    let e = qmp.execute("qom-list", &string, false).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "1 MiB");
+    let array = format!(r#"{{"keys": [{}0]}}"#, "0,".repeat(1_100_000));
+    let e = qmp.execute("send-key", &array, false).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "limit");
+    let many = format!(r#"{{"keys": [{}0]}}"#, "0,".repeat(200_000));
+    let e = qmp.execute("send-key", &many, false).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "100000 JSON values");
+    let deep = format!(r#"{{"a": {}1{}}}"#, "[".repeat(40), "]".repeat(40));
+    let e = qmp.execute("qom-list", &deep, false).await.unwrap_err();
+    assert_kind(&e, "InvalidArgument", "32 levels");
+
+    // The monitor is free at once, and the log holds no flood.
+    let status = qmp.execute("query-status", "", false).await.unwrap();
+    assert!(status.contains("running"), "{status}");
+    let log = bus.root().join("state/maqet/logs");
+    for entry in std::fs::read_dir(&log).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(text.lines().count() < 100, "{}", entry.path().display());
+    }
+}

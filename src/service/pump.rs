@@ -14,9 +14,13 @@ use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_p
 use super::{QmpIface, VmIface};
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
+use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
 use crate::vm::VmInfo;
+
+/// A broken connection fails every signal; say so at a bounded rate.
+static EMIT_FAILED: LogLimiter = LogLimiter::new();
 
 pub async fn run(
     conn: Connection,
@@ -29,7 +33,9 @@ pub async fn run(
             idle.vms_changed();
         }
         if let Err(e) = emit(&conn, &ev).await {
-            tracing::warn!(error = %e, "cannot emit signal");
+            EMIT_FAILED.warn("signal-emit", || {
+                tracing::warn!(error = %e, "cannot emit signal");
+            });
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);

@@ -316,6 +316,21 @@ fn list_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// Runs a config reader on a blocking thread and maps its error.
+async fn read_blocking(
+    read: impl FnOnce() -> Result<Vec<ConfigSource>, config::source::ReadError> + Send + 'static,
+) -> Result<Vec<ConfigSource>, MaqetError> {
+    use config::source::ReadError;
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(sources)) => Ok(sources),
+        Ok(Err(ReadError::File(m))) => Err(MaqetError::InvalidArgument(m)),
+        Ok(Err(ReadError::Text(m))) => Err(MaqetError::InvalidConfig(m)),
+        Err(e) => Err(MaqetError::Internal(format!(
+            "reading config files failed: {e}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,20 +361,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(names(&m), ["cache", "zoo"]);
-    }
-}
-
-/// Runs a config reader on a blocking thread and maps its error.
-async fn read_blocking(
-    read: impl FnOnce() -> Result<Vec<ConfigSource>, config::source::ReadError> + Send + 'static,
-) -> Result<Vec<ConfigSource>, MaqetError> {
-    use config::source::ReadError;
-    match tokio::task::spawn_blocking(read).await {
-        Ok(Ok(sources)) => Ok(sources),
-        Ok(Err(ReadError::File(m))) => Err(MaqetError::InvalidArgument(m)),
-        Ok(Err(ReadError::Text(m))) => Err(MaqetError::InvalidConfig(m)),
-        Err(e) => Err(MaqetError::Internal(format!(
-            "reading config files failed: {e}"
-        ))),
     }
 }

@@ -63,7 +63,7 @@ async fn add_files(
                 .map_err(|e| MaqetError::InvalidArgument(format!("bad path {file}: {e}")))?,
         )
         .map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
-        return Ok(s.manager.add_vm(name, &source.text).await?);
+        return s.manager.add_vm(name, &source.text).await;
     }
     let opened = files
         .iter()
@@ -77,7 +77,7 @@ async fn add_files(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let fds: Vec<zbus::Fd<'_>> = opened.iter().map(zbus::Fd::from).collect();
-    Ok(s.manager.add_vm_from_fds(name, &fds).await?)
+    s.manager.add_vm_from_fds(name, &fds).await
 }
 
 pub(super) async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {

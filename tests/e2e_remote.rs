@@ -147,7 +147,11 @@ async fn the_cli_drives_a_remote_session_bus_over_a_real_sshd() {
     assert!(common::stdout(&add).contains("added sent"));
     let two = remote(&bus, &sshd.ssh, host, &["add", "-c", local, "-c", local]);
     assert!(!two.status.success());
-    assert!(common::stderr(&two).contains("one config file"), "{}", common::stderr(&two));
+    assert!(
+        common::stderr(&two).contains("one config file"),
+        "{}",
+        common::stderr(&two)
+    );
 }
 
 /// A stand-in for ssh: runs the remote command here, with `PATH` set to `path`.

@@ -20,8 +20,6 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use zbus::Connection;
-
-use crate::outbound::escape;
 use zbus::message::Message;
 use zbus::zvariant::Variant;
 
@@ -29,6 +27,7 @@ use crate::access::{Action, ActivityObserver, Gate, Request};
 use crate::error::MaqetError;
 use crate::events::CoreEvent;
 use crate::manager::Manager;
+use crate::outbound::escape;
 use crate::settings::Notifications;
 use crate::vm::Vm;
 use notice::{ACTION_LOG, ACTION_START, Notice};

@@ -6,8 +6,8 @@
 //! to serve `org.maqet.Maqet1.Job` objects and signal changes. A job runs to its end
 //! whether or not anyone is watching.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Notify, watch};
 
@@ -53,6 +53,9 @@ pub struct Job {
     vm_id: String,
     status: watch::Sender<JobStatus>,
     cancel: watch::Sender<bool>,
+    /// Set once the work's outcome is fixed ([`Job::seal`]): from then on a cancel is
+    /// refused, never accepted and then ignored.
+    sealed: Mutex<bool>,
     running: Arc<Running>,
 }
 
@@ -109,6 +112,7 @@ impl Job {
     /// Asks the job to stop. The outcome (cancelled, or completed when the work was
     /// already past the point of no return) is reported through the status.
     pub fn cancel(&self) -> Result<(), MaqetError> {
+        let sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
         let state = self.status.borrow().state;
         if state.is_finished() {
             return Err(MaqetError::InvalidState(format!(
@@ -117,8 +121,22 @@ impl Job {
                 state.as_str()
             )));
         }
+        if *sealed {
+            return Err(MaqetError::InvalidState(format!(
+                "job {} is finishing (its outcome is decided); there is nothing to cancel",
+                self.id
+            )));
+        }
         self.cancel.send_replace(true);
         Ok(())
+    }
+
+    /// For the work: its outcome is decided, so later cancels are refused. Returns
+    /// whether a cancel was accepted before, which the work must then honour.
+    pub fn seal(&self) -> bool {
+        let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
+        *sealed = true;
+        *self.cancel.borrow()
     }
 
     /// For the work: turns true once cancellation was requested.
@@ -190,6 +208,7 @@ impl JobRegistry {
             vm_id: vm_id.to_owned(),
             status,
             cancel,
+            sealed: Mutex::new(false),
             running: self.running.clone(),
         })
     }
@@ -221,5 +240,19 @@ mod tests {
         job.set_progress(0.2, "ignored");
         assert_eq!(job.status().message, "stopped");
         assert_eq!(job.cancel().unwrap_err().kind(), "InvalidState");
+    }
+
+    #[test]
+    fn a_sealed_job_refuses_cancels_and_reports_the_ones_before() {
+        let reg = JobRegistry::default();
+        let quiet = reg.new_job("snapshot-create", "vm", "");
+        assert!(!quiet.seal(), "no cancel was asked for");
+        let e = quiet.cancel().unwrap_err();
+        assert_eq!(e.kind(), "InvalidState");
+        assert!(e.message().contains("finishing"), "{}", e.message());
+        assert!(!quiet.cancel_requested());
+        let asked = reg.new_job("snapshot-create", "vm", "");
+        asked.cancel().unwrap();
+        assert!(asked.seal(), "the cancel before the seal must be honoured");
     }
 }

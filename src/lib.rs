@@ -26,3 +26,13 @@ pub mod storage;
 pub mod store;
 pub mod time;
 pub mod vm;
+
+/// The rule for tests that need something this machine may lack: skip, or fail with
+/// `MAQET_TEST_REQUIRE_ALL=1`. One file, shared with the end-to-end tests.
+#[cfg(test)]
+#[path = "../tests/common/require.rs"]
+#[allow(dead_code)]
+pub(crate) mod require;
+#[cfg(test)]
+#[path = "../tests/common/require_tests.rs"]
+mod require_tests;

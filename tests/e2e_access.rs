@@ -10,15 +10,13 @@ use common::{Bus, BusOptions, error_name, stderr, stdout, tiny_vm_yaml};
 const TEST_USER: &str = "maqet-test";
 
 /// A second, unprivileged user for the tests that need one (root only: creates it,
-/// once per test binary, so parallel tests do not race on /etc/passwd).
-fn test_user() -> Option<(u32, u32)> {
-    static USER: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
-    *USER.get_or_init(|| {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: creating a second user needs root");
-            return None;
-        }
-        let _ = Command::new("useradd")
+/// once per test binary, so parallel tests do not race on /etc/passwd); else why not.
+fn test_user() -> Result<(u32, u32), String> {
+    static USER: std::sync::OnceLock<Result<(u32, u32), String>> = std::sync::OnceLock::new();
+    USER.get_or_init(|| {
+        common::root("creating a second user")?;
+        let useradd = common::program("useradd", "passwd")?;
+        let _ = Command::new(useradd)
             .args([
                 "--system",
                 "--no-create-home",
@@ -30,11 +28,11 @@ fn test_user() -> Option<(u32, u32)> {
         let name = std::ffi::CString::new(TEST_USER).unwrap();
         let pw = unsafe { libc::getpwnam(name.as_ptr()) };
         if pw.is_null() {
-            eprintln!("skipped: cannot create user {TEST_USER}");
-            return None;
+            return Err(format!("cannot create user {TEST_USER} (useradd failed)"));
         }
-        Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+        Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
     })
+    .clone()
 }
 
 /// `busctl` against the test bus, run as `uid`.
@@ -68,7 +66,9 @@ async fn audit(bus: &Bus) -> Vec<maqet::client::AuditEntry> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_is_refused_until_the_policy_admits_them() {
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     let bus = Bus::start_with_options(&BusOptions {
         other_users: true,
         ..BusOptions::default()
@@ -244,7 +244,11 @@ async fn dangerous_qmp_needs_the_flag_and_the_policy() {
         .execute("human-monitor-command", hmp, true)
         .await
         .unwrap();
-    assert!(out.contains("7.2"), "{out}");
+    // It ran in this VM's QEMU: HMP says what QMP's query-version says.
+    let expected =
+        common::hmp_info_version(&qmp.execute("query-version", "", false).await.unwrap());
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out.as_str().unwrap().trim_end(), expected);
     vm.stop(true, 0).await.unwrap();
 }
 
@@ -327,14 +331,10 @@ struct PrivatePolkit {
 }
 
 impl PrivatePolkit {
-    fn start() -> Option<PrivatePolkit> {
-        let polkitd = std::path::Path::new("/usr/lib/polkit-1/polkitd");
-        if unsafe { libc::geteuid() } != 0 || !polkitd.exists() {
-            eprintln!(
-                "skipped: a private polkitd needs root and /usr/lib/polkit-1/polkitd (package polkitd)"
-            );
-            return None;
-        }
+    /// The private polkitd, or why there cannot be one here.
+    fn start() -> Result<PrivatePolkit, String> {
+        common::root("a private polkitd (it reads rules from /etc/polkit-1)")?;
+        let polkitd = common::program("polkitd", "polkitd")?;
         let dir = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -363,7 +363,7 @@ impl PrivatePolkit {
             ),
             &action_file,
         )
-        .ok()?;
+        .map_err(|e| format!("cannot install {}: {e}", action_file.display()))?;
         std::fs::write(
             &rules_file,
             format!(
@@ -376,7 +376,7 @@ polkit.addRule(function(action, subject) {{
 "#
             ),
         )
-        .ok()?;
+        .map_err(|e| format!("cannot install {}: {e}", rules_file.display()))?;
         let installed = vec![action_file, rules_file];
         let mut bus = Command::new("dbus-daemon")
             .arg(format!("--config-file={}", conf.display()))
@@ -384,21 +384,21 @@ polkit.addRule(function(action, subject) {{
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .ok()?;
+            .map_err(|e| format!("cannot run dbus-daemon: {e}"))?;
         let mut line = String::new();
         use std::io::BufRead;
         std::io::BufReader::new(bus.stdout.take().unwrap())
             .read_line(&mut line)
-            .ok()?;
+            .map_err(|e| format!("the private system bus did not start: {e}"))?;
         let address = line.trim().to_string();
-        let polkitd = Command::new(polkitd)
+        let polkitd = Command::new(&polkitd)
             .arg("--no-debug")
             .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .ok()?;
-        Some(PrivatePolkit {
+            .map_err(|e| format!("cannot run {}: {e}", polkitd.display()))?;
+        Ok(PrivatePolkit {
             bus,
             polkitd,
             address,
@@ -442,8 +442,10 @@ impl Drop for PrivatePolkit {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polkit_decides_auth_actions_for_the_calling_process() {
-    let Some(user) = test_user() else { return };
-    let Some(polkit) = PrivatePolkit::start() else {
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    let Some(polkit) = common::require(PrivatePolkit::start()) else {
         return;
     };
     polkit.ready().await;
@@ -498,7 +500,9 @@ async fn another_user_cannot_make_maqetd_read_a_file() {
         other_users: true,
         ..BusOptions::default()
     });
-    let Some(user) = test_user() else { return };
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
     // Admitted for everything: reading files by path is still only for maqetd's own user.
     bus.write_policy(&format!("allow_uids: [{}]\n", user.0));
     let out = manager_call(

@@ -4,7 +4,7 @@
 //! The real thing: a private sshd on localhost (its own host key, an authorized test key,
 //! a free high port) that accepts `DBUS_SESSION_BUS_ADDRESS` from the client, so the far
 //! side's bridge lands on the private test bus. Where no sshd can run, that test says
-//! why and is skipped. A stand-in `ssh` (runs the remote command locally) checks the
+//! why and is skipped (fails with `MAQET_TEST_REQUIRE_ALL=1`). A stand-in `ssh` (runs the remote command locally) checks the
 //! bridge's address logic and the messages for a missing bridge or ssh everywhere.
 
 mod common;
@@ -40,10 +40,10 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 
 /// A private sshd on 127.0.0.1, or why there cannot be one here.
 fn start_sshd(bus_address: &str) -> Result<Sshd, String> {
-    let sshd =
-        tool("sshd").ok_or("sshd is not installed (Debian: apt-get install openssh-server)")?;
-    let keygen = tool("ssh-keygen").ok_or("ssh-keygen is not installed")?;
-    tool("ssh").ok_or("the ssh client is not installed")?;
+    let sshd = common::program("sshd", "openssh-server")?;
+    let keygen = common::program("ssh-keygen", "openssh-client")?;
+    common::program("ssh", "openssh-client")?;
+    common::program("systemd-stdio-bridge", "systemd")?;
     // sshd insists on its privilege separation directory, which only root can make.
     if !Path::new("/run/sshd").is_dir() {
         std::fs::create_dir_all("/run/sshd").map_err(|e| {
@@ -109,12 +109,10 @@ fn remote(bus: &Bus, ssh: &str, host: &str, args: &[&str]) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_a_remote_session_bus_over_a_real_sshd() {
     let bus = Bus::start();
-    let sshd = match start_sshd(&bus.address) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd for the --host test: {why}");
-            return;
-        }
+    let Some(sshd) = common::require(
+        start_sshd(&bus.address).map_err(|why| format!("no sshd for the --host test: {why}")),
+    ) else {
+        return;
     };
     let conn = bus.conn().await;
     bus.add(&conn, "", &tiny_vm_yaml("far")).await;

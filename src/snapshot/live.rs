@@ -8,6 +8,8 @@
 //! QEMU creates these jobs with manual dismissal: maqet reads the outcome from
 //! `query-jobs` and dismisses them. A failed or cancelled save is followed by a
 //! `snapshot-delete` of whatever QEMU left, so `List` never shows a half-made snapshot.
+//! QEMU cannot stop a save once it has begun: a cancel that maqet accepted is honoured
+//! by deleting the finished snapshot too (the job ends `cancelled`, nothing is left).
 
 use std::time::Duration;
 
@@ -92,6 +94,7 @@ pub(super) async fn prepare(
     op: Op,
     name: &str,
 ) -> Result<Prepared, MaqetError> {
+    ensure_commands(vm, op).await?;
     let live = inspect(vm, disks).await?;
     if let Some((d, _)) = disks.iter().zip(&live).find(|(_, l)| l.node.is_empty()) {
         return Err(MaqetError::Storage(format!(
@@ -116,6 +119,47 @@ pub(super) async fn prepare(
     Ok(Prepared {
         disks: disks.iter().cloned().zip(live).collect(),
     })
+}
+
+/// The QMP commands a live `op` sends, beyond the ones every QMP has.
+fn commands_needed(op: Op) -> &'static [&'static str] {
+    match op {
+        // A failed, cancelled or overwriting save deletes too.
+        Op::Create { .. } => &["snapshot-save", "snapshot-delete"],
+        Op::Load => &["snapshot-load"],
+        Op::Delete => &["snapshot-delete"],
+    }
+}
+
+/// The commands of `needed` that a `query-commands` answer does not list.
+fn missing_commands<'a>(answer: &Value, needed: &[&'a str]) -> Vec<&'a str> {
+    let has = |c: &str| {
+        answer.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("name").and_then(Value::as_str) == Some(c))
+        })
+    };
+    needed.iter().copied().filter(|c| !has(c)).collect()
+}
+
+/// Whether this VM's QEMU can do `op` live, asked by capability (`query-commands`),
+/// never by version number: the snapshot jobs came with QEMU 6.0, and a build may lack
+/// or add commands whatever its version says.
+async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), MaqetError> {
+    let qmp = vm.qmp()?;
+    let answer = qmp
+        .execute_timeout("query-commands", None, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| qmp_error(&vm.name(), e))?;
+    let missing = missing_commands(&answer, commands_needed(op));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(MaqetError::InvalidState(format!(
+        "the QEMU running VM '{}' has no {} (live snapshots need QEMU 6.0 or later); stop the VM to use offline snapshots, or upgrade QEMU and restart the VM",
+        vm.name(),
+        missing.join(", ")
+    )))
 }
 
 /// The guest's RAM (at most) goes into the first disk: check its file system has room.
@@ -173,14 +217,36 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
                     return failed(e, format!("could not replace the old snapshot '{name}'"));
                 }
             }
+            if job.cancel_requested() {
+                let note = if overwrite && !holding.is_empty() {
+                    format!("the old snapshot '{name}' was already deleted to be replaced")
+                } else {
+                    "nothing was saved".into()
+                };
+                return Outcome::new(
+                    JobState::Cancelled,
+                    format!("cancelled before saving; {note}"),
+                );
+            }
             let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
             match runner.job("snapshot-save", "save", args, true).await {
-                Ok(()) if job.cancel_requested() => Outcome::new(
-                    JobState::Completed,
-                    format!(
-                        "created snapshot '{name}' (it was finished before the cancel could stop it)"
+                // QEMU (7.2 at least) saves in one block of its main loop and cannot
+                // stop a save once begun: a cancel maqet accepted is honoured by
+                // deleting what QEMU made, so the user sees no snapshot.
+                Ok(()) if job.seal() => match runner.remove_made(name, &p).await {
+                    Ok(_) => Outcome::new(
+                        JobState::Cancelled,
+                        format!(
+                            "cancelled; QEMU had already saved snapshot '{name}' (it cannot stop a save once begun), so maqet deleted it"
+                        ),
                     ),
-                ),
+                    Err(why) => Outcome::new(
+                        JobState::Failed,
+                        format!(
+                            "cancelled too late: QEMU had already saved snapshot '{name}', and deleting it failed ({why}); delete it (maqet snapshot rm)"
+                        ),
+                    ),
+                },
                 Ok(()) => Outcome::new(JobState::Completed, format!("created snapshot '{name}'")),
                 Err(e) => {
                     let note = runner.remove_partial(name, &p).await;
@@ -330,30 +396,60 @@ impl Runner<'_> {
 
     /// After a failed save: delete whatever QEMU wrote under the name.
     async fn remove_partial(&self, name: &str, p: &Prepared) -> String {
+        match self.remove_made(name, p).await {
+            Ok(false) => "no partial snapshot was left behind".into(),
+            Ok(true) => "the partial snapshot was removed".into(),
+            Err(why) => format!(
+                "the partial snapshot '{name}' could not be removed ({why}); delete it (maqet snapshot rm)"
+            ),
+        }
+    }
+
+    /// Deletes snapshot `name` from every disk that now holds it (after a save that
+    /// failed or was cancelled). `Ok(true)`: something was deleted; `Err`: why not.
+    async fn remove_made(&self, name: &str, p: &Prepared) -> Result<bool, String> {
         let disks: Vec<Disk> = p.disks.iter().map(|(d, _)| d.clone()).collect();
-        let holding: Vec<String> = match inspect(self.vm, &disks).await {
-            Ok(now) => now
-                .into_iter()
-                .filter(|l| l.snapshots.iter().any(|s| s.name == name))
-                .map(|l| l.node)
-                .collect(),
-            Err(e) => return format!("could not check for a partial snapshot ({e})"),
-        };
+        let holding: Vec<String> = inspect(self.vm, &disks)
+            .await
+            .map_err(|e| format!("could not check which disks hold it: {e}"))?
+            .into_iter()
+            .filter(|l| l.snapshots.iter().any(|s| s.name == name))
+            .map(|l| l.node)
+            .collect();
         if holding.is_empty() {
-            return "no partial snapshot was left behind".into();
+            return Ok(false);
         }
         let args = json!({ "tag": name, "devices": holding });
         match self.job("snapshot-delete", "cleanup", args, false).await {
-            Ok(()) => "the partial snapshot was removed".into(),
-            Err(e) => {
-                let why = match e {
-                    JobEnd::Failed(why) => why,
-                    JobEnd::Cancelled => "cancelled".into(),
-                };
-                format!(
-                    "the partial snapshot '{name}' could not be removed ({why}); delete it (maqet snapshot rm)"
-                )
-            }
+            Ok(()) => Ok(true),
+            Err(JobEnd::Failed(why)) => Err(why),
+            Err(JobEnd::Cancelled) => Err("cancelled".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_commands_are_found_by_name_in_query_commands() {
+        let qemu_7_2 = json!([{"name": "snapshot-save"}, {"name": "snapshot-load"}, {"name": "snapshot-delete"}, {"name": "query-jobs"}]);
+        let qemu_5_2 = json!([{"name": "query-jobs"}, {"name": "savevm-not-in-qmp"}]);
+        for op in [Op::Create { overwrite: true }, Op::Load, Op::Delete] {
+            assert!(missing_commands(&qemu_7_2, commands_needed(op)).is_empty());
+        }
+        assert_eq!(
+            missing_commands(&qemu_5_2, commands_needed(Op::Create { overwrite: false })),
+            ["snapshot-save", "snapshot-delete"]
+        );
+        assert_eq!(
+            missing_commands(&qemu_5_2, commands_needed(Op::Load)),
+            ["snapshot-load"]
+        );
+        assert_eq!(
+            missing_commands(&json!({}), &["snapshot-delete"]),
+            ["snapshot-delete"]
+        );
     }
 }

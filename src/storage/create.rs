@@ -191,13 +191,14 @@ mod tests {
     }
 
     fn qemu_img() -> Option<QemuImg> {
-        QemuImg::find(std::env::var_os("PATH").as_deref()).ok()
+        crate::require::require(
+            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.message()),
+        )
     }
 
     #[tokio::test]
     async fn creates_a_private_qcow2_and_refuses_planted_names() {
         let Some(img) = qemu_img() else {
-            eprintln!("qemu-img not installed: skipped");
             return;
         };
         let tmp = tempfile::tempdir().unwrap();

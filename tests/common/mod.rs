@@ -7,7 +7,12 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod linux_guest;
 pub mod notifications;
+pub mod require;
+
+#[allow(unused_imports)] // each test binary uses its own part of the fixture
+pub use require::{program, require, root};
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
@@ -468,4 +473,19 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// What HMP's `info version` prints, derived from the same QEMU's QMP `query-version`
+/// answer (`{"qemu": {"major", "minor", "micro"}, "package"}`). Comparing the two checks
+/// that a human-monitor command really ran in that QEMU, whatever its version.
+pub fn hmp_info_version(query_version: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(query_version).expect("query-version JSON");
+    let q = &v["qemu"];
+    format!(
+        "{}.{}.{}{}",
+        q["major"],
+        q["minor"],
+        q["micro"],
+        v["package"].as_str().unwrap_or_default()
+    )
 }

@@ -485,14 +485,17 @@ async fn real_qemu_status_stop_cont_quit() {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn();
-    let _qemu = match spawned {
-        Ok(child) => KillOnDrop(child),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("skipping real_qemu_status_stop_cont_quit: {QEMU} is not installed");
-            return;
-        }
+    let spawned = match spawned {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "{QEMU} is not installed (Debian: apt-get install qemu-system-x86, or scripts/setup-deps)"
+        )),
         Err(err) => panic!("cannot start {QEMU}: {err}"),
+        Ok(child) => Ok(child),
     };
+    let Some(child) = crate::require::require(spawned) else {
+        return;
+    };
+    let _qemu = KillOnDrop(child);
     let (stream, _) = within(listener.accept()).await.unwrap();
 
     let (events, mut events_rx) = mpsc::unbounded_channel();

@@ -940,3 +940,44 @@ async fn a_burst_of_denials_is_counted_when_it_ends() {
         aggregate.10
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_make_maqetd_read_a_file() {
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    // Admitted for everything: reading files by path is still only for maqetd's own user.
+    bus.write_policy(&format!("allow_uids: [{}]\n", user.0));
+    let out = manager_call(
+        &bus,
+        user,
+        "AddVMFromFiles",
+        &["sas", "", "1", "/etc/shadow"],
+    );
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("is refused") && msg.contains("AddVMFromFds"),
+        "{msg}"
+    );
+    // Nothing of the file reached the caller or the audit log.
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let rows = format!("{:?}", audit(&bus).await);
+    for line in shadow.lines().filter(|l| l.len() > 8) {
+        assert!(
+            !msg.contains(line) && !rows.contains(line),
+            "leaked {line:?}"
+        );
+    }
+    let audited = audit(&bus).await;
+    assert!(
+        audited
+            .iter()
+            .any(|r| r.1 == user.0 && r.6 == "AddVMFromFiles" && r.9 == "AccessDenied"),
+        "the denial is audited: {rows}"
+    );
+}

@@ -26,6 +26,7 @@ use policy::{Policy, Verdict};
 use polkit::Polkit;
 
 use crate::error::MaqetError;
+use crate::outbound::Outbound;
 use crate::store::{AuditDecision, AuditRow, Store};
 use crate::time::now_us;
 use audit::{AuditWriter, Record};
@@ -60,6 +61,9 @@ pub struct Request {
     /// `allow_dangerous`): denied before the policy is asked, so nobody is prompted for
     /// a call that cannot run.
     pub interlock: Option<String>,
+    /// Only the service's own user may make this call, whatever the policy says; the
+    /// text says what others should do instead.
+    pub own_user_only: Option<&'static str>,
 }
 
 impl Request {
@@ -72,6 +76,7 @@ impl Request {
             works_degraded: false,
             audited: action.is_mutating(),
             interlock: None,
+            own_user_only: None,
         }
     }
 
@@ -93,6 +98,12 @@ impl Request {
     /// Marks a call that only reads state.
     pub fn read_only(mut self) -> Request {
         self.audited = false;
+        self
+    }
+
+    /// Refuses every caller but the service's own user (see [`Request::own_user_only`]).
+    pub fn own_user_only(mut self, otherwise: &'static str) -> Request {
+        self.own_user_only = Some(otherwise);
         self
     }
 
@@ -311,6 +322,14 @@ impl Gate {
                 req.action.id()
             )
         };
+        if let Some(otherwise) = req.own_user_only
+            && caller.uid != self.own_uid
+        {
+            return Err(refused(&format!(
+                "only uid {} (the user maqetd runs as) may make this call; {otherwise}",
+                self.own_uid
+            )));
+        }
         match decision.verdict {
             Verdict::Yes => Ok(false),
             Verdict::No => Err(refused(&decision.because)),
@@ -365,7 +384,7 @@ impl Gate {
             Ok(_) => Ok(()),
             Err(why) => {
                 self.deny(&caller, &req, &why);
-                Err(zbus::fdo::Error::AccessDenied(why))
+                Err(zbus::fdo::Error::AccessDenied(why.outbound()))
             }
         }
     }
@@ -380,6 +399,7 @@ impl Gate {
         work: F,
     ) -> Result<T, MaqetError>
     where
+        T: Outbound,
         F: Future<Output = Result<T, MaqetError>>,
     {
         if let Some(a) = &self.activity {
@@ -387,14 +407,14 @@ impl Gate {
         }
         let _guard = CallGuard(self.activity.as_ref());
         if let Some(e) = self.refusal().filter(|_| !req.works_degraded) {
-            return Err(e);
+            return Err(e.outbound());
         }
-        let caller = self.identify(conn, hdr).await?;
+        let caller = self.identify(conn, hdr).await.map_err(Outbound::outbound)?;
         let asked_polkit = match self.decide(&caller, &req).await {
             Ok(asked) => asked,
             Err(why) => {
                 self.deny(&caller, &req, &why);
-                return Err(MaqetError::AccessDenied(why));
+                return Err(MaqetError::AccessDenied(why).outbound());
             }
         };
         let result = work.await;
@@ -405,7 +425,8 @@ impl Gate {
             };
             self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
         }
-        result
+        // The one place every method's answer passes on its way out.
+        result.outbound()
     }
 
     /// Audits a denial: the first few of a burst one by one, the rest as one count

@@ -25,6 +25,7 @@ mod diag;
 mod merge;
 mod paths;
 mod size;
+pub mod source;
 mod storage;
 mod validate;
 mod yaml;

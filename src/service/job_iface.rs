@@ -21,6 +21,7 @@ use crate::access::{Action, Request};
 use crate::client::{JOB_INTERFACE, job_path, vm_path};
 use crate::error::MaqetError;
 use crate::jobs::{Job, JobState, JobStatus};
+use crate::outbound::{Outbound, escape};
 
 /// Finished job objects kept on the bus.
 pub const KEEP_FINISHED: usize = 32;
@@ -141,7 +142,8 @@ impl JobIface {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
-        self.read(conn, hdr, |job| job.status().message).await
+        self.read(conn, hdr, |job| job.status().message.outbound())
+            .await
     }
 
     /// The job ended; `success` is true for `completed`.
@@ -202,7 +204,7 @@ async fn watch(conn: Connection, shared: Arc<Shared>, job: Arc<Job>, path: Owned
     let success = last.state == JobState::Completed;
     let sent = async {
         for emitter in audience().await? {
-            JobIface::completed(&emitter, success, &last.message).await?;
+            JobIface::completed(&emitter, success, &escape(&last.message)).await?;
         }
         zbus::Result::Ok(())
     };
@@ -225,7 +227,7 @@ async fn properties_changed(
         changed.insert("State", Variant::from(new.state.as_str()));
     }
     if old.message != new.message {
-        changed.insert("Message", Variant::from(new.message.as_str()));
+        changed.insert("Message", Variant::from(escape(&new.message).into_owned()));
     }
     if changed.is_empty() {
         return Ok(());

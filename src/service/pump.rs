@@ -16,8 +16,13 @@ use super::{QmpIface, VmIface};
 use crate::access::Gate;
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
+use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
+use crate::outbound::escape;
 use crate::vm::VmInfo;
+
+/// A broken connection fails every signal; say so at a bounded rate.
+static EMIT_FAILED: LogLimiter = LogLimiter::new();
 
 pub async fn run(
     conn: Connection,
@@ -31,7 +36,9 @@ pub async fn run(
             idle.vms_changed();
         }
         if let Err(e) = emit(&conn, &gate, &ev).await {
-            tracing::warn!(error = %e, "cannot emit signal");
+            EMIT_FAILED.warn("signal-emit", || {
+                tracing::warn!(error = %e, "cannot emit signal");
+            });
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);
@@ -61,7 +68,7 @@ async fn emit_to(emitter: &SignalEmitter<'_>, ev: &CoreEvent) -> zbus::Result<()
                 emitter,
                 info.status.as_str(),
                 previous.as_str(),
-                &info.reason,
+                &escape(&info.reason),
             )
             .await?;
             properties_changed(emitter, info, STATUS_PROPERTIES).await
@@ -77,7 +84,7 @@ async fn emit_to(emitter: &SignalEmitter<'_>, ev: &CoreEvent) -> zbus::Result<()
             data_json,
             timestamp_us,
             ..
-        } => QmpIface::event(emitter, name, data_json, *timestamp_us).await,
+        } => QmpIface::event(emitter, &escape(name), &escape(data_json), *timestamp_us).await,
         CoreEvent::JobFinished { .. } => Ok(()),
     }
 }

@@ -37,11 +37,11 @@ impl TestEnv {
     }
 }
 
-fn deny_secrets(path: &Path, _usage: PathUse) -> Result<(), String> {
+fn deny_secrets(path: &Path, _usage: PathUse) -> Result<std::path::PathBuf, String> {
     if path.starts_with("/etc") || path.starts_with("/home/u/.ssh") {
         Err("it is a system or secret location".to_owned())
     } else {
-        Ok(())
+        Ok(path.to_path_buf())
     }
 }
 
@@ -282,7 +282,7 @@ const GOLDEN: &[(&str, &[&str])] = &[
         "storage: [{name: base, type: qcow2, file: overlay.qcow2, backing_file: base.qcow2, backing_format: qcow2, options: {cache: none, discard: unmap, readonly: true}}]",
         &[
             "-drive",
-            "file=/vms/web/overlay.qcow2,format=qcow2,if=virtio,id=base,node-name=maqet-d0,readonly=on,cache=none,discard=unmap",
+            "file=/vms/web/overlay.qcow2,format=qcow2,if=virtio,id=base,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=/vms/web/base.qcow2,readonly=on,cache=none,discard=unmap",
         ],
     ),
     (

@@ -2,7 +2,8 @@
 //!
 //! Checked when a VM is added or applied (so a bad path is refused before anything
 //! runs), after resolving symlinks of every existing ancestor, so `~/vm/link/x.qcow2`
-//! with `link -> /etc` is seen as `/etc/x.qcow2`.
+//! with `link -> /etc` is seen as `/etc/x.qcow2`. The resolved path is what the config
+//! stores and what maqetd later opens with no symlinks allowed (`hostfiles`).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -40,16 +41,49 @@ const HOME_TREES: &[&str] = &[
     ".local/share/keyrings",
 ];
 
-/// Why `path` is refused, or `Ok` when a VM may use it. `path` must be absolute.
-/// Boot inputs (a kernel QEMU only reads) may come from system directories; nothing
-/// may come from the user's credential directories.
-pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<(), String> {
+/// Paths whose meaning depends on the process that opens them (`/proc/self/cwd/…`,
+/// `/dev/fd/3`, `/dev/stdin`): never stored, whatever they lead to now.
+const PROCESS_RELATIVE: &[&str] = &[
+    "/proc",
+    "/dev/fd",
+    "/dev/stdin",
+    "/dev/stdout",
+    "/dev/stderr",
+];
+
+/// Where `path` really leads (symlinks of existing ancestors resolved, `..` folded),
+/// or why it is refused. `path` must be absolute. Boot inputs (a kernel QEMU only
+/// reads) may come from system directories; nothing may come from the user's
+/// credential directories; a dangling symlink or a process-relative path is refused.
+pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String> {
+    if let Some(tree) = PROCESS_RELATIVE.iter().find(|t| path.starts_with(t)) {
+        return Err(format!(
+            "{} is under {tree}, whose meaning depends on which process opens it; name the file itself",
+            path.display()
+        ));
+    }
     let resolved = resolve(path);
     let shown = if resolved != path {
         format!("{} (resolves to {})", path.display(), resolved.display())
     } else {
         path.display().to_string()
     };
+    if let Some((link, target)) = dangling_link(&resolved) {
+        let at = if link == resolved {
+            String::new()
+        } else {
+            format!(": {}", link.display())
+        };
+        return Err(format!(
+            "{shown}{at} is a symlink to {}, which does not exist; create the target first or name the real location",
+            target.display()
+        ));
+    }
+    if resolved.starts_with("/proc") {
+        return Err(format!(
+            "{shown} is inside /proc: kernel interfaces, not files"
+        ));
+    }
     if resolved == Path::new("/") {
         return Err(format!("{shown} is the root directory"));
     }
@@ -79,7 +113,26 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<(), String> {
             "{shown} is your whole home directory; share a sub-directory instead"
         ));
     }
-    Ok(())
+    Ok(resolved)
+}
+
+/// In a [`resolve`]d path (a symlink-free existing prefix, then names that did not
+/// resolve), the first unresolved name when it is a symlink: one whose target is
+/// missing, which a later write would follow.
+fn dangling_link(resolved: &Path) -> Option<(PathBuf, PathBuf)> {
+    let first = resolved
+        .ancestors()
+        .find(|a| std::fs::symlink_metadata(a).is_ok())?;
+    let is_link = std::fs::symlink_metadata(first)
+        .ok()?
+        .file_type()
+        .is_symlink();
+    is_link.then(|| {
+        (
+            first.to_path_buf(),
+            std::fs::read_link(first).unwrap_or_default(),
+        )
+    })
 }
 
 /// Canonicalizes the longest existing ancestor and appends the rest lexically (`..` in

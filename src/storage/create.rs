@@ -123,7 +123,7 @@ fn is_same_inode(dir: &OwnedFd, name: &OsStr, created: &rustix::fs::Stat) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn a_parent_swapped_for_a_symlink_is_refused() {

@@ -135,9 +135,13 @@ fn dangling_link(resolved: &Path) -> Option<(PathBuf, PathBuf)> {
     })
 }
 
-/// Canonicalizes the longest existing ancestor and appends the rest lexically (`..` in
-/// the non-existing rest is folded too), so the check sees where a write would land.
+/// Folds `.` and `..` lexically (as the config does: the path a person reads), then
+/// canonicalizes the longest existing ancestor and appends the rest, so the check sees
+/// where a write would land.
 pub fn resolve(path: &Path) -> PathBuf {
+    let mut lexical = PathBuf::from("/");
+    push_normalized(&mut lexical, path);
+    let path = lexical.as_path();
     let mut existing = path.to_path_buf();
     let mut rest: Vec<PathBuf> = Vec::new();
     loop {
@@ -241,5 +245,51 @@ mod tests {
         // `..` out of a harmless directory into a system one.
         let sneaky = tmp.path().join("missing/../../../../../../etc/y");
         assert!(check(&sneaky, Path::new("/home/u"), PathUse::Storage).is_err());
+    }
+
+    #[test]
+    fn the_resolved_path_is_returned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(base.join("data")).unwrap();
+        std::os::unix::fs::symlink(base.join("data"), base.join("vms")).unwrap();
+        let home = Path::new("/home/u");
+        // A symlink the user made on purpose: followed once, stored resolved.
+        let got = check(&base.join("vms/a/../d.img"), home, PathUse::Storage).unwrap();
+        assert_eq!(got, base.join("data/d.img"));
+        let got = check(&base.join("vms/new/x.img"), home, PathUse::Storage).unwrap();
+        assert_eq!(got, base.join("data/new/x.img"));
+    }
+
+    #[test]
+    fn process_relative_paths_and_dangling_symlinks_are_refused() {
+        let home = Path::new("/home/u");
+        for p in [
+            "/proc/self/cwd/x.img",
+            "/dev/fd/3",
+            "/dev/stdin",
+            "/proc/1/root/etc",
+        ] {
+            let err = check(Path::new(p), home, PathUse::BootInput).unwrap_err();
+            assert!(err.contains("depends on which process"), "{p}: {err}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        std::os::unix::fs::symlink(base.join("nowhere"), base.join("leaf.img")).unwrap();
+        let err = check(&base.join("leaf.img"), home, PathUse::Storage).unwrap_err();
+        assert!(
+            err.contains("is a symlink to") && err.contains("does not exist"),
+            "{err}"
+        );
+        // A dangling directory link on the way.
+        std::os::unix::fs::symlink(base.join("gone"), base.join("dir")).unwrap();
+        let err = check(&base.join("dir/x/y.img"), home, PathUse::Storage).unwrap_err();
+        assert!(
+            err.contains(&format!("{} is a symlink", base.join("dir").display())),
+            "{err}"
+        );
+        // A link that leads into /proc is refused wherever it is.
+        std::os::unix::fs::symlink("/proc/self", base.join("me")).unwrap();
+        assert!(check(&base.join("me/environ"), home, PathUse::BootInput).is_err());
     }
 }

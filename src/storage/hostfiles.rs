@@ -144,3 +144,103 @@ fn reopen_read_only(fd: &OwnedFd) -> rustix::io::Result<OwnedFd> {
         Mode::empty(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, PathUse, ValidationContext};
+    use std::path::Path;
+
+    fn load(dir: &Path, yaml: &str) -> VmConfig {
+        let home = Path::new("/home/u");
+        let check = |p: &Path, usage: PathUse| super::super::danger::check(p, home, usage);
+        let ctx = ValidationContext {
+            home,
+            path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
+            default_arch: "x86_64",
+            check_path: &check,
+        };
+        let source = ConfigSource {
+            origin: "vm.yaml".into(),
+            text: format!("binary: /bin/sh\n{yaml}"),
+            base_dir: dir.to_path_buf(),
+        };
+        crate::config::load(&[source], &ctx).unwrap()
+    }
+
+    /// Config → argv: fd sets for the block layer (a writable one holds a read-write
+    /// and a read-only fd of the same inode), /proc/self/fd for plain paths.
+    #[test]
+    fn golden_fd_argv() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        for f in ["root.img", "boot.iso", "vmlinuz"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        std::fs::create_dir(dir.join("shared")).unwrap();
+        let config = load(
+            &dir,
+            "arguments: [{kernel: vmlinuz}]\nstorage:\n  - {name: root, type: raw, file: root.img}\n  - {name: cd, type: raw, file: boot.iso, options: {readonly: true}}\n  - {name: s, type: virtfs, path: shared}\n",
+        );
+        let opened = open_for_qemu(&config).unwrap();
+        let d = dir.display();
+        let expected: Vec<String> = [
+            "-add-fd".to_owned(),
+            format!("fd=6,set=2,opaque={d}/root.img"),
+            "-add-fd".to_owned(),
+            format!("fd=7,set=2,opaque={d}/root.img"),
+            "-add-fd".to_owned(),
+            format!("fd=8,set=3,opaque={d}/boot.iso"),
+            "-kernel".to_owned(),
+            "/proc/self/fd/5".to_owned(),
+            "-drive".to_owned(),
+            "file=/dev/fdset/2,format=raw,if=virtio,id=root,node-name=maqet-d0".to_owned(),
+            "-drive".to_owned(),
+            "file=/dev/fdset/3,format=raw,if=virtio,id=cd,node-name=maqet-d1,readonly=on"
+                .to_owned(),
+            "-virtfs".to_owned(),
+            "local,path=/proc/self/fd/9,mount_tag=s,security_model=mapped-xattr,id=s".to_owned(),
+        ]
+        .into();
+        assert_eq!(opened.args, expected);
+        assert_eq!(
+            opened.notes,
+            [
+                format!("fd 5 = {d}/vmlinuz (read-only)"),
+                format!("fd 6 = {d}/root.img (read-write)"),
+                format!("fd 7 = {d}/root.img (read-only)"),
+                format!("fd 8 = {d}/boot.iso (read-only)"),
+                format!("fd 9 = {d}/shared (directory)"),
+            ]
+        );
+        // Each fd is the file it claims, with the access it claims.
+        let placements = opened.placements();
+        let access = |i: usize| rustix::fs::fcntl_getfl(&opened.fds[i].0).unwrap() & OFlags::RWMODE;
+        assert_eq!(access(1), OFlags::RDWR);
+        assert_eq!(access(2), OFlags::RDONLY);
+        let ino = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let root = std::fs::metadata(dir.join("root.img")).unwrap().ino();
+        assert_eq!(ino(placements[1].0).ino(), root);
+        assert_eq!(ino(placements[2].0).ino(), root);
+        assert_eq!(
+            placements.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9]
+        );
+    }
+
+    /// A directory swapped for a symlink after the check: nothing is opened.
+    #[test]
+    fn a_swapped_directory_opens_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(dir.join("vms")).unwrap();
+        std::fs::write(dir.join("vms/root.img"), "x").unwrap();
+        let config = load(&dir, "storage: [{type: raw, file: vms/root.img}]\n");
+        std::fs::rename(dir.join("vms"), dir.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("vms")).unwrap();
+        let err = open_for_qemu(&config).err().unwrap();
+        assert_eq!(err.kind(), "Storage");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+}

@@ -54,8 +54,8 @@ const BACKEND_OPTIONS: &[&str] = &[
 ];
 const BACKEND_PATH_PREFIXES: &[&str] = &["file:", "pipe:", "unix:", "exec:", "/"];
 
-/// Options that take a host path but are not `RAW_PATH_OPTIONS` (maqet never lets them
-/// through a string).
+/// Options that take a host path QEMU opens by name (a log file, a directory to search):
+/// checked like any path in an `arguments` mapping, refused in `args`.
 const OTHER_PATH_OPTIONS: &[&str] = &["L", "mem-path", "readconfig", "option-rom", "D"];
 
 /// Block protocols that reach the network only, never the host's files.
@@ -211,7 +211,10 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                 cx.register_id(&option, id, &first.key_loc);
             }
             let mut parts = Vec::new();
-            if RAW_PATH_OPTIONS.contains(&canonical(&option)) {
+            let canon = canonical(&option);
+            let path_option =
+                RAW_PATH_OPTIONS.contains(&canon) || OTHER_PATH_OPTIONS.contains(&canon);
+            if path_option {
                 if !rest.is_empty() || !matches!(first.value.value, Value::Str(_)) {
                     cx.diags.error(
                         &first.key_loc,
@@ -221,7 +224,13 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                     );
                     return;
                 }
-                let canon = canonical(&option);
+                if OTHER_PATH_OPTIONS.contains(&canon) {
+                    // Checked; QEMU opens it by name (docs/storage.md).
+                    parts.extend(cx.resolve_path(&mut first.value, PathUse::Storage));
+                    out.push(format!("-{option}"));
+                    out.extend(parts);
+                    return;
+                }
                 let (usage, access, pass) = if BOOT_INPUT_OPTIONS.contains(&canon) {
                     (PathUse::BootInput, Access::Read, PassAs::ProcFd)
                 } else {

@@ -1445,6 +1445,17 @@ fn host_paths_in_strings_are_refused() {
     ] {
         load_one(ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
     }
+    // Path options QEMU opens by name are checked in mappings.
+    assert_eq!(
+        argv_of("arguments: [{D: qemu.log}]\n"),
+        ["-D", "/vms/web/qemu.log"]
+    );
+    error_in(
+        "arguments: [{D: /etc/x}]\n",
+        1,
+        17,
+        "path `/etc/x` is not allowed",
+    );
 }
 
 /// A path is stored where it leads; a stored path that now leads elsewhere (a

@@ -34,8 +34,30 @@ const BLOCK_PATH_OPTIONS: &[(&str, bool)] = &[
     ("fdb", false),
 ];
 
-/// Suboption keys whose string value is a host path.
-const PATH_KEYS: &[&str] = &["file", "path", "filename"];
+/// Suboption keys whose string value is a host path QEMU reads, writes, serves to the
+/// guest or runs.
+const PATH_KEYS: &[&str] = &[
+    "file",
+    "path",
+    "filename",
+    "logfile",
+    "mem-path",
+    "dir",
+    "smb",
+    "tftp",
+    "script",
+    "downscript",
+    "romfile",
+];
+
+/// Values of path keys that switch the feature off instead of naming a file.
+fn names_no_file(key: &str, value: &str) -> bool {
+    match key {
+        "script" | "downscript" => value == "no",
+        "romfile" => value.is_empty(),
+        _ => false,
+    }
+}
 
 /// Options whose string value is a character-device backend, which may name a file,
 /// a socket or a device (`file:/x`, `unix:/x`, `/dev/ttyS0`), or run a command
@@ -369,7 +391,7 @@ pub(crate) fn string_path_problem(option: &str, value: &str) -> Option<String> {
         let last = key.rsplit('.').next().unwrap_or(key);
         // `-blockdev …,file=<node>` names another block node, not a file.
         let node_ref = option == "blockdev" && key == "file" && !v.contains('/');
-        if PATH_KEYS.contains(&last) && !node_ref && !is_network_url(v) {
+        if PATH_KEYS.contains(&last) && !node_ref && !is_network_url(v) && !names_no_file(last, v) {
             return Some(format!("`{part}`"));
         }
     }
@@ -493,6 +515,7 @@ pub(crate) fn render_suboptions(
 fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Option<String> {
     if let Value::Str(s) = &node.value
         && is_path_key(option, key)
+        && !names_no_file(key.rsplit('.').next().unwrap_or(key), s)
     {
         if is_network_url(s) {
             return Some(s.clone());

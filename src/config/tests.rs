@@ -1417,6 +1417,18 @@ fn host_paths_in_strings_are_refused() {
             "arguments: [{drive: {file: 'nbd:unix:/run/x.sock'}}]\n",
             "protocol maqet cannot check",
         ),
+        (
+            "args: [-chardev, 'stdio,id=s,logfile=/home/u/.bashrc']\n",
+            "`logfile=/home/u/.bashrc`",
+        ),
+        (
+            "args: [-netdev, 'tap,id=n,script=/tmp/up']\n",
+            "`script=/tmp/up`",
+        ),
+        (
+            "args: [-netdev, 'user,id=n,smb=/home/u']\n",
+            "`smb=/home/u`",
+        ),
     ] {
         let diags = errors_of(&[source("vm.yaml", "/vms/web", yaml)]);
         let d = diags
@@ -1445,6 +1457,27 @@ fn host_paths_in_strings_are_refused() {
     ] {
         load_one(ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
     }
+    assert_eq!(
+        argv_of("args: [-netdev, 'tap,id=n,script=no,downscript=no']\n")[1],
+        "tap,id=n,script=no,downscript=no"
+    );
+    assert_eq!(
+        argv_of(
+            "arguments: [{netdev: {user: null, id: n, tftp: tftp}}, {device: {e1000: null, romfile: ''}}]\n"
+        ),
+        [
+            "-netdev",
+            "user,id=n,tftp=/vms/web/tftp",
+            "-device",
+            "e1000,romfile="
+        ]
+    );
+    error_in(
+        "arguments: [{chardev: {stdio: null, id: s, logfile: /etc/x}}]\n",
+        1,
+        53,
+        "path `/etc/x` is not allowed",
+    );
     // Path options QEMU opens by name are checked in mappings.
     assert_eq!(
         argv_of("arguments: [{D: qemu.log}]\n"),

@@ -266,11 +266,16 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                 };
                 parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
-                cx.item_readonly = asks_read_only(rest)
-                    || matches!(&first.value.value, Value::Map(inner) if asks_read_only(inner));
+                let nested: &[Entry] = match &first.value.value {
+                    Value::Map(inner) => inner,
+                    _ => &[],
+                };
+                cx.item_readonly = asks_read_only(rest) || asks_read_only(nested);
+                cx.item_not_qcow2 = names_other_format(rest) || names_other_format(nested);
                 positional(&option, &mut first.value, cx, &mut parts);
                 render_suboptions(&option, rest, "", false, cx, &mut parts);
                 cx.item_readonly = false;
+                cx.item_not_qcow2 = false;
             }
             out.push(format!("-{option}"));
             if !parts.is_empty() {
@@ -340,6 +345,13 @@ fn asks_read_only(entries: &[Entry]) -> bool {
             _ => false,
         }
     })
+}
+
+/// Whether suboptions name an image format other than qcow2 (`format=raw`).
+fn names_other_format(entries: &[Entry]) -> bool {
+    entries
+        .iter()
+        .any(|e| e.key == "format" && e.value.scalar_text().is_some_and(|f| f != "qcow2"))
 }
 
 /// How a path suboption of `-option` reaches QEMU: `Some` when maqetd opens it and

@@ -41,6 +41,9 @@ pub struct HostFile {
     pub path: PathBuf,
     pub access: Access,
     pub pass: PassAs,
+    /// QEMU may read it as qcow2 (format `qcow2`, or probed), whose header can name a
+    /// backing file QEMU then opens by name: maqetd checks that name at start.
+    pub qcow2: bool,
 }
 
 /// A piece of one argv word.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use super::PathUse;
 use super::argv::render_suboptions;
 use super::diag::unknown_hint;
-use super::hostfile::{Access, PassAs};
+use super::hostfile::{Access, HostFile, PassAs};
 use super::size::parse_size;
 use super::validate::Cx;
 use super::yaml::{Entry, Loc, Node, Value};
@@ -476,7 +476,13 @@ pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String>
             (_, true) => (Access::Read, PassAs::FdSet),
             (_, false) => (Access::ReadWrite, PassAs::FdSet),
         };
-        let path = cx.register_host_file(e.path.clone(), access, pass, true);
+        let file = HostFile {
+            path: e.path.clone(),
+            access,
+            pass,
+            qcow2: e.kind == StorageKind::Qcow2,
+        };
+        let path = cx.register_host_file(file, true);
         let mut parts = if e.kind == StorageKind::Virtfs {
             vec![
                 "local".to_owned(),
@@ -505,7 +511,13 @@ pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String>
         if let (Some(backing), Some(format)) = (&e.backing_file, &e.backing_format) {
             // Named explicitly, so QEMU takes the fd-passed image instead of opening
             // the name in the qcow2 header.
-            let slot = cx.register_host_file(backing.clone(), Access::Read, PassAs::FdSet, true);
+            let file = HostFile {
+                path: backing.clone(),
+                access: Access::Read,
+                pass: PassAs::FdSet,
+                qcow2: format == "qcow2",
+            };
+            let slot = cx.register_host_file(file, true);
             parts.push(format!("backing.driver={format}"));
             parts.push(format!("backing.file.filename={slot}"));
         }

@@ -48,6 +48,9 @@ pub(crate) struct Cx<'c, 'a> {
     /// Whether the `arguments` item being compiled asks for read-only access
     /// (`readonly=on`, `media=cdrom`): its disk is then opened read-only.
     pub item_readonly: bool,
+    /// Whether it names an image format other than qcow2 (`format=raw`): then no
+    /// qcow2 header of its file is ever read.
+    pub item_not_qcow2: bool,
 }
 
 impl<'c, 'a> Cx<'c, 'a> {
@@ -61,6 +64,7 @@ impl<'c, 'a> Cx<'c, 'a> {
             markers: Markers::new(),
             host_files: Vec::new(),
             item_readonly: false,
+            item_not_qcow2: false,
         }
     }
 
@@ -138,19 +142,19 @@ impl<'c, 'a> Cx<'c, 'a> {
         escaped: bool,
     ) -> Option<String> {
         let path = self.resolve_path(node, usage)?;
-        Some(self.register_host_file(PathBuf::from(path), access, pass, escaped))
+        let file = HostFile {
+            path: PathBuf::from(path),
+            access,
+            pass,
+            qcow2: pass == PassAs::FdSet && !self.item_not_qcow2,
+        };
+        Some(self.register_host_file(file, escaped))
     }
 
     /// Registers an already resolved host file; returns its argv slot.
-    pub fn register_host_file(
-        &mut self,
-        path: PathBuf,
-        access: Access,
-        pass: PassAs,
-        escaped: bool,
-    ) -> String {
+    pub fn register_host_file(&mut self, file: HostFile, escaped: bool) -> String {
         let index = self.host_files.len();
-        self.host_files.push(HostFile { path, access, pass });
+        self.host_files.push(file);
         self.markers.marker(index, escaped)
     }
 

@@ -13,13 +13,20 @@
 //!   `/proc/self/fd/N`, which in the QEMU process is the fd maqetd placed at N.
 //!
 //! The fds are placed at 5, 6, … between fork and exec (`child::place_fds`).
+//!
+//! A qcow2 header can name a backing file, which QEMU opens by name (read-only) unless
+//! the config declared it (then it is fd-passed too). Such a name is checked here
+//! against the dangerous-location list, as if the config had named it: a disk brought
+//! from elsewhere cannot make QEMU hand the guest `~/.ssh/id_rsa` as backing data.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{CWD, FileType, Mode, OFlags};
 
-use super::nofollow;
-use crate::config::{Access, PassAs, VmConfig, escape_commas};
+use super::{danger, nofollow};
+use crate::config::{Access, PassAs, PathUse, VmConfig, escape_commas};
 use crate::error::MaqetError;
 
 /// The first fd number host files get in QEMU (3 and 4 are the QMP and console
@@ -48,8 +55,16 @@ impl OpenedFiles {
 }
 
 /// Opens every host file of `config` and builds QEMU's arguments around the fds.
-/// Fails with `Storage` naming the file when one cannot be opened safely.
-pub fn open_for_qemu(config: &VmConfig) -> Result<OpenedFiles, MaqetError> {
+/// Fails with `Storage` naming the file when one cannot be opened safely, or when a
+/// qcow2 header names a backing file in a place refused for `home`'s user.
+pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, MaqetError> {
+    // Images whose backing the config names: QEMU gets that one, not the header's.
+    let overridden: Vec<&Path> = config
+        .storage()
+        .iter()
+        .filter(|e| e.backing_file.is_some())
+        .map(|e| e.path.as_path())
+        .collect();
     let mut opened = OpenedFiles {
         fds: Vec::new(),
         args: Vec::new(),
@@ -60,6 +75,9 @@ pub fn open_for_qemu(config: &VmConfig) -> Result<OpenedFiles, MaqetError> {
     let mut next = FIRST_FD;
     for (index, file) in config.host_files().iter().enumerate() {
         let fd = open_checked(&file.path, file.access).map_err(MaqetError::Storage)?;
+        if file.qcow2 && !overridden.contains(&file.path.as_path()) {
+            check_backing_name(&fd, &file.path, home).map_err(MaqetError::Storage)?;
+        }
         let mut fds = Vec::new();
         if file.access == Access::ReadWrite && file.pass == PassAs::FdSet {
             let ro = reopen_read_only(&fd).map_err(|e| {
@@ -102,6 +120,60 @@ pub fn open_for_qemu(config: &VmConfig) -> Result<OpenedFiles, MaqetError> {
         .args
         .extend(config.launch_args(&|i| fills[i].clone()));
     Ok(opened)
+}
+
+/// The backing file a qcow2 header names, if the file is a qcow2 image with one.
+fn qcow2_backing_name(fd: &OwnedFd) -> Result<Option<Vec<u8>>, String> {
+    let mut header = [0u8; 20];
+    let read = rustix::io::pread(fd, &mut header, 0).map_err(|e| e.to_string())?;
+    if read < header.len() || header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let size = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    // QEMU refuses names longer than 1023 bytes.
+    if size > 1023 {
+        return Err(format!(
+            "its qcow2 header names a backing file of {size} bytes"
+        ));
+    }
+    let mut name = vec![0u8; size];
+    let read = rustix::io::pread(fd, &mut name, offset).map_err(|e| e.to_string())?;
+    name.truncate(read);
+    Ok(Some(name))
+}
+
+/// Refuses a qcow2 image whose header names a backing file in a place the location
+/// policy refuses for read-only use (or through a protocol that reaches host
+/// files, such as `json:`).
+fn check_backing_name(fd: &OwnedFd, image: &Path, home: &Path) -> Result<(), String> {
+    let refuse = |why: String| {
+        format!(
+            "{}: its qcow2 header names the backing file {why}; QEMU would open it by name. Declare the backing image with `backing_file` in the storage entry, or rebase the image (`qemu-img rebase`)",
+            image.display()
+        )
+    };
+    let Some(name) =
+        qcow2_backing_name(fd).map_err(|e| format!("cannot read {}: {e}", image.display()))?
+    else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&name).into_owned();
+    let raw = std::ffi::OsStr::from_bytes(&name);
+    let first = text.split('/').next().unwrap_or("");
+    if first.contains(':') {
+        return Err(refuse(format!("`{text}`, a protocol maqet cannot check")));
+    }
+    let path = match image.parent() {
+        Some(dir) if !Path::new(raw).is_absolute() => dir.join(raw),
+        _ => PathBuf::from(raw),
+    };
+    danger::check(&path, home, PathUse::BootInput)
+        .map(drop)
+        .map_err(|why| refuse(format!("`{text}`, which is not allowed: {why}")))
 }
 
 /// Opens one host file with no symlinks, without blocking (a FIFO planted at a disk
@@ -182,7 +254,7 @@ mod tests {
             &dir,
             "arguments: [{kernel: vmlinuz}]\nstorage:\n  - {name: root, type: raw, file: root.img}\n  - {name: cd, type: raw, file: boot.iso, options: {readonly: true}}\n  - {name: s, type: virtfs, path: shared}\n",
         );
-        let opened = open_for_qemu(&config).unwrap();
+        let opened = open_for_qemu(&config, Path::new("/home/u")).unwrap();
         let d = dir.display();
         let expected: Vec<String> = [
             "-add-fd".to_owned(),
@@ -239,8 +311,103 @@ mod tests {
         let config = load(&dir, "storage: [{type: raw, file: vms/root.img}]\n");
         std::fs::rename(dir.join("vms"), dir.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("vms")).unwrap();
-        let err = open_for_qemu(&config).err().unwrap();
+        let err = open_for_qemu(&config, Path::new("/home/u")).err().unwrap();
         assert_eq!(err.kind(), "Storage");
         assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    /// A qcow2 brought from elsewhere whose header names a credential file as its
+    /// backing: refused before QEMU runs. A declared backing overrides the header.
+    #[tokio::test]
+    async fn a_qcow2_header_cannot_name_a_refused_backing_file() {
+        if super::super::QemuImg::find(std::env::var_os("PATH").as_deref()).is_err() {
+            assert!(
+                std::env::var_os("MAQET_TEST_REQUIRE_ALL").is_none(),
+                "qemu-img missing"
+            );
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let home = dir.join("home");
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        std::fs::write(home.join(".ssh/id_rsa"), "secret").unwrap();
+        std::fs::write(dir.join("fine.raw"), vec![0u8; 4096]).unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("qemu-img")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let evil = dir.join("evil.qcow2");
+        let secret = home.join(".ssh/id_rsa");
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            secret.to_str().unwrap(),
+            evil.to_str().unwrap(),
+            "1M",
+        ]);
+        let good = dir.join("good.qcow2");
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "fine.raw",
+            good.to_str().unwrap(),
+            "1M",
+        ]);
+
+        let check = |p: &Path, usage: PathUse| danger::check(p, &home, usage);
+        let ctx = ValidationContext {
+            home: &home,
+            path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
+            default_arch: "x86_64",
+            check_path: &check,
+        };
+        let load = |yaml: &str| {
+            let source = ConfigSource {
+                origin: "vm.yaml".into(),
+                text: format!("binary: /bin/sh\n{yaml}"),
+                base_dir: dir.clone(),
+            };
+            crate::config::load(&[source], &ctx).unwrap()
+        };
+        for yaml in [
+            "storage: [{type: qcow2, file: evil.qcow2}]\n",
+            "arguments: [{drive: {file: evil.qcow2, if: virtio}}]\n",
+        ] {
+            let err = open_for_qemu(&load(yaml), &home).err().unwrap();
+            assert_eq!(err.kind(), "Storage");
+            assert!(err.to_string().contains("names the backing file"), "{err}");
+            assert!(err.to_string().contains(".ssh"), "{err}");
+        }
+        // Read as raw, its header means nothing.
+        open_for_qemu(
+            &load("arguments: [{drive: {file: evil.qcow2, format: raw}}]\n"),
+            &home,
+        )
+        .unwrap();
+        // A relative backing name in an allowed place is fine.
+        open_for_qemu(&load("storage: [{type: qcow2, file: good.qcow2}]\n"), &home).unwrap();
+        // A declared backing replaces the header's.
+        open_for_qemu(
+            &load("storage: [{type: qcow2, file: evil.qcow2, backing_file: fine.raw, backing_format: raw}]\n"),
+            &home,
+        )
+        .unwrap();
     }
 }

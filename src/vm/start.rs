@@ -32,7 +32,7 @@ impl Vm {
         }
         // Opened after creation and after the stored paths were checked again: QEMU
         // gets these fds, never the names (docs/storage.md).
-        let files = match crate::storage::hostfiles::open_for_qemu(&config) {
+        let files = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
             Ok(files) => files,
             Err(e) => {
                 let msg = format!("cannot start VM '{name}': {}", e.message());

@@ -158,6 +158,84 @@ async fn a_directory_swapped_for_a_symlink_during_start_never_reaches_qemu() {
     vm.stop(true, 10).await.unwrap();
 }
 
+/// A qcow2 chain whose headers name their backing files relatively (as `qemu-img
+/// create -b base.qcow2` writes them): every link is opened by maqetd and passed as an
+/// fd set; QEMU runs on all three files and never gets a name.
+#[tokio::test]
+async fn a_relative_backing_chain_is_passed_as_fds() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let dir = bus.root().join("chain");
+    std::fs::create_dir(&dir).unwrap();
+    let img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    img(&["create", "-f", "raw", "base.raw", "1M"]);
+    img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        "mid.qcow2",
+    ]);
+    img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "top.qcow2",
+    ]);
+    for extra in [
+        format!(
+            "storage:\n  - {{name: d, type: qcow2, file: '{}/top.qcow2'}}\n",
+            dir.display()
+        ),
+        format!(
+            "  - drive: {{file: '{}/top.qcow2', if: virtio, id: d}}\n",
+            dir.display()
+        ),
+    ] {
+        let vm = bus
+            .add(&conn, "", &format!("{}{extra}", tiny_vm_yaml("chain")))
+            .await;
+        vm.start().await.unwrap();
+        let pid = vm.pid().await.unwrap();
+        let files = open_files(pid);
+        for f in ["top.qcow2", "mid.qcow2", "base.raw"] {
+            assert!(files.contains(&dir.join(f)), "{f}: {files:?}");
+        }
+        let args = cmdline(pid);
+        assert!(
+            args.iter()
+                .any(|a| a.contains("backing.backing.driver=raw")),
+            "{args:?}"
+        );
+        let named = |a: &String| a.contains(".qcow2") && !a.contains("opaque=");
+        assert!(!args.iter().any(named), "{args:?}");
+        vm.stop(true, 10).await.unwrap();
+        bus.manager(&conn)
+            .await
+            .remove_vm("chain", false, false)
+            .await
+            .unwrap();
+    }
+}
+
 /// Host paths hidden in strings are refused at AddVM with a pointer to `storage:`.
 #[tokio::test]
 async fn host_paths_in_strings_are_refused() {

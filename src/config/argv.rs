@@ -266,14 +266,37 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                 };
                 parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
-                let nested: &[Entry] = match &first.value.value {
-                    Value::Map(inner) => inner,
-                    _ => &[],
+                let (read_only, not_qcow2, sets_backing) = {
+                    let nested: &[Entry] = match &first.value.value {
+                        Value::Map(inner) => inner,
+                        _ => &[],
+                    };
+                    let all = || rest.iter().chain(nested);
+                    (
+                        asks_read_only(all()),
+                        names_other_format(all()),
+                        all().any(|e| e.key.starts_with("backing")),
+                    )
                 };
-                cx.item_readonly = asks_read_only(rest) || asks_read_only(nested);
-                cx.item_not_qcow2 = names_other_format(rest) || names_other_format(nested);
+                cx.item_readonly = read_only;
+                cx.item_not_qcow2 = not_qcow2;
+                let first_file = cx.host_file_count();
                 positional(&option, &mut first.value, cx, &mut parts);
                 render_suboptions(&option, rest, "", false, cx, &mut parts);
+                // A qcow2 `-drive` image whose backing the item leaves to its header:
+                // maqetd passes that chain as fds (QEMU would resolve a relative name
+                // against `/dev/fdset/`).
+                if canon == "drive" && !sets_backing && cx.host_file_count() == first_file + 1 {
+                    let file = cx.host_file_at(first_file);
+                    if file.qcow2 && file.pass == PassAs::FdSet {
+                        cx.pass_chain(first_file, "backing.");
+                        let slot = cx.chain_slot(first_file);
+                        match parts.last_mut() {
+                            Some(last) => last.push_str(&slot),
+                            None => parts.push(slot),
+                        }
+                    }
+                }
                 cx.item_readonly = false;
                 cx.item_not_qcow2 = false;
             }
@@ -336,8 +359,8 @@ fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String
 
 /// Whether suboptions ask QEMU for read-only access (`readonly=on`, `read-only=on`,
 /// `media=cdrom`), so the disk's fd is opened read-only.
-fn asks_read_only(entries: &[Entry]) -> bool {
-    entries.iter().any(|e| {
+fn asks_read_only<'e>(mut entries: impl Iterator<Item = &'e Entry>) -> bool {
+    entries.any(|e| {
         let text = e.value.scalar_text().unwrap_or_default();
         match e.key.as_str() {
             "readonly" | "read-only" => matches!(text.as_str(), "on" | "true" | "yes"),
@@ -348,10 +371,8 @@ fn asks_read_only(entries: &[Entry]) -> bool {
 }
 
 /// Whether suboptions name an image format other than qcow2 (`format=raw`).
-fn names_other_format(entries: &[Entry]) -> bool {
-    entries
-        .iter()
-        .any(|e| e.key == "format" && e.value.scalar_text().is_some_and(|f| f != "qcow2"))
+fn names_other_format<'e>(mut entries: impl Iterator<Item = &'e Entry>) -> bool {
+    entries.any(|e| e.key == "format" && e.value.scalar_text().is_some_and(|f| f != "qcow2"))
 }
 
 /// How a path suboption of `-option` reaches QEMU: `Some` when maqetd opens it and

@@ -42,8 +42,12 @@ pub struct HostFile {
     pub access: Access,
     pub pass: PassAs,
     /// QEMU may read it as qcow2 (format `qcow2`, or probed), whose header can name a
-    /// backing file QEMU then opens by name: maqetd checks that name at start.
+    /// backing file: maqetd checks that name at start.
     pub qcow2: bool,
+    /// For a qcow2 `-drive` image: the option prefix (`backing.`) under which maqetd
+    /// adds the fd-passed backing chain to the drive's word (a [`Seg::Chain`] slot).
+    /// `None`: a backing named in the header is opened by QEMU by name.
+    pub chain: Option<String>,
 }
 
 /// A piece of one argv word.
@@ -54,6 +58,11 @@ pub(crate) enum Seg {
     File {
         index: usize,
         escaped: bool,
+    },
+    /// The backing chain options of `host_files[index]` (`,backing.driver=…`), filled at
+    /// start; empty when named by path.
+    Chain {
+        index: usize,
     },
 }
 
@@ -76,6 +85,10 @@ impl Markers {
         format!("{}{index}:{}{DELIM}", self.prefix, u8::from(escaped))
     }
 
+    pub fn chain_marker(&self, index: usize) -> String {
+        format!("{}{index}:c{DELIM}", self.prefix)
+    }
+
     /// Splits a built word back into text and slots.
     pub fn split(&self, word: &str) -> Vec<Seg> {
         let mut segs = Vec::new();
@@ -86,10 +99,14 @@ impl Markers {
             }
             let after = &rest[at + self.prefix.len()..];
             let end = after.find(DELIM).expect("markers are well formed");
-            let (index, escaped) = after[..end].split_once(':').expect("index:escaped");
-            segs.push(Seg::File {
-                index: index.parse().expect("marker index"),
-                escaped: escaped == "1",
+            let (index, kind) = after[..end].split_once(':').expect("index:kind");
+            let index = index.parse().expect("marker index");
+            segs.push(match kind {
+                "c" => Seg::Chain { index },
+                _ => Seg::File {
+                    index,
+                    escaped: kind == "1",
+                },
             });
             rest = &after[end + DELIM.len_utf8()..];
         }
@@ -100,8 +117,13 @@ impl Markers {
     }
 }
 
-/// Joins a word's pieces, filling each slot with `fill(index)` (escaped where needed).
-pub(crate) fn render(word: &[Seg], fill: &dyn Fn(usize) -> String) -> String {
+/// Joins a word's pieces, filling each file slot with `fill(index)` (escaped where
+/// needed) and each chain slot with `chain(index)`.
+pub(crate) fn render(
+    word: &[Seg],
+    fill: &dyn Fn(usize) -> String,
+    chain: &dyn Fn(usize) -> String,
+) -> String {
     let mut out = String::new();
     for seg in word {
         match seg {
@@ -114,6 +136,7 @@ pub(crate) fn render(word: &[Seg], fill: &dyn Fn(usize) -> String) -> String {
                     out.push_str(&text);
                 }
             }
+            Seg::Chain { index } => out.push_str(&chain(*index)),
         }
     }
     out
@@ -141,7 +164,10 @@ mod tests {
         // Another validation's markers are plain text here.
         let other = Markers::new().marker(0, false);
         assert_eq!(m.split(&other), [Seg::Text(other.clone())]);
-        let filled = render(&m.split(&word), &|_| "/a,b".to_owned());
+        let filled = render(&m.split(&word), &|_| "/a,b".to_owned(), &|_| String::new());
         assert_eq!(filled, "file=/a,,b,format=raw,serial=x");
+        let word = format!("file={},id=d{}", m.marker(0, true), m.chain_marker(0));
+        let filled = render(&m.split(&word), &|_| "/x".into(), &|i| format!(",c{i}"));
+        assert_eq!(filled, "file=/x,id=d,c0");
     }
 }

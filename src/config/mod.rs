@@ -202,15 +202,21 @@ impl VmConfig {
     /// options, naming host files by path (for people and logs; QEMU itself gets
     /// [`VmConfig::launch_args`]).
     pub fn qemu_args(&self) -> Vec<String> {
-        self.launch_args(&|i| self.host_files[i].path.to_string_lossy().into_owned())
+        let by_name = |i: usize| self.host_files[i].path.to_string_lossy().into_owned();
+        self.launch_args(&by_name, &|_| String::new())
     }
 
     /// QEMU arguments with each host file slot filled by `fill(index into
-    /// [`VmConfig::host_files`])`, e.g. `/dev/fdset/1`.
-    pub fn launch_args(&self, fill: &dyn Fn(usize) -> String) -> Vec<String> {
+    /// [`VmConfig::host_files`])`, e.g. `/dev/fdset/1`, and each backing chain slot
+    /// (see [`HostFile::chain`]) by `chain(index)`, e.g. `,backing.driver=qcow2,…`.
+    pub fn launch_args(
+        &self,
+        fill: &dyn Fn(usize) -> String,
+        chain: &dyn Fn(usize) -> String,
+    ) -> Vec<String> {
         self.argv
             .iter()
-            .map(|word| hostfile::render(word, fill))
+            .map(|word| hostfile::render(word, fill, chain))
             .collect()
     }
 

@@ -476,13 +476,18 @@ pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String>
             (_, true) => (Access::Read, PassAs::FdSet),
             (_, false) => (Access::ReadWrite, PassAs::FdSet),
         };
+        let file_index = cx.host_file_count();
         let file = HostFile {
             path: e.path.clone(),
             access,
             pass,
             qcow2: e.kind == StorageKind::Qcow2,
+            chain: None,
         };
         let path = cx.register_host_file(file, true);
+        // The image whose backing chain maqetd passes as fds: the declared backing
+        // image, else the disk itself.
+        let mut chain = (e.kind == StorageKind::Qcow2).then_some((file_index, "backing."));
         let mut parts = if e.kind == StorageKind::Virtfs {
             vec![
                 "local".to_owned(),
@@ -516,7 +521,9 @@ pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String>
                 access: Access::Read,
                 pass: PassAs::FdSet,
                 qcow2: format == "qcow2",
+                chain: None,
             };
+            chain = (format == "qcow2").then(|| (cx.host_file_count(), "backing.backing."));
             let slot = cx.register_host_file(file, true);
             parts.push(format!("backing.driver={format}"));
             parts.push(format!("backing.file.filename={slot}"));
@@ -554,7 +561,12 @@ pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String>
             }
             _ => None,
         };
-        out.extend([flag.to_owned(), parts.join(",")]);
+        let mut word = parts.join(",");
+        if let Some((index, prefix)) = chain {
+            cx.pass_chain(index, prefix);
+            word.push_str(&cx.chain_slot(index));
+        }
+        out.extend([flag.to_owned(), word]);
         if let Some(device) = device {
             out.extend(["-device".to_owned(), device]);
         }

@@ -1297,7 +1297,7 @@ fn golden_host_file_slots() {
         "storage:\n  - {name: root, type: qcow2, file: root.qcow2, backing_file: base.qcow2, backing_format: qcow2}\n  - {name: iso, type: raw, file: 'a,b.iso', options: {readonly: true}}\n  - {name: share, type: virtfs, path: shared}\narguments:\n  - kernel: vmlinuz\n  - cdrom: boot.iso\n  - drive: {file: data.img, format: raw, if: none, id: data}\n  - drive: {file: ro.img, format: raw, readonly: 'on', id: ro}\n  - fw_cfg: {name: opt/x, file: blob}\n",
     )
     .unwrap();
-    let slots = config.launch_args(&|i| format!("<{i}>"));
+    let slots = config.launch_args(&|i| format!("<{i}>"), &|i| format!("[chain {i}]"));
     assert_eq!(
         slots,
         [
@@ -1312,7 +1312,8 @@ fn golden_host_file_slots() {
             "-fw_cfg",
             "name=opt/x,file=/vms/web/blob",
             "-drive",
-            "file=<4>,format=qcow2,if=virtio,id=root,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=<5>",
+            // The declared backing's own chain goes under `backing.backing.`.
+            "file=<4>,format=qcow2,if=virtio,id=root,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=<5>[chain 5]",
             "-drive",
             "file=<6>,format=raw,if=virtio,id=iso,node-name=maqet-d1,readonly=on",
             "-virtfs",
@@ -1337,6 +1338,31 @@ fn golden_host_file_slots() {
             ("/vms/web/a,b.iso", Read, FdSet),
             ("/vms/web/shared", Directory, ProcFd),
         ]
+    );
+    let chains: Vec<_> = config
+        .host_files()
+        .iter()
+        .map(|f| (f.qcow2, f.chain.as_deref()))
+        .collect();
+    assert_eq!(
+        chains,
+        [
+            (false, None),
+            (true, None),
+            (false, None),
+            (false, None),
+            (true, None),
+            (true, Some("backing.backing.")),
+            (false, None),
+            (false, None),
+        ]
+    );
+    // A qcow2 (or probed) `-drive` image gets its header's chain passed.
+    let drive = load_one("arguments: [{drive: {file: top.qcow2, if: virtio}}]\n").unwrap();
+    assert_eq!(drive.host_files()[0].chain.as_deref(), Some("backing."));
+    assert_eq!(
+        drive.launch_args(&|_| "F".into(), &|_| ",C".into()),
+        ["-drive", "file=F,if=virtio,C"]
     );
     // By name (for people and logs), commas escaped where QEMU parses suboptions.
     assert!(

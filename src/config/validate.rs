@@ -147,8 +147,28 @@ impl<'c, 'a> Cx<'c, 'a> {
             access,
             pass,
             qcow2: pass == PassAs::FdSet && !self.item_not_qcow2,
+            chain: None,
         };
         Some(self.register_host_file(file, escaped))
+    }
+
+    /// The slot for `host_files[index]`'s backing chain options.
+    pub fn chain_slot(&self, index: usize) -> String {
+        self.markers.chain_marker(index)
+    }
+
+    /// How many host files are registered so far.
+    pub fn host_file_count(&self) -> usize {
+        self.host_files.len()
+    }
+
+    /// Marks `host_files[index]` as a `-drive` image whose backing chain maqetd passes.
+    pub fn pass_chain(&mut self, index: usize, prefix: &str) {
+        self.host_files[index].chain = Some(prefix.to_owned());
+    }
+
+    pub fn host_file_at(&self, index: usize) -> &HostFile {
+        &self.host_files[index]
     }
 
     /// Registers an already resolved host file; returns its argv slot.

@@ -14,10 +14,12 @@
 //!
 //! The fds are placed at 5, 6, … between fork and exec (`child::place_fds`).
 //!
-//! A qcow2 header can name a backing file, which QEMU opens by name (read-only) unless
-//! the config declared it (then it is fd-passed too). Such a name is checked here
-//! against the dangerous-location list, as if the config had named it: a disk brought
-//! from elsewhere cannot make QEMU hand the guest `~/.ssh/id_rsa` as backing data.
+//! A qcow2 header can name a backing file, which QEMU would open by name (and resolve
+//! a relative name against `/dev/fdset/`). For `-drive` images maqetd reads the header
+//! itself, checks the name against the dangerous-location list as if the config had
+//! named it, opens it, and adds it to the drive as `backing.file.filename=/dev/fdset/S`
+//! (a chain slot of the argv), link after link: a disk brought from elsewhere cannot
+//! make QEMU hand the guest `~/.ssh/id_rsa` as backing data.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -54,6 +56,39 @@ impl OpenedFiles {
     }
 }
 
+/// The longest backing chain maqetd follows (QEMU's own limit is similar).
+const MAX_CHAIN: usize = 16;
+
+/// The fds, fd sets and log notes being assembled.
+struct Builder {
+    opened: OpenedFiles,
+    add_fd: Vec<String>,
+    next_fd: RawFd,
+    next_set: usize,
+}
+
+impl Builder {
+    /// Places `fd` at the next number; with `set`, also in that fd set. Returns the number.
+    fn add(&mut self, fd: OwnedFd, how: &str, path: &Path, set: Option<usize>) -> RawFd {
+        let n = self.next_fd;
+        self.next_fd += 1;
+        let shown = path.display().to_string();
+        if let Some(set) = set {
+            self.add_fd.push("-add-fd".to_owned());
+            self.add_fd
+                .push(format!("fd={n},set={set},opaque={}", escape_commas(&shown)));
+        }
+        self.opened.notes.push(format!("fd {n} = {shown} ({how})"));
+        self.opened.fds.push((fd, n));
+        n
+    }
+
+    fn new_set(&mut self) -> usize {
+        self.next_set += 1;
+        self.next_set
+    }
+}
+
 /// Opens every host file of `config` and builds QEMU's arguments around the fds.
 /// Fails with `Storage` naming the file when one cannot be opened safely, or when a
 /// qcow2 header names a backing file in a place refused for `home`'s user.
@@ -65,114 +100,197 @@ pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, Maqe
         .filter(|e| e.backing_file.is_some())
         .map(|e| e.path.as_path())
         .collect();
-    let mut opened = OpenedFiles {
-        fds: Vec::new(),
-        args: Vec::new(),
-        notes: Vec::new(),
+    let files = config.host_files();
+    let mut b = Builder {
+        opened: OpenedFiles {
+            fds: Vec::new(),
+            args: Vec::new(),
+            notes: Vec::new(),
+        },
+        add_fd: Vec::new(),
+        next_fd: FIRST_FD,
+        // Sets 1..=N belong to the host files themselves.
+        next_set: files.len(),
     };
-    let mut add_fd = Vec::new();
     let mut fills = Vec::new();
-    let mut next = FIRST_FD;
-    for (index, file) in config.host_files().iter().enumerate() {
-        let fd = open_checked(&file.path, file.access).map_err(MaqetError::Storage)?;
-        if file.qcow2 && !overridden.contains(&file.path.as_path()) {
-            check_backing_name(&fd, &file.path, home).map_err(MaqetError::Storage)?;
+    let mut chains = vec![String::new(); files.len()];
+    for (index, file) in files.iter().enumerate() {
+        let storage = |e: String| MaqetError::Storage(e);
+        let fd = open_checked(&file.path, file.access).map_err(storage)?;
+        if let Some(prefix) = &file.chain {
+            chains[index] =
+                chain_options(&fd, &file.path, prefix, home, &mut b).map_err(storage)?;
+        } else if file.qcow2 && !overridden.contains(&file.path.as_path()) {
+            // QEMU opens this header's backing by name: at least check the name.
+            if let Some(backing) = qcow2_backing(&fd, &file.path).map_err(storage)? {
+                backing_location(&backing, &file.path, home).map_err(storage)?;
+            }
         }
-        let mut fds = Vec::new();
-        if file.access == Access::ReadWrite && file.pass == PassAs::FdSet {
+        let set = index + 1;
+        let pass_set = (file.pass == PassAs::FdSet).then_some(set);
+        let last = if file.access == Access::ReadWrite && file.pass == PassAs::FdSet {
             let ro = reopen_read_only(&fd).map_err(|e| {
-                MaqetError::Storage(format!(
+                storage(format!(
                     "cannot reopen {} read-only: {e}",
                     file.path.display()
                 ))
             })?;
-            fds.push((fd, "read-write"));
-            fds.push((ro, "read-only"));
+            b.add(fd, "read-write", &file.path, pass_set);
+            b.add(ro, "read-only", &file.path, pass_set)
         } else {
             let how = match file.access {
                 Access::Read => "read-only",
                 Access::ReadWrite => "read-write",
                 Access::Directory => "directory",
             };
-            fds.push((fd, how));
-        }
-        let set = index + 1;
-        let shown = file.path.display().to_string();
-        for (fd, how) in fds {
-            if file.pass == PassAs::FdSet {
-                add_fd.push("-add-fd".to_owned());
-                add_fd.push(format!(
-                    "fd={next},set={set},opaque={}",
-                    escape_commas(&shown)
-                ));
-            }
-            opened.notes.push(format!("fd {next} = {shown} ({how})"));
-            opened.fds.push((fd, next));
-            next += 1;
-        }
+            b.add(fd, how, &file.path, pass_set)
+        };
         fills.push(match file.pass {
             PassAs::FdSet => format!("/dev/fdset/{set}"),
-            PassAs::ProcFd => format!("/proc/self/fd/{}", next - 1),
+            PassAs::ProcFd => format!("/proc/self/fd/{last}"),
         });
     }
-    opened.args = add_fd;
-    opened
-        .args
-        .extend(config.launch_args(&|i| fills[i].clone()));
-    Ok(opened)
+    let args = config.launch_args(&|i| fills[i].clone(), &|i| chains[i].clone());
+    b.opened.args = std::mem::take(&mut b.add_fd);
+    b.opened.args.extend(args);
+    Ok(b.opened)
+}
+
+/// Opens the backing chain below the qcow2 image `top` (each link checked, opened with
+/// no symlinks, read-only, in an fd set of its own) and returns the `-drive` options
+/// that hand it to QEMU: `,backing.driver=qcow2,backing.file.filename=/dev/fdset/7,
+/// backing.backing.driver=raw,…`.
+fn chain_options(
+    top: &OwnedFd,
+    top_path: &Path,
+    prefix: &str,
+    home: &Path,
+    b: &mut Builder,
+) -> Result<String, String> {
+    let mut options = String::new();
+    let mut prefix = prefix.to_owned();
+    let mut next = qcow2_backing(top, top_path)?;
+    let mut image = top_path.to_path_buf();
+    for _ in 0..MAX_CHAIN {
+        let Some(backing) = next else {
+            return Ok(options);
+        };
+        let path = backing_location(&backing, &image, home)?;
+        let fd = open_checked(&path, Access::Read)?;
+        let format = match backing.format {
+            Some(f) => f,
+            None if is_qcow2(&fd) => "qcow2".to_owned(),
+            None => "raw".to_owned(),
+        };
+        if format.is_empty() || !format.bytes().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "{}: its qcow2 header names the backing format `{format}`",
+                image.display()
+            ));
+        }
+        next = if format == "qcow2" {
+            qcow2_backing(&fd, &path)?
+        } else {
+            None
+        };
+        let set = b.new_set();
+        b.add(fd, "read-only backing image", &path, Some(set));
+        options.push_str(&format!(
+            ",{prefix}driver={format},{prefix}file.filename=/dev/fdset/{set}"
+        ));
+        prefix.push_str("backing.");
+        image = path;
+    }
+    Err(format!(
+        "{}: its backing chain is longer than {MAX_CHAIN} images",
+        top_path.display()
+    ))
+}
+
+/// A backing file named in a qcow2 header.
+struct Backing {
+    name: Vec<u8>,
+    /// From the backing format header extension, when present.
+    format: Option<String>,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// Header extension holding the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// How much of the header maqetd reads (extensions live in the first cluster).
+const HEADER_READ: usize = 64 * 1024;
+
+fn is_qcow2(fd: &OwnedFd) -> bool {
+    let mut magic = [0u8; 4];
+    rustix::io::pread(fd, &mut magic, 0).is_ok_and(|n| n == 4 && magic == *QCOW2_MAGIC)
 }
 
 /// The backing file a qcow2 header names, if the file is a qcow2 image with one.
-fn qcow2_backing_name(fd: &OwnedFd) -> Result<Option<Vec<u8>>, String> {
-    let mut header = [0u8; 20];
-    let read = rustix::io::pread(fd, &mut header, 0).map_err(|e| e.to_string())?;
-    if read < header.len() || header[..4] != *b"QFI\xfb" {
+fn qcow2_backing(fd: &OwnedFd, image: &Path) -> Result<Option<Backing>, String> {
+    let unreadable = |e: rustix::io::Errno| format!("cannot read {}: {e}", image.display());
+    let mut header = vec![0u8; HEADER_READ];
+    let read = rustix::io::pread(fd, &mut header, 0).map_err(unreadable)?;
+    header.truncate(read);
+    if header.len() < 72 || header[..4] != *QCOW2_MAGIC {
         return Ok(None);
     }
-    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
-    let size = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let (offset, size) = (be64(8), be32(16) as usize);
     if offset == 0 || size == 0 {
         return Ok(None);
     }
     // QEMU refuses names longer than 1023 bytes.
     if size > 1023 {
         return Err(format!(
-            "its qcow2 header names a backing file of {size} bytes"
+            "{}: its qcow2 header names a backing file of {size} bytes",
+            image.display()
         ));
     }
     let mut name = vec![0u8; size];
-    let read = rustix::io::pread(fd, &mut name, offset).map_err(|e| e.to_string())?;
+    let read = rustix::io::pread(fd, &mut name, offset).map_err(unreadable)?;
     name.truncate(read);
-    Ok(Some(name))
+    // Version 2 headers are 72 bytes; version 3 says how long it is.
+    let mut at = if be32(4) >= 3 && header.len() >= 104 {
+        be32(100) as usize
+    } else {
+        72
+    };
+    let mut format = None;
+    while at + 8 <= header.len() {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        let data = at + 8;
+        if kind == 0 || data + len > header.len() {
+            break;
+        }
+        if kind == EXT_BACKING_FORMAT {
+            format = Some(String::from_utf8_lossy(&header[data..data + len]).into_owned());
+        }
+        at = data + len.div_ceil(8) * 8;
+    }
+    Ok(Some(Backing { name, format }))
 }
 
-/// Refuses a qcow2 image whose header names a backing file in a place the location
-/// policy refuses for read-only use (or through a protocol that reaches host
-/// files, such as `json:`).
-fn check_backing_name(fd: &OwnedFd, image: &Path, home: &Path) -> Result<(), String> {
+/// Where a header's backing name leads (relative names are relative to the image's
+/// directory), checked like a path in a config for read-only use; protocol names
+/// (`json:…`, `nbd:…`) are refused.
+fn backing_location(backing: &Backing, image: &Path, home: &Path) -> Result<PathBuf, String> {
+    let text = String::from_utf8_lossy(&backing.name).into_owned();
     let refuse = |why: String| {
         format!(
-            "{}: its qcow2 header names the backing file {why}; QEMU would open it by name. Declare the backing image with `backing_file` in the storage entry, or rebase the image (`qemu-img rebase`)",
+            "{}: its qcow2 header names the backing file {why}. Declare the backing image with `backing_file` in the storage entry, or rebase the image (`qemu-img rebase`)",
             image.display()
         )
     };
-    let Some(name) =
-        qcow2_backing_name(fd).map_err(|e| format!("cannot read {}: {e}", image.display()))?
-    else {
-        return Ok(());
-    };
-    let text = String::from_utf8_lossy(&name).into_owned();
-    let raw = std::ffi::OsStr::from_bytes(&name);
-    let first = text.split('/').next().unwrap_or("");
-    if first.contains(':') {
+    if text.split('/').next().unwrap_or("").contains(':') {
         return Err(refuse(format!("`{text}`, a protocol maqet cannot check")));
     }
+    let raw = Path::new(std::ffi::OsStr::from_bytes(&backing.name));
     let path = match image.parent() {
-        Some(dir) if !Path::new(raw).is_absolute() => dir.join(raw),
-        _ => PathBuf::from(raw),
+        Some(dir) if !raw.is_absolute() => dir.join(raw),
+        _ => raw.to_path_buf(),
     };
     danger::check(&path, home, PathUse::BootInput)
-        .map(drop)
         .map_err(|why| refuse(format!("`{text}`, which is not allowed: {why}")))
 }
 
@@ -401,8 +519,17 @@ mod tests {
             &home,
         )
         .unwrap();
-        // A relative backing name in an allowed place is fine.
-        open_for_qemu(&load("storage: [{type: qcow2, file: good.qcow2}]\n"), &home).unwrap();
+        // A relative backing name in an allowed place is passed as an fd set too.
+        let opened =
+            open_for_qemu(&load("storage: [{type: qcow2, file: good.qcow2}]\n"), &home).unwrap();
+        assert_eq!(
+            opened.args.last().unwrap(),
+            "file=/dev/fdset/1,format=qcow2,if=virtio,id=disk0,node-name=maqet-d0,backing.driver=raw,backing.file.filename=/dev/fdset/2"
+        );
+        assert!(opened.notes.contains(&format!(
+            "fd 5 = {}/fine.raw (read-only backing image)",
+            dir.display()
+        )));
         // A declared backing replaces the header's.
         open_for_qemu(
             &load("storage: [{type: qcow2, file: evil.qcow2, backing_file: fine.raw, backing_format: raw}]\n"),

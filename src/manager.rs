@@ -6,6 +6,7 @@
 //! constraint backs it up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -119,32 +120,43 @@ impl Manager {
 
     /// Reads config files for `AddVMFromFiles`: absolute paths only (the service cannot
     /// know the caller's working directory), each resolving relative paths against its
-    /// own directory.
-    pub fn sources_from_files(paths: &[String]) -> Result<Vec<ConfigSource>, MaqetError> {
+    /// own directory. Capped and regular files only ([`config::source`]); read on a
+    /// blocking thread, so a slow file never holds up an async worker.
+    pub async fn sources_from_files(paths: Vec<String>) -> Result<Vec<ConfigSource>, MaqetError> {
         if paths.is_empty() {
             return Err(MaqetError::InvalidArgument(
                 "no config files given; pass at least one YAML file".into(),
             ));
         }
-        paths
-            .iter()
-            .map(|p| {
-                let path = Path::new(p);
-                if !path.is_absolute() {
-                    return Err(MaqetError::InvalidArgument(format!(
-                        "config path '{p}' is relative; pass absolute paths (the maqet CLI does this for you)"
-                    )));
-                }
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    MaqetError::InvalidArgument(format!("cannot read config file {p}: {e}"))
-                })?;
-                Ok(ConfigSource {
-                    origin: p.clone(),
-                    text,
-                    base_dir: path.parent().unwrap_or(Path::new("/")).to_path_buf(),
-                })
-            })
-            .collect()
+        if let Some(p) = paths.iter().find(|p| !Path::new(p).is_absolute()) {
+            return Err(MaqetError::InvalidArgument(format!(
+                "config path '{p}' is relative; pass absolute paths (the maqet CLI does this for you)"
+            )));
+        }
+        read_blocking(move || {
+            paths
+                .iter()
+                .map(|p| config::source::read_path(Path::new(p)))
+                .collect()
+        })
+        .await
+    }
+
+    /// Reads config files a client passed as descriptors (`AddVMFromFds`), with the
+    /// same limits as [`Manager::sources_from_files`].
+    pub async fn sources_from_fds(fds: Vec<OwnedFd>) -> Result<Vec<ConfigSource>, MaqetError> {
+        if fds.is_empty() {
+            return Err(MaqetError::InvalidArgument(
+                "no config files given; pass at least one open YAML file".into(),
+            ));
+        }
+        read_blocking(move || {
+            fds.into_iter()
+                .enumerate()
+                .map(|(i, fd)| config::source::read_fd(fd, i + 1))
+                .collect()
+        })
+        .await
     }
 
     /// Defines a VM. `name` empty: the config's `name`, else a generated one.
@@ -302,6 +314,21 @@ fn list_paths(paths: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Runs a config reader on a blocking thread and maps its error.
+async fn read_blocking(
+    read: impl FnOnce() -> Result<Vec<ConfigSource>, config::source::ReadError> + Send + 'static,
+) -> Result<Vec<ConfigSource>, MaqetError> {
+    use config::source::ReadError;
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(sources)) => Ok(sources),
+        Ok(Err(ReadError::File(m))) => Err(MaqetError::InvalidArgument(m)),
+        Ok(Err(ReadError::Text(m))) => Err(MaqetError::InvalidConfig(m)),
+        Err(e) => Err(MaqetError::Internal(format!(
+            "reading config files failed: {e}"
+        ))),
+    }
 }
 
 #[cfg(test)]

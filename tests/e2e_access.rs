@@ -493,3 +493,491 @@ async fn polkit_decides_auth_actions_for_the_calling_process() {
         "{mine:?}"
     );
 }
+
+/// A bus connection of `user`, made in this process: a thread takes the user's
+/// credentials (per thread on Linux, with the raw system calls), connects the bus
+/// socket and ends. The bus knows a connection by the credentials of its `connect`.
+async fn connect_as(bus: &Bus, (uid, gid): (u32, u32)) -> zbus::Connection {
+    let socket = bus
+        .address
+        .strip_prefix("unix:path=")
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("not a unix:path address: {}", bus.address))
+        .to_string();
+    let stream = std::thread::spawn(move || {
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        std::os::unix::net::UnixStream::connect(socket).expect("connect to the bus socket")
+    })
+    .join()
+    .unwrap();
+    zbus::connection::Builder::unix_stream(stream)
+        .user_id(uid)
+        .build()
+        .await
+        .expect("authenticate as the other user")
+}
+
+async fn introspect(conn: &zbus::Connection, path: &str) -> String {
+    zbus::fdo::IntrospectableProxy::builder(conn)
+        .destination("org.maqet.Maqet1")
+        .path(path)
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap_or_else(|e| panic!("Introspect {path}: {e}"))
+}
+
+/// The text of a failed call's error (its name and message).
+async fn refusal(call: impl std::future::Future<Output = zbus::Result<zbus::Message>>) -> String {
+    match call.await {
+        Ok(reply) => panic!("not refused: {reply:?}"),
+        Err(zbus::Error::MethodError(name, msg, _)) => {
+            format!("{name}: {}", msg.unwrap_or_default())
+        }
+        Err(zbus::Error::FDO(e)) => e.to_string(),
+        Err(e) => panic!("unexpected failure: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_learns_nothing_about_vms() {
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    // A VM with a disk, so a snapshot job (an object that names the VM) exists too.
+    let disk = bus.root().join("secret.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let yaml = format!(
+        "{}storage:\n  - {{type: qcow2, file: '{}'}}\n",
+        tiny_vm_yaml("secretvm"),
+        disk.display()
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    let path = vm.inner().path().to_string();
+    let id = vm.id().await.unwrap();
+    let node = path.rsplit('/').next().unwrap().to_string();
+    let snapshots: maqet::client::SnapshotsProxy =
+        maqet::client::proxy_at(&conn, vm.inner().path().to_owned().into())
+            .await
+            .unwrap();
+    let job = snapshots
+        .create("s1", std::collections::HashMap::new())
+        .await
+        .unwrap()
+        .to_string();
+    let job_node = format!("<node name=\"{}\"", job.rsplit('/').next().unwrap());
+    assert!(
+        introspect(&conn, "/org/maqet/Maqet1/job")
+            .await
+            .contains(&job_node)
+    );
+    let stranger = connect_as(&bus, user).await;
+    assert!(
+        !introspect(&stranger, "/org/maqet/Maqet1/job")
+            .await
+            .contains(&job_node)
+    );
+    let job_vm = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        job.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.maqet.Maqet1.Job", "VM"),
+    ))
+    .await;
+
+    // The owner sees the VM's node; the stranger sees the way to the manager, no VM.
+    let vm_node = format!("<node name=\"{node}\"");
+    assert!(
+        introspect(&conn, "/org/maqet/Maqet1/vm")
+            .await
+            .contains(&vm_node)
+    );
+    assert!(
+        introspect(&conn, "/org/maqet/Maqet1")
+            .await
+            .contains("<node name=\"vm\"")
+    );
+    for p in [
+        "/",
+        "/org",
+        "/org/maqet",
+        "/org/maqet/Maqet1",
+        "/org/maqet/Maqet1/vm",
+    ] {
+        let xml = introspect(&stranger, p).await;
+        assert!(
+            !xml.contains(&node)
+                && !xml.contains("<node name=\"vm\"")
+                && !xml.contains("<node name=\"job\"")
+                && !xml.contains("secretvm"),
+            "{p}: {xml}"
+        );
+    }
+    // The manager's own interfaces are still described to everyone.
+    assert!(
+        introspect(&stranger, "/org/maqet/Maqet1")
+            .await
+            .contains("org.maqet.Maqet1.Manager")
+    );
+    // busctl (as the stranger) walks the tree by introspection: no VM on it.
+    let out = busctl_as(&bus, user, &["tree", "org.maqet.Maqet1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("/org/maqet/Maqet1") && !stdout(&out).contains(&node),
+        "{}",
+        stdout(&out)
+    );
+
+    // GetManagedObjects: refused, without naming anything.
+    let managed = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        "/org/maqet/Maqet1",
+        Some("org.freedesktop.DBus.ObjectManager"),
+        "GetManagedObjects",
+        &(),
+    ))
+    .await;
+    assert!(managed.contains("AccessDenied"), "{managed}");
+
+    // A VM that exists and one that does not get the same answer, which names neither.
+    let remove = |name: &'static str| {
+        let stranger = stranger.clone();
+        async move {
+            refusal(stranger.call_method(
+                Some("org.maqet.Maqet1"),
+                "/org/maqet/Maqet1",
+                Some("org.maqet.Maqet1.Manager"),
+                "RemoveVM",
+                &(name, true, false),
+            ))
+            .await
+        }
+    };
+    let known = remove("secretvm").await;
+    let unknown = remove("nosuchvm").await;
+    assert_eq!(known, unknown);
+    let start = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        path.as_str(),
+        Some("org.maqet.Maqet1.VM"),
+        "Start",
+        &(),
+    ))
+    .await;
+    let config = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        path.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.maqet.Maqet1.VM", "Config"),
+    ))
+    .await;
+    for msg in [&managed, &known, &start, &config, &job_vm] {
+        assert!(
+            msg.contains("AccessDenied") && !msg.contains("secretvm") && !msg.contains(&id),
+            "{msg}"
+        );
+    }
+    // So does the CLI, by name.
+    let cli = |name: &str| {
+        let out = bus
+            .maqet_command(&["start", name])
+            .uid(user.0)
+            .gid(user.1)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        stderr(&out).replace(name, "<name>")
+    };
+    assert_eq!(cli("secretvm"), cli("nosuchvm"));
+    assert_eq!(vm.status().await.unwrap(), "created");
+}
+
+/// Every signal a connection receives, as "member args" lines.
+fn signals(conn: &zbus::Connection) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let conn = conn.clone();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        // An ordinary subscription (no eavesdropping): what any client can ask for.
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .build()
+            .unwrap();
+        let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None)
+            .await
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        while let Some(Ok(msg)) = stream.next().await {
+            let hdr = msg.header();
+            let member = hdr.member().map(|m| m.to_string()).unwrap_or_default();
+            let body = format!("{:?}", msg.body().deserialize::<zbus::Structure>());
+            if tx.send(format!("{member} {body}")).is_err() {
+                return;
+            }
+        }
+    });
+    ready.recv().unwrap();
+    rx
+}
+
+/// Waits for a signal line containing every one of `words`; returns the lines before.
+async fn until_signal(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    words: &[&str],
+) -> Vec<String> {
+    let mut before = Vec::new();
+    tokio::time::timeout(common::TIMEOUT, async {
+        while let Some(line) = rx.recv().await {
+            if words.iter().all(|w| line.contains(w)) {
+                return;
+            }
+            before.push(line);
+        }
+        panic!("signal stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no signal with {words:?}; saw {before:#?}"));
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_about_vms_do_not_reach_a_stranger() {
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    // Activate maqetd first: the subscriptions below are then of a running service.
+    bus.manager(&conn).await.list_vms().await.unwrap();
+    let stranger = connect_as(&bus, user).await;
+    let mut theirs = signals(&stranger);
+    let mut mine = signals(&conn);
+
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("whisper")).await;
+    vm.start().await.unwrap();
+    // The owner hears all of it, even with a stranger on the bus...
+    until_signal(&mut mine, &["InterfacesAdded", "whisper"]).await;
+    until_signal(&mut mine, &["VMAdded", "whisper"]).await;
+    until_signal(&mut mine, &["StatusChanged", "running"]).await;
+
+    // ...and once the policy admits the stranger, so does it: the first thing it hears
+    // is about the VM added after that, nothing about the one before.
+    bus.write_policy(&format!("allow_uids: [{}]\n", user.0));
+    bus.add(&conn, "", &tiny_vm_yaml("welcome")).await;
+    let before = until_signal(&mut theirs, &["VMAdded", "welcome"]).await;
+    let leaked: Vec<_> = before
+        .iter()
+        .filter(|l| !l.contains("welcome"))
+        .filter(|l| {
+            l.contains("whisper")
+                || [
+                    "VMAdded",
+                    "InterfacesAdded",
+                    "StatusChanged",
+                    "PropertiesChanged",
+                ]
+                .iter()
+                .any(|m| l.starts_with(m))
+        })
+        .collect();
+    assert!(leaked.is_empty(), "the stranger heard {leaked:#?}");
+    vm.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_denials_is_a_few_audit_rows_and_one_count() {
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("target")).await;
+    let path = vm.inner().path().to_string();
+    let stranger = connect_as(&bus, user).await;
+    const CALLS: usize = 10_000;
+    for _ in 0..CALLS {
+        let r = stranger
+            .call_method(
+                Some("org.maqet.Maqet1"),
+                path.as_str(),
+                Some("org.maqet.Maqet1.VM"),
+                "Start",
+                &(),
+            )
+            .await;
+        assert!(r.is_err());
+    }
+    // The count is written when the burst ends, or (here) when maqetd exits.
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    gone(daemon).await;
+
+    let rows = audit(&bus).await;
+    let theirs: Vec<_> = rows.iter().filter(|r| r.1 == user.0).collect();
+    assert!(theirs.len() <= 10, "{} rows for one flood", theirs.len());
+    let individual = theirs.iter().filter(|r| r.7.is_empty()).count();
+    let counted: usize = theirs
+        .iter()
+        .filter_map(|r| r.7.strip_prefix("count="))
+        .map(|n| n.parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(individual + counted, CALLS, "{theirs:#?}");
+    let aggregate = theirs
+        .iter()
+        .find(|r| r.7.starts_with("count="))
+        .expect("an aggregate row");
+    assert_eq!(
+        (aggregate.6.as_str(), aggregate.8.as_str()),
+        ("Start", "deny")
+    );
+    assert!(
+        aggregate
+            .10
+            .starts_with(&format!("uid {}: {counted} more denials of Start", user.0)),
+        "{}",
+        aggregate.10
+    );
+    // The owner's own rows are all there.
+    assert!(rows.iter().any(|r| r.1 != user.0 && r.6 == "AddVM"));
+}
+
+/// Waits for process `pid` to exit (its pidfd becomes readable).
+async fn gone(pid: u32) {
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let Ok(fd) = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::NONBLOCK) else {
+        return;
+    };
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .unwrap();
+    tokio::time::timeout(common::TIMEOUT, afd.readable())
+        .await
+        .expect("maqetd exits on SIGTERM")
+        .unwrap()
+        .retain_ready();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_denials_is_counted_when_it_ends() {
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let stranger = connect_as(&bus, user).await;
+    // 5 recorded one by one, 3 counted (ListVMs and FindVM are both observe).
+    for method in ["ListVMs", "ListVMs", "ListVMs", "ListVMs", "ListVMs"] {
+        refusal(stranger.call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1",
+            Some("org.maqet.Maqet1.Manager"),
+            method,
+            &(),
+        ))
+        .await;
+    }
+    for _ in 0..3 {
+        refusal(stranger.call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1",
+            Some("org.maqet.Maqet1.Manager"),
+            "FindVM",
+            &("x",),
+        ))
+        .await;
+    }
+    // No call ends the burst: its quiet period does, and then the count is in the log.
+    let aggregate = tokio::time::timeout(common::TIMEOUT, async {
+        loop {
+            let rows = manager.audit("", 0, 0).await.unwrap();
+            if let Some(r) = rows.into_iter().find(|r| r.7.starts_with("count=")) {
+                return r;
+            }
+            // The row appears about 5 s after the last denial; look again shortly.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the count of the burst is written when it ends");
+    assert_eq!(
+        (aggregate.1, aggregate.6.as_str(), aggregate.7.as_str()),
+        (user.0, "FindVM", "count=3")
+    );
+    assert!(
+        aggregate.10.starts_with(&format!(
+            "uid {}: 3 more denials of FindVM (org.maqet.vm.observe)",
+            user.0
+        )),
+        "{}",
+        aggregate.10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_make_maqetd_read_a_file() {
+    let bus = Bus::start_with_options(&BusOptions {
+        other_users: true,
+        ..BusOptions::default()
+    });
+    let Some(user) = common::require(test_user()) else {
+        return;
+    };
+    // Admitted for everything: reading files by path is still only for maqetd's own user.
+    bus.write_policy(&format!("allow_uids: [{}]\n", user.0));
+    let out = manager_call(
+        &bus,
+        user,
+        "AddVMFromFiles",
+        &["sas", "", "1", "/etc/shadow"],
+    );
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("is refused") && msg.contains("AddVMFromFds"),
+        "{msg}"
+    );
+    // Nothing of the file reached the caller or the audit log.
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let rows = format!("{:?}", audit(&bus).await);
+    for line in shadow.lines().filter(|l| l.len() > 8) {
+        assert!(
+            !msg.contains(line) && !rows.contains(line),
+            "leaked {line:?}"
+        );
+    }
+    let audited = audit(&bus).await;
+    assert!(
+        audited
+            .iter()
+            .any(|r| r.1 == user.0 && r.6 == "AddVMFromFiles" && r.9 == "AccessDenied"),
+        "the denial is audited: {rows}"
+    );
+}

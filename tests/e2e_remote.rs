@@ -135,6 +135,21 @@ async fn the_cli_drives_a_remote_session_bus_over_a_real_sshd() {
     assert!(common::stderr(&console).contains("cannot cross ssh"));
     let stop = remote(&bus, &sshd.ssh, host, &["stop", "far", "--force"]);
     assert!(stop.status.success(), "{}", common::stderr(&stop));
+
+    // add -c reads the local file and sends its text; several files cannot be merged there.
+    let local = bus.root().join("local.yaml");
+    std::fs::write(&local, tiny_vm_yaml("sent")).unwrap();
+    let local = local.to_str().unwrap();
+    let add = remote(&bus, &sshd.ssh, host, &["add", "-c", local]);
+    assert!(add.status.success(), "{}", common::stderr(&add));
+    assert!(common::stdout(&add).contains("added sent"));
+    let two = remote(&bus, &sshd.ssh, host, &["add", "-c", local, "-c", local]);
+    assert!(!two.status.success());
+    assert!(
+        common::stderr(&two).contains("one config file"),
+        "{}",
+        common::stderr(&two)
+    );
 }
 
 /// A stand-in for ssh: runs the remote command here, with `PATH` set to `path`.

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 
 fn load(text: &str) -> Result<String, String> {
-    let check = |_: &Path, _: PathUse| Ok(());
+    let check = |p: &Path, _: PathUse| Ok(p.to_path_buf());
     let ctx = ValidationContext {
         home: Path::new("/home/u"),
         path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),

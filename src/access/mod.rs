@@ -7,6 +7,8 @@
 
 mod action;
 mod audit;
+mod denials;
+mod peers;
 pub mod policy;
 mod polkit;
 
@@ -16,9 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use zbus::Connection;
-use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 
 pub use action::Action;
@@ -26,9 +26,12 @@ use policy::{Policy, Verdict};
 use polkit::Polkit;
 
 use crate::error::MaqetError;
+use crate::outbound::Outbound;
 use crate::store::{AuditDecision, AuditRow, Store};
 use crate::time::now_us;
 use audit::{AuditWriter, Record};
+use denials::{Admit, Aggregate, Denials, Due};
+use peers::Peers;
 
 /// Who is calling, as the bus vouches for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,9 @@ pub struct Request {
     /// `allow_dangerous`): denied before the policy is asked, so nobody is prompted for
     /// a call that cannot run.
     pub interlock: Option<String>,
+    /// Only the service's own user may make this call, whatever the policy says; the
+    /// text says what others should do instead.
+    pub own_user_only: Option<&'static str>,
 }
 
 impl Request {
@@ -70,6 +76,7 @@ impl Request {
             works_degraded: false,
             audited: action.is_mutating(),
             interlock: None,
+            own_user_only: None,
         }
     }
 
@@ -91,6 +98,12 @@ impl Request {
     /// Marks a call that only reads state.
     pub fn read_only(mut self) -> Request {
         self.audited = false;
+        self
+    }
+
+    /// Refuses every caller but the service's own user (see [`Request::own_user_only`]).
+    pub fn own_user_only(mut self, otherwise: &'static str) -> Request {
+        self.own_user_only = Some(otherwise);
         self
     }
 
@@ -119,11 +132,23 @@ impl Drop for CallGuard<'_> {
     }
 }
 
+/// Who may receive a signal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipients {
+    /// Broadcast: everyone on the bus is admitted.
+    Everyone,
+    /// A stranger is on the bus: send to each of these unique names instead.
+    Only(Vec<String>),
+}
+
 pub struct Gate {
     own_uid: u32,
     /// Writes audit records off the reply path (see `audit.rs`).
-    auditor: AuditWriter,
-    callers: Mutex<HashMap<String, Caller>>,
+    auditor: Arc<AuditWriter>,
+    /// Keeps a refused caller's denials from flooding the audit log.
+    denials: Arc<Denials>,
+    /// The bus's connections, and the callers among them identified so far.
+    peers: Arc<Peers>,
     activity: Option<Arc<dyn ActivityObserver>>,
     /// Set when the service cannot work at all (its database was refused): every call
     /// gets this answer instead of acting.
@@ -157,8 +182,9 @@ impl Gate {
     ) -> Arc<Gate> {
         Arc::new(Gate {
             own_uid: rustix::process::getuid().as_raw(),
-            auditor: AuditWriter::start(store),
-            callers: Mutex::new(HashMap::new()),
+            auditor: Arc::new(AuditWriter::start(store)),
+            denials: Arc::new(Denials::default()),
+            peers: Arc::new(Peers::default()),
             activity,
             refusal,
             policy: PolicySource::new(policy_file),
@@ -181,26 +207,60 @@ impl Gate {
         self.refusal.as_deref()
     }
 
-    /// Starts forgetting callers that leave the bus. (A unique name is never reused on
-    /// a bus, so an entry cached before this runs is stale at worst, never wrong.)
-    pub fn watch_departures(self: &Arc<Self>, conn: &Connection) {
-        let gate = self.clone();
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            let Ok(dbus) = DBusProxy::new(&conn).await else {
-                return;
-            };
-            // arg2 == "" : a name lost its owner, i.e. a client disconnected.
-            let Ok(mut changes) = dbus.receive_name_owner_changed_with_args(&[(2, "")]).await
-            else {
-                return;
-            };
-            while let Some(change) = changes.next().await {
-                if let Ok(args) = change.args() {
-                    gate.callers.lock().unwrap().remove(args.name().as_str());
-                }
-            }
-        });
+    /// Starts following the bus's connections (callers that leave are forgotten; see
+    /// `peers.rs`). Returns once the connections already on the bus are known, so no
+    /// signal goes out before the service knows who could hear it.
+    pub async fn watch_bus(&self, conn: &Connection) {
+        self.peers.track(conn).await;
+    }
+
+    /// Who may receive a signal about `vm` (id, name), or about no VM in particular:
+    /// every connection the policy admits to `org.maqet.vm.observe` (and the service's
+    /// own user's). While nobody else is on the bus, that is everyone: broadcast.
+    pub async fn signal_recipients(
+        &self,
+        conn: &Connection,
+        vm: Option<(&str, &str)>,
+    ) -> Recipients {
+        let Some(everyone) = self.peers.everyone(conn).await else {
+            return Recipients::Everyone;
+        };
+        if everyone.iter().all(|(_, uid)| *uid == Some(self.own_uid)) {
+            return Recipients::Everyone;
+        }
+        // A connection the bus would not identify counts as a stranger.
+        let (policy, _) = self.policy.current();
+        let admitted = |uid: &Option<u32>| uid.is_some_and(|uid| self.observes(&policy, uid, vm));
+        if everyone.iter().all(|(_, uid)| admitted(uid)) {
+            return Recipients::Everyone;
+        }
+        Recipients::Only(
+            everyone
+                .into_iter()
+                .filter(|(_, uid)| admitted(uid))
+                .map(|(name, _)| name)
+                .collect(),
+        )
+    }
+
+    /// Whether `uid` may see `vm` (or the list of VMs) without asking: the service's own
+    /// user always; others when the policy says `yes` to `org.maqet.vm.observe`. Decides
+    /// who hears signals and who sees VMs in introspection; never prompts.
+    pub fn may_observe(&self, uid: u32, vm: Option<(&str, &str)>) -> bool {
+        self.observes(&self.policy.current().0, uid, vm)
+    }
+
+    fn observes(&self, policy: &Policy, uid: u32, vm: Option<(&str, &str)>) -> bool {
+        uid == self.own_uid
+            || policy
+                .decide(self.own_uid, uid, Action::Observe, vm)
+                .verdict
+                == Verdict::Yes
+    }
+
+    /// The uid of a method call's sender, when the bus can tell.
+    pub async fn caller_uid(&self, conn: &Connection, hdr: &Header<'_>) -> Option<u32> {
+        self.identify(conn, hdr).await.ok().map(|c| c.uid)
     }
 
     /// The caller of a method call, from the bus's credentials of its sender (cached per
@@ -224,25 +284,13 @@ impl Gate {
                 pid: creds.process_id(),
             });
         };
-        let name = sender.as_str().to_string();
-        if let Some(c) = self.callers.lock().unwrap().get(&name) {
-            return Ok(c.clone());
+        if let Some(c) = self.peers.known(sender.as_str()) {
+            return Ok(c);
         }
-        let dbus = DBusProxy::new(conn).await?;
-        let creds = dbus
-            .get_connection_credentials(sender.to_owned().into())
+        let caller = peers::credentials(conn, sender.as_str())
             .await
-            .map_err(|e| {
-                MaqetError::AccessDenied(format!("the bus cannot identify caller {name}: {e}"))
-            })?;
-        let caller = Caller {
-            unique_name: name.clone(),
-            uid: creds.unix_user_id().ok_or_else(|| {
-                MaqetError::AccessDenied(format!("the bus does not know the uid of caller {name}"))
-            })?,
-            pid: creds.process_id(),
-        };
-        self.callers.lock().unwrap().insert(name, caller.clone());
+            .map_err(MaqetError::AccessDenied)?;
+        self.peers.remember(&caller);
         Ok(caller)
     }
 
@@ -258,10 +306,14 @@ impl Gate {
             .as_ref()
             .map(|(id, name)| (id.as_str(), name.as_str()));
         let decision = policy.decide(self.own_uid, caller.uid, req.action, vm);
+        // A stranger is not told which VM it asked about (nor whether it exists): its
+        // answer is the same for every VM, known or not.
+        let stranger = !policy.admits(self.own_uid, caller.uid);
         let refused = |because: &str| {
             let on = req
                 .vm
                 .as_ref()
+                .filter(|_| !stranger)
                 .map(|v| format!(" on VM '{}'", v.1))
                 .unwrap_or_default();
             format!(
@@ -270,6 +322,14 @@ impl Gate {
                 req.action.id()
             )
         };
+        if let Some(otherwise) = req.own_user_only
+            && caller.uid != self.own_uid
+        {
+            return Err(refused(&format!(
+                "only uid {} (the user maqetd runs as) may make this call; {otherwise}",
+                self.own_uid
+            )));
+        }
         match decision.verdict {
             Verdict::Yes => Ok(false),
             Verdict::No => Err(refused(&decision.because)),
@@ -323,8 +383,8 @@ impl Gate {
         match self.decide(&caller, &req).await {
             Ok(_) => Ok(()),
             Err(why) => {
-                self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
-                Err(zbus::fdo::Error::AccessDenied(why))
+                self.deny(&caller, &req, &why);
+                Err(zbus::fdo::Error::AccessDenied(why.outbound()))
             }
         }
     }
@@ -339,6 +399,7 @@ impl Gate {
         work: F,
     ) -> Result<T, MaqetError>
     where
+        T: Outbound,
         F: Future<Output = Result<T, MaqetError>>,
     {
         if let Some(a) = &self.activity {
@@ -346,14 +407,14 @@ impl Gate {
         }
         let _guard = CallGuard(self.activity.as_ref());
         if let Some(e) = self.refusal().filter(|_| !req.works_degraded) {
-            return Err(e);
+            return Err(e.outbound());
         }
-        let caller = self.identify(conn, hdr).await?;
+        let caller = self.identify(conn, hdr).await.map_err(Outbound::outbound)?;
         let asked_polkit = match self.decide(&caller, &req).await {
             Ok(asked) => asked,
             Err(why) => {
-                self.audit(&caller, &req, AuditDecision::Deny, "AccessDenied", &why);
-                return Err(MaqetError::AccessDenied(why));
+                self.deny(&caller, &req, &why);
+                return Err(MaqetError::AccessDenied(why).outbound());
             }
         };
         let result = work.await;
@@ -364,7 +425,38 @@ impl Gate {
             };
             self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
         }
-        result
+        // The one place every method's answer passes on its way out.
+        result.outbound()
+    }
+
+    /// Audits a denial: the first few of a burst one by one, the rest as one count
+    /// (see `denials.rs`).
+    fn deny(&self, caller: &Caller, req: &Request, why: &str) {
+        match self
+            .denials
+            .admit(caller, req.action, req.method, Instant::now(), now_us())
+        {
+            Admit::Record => self.audit(caller, req, AuditDecision::Deny, "AccessDenied", why),
+            Admit::Counted => {}
+            Admit::CountedStartTimer(at) => {
+                let (denials, auditor) = (self.denials.clone(), self.auditor.clone());
+                let (uid, action) = (caller.uid, req.action);
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return; // No runtime: written at shut-down.
+                };
+                rt.spawn(async move {
+                    let mut at = at;
+                    loop {
+                        tokio::time::sleep_until(at.into()).await;
+                        match denials.due(uid, action, Instant::now()) {
+                            Due::Write(agg) => return record_aggregate(&auditor, agg),
+                            Due::Wait(next) => at = next,
+                            Due::Done => return,
+                        }
+                    }
+                });
+            }
+        }
     }
 
     fn audit(
@@ -395,10 +487,39 @@ impl Gate {
         });
     }
 
-    /// Waits until every audit record of the calls answered so far is written.
+    /// Waits until every audit record of the calls answered so far is written (denials
+    /// still being counted are written when their burst ends).
     pub async fn flush_audit(&self) {
         self.auditor.flush().await;
     }
+
+    /// At shut-down: writes the denials still being counted, then everything queued.
+    pub async fn close_audit(&self) {
+        for agg in self.denials.drain() {
+            record_aggregate(&self.auditor, agg);
+        }
+        self.auditor.flush().await;
+    }
+}
+
+/// The one row that stands for a burst's counted denials. `arguments` holds
+/// `count=<n>` for tools; the message says it in words.
+fn record_aggregate(auditor: &AuditWriter, agg: Aggregate) {
+    let row = AuditRow {
+        seq: 0,
+        time: agg.last_us,
+        caller_uid: Some(agg.caller.uid),
+        caller_pid: agg.caller.pid,
+        caller_name: Some(agg.caller.unique_name.clone()),
+        action: agg.action.id().to_string(),
+        vm_id: None,
+        method: Some(agg.method_list()),
+        arguments: Some(format!("count={}", agg.count())),
+        decision: AuditDecision::Deny,
+        outcome: Some("AccessDenied".to_string()),
+        message: Some(agg.message()),
+    };
+    auditor.record(Record { row, vm_name: None });
 }
 
 /// policy.yaml, re-read whenever it changes (checked with one `stat` per decision: no

@@ -117,6 +117,13 @@ impl Policy {
         }
     }
 
+    /// Whether `caller_uid` is one of the users this service serves at all (its own user,
+    /// or one in `allow_uids`). Everyone else is a stranger: refused every call, told
+    /// nothing about any VM, sent no signal.
+    pub fn admits(&self, owner_uid: u32, caller_uid: u32) -> bool {
+        caller_uid == owner_uid || self.allow_uids.contains(&caller_uid)
+    }
+
     /// The verdict for `caller_uid` doing `action` on `vm` (id, name), in a service run
     /// by `owner_uid`. Order: other users need `allow_uids`; then a per-VM rule (by id,
     /// then by name); then the file's action default; then the shipped default.
@@ -127,7 +134,7 @@ impl Policy {
         action: Action,
         vm: Option<(&str, &str)>,
     ) -> Decision {
-        if caller_uid != owner_uid && !self.allow_uids.contains(&caller_uid) {
+        if !self.admits(owner_uid, caller_uid) {
             return Decision {
                 verdict: Verdict::No,
                 because: format!(

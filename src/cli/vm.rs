@@ -31,17 +31,7 @@ pub(super) async fn add(s: &Session, name: String, files: Vec<String>) -> Result
                     .into(),
             ));
         }
-        // The service cannot know our working directory: send absolute paths.
-        let abs = files
-            .iter()
-            .map(|f| {
-                std::path::absolute(f)
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .map_err(|e| MaqetError::InvalidArgument(format!("bad path {f}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&str> = abs.iter().map(String::as_str).collect();
-        s.manager.add_vm_from_files(&name, &refs).await?
+        add_files(s, &name, &files).await?
     };
     let proxy = vm_proxy(&s.conn, path.clone()).await?;
     let (name, id) = (proxy.name().await?, proxy.id().await?);
@@ -51,6 +41,43 @@ pub(super) async fn add(s: &Session, name: String, files: Vec<String>) -> Result
         println!("added {name} ({id})");
     }
     Ok(())
+}
+
+/// Hands the files to the service as open descriptors (maqetd reads nothing by path on
+/// our behalf). Over `--host` no descriptor passes: one file is read here and sent as
+/// text (`AddVM`, so its relative paths resolve against the VM's directory there).
+async fn add_files(
+    s: &Session,
+    name: &str,
+    files: &[String],
+) -> Result<OwnedObjectPath, MaqetError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if s.remote {
+        let [file] = files else {
+            return Err(MaqetError::InvalidArgument(
+                "with --host, maqet add takes one config file (file descriptors do not pass over ssh): merge them into one, or run maqet on that machine".into(),
+            ));
+        };
+        let source = crate::config::source::read_path(
+            &std::path::absolute(file)
+                .map_err(|e| MaqetError::InvalidArgument(format!("bad path {file}: {e}")))?,
+        )
+        .map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
+        return s.manager.add_vm(name, &source.text).await;
+    }
+    let opened = files
+        .iter()
+        .map(|f| {
+            // Non-blocking: a FIFO must not hang the open (the service refuses it).
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(f)
+                .map_err(|e| MaqetError::InvalidArgument(format!("cannot open {f}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let fds: Vec<zbus::Fd<'_>> = opened.iter().map(zbus::Fd::from).collect();
+    s.manager.add_vm_from_fds(name, &fds).await
 }
 
 pub(super) async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {

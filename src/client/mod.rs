@@ -96,6 +96,13 @@ pub trait Manager {
     #[zbus(name = "AddVMFromFiles")]
     fn add_vm_from_files(&self, name: &str, paths: &[&str]) -> Result<OwnedObjectPath, MaqetError>;
 
+    #[zbus(name = "AddVMFromFds")]
+    fn add_vm_from_fds(
+        &self,
+        name: &str,
+        files: &[zbus::Fd<'_>],
+    ) -> Result<OwnedObjectPath, MaqetError>;
+
     #[zbus(name = "RemoveVM")]
     fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;
 

@@ -3,8 +3,9 @@
 //! and how raw `args` strings are split.
 
 use super::PathUse;
+use super::hostfile::{Access, PassAs};
 use super::validate::Cx;
-use super::yaml::{Entry, Node, Value};
+use super::yaml::{Entry, Loc, Node, Value};
 
 /// Options QEMU honours once; a second one is a config error.
 pub(crate) const SINGLE_INSTANCE: &[&str] = &[
@@ -20,8 +21,80 @@ const RAW_PATH_OPTIONS: &[&str] = &[
 /// Raw path options QEMU only reads, once, at start.
 const BOOT_INPUT_OPTIONS: &[&str] = &["kernel", "initrd", "bios", "dtb"];
 
-/// Suboption keys whose string value is a host path.
-const PATH_KEYS: &[&str] = &["file", "path", "filename"];
+/// Raw path options QEMU's block layer opens (so `/dev/fdset/N` works), and whether
+/// it opens them read-only.
+const BLOCK_PATH_OPTIONS: &[(&str, bool)] = &[
+    ("cdrom", true),
+    ("pflash", false),
+    ("hda", false),
+    ("hdb", false),
+    ("hdc", false),
+    ("hdd", false),
+    ("fda", false),
+    ("fdb", false),
+];
+
+/// Suboption keys whose string value is a host path QEMU reads, writes, serves to the
+/// guest or runs.
+const PATH_KEYS: &[&str] = &[
+    "file",
+    "path",
+    "filename",
+    "logfile",
+    "mem-path",
+    "dir",
+    "smb",
+    "tftp",
+    "script",
+    "downscript",
+    "romfile",
+];
+
+/// Values of path keys that switch the feature off instead of naming a file.
+fn names_no_file(key: &str, value: &str) -> bool {
+    match key {
+        "script" | "downscript" => value == "no",
+        "romfile" => value.is_empty(),
+        _ => false,
+    }
+}
+
+/// Options whose string value is a character-device backend, which may name a file,
+/// a socket or a device (`file:/x`, `unix:/x`, `/dev/ttyS0`), or run a command
+/// (`exec:`).
+const BACKEND_OPTIONS: &[&str] = &[
+    "serial",
+    "parallel",
+    "monitor",
+    "qmp",
+    "qmp-pretty",
+    "debugcon",
+    "gdb",
+    "virtioconsole",
+    "incoming",
+    "mon",
+];
+const BACKEND_PATH_PREFIXES: &[&str] = &["file:", "pipe:", "unix:", "exec:", "/"];
+
+/// Options that take a host path QEMU opens by name (a log file, a directory to search):
+/// checked like any path in an `arguments` mapping, refused in `args`.
+const OTHER_PATH_OPTIONS: &[&str] = &["L", "mem-path", "readconfig", "option-rom", "D"];
+
+/// Block protocols that reach the network only, never the host's files.
+const NETWORK_PROTOCOLS: &[&str] = &[
+    "nbd",
+    "nbd+tcp",
+    "http",
+    "https",
+    "ftp",
+    "ftps",
+    "iscsi",
+    "ssh",
+    "gluster",
+    "gluster+tcp",
+    "rbd",
+    "nfs",
+];
 
 /// Why an option maqet controls itself cannot appear in a config.
 pub(crate) fn reserved_reason(option: &str) -> Option<&'static str> {
@@ -33,6 +106,7 @@ pub(crate) fn reserved_reason(option: &str) -> Option<&'static str> {
             "maqetd supervises the QEMU process and runs it as your user; it cannot follow a QEMU that switches user or root directory"
         }
         "pidfile" => "maqetd tracks the QEMU process through a pidfd; no pidfile is needed",
+        "add-fd" => "maqetd passes QEMU the file descriptors of the files it opened itself",
         _ => return None,
     })
 }
@@ -159,7 +233,10 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                 cx.register_id(&option, id, &first.key_loc);
             }
             let mut parts = Vec::new();
-            if RAW_PATH_OPTIONS.contains(&canonical(&option)) {
+            let canon = canonical(&option);
+            let path_option =
+                RAW_PATH_OPTIONS.contains(&canon) || OTHER_PATH_OPTIONS.contains(&canon);
+            if path_option {
                 if !rest.is_empty() || !matches!(first.value.value, Value::Str(_)) {
                     cx.diags.error(
                         &first.key_loc,
@@ -169,15 +246,59 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                     );
                     return;
                 }
-                let usage = if BOOT_INPUT_OPTIONS.contains(&canonical(&option)) {
-                    PathUse::BootInput
+                if OTHER_PATH_OPTIONS.contains(&canon) {
+                    // Checked; QEMU opens it by name (docs/storage.md).
+                    parts.extend(cx.resolve_path(&mut first.value, PathUse::Storage));
+                    out.push(format!("-{option}"));
+                    out.extend(parts);
+                    return;
+                }
+                let (usage, access, pass) = if BOOT_INPUT_OPTIONS.contains(&canon) {
+                    (PathUse::BootInput, Access::Read, PassAs::ProcFd)
                 } else {
-                    PathUse::Storage
+                    let read_only = BLOCK_PATH_OPTIONS.iter().any(|(o, ro)| *o == canon && *ro);
+                    let access = if read_only {
+                        Access::Read
+                    } else {
+                        Access::ReadWrite
+                    };
+                    (PathUse::Storage, access, PassAs::FdSet)
                 };
-                parts.extend(cx.resolve_path(&mut first.value, usage));
+                parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
+                let (read_only, not_qcow2, sets_backing) = {
+                    let nested: &[Entry] = match &first.value.value {
+                        Value::Map(inner) => inner,
+                        _ => &[],
+                    };
+                    let all = || rest.iter().chain(nested);
+                    (
+                        asks_read_only(all()),
+                        names_other_format(all()),
+                        all().any(|e| e.key.starts_with("backing")),
+                    )
+                };
+                cx.item_readonly = read_only;
+                cx.item_not_qcow2 = not_qcow2;
+                let first_file = cx.host_file_count();
                 positional(&option, &mut first.value, cx, &mut parts);
                 render_suboptions(&option, rest, "", false, cx, &mut parts);
+                // A qcow2 `-drive` image whose backing the item leaves to its header:
+                // maqetd passes that chain as fds (QEMU would resolve a relative name
+                // against `/dev/fdset/`).
+                if canon == "drive" && !sets_backing && cx.host_file_count() == first_file + 1 {
+                    let file = cx.host_file_at(first_file);
+                    if file.qcow2 && file.pass == PassAs::FdSet {
+                        cx.pass_chain(first_file, "backing.");
+                        let slot = cx.chain_slot(first_file);
+                        match parts.last_mut() {
+                            Some(last) => last.push_str(&slot),
+                            None => parts.push(slot),
+                        }
+                    }
+                }
+                cx.item_readonly = false;
+                cx.item_not_qcow2 = false;
             }
             out.push(format!("-{option}"));
             if !parts.is_empty() {
@@ -207,7 +328,10 @@ fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String
             let mut words = Vec::new();
             for item in items.iter() {
                 match item.scalar_text() {
-                    Some(text) => words.push(text),
+                    Some(text) => {
+                        refuse_string_path(option, &text, &item.loc, cx);
+                        words.push(text);
+                    }
                     None => cx.diags.error(
                         &item.loc,
                         format!(
@@ -224,8 +348,130 @@ fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String
                 .error(&node.loc, format!("`-{option}` has an empty mapping"));
         }
         Value::Map(entries) => render_suboptions(option, entries, "", true, cx, parts),
-        _ => parts.extend(node.scalar_text()),
+        _ => {
+            if let Some(text) = node.scalar_text() {
+                refuse_string_path(option, &text, &node.loc, cx);
+                parts.push(text);
+            }
+        }
     }
+}
+
+/// Whether suboptions ask QEMU for read-only access (`readonly=on`, `read-only=on`,
+/// `media=cdrom`), so the disk's fd is opened read-only.
+fn asks_read_only<'e>(mut entries: impl Iterator<Item = &'e Entry>) -> bool {
+    entries.any(|e| {
+        let text = e.value.scalar_text().unwrap_or_default();
+        match e.key.as_str() {
+            "readonly" | "read-only" => matches!(text.as_str(), "on" | "true" | "yes"),
+            "media" => text == "cdrom",
+            _ => false,
+        }
+    })
+}
+
+/// Whether suboptions name an image format other than qcow2 (`format=raw`).
+fn names_other_format<'e>(mut entries: impl Iterator<Item = &'e Entry>) -> bool {
+    entries.any(|e| e.key == "format" && e.value.scalar_text().is_some_and(|f| f != "qcow2"))
+}
+
+/// How a path suboption of `-option` reaches QEMU: `Some` when maqetd opens it and
+/// passes the fd, `None` when QEMU opens it by name after the check (documented in
+/// docs/storage.md).
+fn host_file_use(option: &str, key: &str, read_only: bool) -> Option<(Access, PassAs)> {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    match (canonical(option), last) {
+        ("drive" | "blockdev", "file" | "filename") => {
+            let access = if read_only {
+                Access::Read
+            } else {
+                Access::ReadWrite
+            };
+            Some((access, PassAs::FdSet))
+        }
+        ("virtfs" | "fsdev", "path") => Some((Access::Directory, PassAs::ProcFd)),
+        _ => None,
+    }
+}
+
+/// What in a string value of `-option` would make QEMU open a host path maqet neither
+/// checked nor opened: a `file=`/`path=`/`filename=` suboption, a `json:` block spec,
+/// a JSON option naming a file, a backend naming a file, socket, device or command.
+pub(crate) fn string_path_problem(option: &str, value: &str) -> Option<String> {
+    let option = canonical(option);
+    if option == "append" {
+        // The guest kernel's command line: its paths are the guest's.
+        return None;
+    }
+    if value.contains("json:") {
+        return Some("a `json:` block specification".to_owned());
+    }
+    if value.trim_start().starts_with('{') {
+        return ["\"filename\"", "\"path\"", "\"file\""]
+            .iter()
+            .any(|k| value.contains(k))
+            .then(|| "a JSON option naming a file".to_owned());
+    }
+    if BACKEND_OPTIONS.contains(&option)
+        && let Some(prefix) = BACKEND_PATH_PREFIXES.iter().find(|p| value.starts_with(*p))
+    {
+        return Some(format!("the backend `{prefix}…`"));
+    }
+    for part in split_suboptions(value) {
+        let Some((key, v)) = part.split_once('=') else {
+            continue;
+        };
+        let last = key.rsplit('.').next().unwrap_or(key);
+        // `-blockdev …,file=<node>` names another block node, not a file.
+        let node_ref = option == "blockdev" && key == "file" && !v.contains('/');
+        if PATH_KEYS.contains(&last) && !node_ref && !is_network_url(v) && !names_no_file(last, v) {
+            return Some(format!("`{part}`"));
+        }
+    }
+    None
+}
+
+/// Reports [`string_path_problem`] at `loc`.
+fn refuse_string_path(option: &str, value: &str, loc: &Loc, cx: &mut Cx) {
+    if let Some(what) = string_path_problem(option, value) {
+        cx.diags.error_hint(
+            loc,
+            format!(
+                "`-{option}` names a host path inside a string ({what}); maqet checks and opens every path QEMU uses itself, so it refuses paths it cannot see"
+            ),
+            STRUCTURED_HINT,
+        );
+    }
+}
+
+const STRUCTURED_HINT: &str = "declare disks and shares as structured `storage:` entries, or write the option as an `arguments:` mapping such as `{drive: {file: disk.img, format: raw}}` or `{kernel: vmlinuz}`, whose paths are checked (docs/storage.md)";
+
+/// QEMU's suboption list split at unescaped commas (`,,` is a literal comma).
+fn split_suboptions(value: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                parts.last_mut().expect("one part").push(',');
+            } else {
+                parts.push(String::new());
+            }
+        } else {
+            parts.last_mut().expect("one part").push(c);
+        }
+    }
+    parts
+}
+
+/// A URL of a block protocol that only reaches the network.
+fn is_network_url(value: &str) -> bool {
+    has_scheme(value)
+        && !value.contains("unix")
+        && value
+            .split_once(':')
+            .is_some_and(|(scheme, _)| NETWORK_PROTOCOLS.contains(&scheme))
 }
 
 /// `key=value` suboptions; nested mappings join keys with dots, lists repeat
@@ -297,25 +543,41 @@ pub(crate) fn render_suboptions(
 }
 
 /// A scalar suboption value as QEMU should see it; host paths are resolved
-/// (and rewritten in the tree) and their commas escaped.
+/// (and rewritten in the tree), checked, and become host file slots where maqetd
+/// opens the file for QEMU.
 fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Option<String> {
     if let Value::Str(s) = &node.value
         && is_path_key(option, key)
-        && !has_scheme(s)
+        && !names_no_file(key.rsplit('.').next().unwrap_or(key), s)
     {
-        return cx
-            .resolve_path(node, PathUse::Storage)
-            .map(|p| escape_commas(&p));
+        if is_network_url(s) {
+            return Some(s.clone());
+        }
+        if has_scheme(s) {
+            let message = format!(
+                "`{key}: {s}` asks QEMU to open `{s}` through a protocol maqet cannot check (only network protocols such as `nbd:` or `https:` pass)"
+            );
+            cx.diags.error_hint(&node.loc, message, STRUCTURED_HINT);
+            return None;
+        }
+        return match host_file_use(option, key, cx.item_readonly) {
+            Some((access, pass)) => cx.host_file(node, PathUse::Storage, access, pass, true),
+            None => cx
+                .resolve_path(node, PathUse::Storage)
+                .map(|p| escape_commas(&p)),
+        };
     }
     let text = node.scalar_text();
-    if text.is_none() {
-        cx.diags.error(
+    match &text {
+        None => cx.diags.error(
             &node.loc,
             format!(
                 "suboption `{key}` of `-{option}` expects a value (string, number or boolean), found {}",
                 node.kind_name()
             ),
-        );
+        ),
+        // A comma in a value starts another suboption in QEMU's parser.
+        Some(t) => refuse_string_path(option, &format!("{key}={t}"), &node.loc, cx),
     }
     text
 }
@@ -341,6 +603,9 @@ fn has_scheme(value: &str) -> bool {
 /// POSIX shell quoting (no expansion).
 pub(crate) fn compile_args(items: &mut [Node], cx: &mut Cx, out: &mut Vec<String>) {
     let mut value_expected = false;
+    // The option the next value word belongs to: its host paths are refused (raw
+    // strings cannot be fd-passed; docs/storage.md).
+    let mut last_option: Option<String> = None;
     for item in items {
         let text = match &item.value {
             Value::Str(s) | Value::Int(s) | Value::Float(s) => s.clone(),
@@ -368,17 +633,34 @@ pub(crate) fn compile_args(items: &mut [Node], cx: &mut Cx, out: &mut Vec<String
             vec![text]
         };
         for word in words {
-            if value_expected {
+            let is_option = word.len() > 1 && word.starts_with('-') && option_name(&word).is_ok();
+            if value_expected || !is_option {
                 value_expected = false;
-            } else if word.len() > 1
-                && word.starts_with('-')
-                && let Ok(option) = option_name(&word)
-            {
+                if let Some(option) = &last_option {
+                    refuse_raw_path(option, &word, &item.loc, cx);
+                }
+            } else if let Ok(option) = option_name(&word) {
                 cx.register_option(option, &item.loc, "args");
                 value_expected = takes_value(canonical(option));
+                last_option = Some(option.to_owned());
             }
             out.push(word);
         }
+    }
+}
+
+/// Refuses an `args` value word that names a host path: the value of a path option
+/// (`-kernel x`), or a string with a path inside ([`string_path_problem`]).
+fn refuse_raw_path(option: &str, word: &str, loc: &Loc, cx: &mut Cx) {
+    let canon = canonical(option);
+    if RAW_PATH_OPTIONS.contains(&canon) || OTHER_PATH_OPTIONS.contains(&canon) {
+        cx.diags.error_hint(
+            loc,
+            format!("`-{option} {word}` in `args` names a host path; maqet checks and opens every path QEMU uses itself, so raw strings cannot carry one"),
+            STRUCTURED_HINT,
+        );
+    } else {
+        refuse_string_path(option, word, loc, cx);
     }
 }
 

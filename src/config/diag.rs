@@ -126,7 +126,7 @@ impl Diags {
             origin: loc.origin.label.clone(),
             line: loc.line,
             col: loc.col,
-            message,
+            message: one_line(message),
             hint,
             kind,
         });
@@ -153,6 +153,22 @@ impl Diags {
     }
 }
 
+/// The longest diagnostic message kept, in characters.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// A diagnostic quotes at most (part of) its own line of the source: a multi-line value
+/// is cut at its first line break, a long one at [`MAX_MESSAGE_CHARS`]. Error messages
+/// and audit rows then never carry more of a file than the lines that are wrong.
+fn one_line(message: String) -> String {
+    let first = message.split('\n').next().unwrap_or_default();
+    if first.len() == message.len() && first.chars().count() <= MAX_MESSAGE_CHARS {
+        return message;
+    }
+    let mut cut: String = first.chars().take(MAX_MESSAGE_CHARS).collect();
+    cut.push_str(" […]");
+    cut
+}
+
 /// "did you mean" candidate: the closest word within a small edit distance.
 pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let limit = if word.chars().count() <= 3 { 1 } else { 2 };
@@ -176,6 +192,16 @@ pub(crate) fn unknown_hint(word: &str, candidates: &[&str], what: &str) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_quotes_at_most_one_line() {
+        assert_eq!(one_line("bad `x`".into()), "bad `x`");
+        assert_eq!(one_line("bad `a\nsecret`".into()), "bad `a […]");
+        assert_eq!(
+            one_line("y".repeat(400)).chars().count(),
+            MAX_MESSAGE_CHARS + 4
+        );
+    }
 
     #[test]
     fn suggestions_only_when_close() {

@@ -23,9 +23,11 @@
 mod argv;
 mod diag;
 mod guest;
+mod hostfile;
 mod merge;
 mod paths;
 mod size;
+pub mod source;
 mod storage;
 mod validate;
 mod yaml;
@@ -40,6 +42,7 @@ use std::sync::Arc;
 pub(crate) use argv::escape_commas;
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto};
+pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
 pub use size::{format_size, parse_size};
 pub use storage::{Interface, StorageEntry, StorageKind};
@@ -79,10 +82,11 @@ pub struct ValidationContext<'a> {
     pub path_env: Option<&'a OsStr>,
     /// The default binary is `qemu-system-<default_arch>`.
     pub default_arch: &'a str,
-    /// The dangerous-location policy, called with every resolved host path
+    /// The dangerous-location policy, called with every absolute host path
     /// (storage files and shares, kernels, `file=`/`path=` values…) and how
-    /// QEMU uses it; an `Err` becomes a config error at that node.
-    pub check_path: &'a dyn Fn(&Path, PathUse) -> Result<(), String>,
+    /// QEMU uses it. `Ok` is where the path really leads (symlinks resolved): the
+    /// config stores that. An `Err` becomes a config error at that node.
+    pub check_path: &'a dyn Fn(&Path, PathUse) -> Result<PathBuf, String>,
 }
 
 /// How QEMU uses a host path named in a config.
@@ -173,7 +177,9 @@ pub struct VmConfig {
     /// As written (command name) or absolute (path); `None`: the default.
     binary: Option<String>,
     default_binary: String,
-    argv: Vec<String>,
+    /// QEMU arguments; host files are slots into `host_files`.
+    argv: Vec<Vec<hostfile::Seg>>,
+    host_files: Vec<HostFile>,
     storage: Vec<StorageEntry>,
     guest: GuestKeys,
 }
@@ -197,9 +203,30 @@ impl VmConfig {
     }
 
     /// QEMU arguments, without the binary and without maqet's own management
-    /// options.
+    /// options, naming host files by path (for people and logs; QEMU itself gets
+    /// [`VmConfig::launch_args`]).
     pub fn qemu_args(&self) -> Vec<String> {
-        self.argv.clone()
+        let by_name = |i: usize| self.host_files[i].path.to_string_lossy().into_owned();
+        self.launch_args(&by_name, &|_| String::new())
+    }
+
+    /// QEMU arguments with each host file slot filled by `fill(index into
+    /// [`VmConfig::host_files`])`, e.g. `/dev/fdset/1`, and each backing chain slot
+    /// (see [`HostFile::chain`]) by `chain(index)`, e.g. `,backing.driver=qcow2,…`.
+    pub fn launch_args(
+        &self,
+        fill: &dyn Fn(usize) -> String,
+        chain: &dyn Fn(usize) -> String,
+    ) -> Vec<String> {
+        self.argv
+            .iter()
+            .map(|word| hostfile::render(word, fill, chain))
+            .collect()
+    }
+
+    /// Every host file the arguments name, in argv order: maqetd opens them at start.
+    pub fn host_files(&self) -> &[HostFile] {
+        &self.host_files
     }
 
     pub fn storage(&self) -> &[StorageEntry] {

@@ -30,9 +30,10 @@ pub(crate) fn resolve_host_path(
         base_dir.join(raw)
     };
     if !joined.is_absolute() {
+        // A source without a directory (see `source::read_fd`) says why in `base_dir`.
         return Err(format!(
-            "`{raw}` is relative and its base directory `{}` is not absolute",
-            joined.display()
+            "`{raw}` is relative and there is no directory to resolve it against ({}); write an absolute path",
+            base_dir.display()
         ));
     }
     let normalized = normalize(&joined);

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::PathUse;
-use super::argv::{escape_commas, render_suboptions};
+use super::argv::render_suboptions;
 use super::diag::unknown_hint;
+use super::hostfile::{Access, HostFile, PassAs};
 use super::size::parse_size;
 use super::validate::Cx;
 use super::yaml::{Entry, Loc, Node, Value};
@@ -464,12 +465,29 @@ fn compile_options(kind: StorageKind, node: &mut Node, cx: &mut Cx, options: &mu
 }
 
 /// QEMU arguments for all entries, in order; the SATA/SCSI controller is added
-/// before the first disk that needs it.
-pub(crate) fn storage_argv(entries: &[StorageEntry]) -> Vec<String> {
+/// before the first disk that needs it. Image files, declared backing images and
+/// share roots are host files maqetd opens at start (docs/storage.md).
+pub(crate) fn storage_argv(entries: &[StorageEntry], cx: &mut Cx) -> Vec<String> {
     let mut out = Vec::new();
     let (mut sata_port, mut scsi_added) = (0usize, false);
     for (index, e) in entries.iter().enumerate() {
-        let path = escape_commas(&e.path.to_string_lossy());
+        let (access, pass) = match (e.kind, e.readonly) {
+            (StorageKind::Virtfs, _) => (Access::Directory, PassAs::ProcFd),
+            (_, true) => (Access::Read, PassAs::FdSet),
+            (_, false) => (Access::ReadWrite, PassAs::FdSet),
+        };
+        let file_index = cx.host_file_count();
+        let file = HostFile {
+            path: e.path.clone(),
+            access,
+            pass,
+            qcow2: e.kind == StorageKind::Qcow2,
+            chain: None,
+        };
+        let path = cx.register_host_file(file, true);
+        // The image whose backing chain maqetd passes as fds: the declared backing
+        // image, else the disk itself.
+        let mut chain = (e.kind == StorageKind::Qcow2).then_some((file_index, "backing."));
         let mut parts = if e.kind == StorageKind::Virtfs {
             vec![
                 "local".to_owned(),
@@ -495,6 +513,21 @@ pub(crate) fn storage_argv(entries: &[StorageEntry]) -> Vec<String> {
                 format!("node-name={NODE_NAME_PREFIX}{index}"),
             ]
         };
+        if let (Some(backing), Some(format)) = (&e.backing_file, &e.backing_format) {
+            // Named explicitly, so QEMU takes the fd-passed image instead of opening
+            // the name in the qcow2 header.
+            let file = HostFile {
+                path: backing.clone(),
+                access: Access::Read,
+                pass: PassAs::FdSet,
+                qcow2: format == "qcow2",
+                chain: None,
+            };
+            chain = (format == "qcow2").then(|| (cx.host_file_count(), "backing.backing."));
+            let slot = cx.register_host_file(file, true);
+            parts.push(format!("backing.driver={format}"));
+            parts.push(format!("backing.file.filename={slot}"));
+        }
         if e.readonly {
             parts.push("readonly=on".to_owned());
         }
@@ -528,7 +561,12 @@ pub(crate) fn storage_argv(entries: &[StorageEntry]) -> Vec<String> {
             }
             _ => None,
         };
-        out.extend([flag.to_owned(), parts.join(",")]);
+        let mut word = parts.join(",");
+        if let Some((index, prefix)) = chain {
+            cx.pass_chain(index, prefix);
+            word.push_str(&cx.chain_slot(index));
+        }
+        out.extend([flag.to_owned(), word]);
         if let Some(device) = device {
             out.extend(["-device".to_owned(), device]);
         }

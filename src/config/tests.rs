@@ -37,11 +37,11 @@ impl TestEnv {
     }
 }
 
-fn deny_secrets(path: &Path, _usage: PathUse) -> Result<(), String> {
+fn deny_secrets(path: &Path, _usage: PathUse) -> Result<std::path::PathBuf, String> {
     if path.starts_with("/etc") || path.starts_with("/home/u/.ssh") {
         Err("it is a system or secret location".to_owned())
     } else {
-        Ok(())
+        Ok(path.to_path_buf())
     }
 }
 
@@ -282,7 +282,7 @@ const GOLDEN: &[(&str, &[&str])] = &[
         "storage: [{name: base, type: qcow2, file: overlay.qcow2, backing_file: base.qcow2, backing_format: qcow2, options: {cache: none, discard: unmap, readonly: true}}]",
         &[
             "-drive",
-            "file=/vms/web/overlay.qcow2,format=qcow2,if=virtio,id=base,node-name=maqet-d0,readonly=on,cache=none,discard=unmap",
+            "file=/vms/web/overlay.qcow2,format=qcow2,if=virtio,id=base,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=/vms/web/base.qcow2,readonly=on,cache=none,discard=unmap",
         ],
     ),
     (
@@ -1393,4 +1393,273 @@ fn bad_forwards_are_config_errors_at_their_place() {
     error_in("guest_agent: yes\n", 1, 14, "true or false");
     error_in("ssh_user: -oProxyCommand=x\n", 1, 11, "invalid `ssh_user`");
     error_in("ssh_user: 'a b'\n", 1, 11, "invalid `ssh_user`");
+}
+
+/// Host files are slots in the argv: each names the file maqetd opens at start, how
+/// (access) and how QEMU finds it (fd set or /proc/self/fd).
+#[test]
+fn golden_host_file_slots() {
+    let config = load_one(
+        "storage:\n  - {name: root, type: qcow2, file: root.qcow2, backing_file: base.qcow2, backing_format: qcow2}\n  - {name: iso, type: raw, file: 'a,b.iso', options: {readonly: true}}\n  - {name: share, type: virtfs, path: shared}\narguments:\n  - kernel: vmlinuz\n  - cdrom: boot.iso\n  - drive: {file: data.img, format: raw, if: none, id: data}\n  - drive: {file: ro.img, format: raw, readonly: 'on', id: ro}\n  - fw_cfg: {name: opt/x, file: blob}\n",
+    )
+    .unwrap();
+    let slots = config.launch_args(&|i| format!("<{i}>"), &|i| format!("[chain {i}]"));
+    assert_eq!(
+        slots,
+        [
+            "-kernel",
+            "<0>",
+            "-cdrom",
+            "<1>",
+            "-drive",
+            "file=<2>,format=raw,if=none,id=data",
+            "-drive",
+            "file=<3>,format=raw,readonly=on,id=ro",
+            "-fw_cfg",
+            "name=opt/x,file=/vms/web/blob",
+            "-drive",
+            // The declared backing's own chain goes under `backing.backing.`.
+            "file=<4>,format=qcow2,if=virtio,id=root,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=<5>[chain 5]",
+            "-drive",
+            "file=<6>,format=raw,if=virtio,id=iso,node-name=maqet-d1,readonly=on",
+            "-virtfs",
+            "local,path=<7>,mount_tag=share,security_model=mapped-xattr,id=share",
+        ]
+    );
+    let files: Vec<_> = config
+        .host_files()
+        .iter()
+        .map(|f| (f.path.to_str().unwrap(), f.access, f.pass))
+        .collect();
+    use {Access::*, PassAs::*};
+    assert_eq!(
+        files,
+        [
+            ("/vms/web/vmlinuz", Read, ProcFd),
+            ("/vms/web/boot.iso", Read, FdSet),
+            ("/vms/web/data.img", ReadWrite, FdSet),
+            ("/vms/web/ro.img", Read, FdSet),
+            ("/vms/web/root.qcow2", ReadWrite, FdSet),
+            ("/vms/web/base.qcow2", Read, FdSet),
+            ("/vms/web/a,b.iso", Read, FdSet),
+            ("/vms/web/shared", Directory, ProcFd),
+        ]
+    );
+    let chains: Vec<_> = config
+        .host_files()
+        .iter()
+        .map(|f| (f.qcow2, f.chain.as_deref()))
+        .collect();
+    assert_eq!(
+        chains,
+        [
+            (false, None),
+            (true, None),
+            (false, None),
+            (false, None),
+            (true, None),
+            (true, Some("backing.backing.")),
+            (false, None),
+            (false, None),
+        ]
+    );
+    // A qcow2 (or probed) `-drive` image gets its header's chain passed.
+    let drive = load_one("arguments: [{drive: {file: top.qcow2, if: virtio}}]\n").unwrap();
+    assert_eq!(drive.host_files()[0].chain.as_deref(), Some("backing."));
+    assert_eq!(
+        drive.launch_args(&|_| "F".into(), &|_| ",C".into()),
+        ["-drive", "file=F,if=virtio,C"]
+    );
+    // By name (for people and logs), commas escaped where QEMU parses suboptions.
+    assert!(
+        config.qemu_args().contains(
+            &"file=/vms/web/a,,b.iso,format=raw,if=virtio,id=iso,node-name=maqet-d1,readonly=on"
+                .to_owned()
+        )
+    );
+    assert_round_trip(&config);
+}
+
+/// Host paths inside strings cannot be fd-passed or checked: refused, pointing to
+/// structured storage.
+#[test]
+fn host_paths_in_strings_are_refused() {
+    for (yaml, needle) in [
+        (
+            "args: ['-drive', 'file=/etc/shadow,format=raw']\n",
+            "`file=/etc/shadow`",
+        ),
+        (
+            "args: ['-drive file=disk.img,if=virtio']\n",
+            "`file=disk.img`",
+        ),
+        ("args: [-drive, 'if=virtio,file=x,,y']\n", "`file=x,y`"),
+        (
+            "args: [-blockdev, 'driver=file,filename=/x,node-name=a']\n",
+            "`filename=/x`",
+        ),
+        (
+            "args: [-chardev, 'file,id=c,path=/tmp/x']\n",
+            "`path=/tmp/x`",
+        ),
+        ("args: [-serial, 'file:/etc/x']\n", "the backend `file:…`"),
+        (
+            "args: [-monitor, 'unix:/tmp/m,server']\n",
+            "the backend `unix:…`",
+        ),
+        ("args: [-serial, /dev/ttyS0]\n", "the backend `/…`"),
+        (
+            "args: [-incoming, 'exec:cat /etc/x']\n",
+            "the backend `exec:…`",
+        ),
+        (
+            "args: [-kernel, /boot/vmlinuz]\n",
+            "`-kernel /boot/vmlinuz` in `args`",
+        ),
+        ("args: [-cdrom, x.iso]\n", "`-cdrom x.iso` in `args`"),
+        (
+            "args: [-blockdev, '{\"driver\":\"file\",\"filename\":\"/x\"}']\n",
+            "a JSON option",
+        ),
+        (
+            "arguments: [{drive: 'file=/etc/shadow,if=virtio'}]\n",
+            "`file=/etc/shadow`",
+        ),
+        (
+            "arguments: [{drive: [if=virtio, file=/etc/shadow]}]\n",
+            "`file=/etc/shadow`",
+        ),
+        (
+            "arguments: [{serial: 'file:/etc/x'}]\n",
+            "the backend `file:…`",
+        ),
+        (
+            "arguments: [{drive: {if: 'virtio,file=/etc/shadow'}}]\n",
+            "`file=/etc/shadow`",
+        ),
+        (
+            "arguments: [{drive: {file: 'json:{\"file.filename\": \"/x\"}'}}]\n",
+            "protocol maqet cannot check",
+        ),
+        (
+            "arguments: [{drive: {file: 'fat:rw:/etc'}}]\n",
+            "protocol maqet cannot check",
+        ),
+        (
+            "arguments: [{drive: {file: 'nbd:unix:/run/x.sock'}}]\n",
+            "protocol maqet cannot check",
+        ),
+        (
+            "args: [-chardev, 'stdio,id=s,logfile=/home/u/.bashrc']\n",
+            "`logfile=/home/u/.bashrc`",
+        ),
+        (
+            "args: [-netdev, 'tap,id=n,script=/tmp/up']\n",
+            "`script=/tmp/up`",
+        ),
+        (
+            "args: [-netdev, 'user,id=n,smb=/home/u']\n",
+            "`smb=/home/u`",
+        ),
+    ] {
+        let diags = errors_of(&[source("vm.yaml", "/vms/web", yaml)]);
+        let d = diags
+            .iter()
+            .find(|d| d.message.contains(needle))
+            .unwrap_or_else(|| panic!("{yaml}: no {needle:?} in:\n{}", render(&diags)));
+        assert!(
+            d.hint.as_deref().unwrap_or("").contains("`storage:`"),
+            "{yaml}: {d}"
+        );
+    }
+    error_in(
+        "args: ['-add-fd fd=3,set=1']\n",
+        1,
+        8,
+        "`-add-fd` cannot be used",
+    );
+    // Not host paths: the guest's command line, block node references, network URLs,
+    // sockets maqet does not open as files.
+    for ok in [
+        "args: [-append, 'root=/dev/vda init=/bin/sh file=/x']\n",
+        "args: ['-blockdev driver=qcow2,file=node0,node-name=top']\n",
+        "args: [-serial, stdio, -monitor, none]\n",
+        "arguments: [{drive: {file: 'https://example.org/x.iso', media: cdrom}}]\n",
+        "arguments: [{chardev: {socket: null, id: s, path: s.sock, server: 'on'}}]\n",
+    ] {
+        load_one(ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
+    }
+    assert_eq!(
+        argv_of("args: [-netdev, 'tap,id=n,script=no,downscript=no']\n")[1],
+        "tap,id=n,script=no,downscript=no"
+    );
+    assert_eq!(
+        argv_of(
+            "arguments: [{netdev: {user: null, id: n, tftp: tftp}}, {device: {e1000: null, romfile: ''}}]\n"
+        ),
+        [
+            "-netdev",
+            "user,id=n,tftp=/vms/web/tftp",
+            "-device",
+            "e1000,romfile="
+        ]
+    );
+    error_in(
+        "arguments: [{chardev: {stdio: null, id: s, logfile: /etc/x}}]\n",
+        1,
+        53,
+        "path `/etc/x` is not allowed",
+    );
+    // Path options QEMU opens by name are checked in mappings.
+    assert_eq!(
+        argv_of("arguments: [{D: qemu.log}]\n"),
+        ["-D", "/vms/web/qemu.log"]
+    );
+    error_in(
+        "arguments: [{D: /etc/x}]\n",
+        1,
+        17,
+        "path `/etc/x` is not allowed",
+    );
+}
+
+/// A path is stored where it leads; a stored path that now leads elsewhere (a
+/// directory swapped for a symlink since) is refused, not silently followed.
+#[test]
+fn paths_are_stored_resolved_and_must_stay_put() {
+    fn via_link(path: &Path, _: PathUse) -> Result<std::path::PathBuf, String> {
+        match path.strip_prefix("/vms/link") {
+            Ok(rest) => Ok(Path::new("/data/vms").join(rest)),
+            Err(_) => Ok(path.to_path_buf()),
+        }
+    }
+    let env = TestEnv::new();
+    let ctx = ValidationContext {
+        check_path: &via_link,
+        ..env.ctx()
+    };
+    let config = load(
+        &[source(
+            "vm.yaml",
+            "/vms/link",
+            "storage: [{type: raw, file: d.img}]\narguments: [{kernel: k}]\n",
+        )],
+        &ctx,
+    )
+    .unwrap();
+    assert_eq!(config.storage()[0].path, Path::new("/data/vms/d.img"));
+    assert_eq!(config.host_files()[0].path, Path::new("/data/vms/k"));
+    assert!(config.to_yaml().contains("/data/vms/d.img"));
+    assert!(!config.to_yaml().contains("/vms/link"));
+
+    // Stored with the unresolved name (as if the link appeared after it was stored).
+    let stored = "storage:\n  - name: disk0\n    type: raw\n    file: /vms/link/d.img\n";
+    let err = load_stored(stored, &ctx).unwrap_err();
+    assert!(err.only_dangerous_locations(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("path `/vms/link/d.img` now leads to `/data/vms/d.img`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("apply the config again"), "{err}");
 }

@@ -4,9 +4,12 @@
 
 use std::collections::HashMap;
 
+use std::path::PathBuf;
+
 use super::argv::{SINGLE_INSTANCE, canonical, compile_args, compile_arguments, reserved_reason};
 use super::diag::{Diags, suggest, unknown_hint};
 use super::guest::{self, GuestKeys};
+use super::hostfile::{Access, HostFile, Markers, PassAs};
 use super::paths::{find_binary, is_path_like, resolve_host_path};
 use super::size::{int_value, parse_size_with_unit};
 use super::storage::{compile_storage, storage_argv};
@@ -39,10 +42,19 @@ const SMP_KEYS: &[&str] = &[
 pub(crate) struct Cx<'c, 'a> {
     pub ctx: &'c ValidationContext<'a>,
     pub diags: &'c mut Diags,
-    /// Off when re-reading a stored config: the binary is checked at start.
+    /// Off when re-reading a stored config: the binary is checked at start, and a
+    /// stored path must still lead where it led when it was stored.
     check_binary: bool,
     first_use: HashMap<String, (Loc, &'static str)>,
     ids: HashMap<(String, String), Loc>,
+    markers: Markers,
+    host_files: Vec<HostFile>,
+    /// Whether the `arguments` item being compiled asks for read-only access
+    /// (`readonly=on`, `media=cdrom`): its disk is then opened read-only.
+    pub item_readonly: bool,
+    /// Whether it names an image format other than qcow2 (`format=raw`): then no
+    /// qcow2 header of its file is ever read.
+    pub item_not_qcow2: bool,
 }
 
 impl<'c, 'a> Cx<'c, 'a> {
@@ -53,6 +65,10 @@ impl<'c, 'a> Cx<'c, 'a> {
             check_binary,
             first_use: HashMap::new(),
             ids: HashMap::new(),
+            markers: Markers::new(),
+            host_files: Vec::new(),
+            item_readonly: false,
+            item_not_qcow2: false,
         }
     }
 
@@ -81,20 +97,89 @@ impl<'c, 'a> Cx<'c, 'a> {
         }
     }
 
-    /// A host path maqet or QEMU will open: made absolute and checked against
-    /// the dangerous-location policy.
+    /// A host path maqet or QEMU will open: made absolute, checked against the
+    /// dangerous-location policy, and rewritten in the tree to where it really
+    /// leads (symlinks resolved), so the stored config names the checked file.
     pub fn resolve_path(&mut self, node: &mut Node, usage: PathUse) -> Option<String> {
         let path = self.absolute(node)?;
-        match (self.ctx.check_path)(path.as_ref(), usage) {
-            Ok(()) => Some(path),
+        let hint = "choose a location of your own (docs/storage.md lists the refused places)";
+        let resolved = match (self.ctx.check_path)(path.as_ref(), usage) {
+            Ok(resolved) => resolved,
             Err(why) => {
-                let hint =
-                    "choose a location of your own (docs/storage.md lists the refused places)";
                 let message = format!("path `{path}` is not allowed: {why}");
                 self.diags.dangerous(&node.loc, message, hint);
-                None
+                return None;
             }
+        };
+        let Some(resolved) = resolved.to_str().map(str::to_owned) else {
+            let message = format!(
+                "path `{path}` leads to `{}`, which is not valid UTF-8",
+                resolved.display()
+            );
+            self.diags.error(&node.loc, message);
+            return None;
+        };
+        if resolved != path {
+            if !self.check_binary {
+                // Stored paths are resolved already: one that resolves elsewhere now
+                // had a component replaced by a symlink since.
+                let message = format!(
+                    "path `{path}` now leads to `{resolved}`: a directory on the way was replaced by a symlink after the VM was defined"
+                );
+                let hint = "if the move is intended, apply the config again (`maqet apply`) so the new location is checked and stored";
+                self.diags.dangerous(&node.loc, message, hint);
+                return None;
+            }
+            node.value = Value::Str(resolved.clone());
         }
+        Some(resolved)
+    }
+
+    /// [`Cx::resolve_path`] for a file QEMU will use: registered as a host file that
+    /// maqetd opens at start; returns the slot to put in the argv word.
+    pub fn host_file(
+        &mut self,
+        node: &mut Node,
+        usage: PathUse,
+        access: Access,
+        pass: PassAs,
+        escaped: bool,
+    ) -> Option<String> {
+        let path = self.resolve_path(node, usage)?;
+        let file = HostFile {
+            path: PathBuf::from(path),
+            access,
+            pass,
+            qcow2: pass == PassAs::FdSet && !self.item_not_qcow2,
+            chain: None,
+        };
+        Some(self.register_host_file(file, escaped))
+    }
+
+    /// The slot for `host_files[index]`'s backing chain options.
+    pub fn chain_slot(&self, index: usize) -> String {
+        self.markers.chain_marker(index)
+    }
+
+    /// How many host files are registered so far.
+    pub fn host_file_count(&self) -> usize {
+        self.host_files.len()
+    }
+
+    /// Marks `host_files[index]` as a `-drive` image whose backing chain maqetd passes.
+    pub fn pass_chain(&mut self, index: usize, prefix: &str) {
+        self.host_files[index].chain = Some(prefix.to_owned());
+    }
+
+    pub fn host_file_at(&self, index: usize) -> &HostFile {
+        &self.host_files[index]
+    }
+
+    /// Registers an already resolved host file; returns its argv slot.
+    pub fn register_host_file(&mut self, file: HostFile, escaped: bool) -> String {
+        let index = self.host_files.len();
+        self.host_files.push(file);
+        self.markers.marker(index, escaped)
     }
 
     /// Records a use of `-option`; `false` (after reporting) when it is
@@ -208,7 +293,7 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         Some(items) => compile_storage(items, cx),
         None => Vec::new(),
     };
-    argv.extend(storage_argv(&storage));
+    argv.extend(storage_argv(&storage, cx));
     if let Some(items) = slots[slot("args")].as_mut().and_then(|e| list(e, cx)) {
         compile_args(items, cx, &mut argv);
     }
@@ -219,7 +304,8 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         name,
         binary,
         default_binary,
-        argv,
+        argv: argv.iter().map(|w| cx.markers.split(w)).collect(),
+        host_files: std::mem::take(&mut cx.host_files),
         storage,
         guest,
     }

@@ -195,6 +195,22 @@ fn is_core_float(s: &str) -> bool {
 /// aliases, …) are reported too; the caller stops before validating when any
 /// diagnostic exists.
 pub(crate) fn parse(text: &str, origin: Arc<Origin>, diags: &mut Diags) -> Option<Node> {
+    // The parser takes a raw NUL for the end of the input and would silently drop the rest.
+    if let Some(at) = text.find('\0') {
+        let before = &text[..at];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let loc = Loc {
+            origin: origin.clone(),
+            line: before.matches('\n').count() + 1,
+            col: before[line_start..].chars().count() + 1,
+        };
+        diags.error_hint(
+            &loc,
+            "a NUL byte in the config text",
+            "a VM config is UTF-8 text; is this a binary file?",
+        );
+        return None;
+    }
     let mut builder = Builder {
         parser: Parser::new_from_str(text),
         origin,
@@ -257,6 +273,14 @@ impl Builder<'_, '_> {
         }
         match event {
             Event::Scalar(text, style, _anchor, tag) => {
+                // QEMU's argv, file names and D-Bus strings cannot hold a NUL.
+                if text.contains('\0') {
+                    self.diags.error_hint(
+                        &loc,
+                        "a NUL character (`\\0`) in a value",
+                        "remove it: no QEMU option, file name or VM name can contain one",
+                    );
+                }
                 let value = match (style, tag) {
                     (TScalarStyle::Plain, None) => resolve_plain(&text),
                     (_, None) => Value::Str(text),
@@ -536,6 +560,22 @@ mod tests {
         let mut diags = Diags::default();
         let _ = parse(text, origin(), &mut diags);
         diags.finish(()).unwrap_err().diagnostics
+    }
+
+    #[test]
+    fn nul_in_a_value_or_key_is_refused() {
+        for text in [
+            "name: \"a\\0b\"",
+            "name: \"a\\x00b\"",
+            "\"k\\0\": 1",
+            "name: a\0b",
+        ] {
+            let errs = parse_err(text);
+            assert!(
+                errs.iter().any(|d| d.message.contains("NUL")),
+                "{text:?}: {errs:?}"
+            );
+        }
     }
 
     #[test]

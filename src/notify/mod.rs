@@ -27,6 +27,7 @@ use crate::access::{Action, ActivityObserver, Gate, Request};
 use crate::error::MaqetError;
 use crate::events::CoreEvent;
 use crate::manager::Manager;
+use crate::outbound::escape;
 use crate::settings::Notifications;
 use crate::vm::Vm;
 use notice::{ACTION_LOG, ACTION_START, Notice};
@@ -164,16 +165,19 @@ impl Task {
         } else {
             Vec::new()
         };
+        // The reason may hold QEMU's or a guest's text: escaped like every string sent.
+        let body = escape(&n.body);
         let body = if has("body-markup") {
-            escape_markup(&n.body)
+            escape_markup(&body)
         } else {
-            n.body.clone()
+            body.into_owned()
         };
+        let summary = escape(&n.summary);
         let mut hints = HashMap::new();
         hints.insert("desktop-entry", Variant::from(APP_ID));
         hints.insert("urgency", Variant::from(n.urgency as u8));
         let sent = server
-            .notify(APP_NAME, 0, APP_ID, &n.summary, &body, &actions, hints, -1)
+            .notify(APP_NAME, 0, APP_ID, &summary, &body, &actions, hints, -1)
             .await;
         let id = match sent {
             Ok(id) => id,

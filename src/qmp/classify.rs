@@ -285,12 +285,16 @@ impl Command {
     /// refused command is an error here, before any policy or QEMU is asked.
     pub fn parse(name: &str, arguments_json: &str) -> Result<Command, String> {
         check_name(name)?;
+        super::limits::check_text(name, arguments_json)?;
         let arguments = parse_arguments(name, arguments_json)?;
         Command::new(name, arguments)
     }
 
     /// A command maqet builds itself (hot-plug); classified like any other.
     pub fn new(name: &str, arguments: Option<Map<String, Value>>) -> Result<Command, String> {
+        if let Some(args) = &arguments {
+            super::limits::check_value(name, args)?;
+        }
         let class = classify(name, arguments.as_ref());
         if class.tier == Tier::Refused {
             return Err(format!("maqet refuses '{name}': {}", class.why));

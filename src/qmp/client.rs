@@ -17,6 +17,8 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::log_limit::LogLimiter;
+
 use super::QmpError;
 use super::wire::{self, Greeting, Message, QmpEvent};
 
@@ -45,6 +47,9 @@ struct Shared {
     pending: Mutex<Pending>,
     /// `true` once the connection has ended; never goes back.
     closed: watch::Sender<bool>,
+    /// Messages QEMU sends that answer nothing (e.g. one error per leftover token after
+    /// its JSON parser gave up on a huge command) are logged at this rate.
+    stray: LogLimiter,
 }
 
 struct Pending {
@@ -128,6 +133,7 @@ impl QmpClient {
                 waiters: HashMap::new(),
             }),
             closed,
+            stray: LogLimiter::new(),
         });
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(reader, line, max_line, events, shared.clone()));
@@ -237,14 +243,18 @@ impl Shared {
 
     fn complete(&self, id: Option<Value>, result: Result<Value, QmpError>) {
         let Some(id) = id else {
-            tracing::warn!(?result, "QMP reply without id ignored");
+            self.stray.warn("qmp-stray", || {
+                tracing::warn!(?result, "QMP reply without id ignored");
+            });
             return;
         };
         let waiter = id.as_u64().and_then(|id| self.lock().waiters.remove(&id));
         match waiter {
             // The caller may have gone away in the meantime; nothing to do then.
             Some(waiter) => drop(waiter.send(result)),
-            None => tracing::warn!(%id, "QMP reply for unknown or abandoned id ignored"),
+            None => self.stray.warn("qmp-stray", || {
+                tracing::warn!(%id, "QMP reply for unknown or abandoned id ignored");
+            }),
         }
     }
 
@@ -343,8 +353,12 @@ fn route(line: &[u8], events: &mpsc::UnboundedSender<QmpEvent>, shared: &Shared)
             let _ = events.send(event);
         }
         Ok(Message::Reply { id, result }) => shared.complete(id, result),
-        Ok(Message::Greeting(_)) => tracing::warn!("unexpected QMP greeting ignored"),
-        Err(err) => tracing::warn!(%err, "malformed QMP message ignored"),
+        Ok(Message::Greeting(_)) => shared.stray.warn("qmp-stray", || {
+            tracing::warn!("unexpected QMP greeting ignored");
+        }),
+        Err(err) => shared.stray.warn("qmp-stray", || {
+            tracing::warn!(%err, "malformed QMP message ignored");
+        }),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod classify;
 mod client;
 mod error;
 pub mod keys;
+pub mod limits;
 mod wire;
 
 pub use client::QmpClient;

@@ -7,7 +7,7 @@
 //! [`KEEP_FINISHED`] finished jobs are kept, older ones are removed as newer ones
 //! finish (no timers). The outcome is also in the VM's history for good.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use zbus::message::Header;
@@ -16,18 +16,31 @@ use zbus::{Connection, OwnedObjectPath, Variant, interface};
 
 use super::Shared;
 use super::properties::emit_changed;
+use super::signals::emitters;
 use crate::access::{Action, Request};
 use crate::client::{JOB_INTERFACE, job_path, vm_path};
 use crate::error::MaqetError;
 use crate::jobs::{Job, JobState, JobStatus};
+use crate::outbound::{Outbound, escape};
 
 /// Finished job objects kept on the bus.
 pub const KEEP_FINISHED: usize = 32;
 
-/// Finished job objects, oldest first.
+/// Job objects on the bus: all of them (for introspection), and the finished ones,
+/// oldest first.
 #[derive(Debug, Default)]
 pub struct Retired {
     paths: Mutex<VecDeque<OwnedObjectPath>>,
+    /// Job id → its VM's id, for every job object served.
+    served: Mutex<BTreeMap<u64, String>>,
+}
+
+impl Retired {
+    /// (job id, VM id) of every job object on the bus.
+    pub fn served(&self) -> Vec<(u64, String)> {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        served.iter().map(|(n, vm)| (*n, vm.clone())).collect()
+    }
 }
 
 pub struct JobIface {
@@ -41,6 +54,24 @@ fn action_of(job: &Job) -> Action {
         "snapshot-load" => Action::SnapshotLoad,
         "snapshot-delete" => Action::SnapshotDelete,
         _ => Action::SnapshotCreate,
+    }
+}
+
+impl JobIface {
+    /// A property read, after the gate's `org.maqet.vm.observe` check on the job's VM
+    /// (a job's properties say which VM it works on and what it does).
+    async fn read<T>(
+        &self,
+        conn: &Connection,
+        hdr: Option<Header<'_>>,
+        value: impl FnOnce(&Job) -> T,
+    ) -> zbus::fdo::Result<T> {
+        let vm = self.shared.manager.get(self.job.vm_id());
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), vm.as_deref())
+            .await?;
+        Ok(value(&self.job))
     }
 }
 
@@ -64,32 +95,55 @@ impl JobIface {
 
     /// E.g. `snapshot-create`.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn operation(&self) -> String {
-        self.job.operation().to_string()
+    async fn operation(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |job| job.operation().to_string())
+            .await
     }
 
     /// The VM the job works on.
     #[zbus(property(emits_changed_signal = "const"), name = "VM")]
-    fn vm(&self) -> OwnedObjectPath {
-        vm_path(self.job.vm_id())
+    async fn vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.read(conn, hdr, |job| vm_path(job.vm_id())).await
     }
 
     /// 0..1.
     #[zbus(property)]
-    fn progress(&self) -> f64 {
-        self.job.status().progress
+    async fn progress(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<f64> {
+        self.read(conn, hdr, |job| job.status().progress).await
     }
 
     /// `running`, `completed`, `failed` or `cancelled`.
     #[zbus(property)]
-    fn state(&self) -> String {
-        self.job.status().state.as_str().to_string()
+    async fn state(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |job| job.status().state.as_str().to_string())
+            .await
     }
 
     /// What the job is doing, or how it ended.
     #[zbus(property)]
-    fn message(&self) -> String {
-        self.job.status().message
+    async fn message(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.read(conn, hdr, |job| job.status().message.outbound())
+            .await
     }
 
     /// The job ended; `success` is true for `completed`.
@@ -113,6 +167,12 @@ pub async fn publish(
         job: job.clone(),
     };
     conn.object_server().at(&path, iface).await?;
+    shared
+        .retired_jobs
+        .served
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(job.id(), job.vm_id().to_string());
     tokio::spawn(watch(conn.clone(), shared.clone(), job, path.clone()));
     Ok(path)
 }
@@ -120,21 +180,35 @@ pub async fn publish(
 async fn watch(conn: Connection, shared: Arc<Shared>, job: Arc<Job>, path: OwnedObjectPath) {
     let mut rx = job.subscribe();
     let mut last = rx.borrow_and_update().clone();
-    let Ok(emitter) = SignalEmitter::new(&conn, path.clone()) else {
-        return;
+    // A job's signals are about its VM: they reach whoever may observe that VM.
+    let audience = || async {
+        let vm = shared.manager.get(job.vm_id());
+        emitters(&shared.gate, &conn, path.as_ref(), vm.as_deref()).await
     };
     while !last.state.is_finished() {
         if rx.changed().await.is_err() {
             return;
         }
         let now = rx.borrow_and_update().clone();
-        if let Err(e) = properties_changed(&emitter, &last, &now).await {
+        let sent = async {
+            for emitter in audience().await? {
+                properties_changed(&emitter, &last, &now).await?;
+            }
+            zbus::Result::Ok(())
+        };
+        if let Err(e) = sent.await {
             tracing::warn!(job = job.id(), error = %e, "cannot announce job progress");
         }
         last = now;
     }
     let success = last.state == JobState::Completed;
-    if let Err(e) = JobIface::completed(&emitter, success, &last.message).await {
+    let sent = async {
+        for emitter in audience().await? {
+            JobIface::completed(&emitter, success, &escape(&last.message)).await?;
+        }
+        zbus::Result::Ok(())
+    };
+    if let Err(e) = sent.await {
         tracing::warn!(job = job.id(), error = %e, "cannot announce the job's end");
     }
     retire(&conn, &shared.retired_jobs, path).await;
@@ -153,7 +227,7 @@ async fn properties_changed(
         changed.insert("State", Variant::from(new.state.as_str()));
     }
     if old.message != new.message {
-        changed.insert("Message", Variant::from(new.message.as_str()));
+        changed.insert("Message", Variant::from(escape(&new.message).into_owned()));
     }
     if changed.is_empty() {
         return Ok(());
@@ -171,5 +245,9 @@ async fn retire(conn: &Connection, retired: &Retired, path: OwnedObjectPath) {
     };
     for old in expired {
         let _ = conn.object_server().remove::<JobIface, _>(&old).await;
+        if let Some(n) = old.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()) {
+            let mut served = retired.served.lock().unwrap_or_else(|p| p.into_inner());
+            served.remove(&n);
+        }
     }
 }

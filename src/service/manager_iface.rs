@@ -8,12 +8,14 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
 use super::object_manager::ObjectManagerIface;
+use super::signals::emitters;
 use super::{Shared, vm_objects};
 use crate::access::{Action, Request};
 use crate::client::{AuditEntry, MANAGER_PATH, VmListEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
 use crate::manager::{INLINE_ORIGIN, Manager};
+use crate::outbound::Outbound;
 use crate::vm::Vm;
 
 pub struct ManagerIface {
@@ -31,12 +33,15 @@ impl ManagerIface {
         conn: &Connection,
         hdr: Option<Header<'_>>,
         fact: impl FnOnce(&Shared) -> T,
-    ) -> zbus::fdo::Result<T> {
+    ) -> zbus::fdo::Result<T>
+    where
+        T: Outbound,
+    {
         self.shared
             .gate
             .check_read(conn, hdr.as_ref(), None)
             .await?;
-        Ok(fact(&self.shared))
+        Ok(fact(&self.shared).outbound())
     }
 
     /// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).
@@ -46,9 +51,11 @@ impl ManagerIface {
         vm: &Arc<Vm>,
     ) -> Result<OwnedObjectPath, MaqetError> {
         let path = vm_objects::publish(conn, &self.shared, vm).await?;
-        let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
-        ObjectManagerIface::announce_added(&emitter, vm).await?;
-        Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
+        let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
+        for emitter in emitters(&self.shared.gate, conn, at, Some(vm)).await? {
+            ObjectManagerIface::announce_added(&emitter, vm).await?;
+            Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
+        }
         Ok(path)
     }
 }
@@ -80,7 +87,10 @@ impl ManagerIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
-    /// Defines a VM from several YAML files merged in order (later wins).
+    /// Defines a VM from several YAML files merged in order (later wins), read by
+    /// maqetd: only for callers running as maqetd's own user (others pass open files to
+    /// `AddVMFromFds`). Each file: a regular file of at most 1 MiB; relative paths in it
+    /// resolve against its directory.
     #[zbus(name = "AddVMFromFiles", out_args("vm"))]
     async fn add_vm_from_files(
         &self,
@@ -90,9 +100,35 @@ impl ManagerIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, MaqetError> {
         let req = Request::new(Action::Manage, "AddVMFromFiles")
-            .with_args(format!("name={name:?}, files={paths:?}"));
+            .with_args(format!("name={name:?}, files={paths:?}"))
+            .own_user_only(
+                "maqetd does not read files for other users: open them yourself and pass them to AddVMFromFds (maqet add -c does)",
+            );
         let work = async {
-            let sources = Manager::sources_from_files(&paths)?;
+            let sources = Manager::sources_from_files(paths.clone()).await?;
+            let vm = self.shared.manager.add(name, sources)?;
+            self.publish(conn, &vm).await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Like `AddVMFromFiles`, from files the caller opened and passes as descriptors
+    /// (merged in order, same limits). Relative paths in a file resolve against the
+    /// directory of the path `/proc/self/fd` shows for it when that path still names
+    /// the same file; otherwise relative paths in it are refused.
+    #[zbus(name = "AddVMFromFds", out_args("vm"))]
+    async fn add_vm_from_fds(
+        &self,
+        name: &str,
+        files: Vec<zbus::OwnedFd>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let req = Request::new(Action::Manage, "AddVMFromFds")
+            .with_args(format!("name={name:?}, {} files", files.len()));
+        let work = async {
+            let fds = files.into_iter().map(std::os::fd::OwnedFd::from).collect();
+            let sources = Manager::sources_from_fds(fds).await?;
             let vm = self.shared.manager.add(name, sources)?;
             self.publish(conn, &vm).await
         };
@@ -129,9 +165,11 @@ impl ManagerIface {
             }
             let path = vm_path(vm.id());
             let ifaces = vm_objects::unpublish(conn, &path).await?;
-            let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
-            ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
-            Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
+            let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
+            for emitter in emitters(&self.shared.gate, conn, at, Some(&vm)).await? {
+                ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
+                Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
+            }
             Ok(())
         };
         self.shared.gate.call(conn, &hdr, req, work).await

@@ -7,12 +7,14 @@
 
 mod host;
 mod idle;
+mod introspection;
 mod job_iface;
 mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
 mod qmp_iface;
+mod signals;
 mod snapshots_iface;
 mod storage_iface;
 mod vm_iface;
@@ -20,6 +22,8 @@ mod vm_objects;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use zbus::fdo::RequestNameFlags;
 
 use crate::access::Gate;
 use crate::client::{BUS_NAME, MANAGER_PATH};
@@ -125,20 +129,31 @@ pub async fn serve(
     }
     let conn = builder
         .serve_at(MANAGER_PATH, ObjectManagerIface::new(shared.clone()))
-        .name(BUS_NAME)
-        .allow_name_replacements(true)
-        .replace_existing_names(opts.replace)
         .build()
+        .await
+        .map_err(|e| {
+            MaqetError::Internal(format!(
+                "cannot serve on the session bus ({e}); is DBUS_SESSION_BUS_ADDRESS set?"
+            ))
+        })?;
+    // Before the name is ours: no caller sees zbus's own introspection, and no signal
+    // goes out before the service knows who is on the bus.
+    introspection::install(&conn, &shared)
+        .await
+        .map_err(|e| MaqetError::Internal(format!("cannot guard introspection: {e}")))?;
+    gate.watch_bus(&conn).await;
+    let mut flags = RequestNameFlags::DO_NOT_QUEUE | RequestNameFlags::ALLOW_REPLACEMENT;
+    if opts.replace {
+        flags |= RequestNameFlags::REPLACE_EXISTING;
+    }
+    conn.request_name_with_flags(BUS_NAME, flags)
         .await
         .map_err(|e| match e {
             zbus::Error::NameTaken => MaqetError::AlreadyExists(format!(
                 "another maqetd already owns {BUS_NAME} on this bus; use it (maqet ls), or start this one with --replace to take over"
             )),
-            other => MaqetError::Internal(format!(
-                "cannot serve on the session bus ({other}); is DBUS_SESSION_BUS_ADDRESS set?"
-            )),
+            other => MaqetError::Internal(format!("cannot own {BUS_NAME} ({other})")),
         })?;
-    gate.watch_departures(&conn);
     let notifier = Notifier::start(
         notify::Deps {
             conn: conn.clone(),
@@ -148,7 +163,13 @@ pub async fn serve(
         },
         settings.notifications.clone(),
     );
-    let pump = tokio::spawn(pump::run(conn.clone(), events, idle.clone(), notifier));
+    let pump = tokio::spawn(pump::run(
+        conn.clone(),
+        gate.clone(),
+        events,
+        idle.clone(),
+        notifier,
+    ));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
     let lost_name = async {
@@ -183,7 +204,7 @@ pub async fn serve(
     }
     let _ = conn.release_name(BUS_NAME).await;
     pump.abort();
-    gate.flush_audit().await;
+    gate.close_audit().await;
     // Give in-flight replies a moment to leave.
     let _ = tokio::time::timeout(Duration::from_millis(200), conn.graceful_shutdown()).await;
     Ok(())

@@ -10,6 +10,7 @@ use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{OwnedVariant, Variant};
 
+use crate::outbound::Outbound;
 use crate::vm::VmInfo;
 
 /// Every property of `org.maqet.Maqet1.VM`.
@@ -39,15 +40,17 @@ pub const STATUS_PROPERTIES: &[&str] = &[
     "ExitStatus",
 ];
 
-/// The value of one VM property, by D-Bus name.
+/// The value of one VM property, by D-Bus name, its text escaped for the bus
+/// ([`crate::outbound`]).
 pub fn vm_property(info: &VmInfo, name: &str) -> Option<Variant<'static>> {
+    let text = |s: &String| Variant::from(s.clone().outbound());
     Some(match name {
-        "Id" => Variant::from(info.id.clone()),
-        "Name" => Variant::from(info.name.clone()),
+        "Id" => text(&info.id),
+        "Name" => text(&info.name),
         "Status" => Variant::from(info.status.as_str()),
-        "StatusReason" => Variant::from(info.reason.clone()),
+        "StatusReason" => text(&info.reason),
         "Pid" => Variant::from(info.pid.unwrap_or(0)),
-        "Config" => Variant::from(info.config.clone()),
+        "Config" => text(&info.config),
         "CreatedAt" => Variant::from(info.created_at),
         "StartedAt" => Variant::from(info.started_at),
         "StoppedAt" => Variant::from(info.stopped_at),

@@ -11,14 +11,22 @@ use std::sync::Arc;
 
 use super::idle::Idle;
 use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_property};
+use super::signals::emitters;
 use super::{QmpIface, VmIface};
+use crate::access::Gate;
 use crate::client::{VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
+use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
+use crate::outbound::escape;
 use crate::vm::VmInfo;
+
+/// A broken connection fails every signal; say so at a bounded rate.
+static EMIT_FAILED: LogLimiter = LogLimiter::new();
 
 pub async fn run(
     conn: Connection,
+    gate: Arc<Gate>,
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
@@ -27,47 +35,56 @@ pub async fn run(
         if matches!(ev, CoreEvent::StatusChanged { .. }) {
             idle.vms_changed();
         }
-        if let Err(e) = emit(&conn, &ev).await {
-            tracing::warn!(error = %e, "cannot emit signal");
+        if let Err(e) = emit(&conn, &gate, &ev).await {
+            EMIT_FAILED.warn("signal-emit", || {
+                tracing::warn!(error = %e, "cannot emit signal");
+            });
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);
     }
 }
 
-async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
+/// Sends the signals of one event, to those allowed to hear about its VM.
+async fn emit(conn: &Connection, gate: &Gate, ev: &CoreEvent) -> zbus::Result<()> {
+    let vm = match ev {
+        CoreEvent::StatusChanged { vm, .. }
+        | CoreEvent::RuntimeChanged { vm, .. }
+        | CoreEvent::ConfigChanged { vm, .. }
+        | CoreEvent::Qmp { vm, .. } => vm,
+        // The job's own object signals `Completed`.
+        CoreEvent::JobFinished { .. } => return Ok(()),
+    };
+    for emitter in emitters(gate, conn, vm_path(vm.id()).into(), Some(vm)).await? {
+        emit_to(&emitter, ev).await?;
+    }
+    Ok(())
+}
+
+async fn emit_to(emitter: &SignalEmitter<'_>, ev: &CoreEvent) -> zbus::Result<()> {
     match ev {
-        CoreEvent::StatusChanged {
-            vm, info, previous, ..
-        } => {
-            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
+        CoreEvent::StatusChanged { info, previous, .. } => {
             VmIface::vm_status_changed(
-                &emitter,
+                emitter,
                 info.status.as_str(),
                 previous.as_str(),
-                &info.reason,
+                &escape(&info.reason),
             )
             .await?;
-            properties_changed(&emitter, info, STATUS_PROPERTIES).await
+            properties_changed(emitter, info, STATUS_PROPERTIES).await
         }
-        CoreEvent::RuntimeChanged { vm, info } => {
-            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            properties_changed(&emitter, info, STATUS_PROPERTIES).await
+        CoreEvent::RuntimeChanged { info, .. } => {
+            properties_changed(emitter, info, STATUS_PROPERTIES).await
         }
-        CoreEvent::ConfigChanged { vm, info } => {
-            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            properties_changed(&emitter, info, CONFIG_PROPERTIES).await
+        CoreEvent::ConfigChanged { info, .. } => {
+            properties_changed(emitter, info, CONFIG_PROPERTIES).await
         }
         CoreEvent::Qmp {
-            vm,
             name,
             data_json,
             timestamp_us,
-        } => {
-            let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
-            QmpIface::event(&emitter, name, data_json, *timestamp_us).await
-        }
-        // The job's own object signals `Completed`.
+            ..
+        } => QmpIface::event(emitter, &escape(name), &escape(data_json), *timestamp_us).await,
         CoreEvent::JobFinished { .. } => Ok(()),
     }
 }

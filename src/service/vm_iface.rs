@@ -11,6 +11,7 @@ use super::Shared;
 use crate::access::{Action, Request};
 use crate::client::HistoryRow;
 use crate::error::MaqetError;
+use crate::outbound::Outbound;
 use crate::vm::{Vm, WaitCondition};
 
 /// `Stop(force=false, timeout_sec=0)` waits this long for the guest to power off.
@@ -36,12 +37,15 @@ impl VmIface {
         conn: &Connection,
         hdr: Option<Header<'_>>,
         value: impl FnOnce(&crate::vm::VmInfo) -> T,
-    ) -> zbus::fdo::Result<T> {
+    ) -> zbus::fdo::Result<T>
+    where
+        T: Outbound,
+    {
         self.shared
             .gate
             .check_read(conn, hdr.as_ref(), Some(&self.vm))
             .await?;
-        Ok(self.vm.with_info(value))
+        Ok(self.vm.with_info(value).outbound())
     }
 }
 
@@ -65,8 +69,8 @@ impl VmIface {
             .await
     }
 
-    /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s);
-    /// `force` starts at quit.
+    /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s, at
+    /// most 3600); `force` starts at quit. A Stop while stopping can shorten the wait.
     async fn stop(
         &self,
         force: bool,

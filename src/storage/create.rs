@@ -1,7 +1,7 @@
 //! Creating a missing disk image without a time-of-check/time-of-use window.
 //!
 //! The method (docs/storage.md):
-//! 1. Resolve the path (`danger::resolve`: symlinks of every existing ancestor) and
+//! 1. Resolve the path (`danger::check`: symlinks of every existing ancestor) and
 //!    check the result against the dangerous list.
 //! 2. Walk the resolved parent from `/` one component at a time with
 //!    `openat(O_DIRECTORY | O_NOFOLLOW)`, creating missing directories (0700) with
@@ -17,13 +17,13 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Component, Path};
+use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::qemu_img::QemuImg;
-use super::{danger, space};
+use super::{danger, nofollow, space};
 use crate::config::{PathUse, StorageKind};
 use crate::error::MaqetError;
 
@@ -66,12 +66,12 @@ pub async fn create_image(
             ));
         }
     };
-    let resolved = danger::resolve(path);
-    danger::check(&resolved, home, PathUse::Storage).map_err(|why| storage_err(path, why))?;
+    let resolved =
+        danger::check(path, home, PathUse::Storage).map_err(|why| storage_err(path, why))?;
     let (Some(parent), Some(name)) = (resolved.parent(), resolved.file_name()) else {
         return Err(storage_err(path, "it names no file"));
     };
-    let dir = open_dir_chain(parent).map_err(|why| storage_err(path, why))?;
+    let dir = nofollow::open_dir_chain(parent, true).map_err(|why| storage_err(path, why))?;
 
     let available = space::available(&dir).map_err(|e| storage_err(path, e))?;
     let required = space::for_new_image(spec.kind, size.unwrap_or(0));
@@ -120,52 +120,10 @@ fn is_same_inode(dir: &OwnedFd, name: &OsStr, created: &rustix::fs::Stat) -> boo
         .is_ok_and(|now| now.st_dev == created.st_dev && now.st_ino == created.st_ino)
 }
 
-/// Opens `dir` (absolute, symlink-free) from `/` without following any symlink,
-/// creating missing directories with mode 0700.
-fn open_dir_chain(dir: &Path) -> Result<OwnedFd, String> {
-    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
-    let mut fd = rustix::fs::openat(CWD, "/", flags, Mode::empty()).map_err(|e| e.to_string())?;
-    let mut walked = std::path::PathBuf::from("/");
-    for c in dir.components() {
-        let Component::Normal(part) = c else {
-            continue;
-        };
-        walked.push(part);
-        let next = match rustix::fs::openat(&fd, part, flags, Mode::empty()) {
-            Err(Errno::NOENT) => {
-                match rustix::fs::mkdirat(&fd, part, Mode::from_raw_mode(0o700)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(format!("cannot create {}: {e}", walked.display())),
-                }
-                rustix::fs::openat(&fd, part, flags, Mode::empty())
-            }
-            other => other,
-        };
-        fd = next.map_err(|e| match e {
-            Errno::LOOP | Errno::NOTDIR => format!(
-                "{} is not a directory or became a symlink after it was checked; nothing was written",
-                walked.display()
-            ),
-            e => format!("cannot open {}: {e}", walked.display()),
-        })?;
-    }
-    Ok(fd)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-
-    #[test]
-    fn the_walk_creates_missing_directories_privately() {
-        let tmp = tempfile::tempdir().unwrap();
-        let base = tmp.path().canonicalize().unwrap();
-        let deep = base.join("a/b");
-        open_dir_chain(&deep).unwrap();
-        let mode = std::fs::metadata(&deep).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
-    }
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn a_parent_swapped_for_a_symlink_is_refused() {
@@ -176,7 +134,7 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::remove_dir(&dir).unwrap();
         std::os::unix::fs::symlink("/etc", &dir).unwrap();
-        let err = open_dir_chain(&dir).unwrap_err();
+        let err = nofollow::open_dir_chain(&dir, true).unwrap_err();
         assert!(err.contains("became a symlink"), "{err}");
         assert!(!Path::new("/etc/x.qcow2").exists());
     }
@@ -223,8 +181,8 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), before);
 
-        // A dangling symlink planted at the name is not followed: O_EXCL|O_NOFOLLOW
-        // fails on it, and the file it points to is never created.
+        // A dangling symlink planted at the name is refused, and the file it points
+        // to is never created (O_EXCL|O_NOFOLLOW would not follow it either).
         let target = tmp.path().join("victim");
         let planted = tmp.path().join("d/planted.qcow2");
         std::os::unix::fs::symlink(&target, &planted).unwrap();
@@ -232,10 +190,8 @@ mod tests {
             path: &planted,
             ..spec
         };
-        assert_eq!(
-            create_image(&img, &spec, home).await.unwrap(),
-            Outcome::AlreadyThere
-        );
+        let err = create_image(&img, &spec, home).await.unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
         assert!(!target.exists());
     }
 

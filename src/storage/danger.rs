@@ -2,7 +2,8 @@
 //!
 //! Checked when a VM is added or applied (so a bad path is refused before anything
 //! runs), after resolving symlinks of every existing ancestor, so `~/vm/link/x.qcow2`
-//! with `link -> /etc` is seen as `/etc/x.qcow2`.
+//! with `link -> /etc` is seen as `/etc/x.qcow2`. The resolved path is what the config
+//! stores and what maqetd later opens with no symlinks allowed (`hostfiles`).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -40,16 +41,49 @@ const HOME_TREES: &[&str] = &[
     ".local/share/keyrings",
 ];
 
-/// Why `path` is refused, or `Ok` when a VM may use it. `path` must be absolute.
-/// Boot inputs (a kernel QEMU only reads) may come from system directories; nothing
-/// may come from the user's credential directories.
-pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<(), String> {
+/// Paths whose meaning depends on the process that opens them (`/proc/self/cwd/…`,
+/// `/dev/fd/3`, `/dev/stdin`): never stored, whatever they lead to now.
+const PROCESS_RELATIVE: &[&str] = &[
+    "/proc",
+    "/dev/fd",
+    "/dev/stdin",
+    "/dev/stdout",
+    "/dev/stderr",
+];
+
+/// Where `path` really leads (symlinks of existing ancestors resolved, `..` folded),
+/// or why it is refused. `path` must be absolute. Boot inputs (a kernel QEMU only
+/// reads) may come from system directories; nothing may come from the user's
+/// credential directories; a dangling symlink or a process-relative path is refused.
+pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String> {
+    if let Some(tree) = PROCESS_RELATIVE.iter().find(|t| path.starts_with(t)) {
+        return Err(format!(
+            "{} is under {tree}, whose meaning depends on which process opens it; name the file itself",
+            path.display()
+        ));
+    }
     let resolved = resolve(path);
     let shown = if resolved != path {
         format!("{} (resolves to {})", path.display(), resolved.display())
     } else {
         path.display().to_string()
     };
+    if let Some((link, target)) = dangling_link(&resolved) {
+        let at = if link == resolved {
+            String::new()
+        } else {
+            format!(": {}", link.display())
+        };
+        return Err(format!(
+            "{shown}{at} is a symlink to {}, which does not exist; create the target first or name the real location",
+            target.display()
+        ));
+    }
+    if resolved.starts_with("/proc") {
+        return Err(format!(
+            "{shown} is inside /proc: kernel interfaces, not files"
+        ));
+    }
     if resolved == Path::new("/") {
         return Err(format!("{shown} is the root directory"));
     }
@@ -79,12 +113,35 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<(), String> {
             "{shown} is your whole home directory; share a sub-directory instead"
         ));
     }
-    Ok(())
+    Ok(resolved)
 }
 
-/// Canonicalizes the longest existing ancestor and appends the rest lexically (`..` in
-/// the non-existing rest is folded too), so the check sees where a write would land.
+/// In a [`resolve`]d path (a symlink-free existing prefix, then names that did not
+/// resolve), the first unresolved name when it is a symlink: one whose target is
+/// missing, which a later write would follow.
+fn dangling_link(resolved: &Path) -> Option<(PathBuf, PathBuf)> {
+    let first = resolved
+        .ancestors()
+        .find(|a| std::fs::symlink_metadata(a).is_ok())?;
+    let is_link = std::fs::symlink_metadata(first)
+        .ok()?
+        .file_type()
+        .is_symlink();
+    is_link.then(|| {
+        (
+            first.to_path_buf(),
+            std::fs::read_link(first).unwrap_or_default(),
+        )
+    })
+}
+
+/// Folds `.` and `..` lexically (as the config does: the path a person reads), then
+/// canonicalizes the longest existing ancestor and appends the rest, so the check sees
+/// where a write would land.
 pub fn resolve(path: &Path) -> PathBuf {
+    let mut lexical = PathBuf::from("/");
+    push_normalized(&mut lexical, path);
+    let path = lexical.as_path();
     let mut existing = path.to_path_buf();
     let mut rest: Vec<PathBuf> = Vec::new();
     loop {
@@ -188,5 +245,51 @@ mod tests {
         // `..` out of a harmless directory into a system one.
         let sneaky = tmp.path().join("missing/../../../../../../etc/y");
         assert!(check(&sneaky, Path::new("/home/u"), PathUse::Storage).is_err());
+    }
+
+    #[test]
+    fn the_resolved_path_is_returned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(base.join("data")).unwrap();
+        std::os::unix::fs::symlink(base.join("data"), base.join("vms")).unwrap();
+        let home = Path::new("/home/u");
+        // A symlink the user made on purpose: followed once, stored resolved.
+        let got = check(&base.join("vms/a/../d.img"), home, PathUse::Storage).unwrap();
+        assert_eq!(got, base.join("data/d.img"));
+        let got = check(&base.join("vms/new/x.img"), home, PathUse::Storage).unwrap();
+        assert_eq!(got, base.join("data/new/x.img"));
+    }
+
+    #[test]
+    fn process_relative_paths_and_dangling_symlinks_are_refused() {
+        let home = Path::new("/home/u");
+        for p in [
+            "/proc/self/cwd/x.img",
+            "/dev/fd/3",
+            "/dev/stdin",
+            "/proc/1/root/etc",
+        ] {
+            let err = check(Path::new(p), home, PathUse::BootInput).unwrap_err();
+            assert!(err.contains("depends on which process"), "{p}: {err}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        std::os::unix::fs::symlink(base.join("nowhere"), base.join("leaf.img")).unwrap();
+        let err = check(&base.join("leaf.img"), home, PathUse::Storage).unwrap_err();
+        assert!(
+            err.contains("is a symlink to") && err.contains("does not exist"),
+            "{err}"
+        );
+        // A dangling directory link on the way.
+        std::os::unix::fs::symlink(base.join("gone"), base.join("dir")).unwrap();
+        let err = check(&base.join("dir/x/y.img"), home, PathUse::Storage).unwrap_err();
+        assert!(
+            err.contains(&format!("{} is a symlink", base.join("dir").display())),
+            "{err}"
+        );
+        // A link that leads into /proc is refused wherever it is.
+        std::os::unix::fs::symlink("/proc/self", base.join("me")).unwrap();
+        assert!(check(&base.join("me/environ"), home, PathUse::BootInput).is_err());
     }
 }

@@ -1,11 +1,14 @@
-//! Host storage: which locations a VM may use (`danger`), race-free creation of
-//! missing disk images (`create`), running `qemu-img` (`qemu_img`), free-space checks
+//! Host storage: which locations a VM may use (`danger`), opening host paths without
+//! following symlinks (`nofollow`), the files QEMU gets as fds (`hostfiles`), race-free
+//! creation of missing disk images (`create`), running `qemu-img` (`qemu_img`), free-space checks
 //! (`space`), and what `maqet storage ls|verify` report about a VM's disks
 //! (`inventory`). docs/storage.md is the user-facing description.
 
 pub mod create;
 pub mod danger;
+pub mod hostfiles;
 pub mod inventory;
+pub mod nofollow;
 pub mod qemu_img;
 pub mod space;
 

@@ -1,5 +1,5 @@
 //! Spawning QEMU: the management command line, the fd-passed QMP and console sockets,
-//! the log.
+//! the fd-passed host files (`storage::hostfiles`), the log.
 //!
 //! maqetd binds the QMP socket itself and hands the listening fd to QEMU, so the socket
 //! exists before QEMU runs (no polling for a socket file) and lives in a 0700 directory
@@ -82,18 +82,28 @@ pub fn run_with_monitor(
     listener: &UnixListener,
     console: Option<&UnixListener>,
 ) {
-    let listen_fd = listener.as_raw_fd();
-    let console_fd = console.map(|l| l.as_raw_fd());
+    run_with_fds(cmd, listener, console, &[]);
+}
+
+/// [`run_with_monitor`], also placing each `(fd, number)` of `files` (the host files
+/// maqetd opened for QEMU) at its number.
+pub fn run_with_fds(
+    cmd: &mut Command,
+    listener: &UnixListener,
+    console: Option<&UnixListener>,
+    files: &[(RawFd, RawFd)],
+) {
+    // Built before fork: nothing between fork and exec may allocate.
+    let mut pairs = vec![(listener.as_raw_fd(), QMP_FD)];
+    pairs.extend(console.map(|l| (l.as_raw_fd(), CONSOLE_FD)));
+    pairs.extend_from_slice(files);
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            match console_fd {
-                Some(c) => crate::child::place_fds(&mut [(listen_fd, QMP_FD), (c, CONSOLE_FD)]),
-                None => crate::child::place_fd(listen_fd, QMP_FD),
-            }
+            crate::child::place_fds(&mut pairs)
         });
     }
 }
@@ -107,6 +117,10 @@ pub struct LaunchSpec<'a> {
     /// Where the serial console listens, when maqet provides one.
     pub console_socket: Option<&'a Path>,
     pub log_file: &'a Path,
+    /// Host files opened for QEMU: `(fd, number in QEMU)`, and what each one is (for
+    /// the log). `user_args` name them by number.
+    pub files: &'a [(RawFd, RawFd)],
+    pub file_notes: &'a [String],
 }
 
 /// A spawned QEMU and where its output for this run begins.
@@ -133,7 +147,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
-    run_with_monitor(&mut cmd, &listener, console.as_ref());
+    run_with_fds(&mut cmd, &listener, console.as_ref(), spec.files);
     let child = cmd.spawn()?;
     let pid = child.id();
     // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.
@@ -185,6 +199,9 @@ fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
         line.push_str(a);
     }
     line.push('\n');
+    for note in spec.file_notes {
+        line.push_str(&format!("=== maqet: {note}\n"));
+    }
     log.write_all(line.as_bytes())?;
     let offset = log.seek(SeekFrom::End(0))?;
     Ok((log, offset))

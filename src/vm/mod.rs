@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use rustix::process::Signal;
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::config::{self, ConfigSource, VmConfig};
 
@@ -179,8 +179,9 @@ struct Runtime {
     shutdown: Mutex<Option<ShutdownEvent>>,
     /// Set to true by the supervisor once the exit has been recorded.
     exited: watch::Sender<bool>,
-    /// Wakes a running stop escalation to skip its graceful wait (`Stop(force)`).
-    force_now: Notify,
+    /// When a running stop escalation ends its graceful wait; a later `Stop` with a
+    /// shorter timeout (or `force`: now) moves it earlier, never later.
+    stop_deadline: watch::Sender<Option<tokio::time::Instant>>,
     /// A client is attached to the serial console (see `monitor::open_console`).
     console_attached: AtomicBool,
 }
@@ -197,7 +198,7 @@ impl Runtime {
             pause_requested: AtomicBool::new(false),
             shutdown: Mutex::new(None),
             exited,
-            force_now: Notify::new(),
+            stop_deadline: watch::channel(None).0,
             console_attached: AtomicBool::new(false),
         })
     }

@@ -30,7 +30,17 @@ impl Vm {
             self.transition(Status::Failed, &msg, false, |_| {})?;
             return Err(MaqetError::Storage(msg));
         }
-        match self.launch(&name, &config, &binary).await {
+        // Opened after creation and after the stored paths were checked again: QEMU
+        // gets these fds, never the names (docs/storage.md).
+        let files = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
+            Ok(files) => files,
+            Err(e) => {
+                let msg = format!("cannot start VM '{name}': {}", e.message());
+                self.transition(Status::Failed, &msg, false, |_| {})?;
+                return Err(MaqetError::Storage(msg));
+            }
+        };
+        match self.launch(&name, &files, &binary).await {
             Ok((runtime, events, status)) => {
                 let pid = runtime.process.pid();
                 *self.runtime.lock().unwrap() = Some(runtime.clone());
@@ -115,7 +125,7 @@ impl Vm {
     async fn launch(
         self: &Arc<Self>,
         name: &str,
-        config: &VmConfig,
+        files: &crate::storage::hostfiles::OpenedFiles,
         binary: &std::path::Path,
     ) -> Result<
         (
@@ -139,15 +149,18 @@ impl Vm {
         let socket = paths.qmp_socket(&self.id);
         let console = paths.console_socket(&self.id);
         let log_file = paths.vm_log(&self.id);
-        let args = config.qemu_args();
+        let args = &files.args;
+        let placements = files.placements();
         let spawned = launch::spawn(&launch::LaunchSpec {
             binary,
             uuid: &self.id,
             name,
-            user_args: &args,
+            user_args: args,
             qmp_socket: &socket,
-            console_socket: launch::wants_console(&args).then_some(console.as_path()),
+            console_socket: launch::wants_console(args).then_some(console.as_path()),
             log_file: &log_file,
+            files: &placements,
+            file_notes: &files.notes,
         })
         .map_err(|e| setup(&format!("spawning {}", binary.display()), &e))?;
         let process = spawned.process;

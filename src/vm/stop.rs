@@ -3,12 +3,29 @@
 
 use super::*;
 
+use tokio::time::Instant;
+
+/// The longest graceful wait a `Stop` may ask for (1 hour: long enough for a guest
+/// installing updates on its way down; a VM is never left `stopping` for longer).
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl Vm {
-    /// Stops the VM: ACPI power-down, wait up to `timeout`, then QMP `quit`, SIGTERM,
-    /// SIGKILL (`force` starts at `quit`). The escalation runs on its own task, so it
-    /// finishes even if the caller goes away; the call returns when the VM has stopped,
-    /// or after [`REPLY_LIMIT`] with the VM still `stopping`.
+    /// Stops the VM: ACPI power-down, wait up to `timeout` (at most
+    /// [`MAX_STOP_TIMEOUT`]), then QMP `quit`, SIGTERM, SIGKILL (`force` starts at
+    /// `quit`). The escalation runs on its own task, so it finishes even if the caller
+    /// goes away; the call returns when the VM has stopped, or after [`REPLY_LIMIT`]
+    /// with the VM still `stopping`. A `Stop` while one is running takes over when it
+    /// asks for less: its timeout (counted from now) or `force` ends the graceful wait
+    /// sooner, never later.
     pub async fn stop(self: &Arc<Self>, force: bool, timeout: Duration) -> Result<(), MaqetError> {
+        if timeout > MAX_STOP_TIMEOUT {
+            return Err(MaqetError::InvalidArgument(format!(
+                "a stop timeout of {} s is above the maximum of {} s; pass a shorter one, or force=true to stop now",
+                timeout.as_secs(),
+                MAX_STOP_TIMEOUT.as_secs()
+            )));
+        }
+        let deadline = Instant::now() + if force { Duration::ZERO } else { timeout };
         let runtime = {
             let _op = self.op_lock.lock().await;
             let status = self.check(Operation::Stop)?;
@@ -19,9 +36,9 @@ impl Vm {
                 )));
             };
             if status == Status::Stopping {
-                if force {
-                    rt.force_now.notify_one();
-                }
+                rt.stop_deadline.send_modify(|d| {
+                    *d = Some(d.map_or(deadline, |current| current.min(deadline)));
+                });
             } else {
                 let graceful = !force && status == Status::Running;
                 let reason = if force {
@@ -30,11 +47,8 @@ impl Vm {
                     "stop requested"
                 };
                 self.transition(Status::Stopping, reason, false, |_| {})?;
-                tokio::spawn(escalate(
-                    self.clone(),
-                    rt.clone(),
-                    graceful.then_some(timeout),
-                ));
+                rt.stop_deadline.send_replace(Some(deadline));
+                tokio::spawn(escalate(self.clone(), rt.clone(), graceful));
             }
             rt
         };
@@ -78,10 +92,11 @@ impl Vm {
     }
 }
 
-/// The stop escalation of ARCHITECTURE §3; runs detached from the caller.
-async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
+/// The stop escalation of ARCHITECTURE §3; runs detached from the caller. `graceful`:
+/// power down first and wait until `rt.stop_deadline`.
+async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: bool) {
     let name = vm.name();
-    if let Some(timeout) = graceful {
+    if graceful {
         rt.set_intent(StopIntent::Powerdown);
         match rt
             .qmp
@@ -89,11 +104,7 @@ async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
             .await
         {
             Ok(_) => {
-                let mut rx = rt.exited.subscribe();
-                tokio::select! {
-                    _ = tokio::time::timeout(timeout, rx.wait_for(|e| *e)) => {}
-                    _ = rt.force_now.notified() => {}
-                }
+                wait_for_exit_or_deadline(&rt).await;
                 if *rt.exited.borrow() {
                     return;
                 }
@@ -121,4 +132,19 @@ async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: Option<Duration>) {
     rt.set_intent(StopIntent::Kill);
     tracing::warn!(vm = %name, "QEMU ignored SIGTERM; sending SIGKILL");
     let _ = rt.process.signal(Signal::KILL);
+}
+
+/// Waits for QEMU to exit or for the stop deadline, following a deadline that a later
+/// `Stop` moves (no polling: the deadline is a watch).
+async fn wait_for_exit_or_deadline(rt: &Runtime) {
+    let mut exited = rt.exited.subscribe();
+    let mut deadline = rt.stop_deadline.subscribe();
+    loop {
+        let until = deadline.borrow_and_update().unwrap_or_else(Instant::now);
+        tokio::select! {
+            _ = exited.wait_for(|e| *e) => return,
+            _ = tokio::time::sleep_until(until) => return,
+            changed = deadline.changed() => if changed.is_err() { return },
+        }
+    }
 }

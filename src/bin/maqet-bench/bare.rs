@@ -41,7 +41,7 @@ pub fn tiny_vm_yaml(name: &str) -> String {
 pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), String> {
     let home = std::env::temp_dir();
     let path_env = std::env::var_os("PATH");
-    let no_policy = |_: &Path, _: config::PathUse| Ok(());
+    let no_policy = |p: &Path, _: config::PathUse| Ok(p.to_path_buf());
     let ctx = ValidationContext {
         home: &home,
         path_env: path_env.as_deref(),

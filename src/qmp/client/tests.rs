@@ -532,3 +532,48 @@ async fn real_qemu_status_stop_cont_quit() {
     within(client.closed()).await;
     assert!(!client.is_connected());
 }
+
+/// The log of a test, as text.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_stray_replies_is_logged_at_a_bounded_rate() {
+    let log = LogBuf::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // Current-thread runtime: the client's tasks log through this default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (client, _events, mut fake) = connected().await;
+    // What QEMU does after its JSON parser gives up on a huge command: an error per
+    // leftover token, none with an id.
+    let stray =
+        r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#;
+    for _ in 0..2000 {
+        fake.send(stray).await;
+    }
+    let (reply, ()) = within(async {
+        tokio::join!(client.execute("query-status", None), async {
+            let req = fake.request().await;
+            fake.reply(&req, json!({"status": "running"})).await;
+        })
+    })
+    .await;
+    assert_eq!(reply.unwrap()["status"], "running");
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines = text.matches("QMP reply without id ignored").count();
+    assert_eq!(lines as u32, crate::log_limit::BURST, "{text}");
+}

@@ -1,0 +1,188 @@
+//! `org.freedesktop.DBus.Introspectable` for the nodes above the VMs and jobs, answered
+//! per caller: a stranger (a user the policy does not admit) sees the path to the
+//! manager and no VM or job below it.
+//!
+//! zbus answers `Introspect` itself on every node, listing every child, recursively, to
+//! whoever asks. So maqetd replaces that interface on `/`, `/org`, `/org/maqet`, the
+//! manager and the `vm` and `job` nodes with this one, which writes the node's own
+//! interfaces (as zbus would) and its children as plain `<node name="…"/>` entries
+//! (as GDBus does; clients introspect a child to learn more), leaving out what the
+//! caller may not observe. VM and job nodes keep zbus's answer: it lists nothing but
+//! their interfaces, and reading anything there goes through the gate.
+//!
+//! zbus drops a node that has no children and only the standard interfaces, and makes a
+//! fresh one (with its own `Introspectable`) when a child appears again. The `vm` and
+//! `job` nodes therefore also carry [`Anchor`], an interface with no members that keeps
+//! them, and this guard, in place for the service's lifetime; it is left out of the
+//! XML.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::names::InterfaceName;
+use zbus::object_server::Interface;
+use zbus::{Connection, ObjectServer, interface};
+
+use super::{ManagerIface, ObjectManagerIface, Shared, VmIface};
+use crate::client::{MANAGER_PATH, vm_path};
+
+const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
+const VMS_PATH: &str = "/org/maqet/Maqet1/vm";
+const JOBS_PATH: &str = "/org/maqet/Maqet1/job";
+
+/// The guarded nodes, from the root down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Root,
+    Org,
+    Maqet,
+    Manager,
+    Vms,
+    Jobs,
+}
+
+impl Node {
+    const ALL: [Node; 6] = [
+        Node::Root,
+        Node::Org,
+        Node::Maqet,
+        Node::Manager,
+        Node::Vms,
+        Node::Jobs,
+    ];
+
+    fn path(self) -> &'static str {
+        match self {
+            Node::Root => "/",
+            Node::Org => "/org",
+            Node::Maqet => "/org/maqet",
+            Node::Manager => MANAGER_PATH,
+            Node::Vms => VMS_PATH,
+            Node::Jobs => JOBS_PATH,
+        }
+    }
+}
+
+/// Keeps the `vm` and `job` nodes (and their guard) alive while they have no child.
+pub struct Anchor;
+
+#[interface(name = "org.maqet.Maqet1.Internal.Anchor", introspection_docs = false)]
+impl Anchor {}
+
+/// Only for its introspection XML: zbus serves the real `org.freedesktop.DBus.Peer`
+/// on every node but does not export its type.
+struct PeerXml;
+
+#[interface(name = "org.freedesktop.DBus.Peer", introspection_docs = false)]
+impl PeerXml {
+    fn ping(&self) {}
+    fn get_machine_id(&self) -> zbus::fdo::Result<String> {
+        Err(zbus::fdo::Error::NotSupported(String::new()))
+    }
+}
+
+pub struct GuardedIntrospection {
+    shared: Arc<Shared>,
+    node: Node,
+}
+
+#[interface(
+    name = "org.freedesktop.DBus.Introspectable",
+    introspection_docs = false
+)]
+impl GuardedIntrospection {
+    async fn introspect(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> zbus::fdo::Result<String> {
+        let uid = self.shared.gate.caller_uid(conn, &hdr).await;
+        let may_observe =
+            |vm: Option<(&str, &str)>| uid.is_some_and(|uid| self.shared.gate.may_observe(uid, vm));
+        let mut xml = String::from(
+            "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+        );
+        // Interfaces in name order, as zbus lists them.
+        self.introspect_to_writer(&mut xml, 2);
+        if self.node == Node::Manager {
+            let om = server
+                .interface::<_, ObjectManagerIface>(MANAGER_PATH)
+                .await?;
+            om.get().await.introspect_to_writer(&mut xml, 2);
+        }
+        PeerXml.introspect_to_writer(&mut xml, 2);
+        zbus::fdo::Properties.introspect_to_writer(&mut xml, 2);
+        if self.node == Node::Manager {
+            let m = server.interface::<_, ManagerIface>(MANAGER_PATH).await?;
+            m.get().await.introspect_to_writer(&mut xml, 2);
+        }
+        let children: Vec<String> = match self.node {
+            Node::Root => vec!["org".into()],
+            Node::Org => vec!["maqet".into()],
+            Node::Maqet => vec!["Maqet1".into()],
+            Node::Manager if may_observe(None) => vec!["job".into(), "vm".into()],
+            Node::Vms => {
+                let mut ids = Vec::new();
+                for vm in self.shared.manager.list() {
+                    let path = vm_path(vm.id());
+                    let visible = may_observe(Some((vm.id(), &vm.name())))
+                        && server.interface::<_, VmIface>(&path).await.is_ok();
+                    if visible {
+                        ids.push(path.rsplit('/').next().unwrap_or_default().to_string());
+                    }
+                }
+                ids.sort();
+                ids
+            }
+            Node::Jobs => self
+                .shared
+                .retired_jobs
+                .served()
+                .into_iter()
+                .filter(|(_, vm_id)| {
+                    let vm = self.shared.manager.get(vm_id);
+                    let about = vm.as_ref().map(|vm| (vm.id().to_string(), vm.name()));
+                    may_observe(about.as_ref().map(|(id, n)| (id.as_str(), n.as_str())))
+                })
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            Node::Manager => Vec::new(),
+        };
+        for child in children {
+            let _ = writeln!(xml, "  <node name=\"{child}\"/>");
+        }
+        xml.push_str("</node>\n");
+        Ok(xml)
+    }
+}
+
+/// Puts the guard in place of zbus's `Introspectable` on every guarded node (before
+/// the service takes its bus name, so no caller ever sees zbus's answer there).
+pub async fn install(conn: &Connection, shared: &Arc<Shared>) -> zbus::Result<()> {
+    let server = conn.object_server();
+    for node in [Node::Vms, Node::Jobs] {
+        server.at(node.path(), Anchor).await?;
+    }
+    for node in Node::ALL {
+        // Every node on the way to the manager and the anchors exists by now.
+        server
+            .remove_named(
+                node.path(),
+                InterfaceName::from_static_str_unchecked(INTROSPECTABLE),
+            )
+            .await?;
+        let guard = GuardedIntrospection {
+            shared: shared.clone(),
+            node,
+        };
+        if server.at(node.path(), guard).await?.is_some() {
+            return Err(zbus::Error::InterfaceExists(
+                InterfaceName::from_static_str_unchecked(INTROSPECTABLE),
+                node.path().try_into()?,
+            ));
+        }
+    }
+    Ok(())
+}

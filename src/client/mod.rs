@@ -25,6 +25,7 @@ pub const VM_INTERFACE: &str = "org.maqet.Maqet1.VM";
 pub const QMP_INTERFACE: &str = "org.maqet.Maqet1.QMP";
 pub const SNAPSHOTS_INTERFACE: &str = "org.maqet.Maqet1.Snapshots";
 pub const STORAGE_INTERFACE: &str = "org.maqet.Maqet1.Storage";
+pub const GUEST_INTERFACE: &str = "org.maqet.Maqet1.Guest";
 pub const JOB_INTERFACE: &str = "org.maqet.Maqet1.Job";
 
 /// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.

@@ -10,11 +10,14 @@ use zbus::object_server::SignalEmitter;
 use std::sync::Arc;
 
 use super::idle::Idle;
-use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_property};
+use super::properties::{
+    CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, guest_property, vm_property,
+};
 use super::signals::emitters;
 use super::{QmpIface, VmIface};
 use crate::access::Gate;
-use crate::client::{VM_INTERFACE, vm_path};
+use crate::client::{GUEST_INTERFACE, VM_INTERFACE, vm_path};
+use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
@@ -51,7 +54,8 @@ async fn emit(conn: &Connection, gate: &Gate, ev: &CoreEvent) -> zbus::Result<()
         CoreEvent::StatusChanged { vm, .. }
         | CoreEvent::RuntimeChanged { vm, .. }
         | CoreEvent::ConfigChanged { vm, .. }
-        | CoreEvent::Qmp { vm, .. } => vm,
+        | CoreEvent::Qmp { vm, .. }
+        | CoreEvent::GuestChanged { vm, .. } => vm,
         // The job's own object signals `Completed`.
         CoreEvent::JobFinished { .. } => return Ok(()),
     };
@@ -85,6 +89,22 @@ async fn emit_to(emitter: &SignalEmitter<'_>, ev: &CoreEvent) -> zbus::Result<()
             timestamp_us,
             ..
         } => QmpIface::event(emitter, &escape(name), &escape(data_json), *timestamp_us).await,
+        CoreEvent::GuestChanged { view, changed, .. } => {
+            for (interface, names) in [
+                (GUEST_INTERFACE, GUEST_PROPERTIES),
+                (VM_INTERFACE, FORWARD_PROPERTIES),
+            ] {
+                let props: HashMap<&str, zbus::Variant<'_>> = changed
+                    .iter()
+                    .filter(|n| names.contains(n))
+                    .filter_map(|n| Some((*n, guest_property(view, n)?)))
+                    .collect();
+                if !props.is_empty() {
+                    emit_changed(emitter, interface, props).await?;
+                }
+            }
+            Ok(())
+        }
         CoreEvent::JobFinished { .. } => Ok(()),
     }
 }

@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+pub mod guest;
 pub mod launch;
 mod monitor;
 pub mod process;
@@ -154,6 +155,8 @@ enum StopIntent {
     None,
     /// ACPI power-down requested.
     Powerdown,
+    /// `guest-shutdown` sent through the guest agent.
+    AgentShutdown,
     /// QMP `quit` sent (by a stop, a restart, or the QMP passthrough).
     Quit,
     Terminate,
@@ -228,6 +231,8 @@ pub struct Vm {
     /// would carry for nothing.
     qmp_events: OnceLock<broadcast::Sender<(String, Value)>>,
     busy: Mutex<Option<Busy>>,
+    /// The guest agent and what it said (`guest::GuestView`).
+    guest: guest::GuestLink,
 }
 
 /// An exclusive operation that holds the VM beyond one call.
@@ -328,6 +333,7 @@ impl Vm {
             runtime: Mutex::new(None),
             qmp_events: OnceLock::new(),
             busy: Mutex::new(None),
+            guest: guest::GuestLink::default(),
         }))
     }
 

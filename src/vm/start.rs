@@ -148,6 +148,8 @@ impl Vm {
             .map_err(|e| setup("log directory", &e))?;
         let socket = paths.qmp_socket(&self.id);
         let console = paths.console_socket(&self.id);
+        let agent = paths.agent_socket(&self.id);
+        let wants_agent = self.stored_config().is_ok_and(|c| c.guest().guest_agent);
         let log_file = paths.vm_log(&self.id);
         let args = &files.args;
         let placements = files.placements();
@@ -158,6 +160,7 @@ impl Vm {
             user_args: args,
             qmp_socket: &socket,
             console_socket: launch::wants_console(args).then_some(console.as_path()),
+            agent_socket: wants_agent.then_some(agent.as_path()),
             log_file: &log_file,
             files: &placements,
             file_notes: &files.notes,

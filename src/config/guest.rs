@@ -242,7 +242,7 @@ pub(crate) fn forwards(items: &mut [Node], cx: &mut Cx) -> Vec<(Forward, Option<
 }
 
 /// The ids of the `-netdev user,…` networks in an argv.
-pub(crate) fn user_netdevs(argv: &[String]) -> Vec<String> {
+pub fn user_netdevs(argv: &[String]) -> Vec<String> {
     argv.windows(2)
         .filter(|w| matches!(w[0].as_str(), "-netdev" | "--netdev"))
         .filter_map(|w| {

@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 pub(crate) use argv::escape_commas;
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
-pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto};
+pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
 pub use size::{format_size, parse_size};

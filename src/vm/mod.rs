@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+mod forward;
 pub mod guest;
 pub mod launch;
 mod monitor;

@@ -24,6 +24,7 @@ impl Vm {
                 return Err(MaqetError::QemuFailed(msg));
             }
         };
+        forward::check_host_ports(&config.guest().forwards)?;
         self.transition(Status::Starting, "start requested", false, |_| {})?;
         if let Err(e) = self.create_missing_disks(&config).await {
             let msg = format!("cannot start VM '{name}': {}", e.message());
@@ -55,6 +56,11 @@ impl Vm {
                     t.exit_status = Some(-1);
                 })?;
                 supervisor::spawn(self.clone(), runtime, events);
+                // The ports were free a moment ago; one taken since fails here.
+                if let Err(e) = self.install_forwards(&config).await {
+                    tracing::warn!(vm = %name, error = %e, "cannot install the configured forwards");
+                    return Err(e);
+                }
                 Ok(())
             }
             Err(failure) => {

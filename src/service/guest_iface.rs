@@ -37,7 +37,11 @@ impl GuestIface {
     }
 
     /// The guest view, after the gate's `org.maqet.vm.observe` check.
-    async fn view(&self, conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<GuestView> {
+    async fn view(
+        &self,
+        conn: &Connection,
+        hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<GuestView> {
         self.shared
             .gate
             .check_read(conn, hdr.as_ref(), Some(&self.vm))

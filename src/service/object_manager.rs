@@ -69,7 +69,12 @@ impl ObjectManagerIface {
                 .manager
                 .list()
                 .iter()
-                .map(|vm| (vm_path(vm.id()), vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view()))))
+                .map(|vm| {
+                    (
+                        vm_path(vm.id()),
+                        vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view())),
+                    )
+                })
                 .collect())
         };
         self.shared.gate.call(conn, &hdr, req, work).await

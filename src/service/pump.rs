@@ -17,12 +17,12 @@ use super::signals::emitters;
 use super::{QmpIface, VmIface};
 use crate::access::Gate;
 use crate::client::{GUEST_INTERFACE, VM_INTERFACE, vm_path};
-use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
 use crate::vm::VmInfo;
+use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 
 /// A broken connection fails every signal; say so at a bounded rate.
 static EMIT_FAILED: LogLimiter = LogLimiter::new();

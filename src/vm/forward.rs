@@ -51,7 +51,10 @@ fn netdev(config: &VmConfig, vm: &str) -> Result<String, MaqetError> {
 }
 
 impl Vm {
-    async fn hmp(&self, command_line: String) -> Result<(), MaqetError> {
+    /// Runs an HMP command on maqetd's monitor; `ok` tells its success text (HMP has no
+    /// error channel: `hostfwd_add` prints nothing when it works, `hostfwd_remove`
+    /// "… removed").
+    async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), MaqetError> {
         let qmp = self.qmp()?;
         let out = qmp
             .execute_timeout(
@@ -61,9 +64,9 @@ impl Vm {
             )
             .await
             .map_err(|e| qmp_error(&self.name(), e))?;
-        match out.as_str().map(str::trim) {
-            Some("") | None => Ok(()),
-            Some(text) => Err(MaqetError::InvalidArgument(format!(
+        match out.as_str().map(str::trim).unwrap_or_default() {
+            text if ok(text) => Ok(()),
+            text => Err(MaqetError::InvalidArgument(format!(
                 "VM '{}': QEMU refused `{command_line}`: {text}",
                 self.name()
             ))),
@@ -71,15 +74,21 @@ impl Vm {
     }
 
     /// Installs the config's forwards on a QEMU that just started.
-    pub(super) async fn install_forwards(self: &Arc<Self>, config: &VmConfig) -> Result<(), MaqetError> {
+    pub(super) async fn install_forwards(
+        self: &Arc<Self>,
+        config: &VmConfig,
+    ) -> Result<(), MaqetError> {
         let forwards = &config.guest().forwards;
         if forwards.is_empty() {
             return Ok(());
         }
         let id = netdev(config, &self.name())?;
         for f in forwards {
-            self.hmp(format!("hostfwd_add {id} {}", f.hostfwd_rule()))
-                .await?;
+            self.hmp(
+                format!("hostfwd_add {id} {}", f.hostfwd_rule()),
+                str::is_empty,
+            )
+            .await?;
         }
         self.set_forwards(forwards.clone());
         Ok(())
@@ -99,8 +108,11 @@ impl Vm {
         }
         check_host_ports(std::slice::from_ref(&f))?;
         let id = netdev(&self.stored_config()?, &self.name())?;
-        self.hmp(format!("hostfwd_add {id} {}", f.hostfwd_rule()))
-            .await?;
+        self.hmp(
+            format!("hostfwd_add {id} {}", f.hostfwd_rule()),
+            str::is_empty,
+        )
+        .await?;
         current.push(f);
         self.set_forwards(current);
         Ok(())
@@ -113,7 +125,10 @@ impl Vm {
         let _op = self.op_lock.lock().await;
         self.require_process()?;
         let mut current = self.guest_view().forwards;
-        let Some(at) = current.iter().position(|c| c.hostfwd_key() == f.hostfwd_key()) else {
+        let Some(at) = current
+            .iter()
+            .position(|c| c.hostfwd_key() == f.hostfwd_key())
+        else {
             return Err(MaqetError::NotFound(format!(
                 "no forward from {} port {} on {}; `Forwards` lists them",
                 f.proto.as_str(),
@@ -122,8 +137,10 @@ impl Vm {
             )));
         };
         let id = netdev(&self.stored_config()?, &self.name())?;
-        self.hmp(format!("hostfwd_remove {id} {}", f.hostfwd_key()))
-            .await?;
+        self.hmp(format!("hostfwd_remove {id} {}", f.hostfwd_key()), |t| {
+            t.ends_with("removed")
+        })
+        .await?;
         current.remove(at);
         self.set_forwards(current);
         Ok(())

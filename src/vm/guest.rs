@@ -218,10 +218,19 @@ impl Vm {
             .await
     }
 
-    pub async fn guest_read_file(self: &Arc<Self>, path: &str, max: u64) -> Result<Vec<u8>, MaqetError> {
+    pub async fn guest_read_file(
+        self: &Arc<Self>,
+        path: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, MaqetError> {
         check_guest_path(path)?;
-        let max = if max == 0 { MAX_FILE_BYTES } else { max.min(MAX_FILE_BYTES) };
-        self.with_agent(async |a| a.read_file(path, max).await).await
+        let max = if max == 0 {
+            MAX_FILE_BYTES
+        } else {
+            max.min(MAX_FILE_BYTES)
+        };
+        self.with_agent(async |a| a.read_file(path, max).await)
+            .await
     }
 
     /// Writes a guest file; `mode` (when not 0) is applied with `chmod` in the guest,
@@ -244,7 +253,8 @@ impl Vm {
                 "mode {mode:o} is not a file mode (0 to 7777 octal)"
             )));
         }
-        self.with_agent(async |a| a.write_file(path, data).await).await?;
+        self.with_agent(async |a| a.write_file(path, data).await)
+            .await?;
         if mode != 0 {
             let argv = ["chmod".to_owned(), format!("{mode:o}"), path.to_owned()];
             let out = self
@@ -311,7 +321,9 @@ impl Vm {
         for _ in 0..2 {
             match client.fsthaw().await {
                 Ok(_) => return,
-                Err(e) => tracing::error!(vm = %self.name(), error = %e, "guest-fsfreeze-thaw failed"),
+                Err(e) => {
+                    tracing::error!(vm = %self.name(), error = %e, "guest-fsfreeze-thaw failed")
+                }
             }
         }
     }
@@ -387,18 +399,21 @@ async fn run_agent(vm: Arc<Vm>, rt: Arc<Runtime>) {
         if let Some(c) = &client {
             match c.sync(SYNC_TIMEOUT).await {
                 Ok(()) => {
-                    *vm.guest.client.lock().unwrap() = Some(c.clone());
-                    vm.update_guest(|v| v.agent = AgentState::Connected);
+                    // Identity and addresses first: `connected` announces them too.
                     let info = c.guest_info().await.unwrap_or_default();
                     let addresses = c.addresses().await.unwrap_or_default();
+                    *vm.guest.client.lock().unwrap() = Some(c.clone());
                     vm.update_guest(|v| {
+                        v.agent = AgentState::Connected;
                         v.info = info;
                         v.addresses = addresses;
                     });
                     tracing::info!(vm = %vm.name(), "guest agent connected");
                 }
                 Err(AgentError::Disconnected) => client = None,
-                Err(e) => tracing::debug!(vm = %vm.name(), error = %e, "no guest agent answers yet"),
+                Err(e) => {
+                    tracing::debug!(vm = %vm.name(), error = %e, "no guest agent answers yet")
+                }
             }
         }
         tokio::select! {

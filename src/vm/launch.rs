@@ -169,7 +169,11 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
     let console = spec.console_socket.map(bind_fresh).transpose()?;
     let agent = spec.agent_socket.map(bind_fresh).transpose()?;
     let mut files = spec.files.to_vec();
-    files.extend(agent.as_ref().map(|l| (l.as_raw_fd(), agent_fd(spec.files))));
+    files.extend(
+        agent
+            .as_ref()
+            .map(|l| (l.as_raw_fd(), agent_fd(spec.files))),
+    );
     let (log, log_offset) = open_log(spec)?;
     let log_err = log.try_clone()?;
 
@@ -232,10 +236,7 @@ fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
         crate::time::format_us(crate::time::now_us()),
         spec.binary.display()
     );
-    for a in spec_management_args(spec)
-        .iter()
-        .chain(spec.user_args)
-    {
+    for a in spec_management_args(spec).iter().chain(spec.user_args) {
         line.push(' ');
         line.push_str(a);
     }

@@ -1,5 +1,5 @@
-//! The one consumer of core events: turns them into D-Bus signals, in the order the
-//! core produced them, and hands each to the desktop notifier after its signal.
+//! The one consumer of core events: turns them into D-Bus signals (and serves or
+//! removes the objects of VMs added or removed), in the order the core produced them, and hands each to the desktop notifier after its signal.
 
 use std::collections::HashMap;
 
@@ -10,29 +10,67 @@ use zbus::object_server::SignalEmitter;
 use std::sync::Arc;
 
 use super::idle::Idle;
+use super::object_manager::ObjectManagerIface;
 use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_property};
-use super::{QmpIface, VmIface};
-use crate::client::{VM_INTERFACE, vm_path};
+use super::{ManagerIface, QmpIface, Shared, VmIface, vm_objects};
+use crate::client::{MANAGER_PATH, VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
 use crate::notify::Notifier;
-use crate::vm::VmInfo;
+use crate::vm::{Vm, VmInfo};
 
 pub async fn run(
     conn: Connection,
+    shared: Arc<Shared>,
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
 ) {
     while let Some(ev) = events.recv().await {
-        if matches!(ev, CoreEvent::StatusChanged { .. }) {
+        if matches!(
+            ev,
+            CoreEvent::StatusChanged { .. }
+                | CoreEvent::VmAdded { .. }
+                | CoreEvent::VmRemoved { .. }
+        ) {
             idle.vms_changed();
         }
-        if let Err(e) = emit(&conn, &ev).await {
+        let result = match &ev {
+            CoreEvent::VmAdded { vm, info } => added(&conn, &shared, vm, info).await,
+            CoreEvent::VmRemoved { vm, name } => removed(&conn, vm, name).await,
+            other => emit(&conn, other).await,
+        };
+        if let Err(e) = result {
             tracing::warn!(error = %e, "cannot emit signal");
+        }
+        if let CoreEvent::VmAdded { vm, .. } | CoreEvent::VmRemoved { vm, .. } = &ev {
+            vm.mark_announced();
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);
     }
+}
+
+/// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).
+async fn added(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    vm: &Arc<Vm>,
+    info: &VmInfo,
+) -> zbus::Result<()> {
+    let path = vm_objects::publish(conn, shared, vm).await?;
+    let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+    ObjectManagerIface::announce_added(&emitter, vm).await?;
+    ManagerIface::vm_added(&emitter, path.as_ref(), &info.name).await
+}
+
+/// Takes a removed VM's objects off the bus, then announces it (InterfacesRemoved,
+/// VMRemoved).
+async fn removed(conn: &Connection, vm: &Arc<Vm>, name: &str) -> zbus::Result<()> {
+    let path = vm_path(vm.id());
+    let ifaces = vm_objects::unpublish(conn, &path).await?;
+    let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+    ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
+    ManagerIface::vm_removed(&emitter, path.as_ref(), name).await
 }
 
 async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
@@ -67,8 +105,11 @@ async fn emit(conn: &Connection, ev: &CoreEvent) -> zbus::Result<()> {
             let emitter = SignalEmitter::new(conn, vm_path(vm.id()))?;
             QmpIface::event(&emitter, name, data_json, *timestamp_us).await
         }
-        // The job's own object signals `Completed`.
-        CoreEvent::JobFinished { .. } => Ok(()),
+        // The job's own object signals `Completed`; additions and removals are
+        // handled in `run`.
+        CoreEvent::JobFinished { .. } | CoreEvent::VmAdded { .. } | CoreEvent::VmRemoved { .. } => {
+            Ok(())
+        }
     }
 }
 

@@ -94,6 +94,26 @@ impl Manager {
         for t in tasks {
             let _ = t.await;
         }
+        self.report_undefined_qemus();
+    }
+
+    /// QEMUs that run a VM this database does not define (found by their runtime
+    /// directory and `-uuid`; e.g. after the database was deleted): reported, never
+    /// touched. `maqet doctor` lists them too and keeps their sockets.
+    fn report_undefined_qemus(&self) {
+        let Ok(entries) = std::fs::read_dir(self.ctx.paths.runtime_dir.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if self.get(&id).is_some() {
+                continue;
+            }
+            if let Some((pid, _)) = crate::vm::process::find_by_uuid(&id) {
+                tracing::warn!(id, pid, dir = %e.path().display(),
+                    "found a QEMU of a VM that is not defined (found, not defined): left running, sockets kept");
+            }
+        }
     }
 
     /// By name, else by UUID (with `-` or `_`).

@@ -306,3 +306,72 @@ async fn on_a_full_disk_stop_and_remove_work_and_records_wait_for_space() {
     let lost = column(&db, "SELECT method FROM audit WHERE method = 'RecordsLost'");
     assert!(lost.is_empty(), "nothing was lost: {lost:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_answered_after_its_audit_record_is_committed() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let db = bus.database();
+    for i in 1..=10 {
+        manager
+            .add_vm("", &tiny_vm_yaml(&format!("vm{i}")))
+            .await
+            .unwrap();
+        // No flush: the record must already be there when the reply arrives.
+        let rows = column(
+            &db,
+            "SELECT method FROM audit WHERE method = 'AddVM' AND outcome = 'ok'",
+        );
+        assert_eq!(rows.len(), i, "AddVM #{i} answered before its audit record");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_found_but_not_defined_is_reported_and_its_sockets_kept() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("orphan")).await;
+    vm.start().await.unwrap();
+    let id = vm.id().await.unwrap();
+    let pid = vm.pid().await.unwrap();
+    // The database goes, and maqetd dies before it could write it anew.
+    let daemon = bus.marked_processes("maqetd")[0];
+    let db = bus.database();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while Path::new(&format!("/proc/{daemon}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "maqetd did not die");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A new maqetd (activated by this call) has an empty database...
+    assert!(
+        bus.manager(&conn)
+            .await
+            .list_vms()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // ...and doctor --fix reports the QEMU instead of deleting its sockets as stale.
+    let out = bus.maqet(&["doctor", "--fix"]);
+    let report = stdout(&out);
+    assert!(
+        report.contains("found but not defined") && report.contains(&id),
+        "{report}"
+    );
+    let socket_dir = bus.root().join("run/maqet/vms").join(&id);
+    assert!(
+        socket_dir.exists(),
+        "doctor --fix kept {}",
+        socket_dir.display()
+    );
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU left running"
+    );
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}

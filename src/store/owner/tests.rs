@@ -98,12 +98,11 @@ async fn a_panicking_request_fails_alone_and_leaves_nothing_behind() {
     let store = Store::open(&db_path(&dir)).unwrap();
     let half = vm("half");
     let err = store
-        .write(move |db| {
+        .write(move |db| -> Result<(), StoreError> {
             db.insert_vm(&half)?;
             panic!("simulated bug in the middle of a request");
         })
         .await
-        .map(|()| ())
         .unwrap_err();
     assert!(err.to_string().contains("panicked"), "{err}");
     let whole = vm("whole");

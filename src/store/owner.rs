@@ -321,7 +321,11 @@ impl Owner {
         }
     }
 
+    /// When the owner must wake without a request: only while records wait.
     fn deadline(&self) -> Option<Instant> {
+        if self.kept.is_empty() {
+            return None;
+        }
         let lazy = self.lazy_since.map(|t| t + LAZY_DELAY);
         match (lazy, self.retry_at) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -382,7 +386,7 @@ impl Owner {
             let retry_due = self.retry_at.is_some_and(|t| now >= t);
             // A refused batch is not retried before its backoff, even by new writes,
             // so a long lock costs one busy timeout per backoff step, not per call.
-            let blocked = self.retry_at.is_some_and(|t| now < t);
+            let blocked = !self.kept.is_empty() && self.retry_at.is_some_and(|t| now < t);
             if !writes.is_empty()
                 || (!self.kept.is_empty() && (urgent || forced || lazy_due || retry_due))
             {
@@ -543,6 +547,13 @@ impl Owner {
     }
 
     fn schedule_retry(&mut self) {
+        if self.kept.is_empty() {
+            // A failed batch of requests only: their callers were told; nothing to retry.
+            self.retry_at = None;
+            self.retry_delay = RETRY_FIRST;
+            self.lazy_since = None;
+            return;
+        }
         self.retry_at = Some(Instant::now() + self.retry_delay);
         self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
         self.lazy_since = None;

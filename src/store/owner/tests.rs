@@ -266,3 +266,19 @@ async fn pruning_keeps_the_owners_rows_when_strangers_flood_the_log() {
         "the newest strangers' rows are kept"
     );
 }
+
+#[test]
+fn an_owner_with_nothing_waiting_has_no_deadline_even_after_a_failure() {
+    let mut owner = Owner::new(Database::open_in_memory().unwrap());
+    assert!(owner.deadline().is_none());
+    // A batch of plain requests failed: their callers were told, nothing waits.
+    owner.schedule_retry();
+    assert!(owner.deadline().is_none(), "an idle owner must not wake");
+    owner.keep(Kept {
+        what: "test",
+        apply: Box::new(|_| Ok(())),
+        ack: None,
+    });
+    owner.schedule_retry();
+    assert!(owner.deadline().is_some(), "a waiting record is retried");
+}

@@ -500,7 +500,15 @@ impl Owner {
                                 let _ = ack.send(Ok(()));
                             }
                         }
-                        Err(e) if e.is_transient() => {
+                        // Alone in its savepoint, only a failure of the place is worth
+                        // another try; anything else (a bug, a panic) would fail forever.
+                        Err(e)
+                            if e.is_transient()
+                                && !matches!(
+                                    e,
+                                    StoreError::Sqlite(_) | StoreError::Unavailable(_)
+                                ) =>
+                        {
                             if let Some(ack) = k.ack.take() {
                                 let _ = ack.send(Err(e.duplicate()));
                             }

@@ -282,3 +282,29 @@ fn an_owner_with_nothing_waiting_has_no_deadline_even_after_a_failure() {
     owner.schedule_retry();
     assert!(owner.deadline().is_some(), "a waiting record is retried");
 }
+
+#[tokio::test]
+async fn another_file_moved_into_place_is_never_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let store = Store::open(&path).unwrap();
+    let first = vm("first");
+    store.write(move |db| db.insert_vm(&first)).await.unwrap();
+    // Someone moves another file (a backup, another program's) to the path.
+    let other = dir.path().join("other.db");
+    std::fs::write(&other, b"not ours").unwrap();
+    std::fs::rename(&other, &path).unwrap();
+    let second = vm("second");
+    let err = store
+        .write(move |db| db.insert_vm(&second))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Replaced { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("replaced by another file"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"not ours", "left untouched");
+    let health = store.health().await;
+    assert!(health.unlinked && health.problem.is_some(), "{health:?}");
+}

@@ -423,7 +423,9 @@ impl Gate {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),
             };
-            self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
+            // A change is answered only after its record is committed (audit.rs).
+            let record = self.audit_record(&caller, &req, AuditDecision::Allow, outcome, &message);
+            self.auditor.record_durably(record).await;
         }
         // The one place every method's answer passes on its way out.
         result.outbound()
@@ -459,6 +461,7 @@ impl Gate {
         }
     }
 
+    /// Queues a denial's record (written within a second, batched).
     fn audit(
         &self,
         caller: &Caller,
@@ -467,6 +470,18 @@ impl Gate {
         outcome: &str,
         message: &str,
     ) {
+        let record = self.audit_record(caller, req, decision, outcome, message);
+        self.auditor.record(record);
+    }
+
+    fn audit_record(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        decision: AuditDecision,
+        outcome: &str,
+        message: &str,
+    ) -> Record {
         let row = AuditRow {
             seq: 0,
             time: now_us(),
@@ -481,10 +496,10 @@ impl Gate {
             outcome: Some(outcome.to_string()),
             message: Some(message.to_string()),
         };
-        self.auditor.record(Record {
+        Record {
             row,
             vm_name: req.vm.as_ref().map(|v| v.1.clone()),
-        });
+        }
     }
 
     /// Waits until every audit record of the calls answered so far is written (denials
@@ -612,7 +627,7 @@ mod tests {
             gate.audit(&caller, &req, decision, "ok", "");
         }
         gate.flush_audit().await;
-        let rows = store.audit(None, None, 0).unwrap();
+        let rows = store.read(|db| db.audit(None, None, 0)).await.unwrap();
         let got: Vec<_> = rows
             .iter()
             .map(|r| (r.method.as_deref().unwrap(), r.decision))

@@ -86,7 +86,9 @@ pub fn for_event(ev: &CoreEvent, s: &Notifications) -> Option<Notice> {
         } => about_job(vm.id(), &vm.name(), operation, target, *state, message)?,
         CoreEvent::RuntimeChanged { .. }
         | CoreEvent::ConfigChanged { .. }
-        | CoreEvent::Qmp { .. } => return None,
+        | CoreEvent::Qmp { .. }
+        | CoreEvent::VmAdded { .. }
+        | CoreEvent::VmRemoved { .. } => return None,
     };
     notice.kind.wanted(s).then_some(notice)
 }

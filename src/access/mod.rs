@@ -7,6 +7,7 @@
 
 mod action;
 mod audit;
+mod origin;
 pub mod policy;
 mod polkit;
 
@@ -22,6 +23,7 @@ use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 
 pub use action::Action;
+pub use origin::Origin;
 use policy::{Policy, Verdict};
 use polkit::Polkit;
 
@@ -58,6 +60,8 @@ pub struct Request {
     /// `allow_dangerous`): denied before the policy is asked, so nobody is prompted for
     /// a call that cannot run.
     pub interlock: Option<String>,
+    /// Where the call came from, if not a plain method call (see [`Origin`]).
+    pub origin: Option<Origin>,
 }
 
 impl Request {
@@ -70,7 +74,14 @@ impl Request {
             works_degraded: false,
             audited: action.is_mutating(),
             interlock: None,
+            origin: None,
         }
+    }
+
+    /// Marks a call made on the caller's behalf by a notification button or a shell.
+    pub fn via(mut self, origin: Origin) -> Request {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn even_when_degraded(mut self) -> Request {
@@ -384,7 +395,7 @@ impl Gate {
             action: req.action.id().to_string(),
             vm_id: req.vm.as_ref().map(|v| v.0.clone()),
             method: Some(req.method.to_string()),
-            arguments: Some(req.args.clone()),
+            arguments: Some(Origin::record(req.origin, &req.args)),
             decision,
             outcome: Some(outcome.to_string()),
             message: Some(message.to_string()),

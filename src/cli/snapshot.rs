@@ -25,6 +25,7 @@ const BAR_STEPS: u64 = 1000;
 pub enum SnapshotCommand {
     /// Take a snapshot (live with RAM while the VM runs, of the disks while it is stopped).
     Create {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         /// Replace a snapshot of the same name.
@@ -36,6 +37,7 @@ pub enum SnapshotCommand {
     },
     /// Revert the VM to a snapshot.
     Load {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         #[arg(long)]
@@ -44,6 +46,7 @@ pub enum SnapshotCommand {
     /// Delete a snapshot.
     #[command(alias = "delete")]
     Rm {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         #[arg(long)]
@@ -51,7 +54,10 @@ pub enum SnapshotCommand {
     },
     /// List a VM's snapshots.
     #[command(alias = "list")]
-    Ls { vm: String },
+    Ls {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
 }
 
 pub(super) async fn run(s: &Session, command: SnapshotCommand) -> Result<(), MaqetError> {

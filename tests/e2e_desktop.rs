@@ -172,8 +172,9 @@ async fn setup_user_installs_what_activation_needs_and_uninstall_removes_it() {
     let service = read("data/dbus-1/services/org.maqet.Maqet1.service");
     assert!(service.contains(&format!("Exec={maqetd}\n")), "{service}");
     let desktop = read("data/applications/org.maqet.Maqet.desktop");
-    assert!(desktop.contains(&format!("Exec={} ls\n", common::maqet_bin())));
-    assert!(desktop.contains("NoDisplay=true") && desktop.contains("Icon=org.maqet.Maqet"));
+    let maqet = common::maqet_bin();
+    assert!(desktop.contains(&format!("Exec=sh -c \"{maqet} ls; exec {maqet} events\"\n")));
+    assert!(!desktop.contains("NoDisplay=true") && desktop.contains("Icon=org.maqet.Maqet"));
     assert!(read("data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg").contains("<svg"));
     assert!(read("data/dbus-1/interfaces/org.maqet.Maqet1.VM.xml").contains("OpenConsole"));
 
@@ -185,7 +186,10 @@ async fn setup_user_installs_what_activation_needs_and_uninstall_removes_it() {
     assert!(out.status.success(), "{}", common::stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["action"], "removed");
-    assert_eq!(v["files"].as_array().unwrap().len(), 10, "{v}");
+    let removed = v["files"].as_array().unwrap();
+    let pages = std::fs::read_dir(root.join("data/man/man1")).map_or(0, |d| d.count());
+    assert_eq!(pages, 0, "every man page is removed");
+    assert!(removed.len() > 20, "{v}");
     for p in [
         "config/systemd/user/maqetd.service",
         "data/dbus-1/services/org.maqet.Maqet1.service",

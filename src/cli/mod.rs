@@ -1,6 +1,18 @@
 //! The `maqet` command line: parses arguments, talks only D-Bus (through
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
+// The CLI's own `print!`/`println!` (they shadow std's in every module below): a reader
+// that closed the pipe (`maqet ls | head -1`) ends maqet quietly instead of a panic.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::output::print_fmt(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::cli::output::print_fmt(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::cli::output::print_fmt(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod audit;
 mod complete;
 mod console;
@@ -461,16 +473,9 @@ fn manpage(dir: Option<PathBuf>) -> Result<ExitCode, MaqetError> {
     Ok(ExitCode::Ok)
 }
 
-/// Writes generated output; a reader that went away (`| head`) is not an error.
+/// Writes generated output (a reader that went away ends maqet quietly).
 fn write_stdout(bytes: &[u8]) -> Result<(), MaqetError> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(MaqetError::Internal(format!("cannot write to stdout: {e}")))
-        }
-        _ => Ok(()),
-    }
+    output::write_out(bytes)
 }
 
 /// Runs the CLI and returns the process exit code.

@@ -16,7 +16,7 @@ use super::session::{Session, vm_object};
 use crate::client::{BUS_NAME, JobProxy, SnapshotsProxy, proxy_at};
 use crate::config::format_size;
 use crate::error::MaqetError;
-use crate::time::{format_duration_us, format_us};
+use crate::time::{format_duration_us, format_local_us};
 
 /// Resolution of the progress bar (the job's `Progress` is 0..1).
 const BAR_STEPS: u64 = 1000;
@@ -219,7 +219,7 @@ async fn list(s: &Session, vm: &str) -> Result<(), MaqetError> {
             t.add_row([
                 name,
                 state,
-                format_us(date),
+                format_local_us(date),
                 format_duration_us(clock / 1000),
             ]);
         }

@@ -95,7 +95,7 @@ async fn gnome_search_finds_vms_shows_status_and_activation_starts_them() {
         .get_subsearch_result_set(&prev, &["web", "alp"])
         .await
         .unwrap();
-    assert_eq!(narrowed, [web_id.clone()]);
+    assert_eq!(narrowed, [web_id.as_str()]);
 
     // Metas: name, status, icon; an id that names no VM is left out.
     let metas = search
@@ -211,7 +211,7 @@ async fn a_refused_caller_gets_access_denied_from_both_shells() {
     let runner = KRunnerProxy::new(&conn).await.unwrap();
     assert_eq!(
         search.get_initial_result_set(&["guarded"]).await.unwrap(),
-        [id.clone()]
+        [id.as_str()]
     );
 
     // Starting is refused: activation and Run are denied and the VM stays as it was.

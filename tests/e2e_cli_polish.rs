@@ -168,6 +168,19 @@ async fn completion_offers_vm_names_in_bash_zsh_and_fish() {
             "{shell}: {got:?}"
         );
     }
+    // Without a reachable maqetd a Tab completes no VM, at once, and commands still.
+    let engine = |words: &[&str]| {
+        let out = bus
+            .maqet_command(&[&["--", "maqet"][..], words].concat())
+            .env("MAQET_COMPLETE", "fish")
+            .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(engine(&["start", "al"]), "");
+    assert!(engine(&["sta"]).contains("status"));
 }
 
 /// Every `name(1)` a page refers to.

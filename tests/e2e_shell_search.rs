@@ -7,6 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
+use futures_util::StreamExt;
+
 use common::guest::{self, Behaviour};
 use common::{Bus, StatusWatch, tiny_vm_yaml};
 use zbus::OwnedVariant;
@@ -178,8 +180,23 @@ async fn krunner_matches_vms_with_the_actions_their_state_allows_and_runs_them()
     assert_eq!(offered(props), ["start"]);
     assert!(runner.r#match("nope").await.unwrap().is_empty());
 
+    let qmp = maqet::client::qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let mut events = qmp.receive_event().await.unwrap();
     runner.run(&id, "start").await.unwrap();
     assert_eq!(vm.status().await.unwrap(), "running");
+    // The guest announces it listens for the power button with an RTC change.
+    let up = async {
+        while let Some(sig) = events.next().await {
+            if sig.args().unwrap().name() == &"RTC_CHANGE" {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(common::TIMEOUT, up)
+        .await
+        .expect("the guest came up");
     let matches = runner.r#match("builder").await.unwrap();
     assert_eq!(text(&matches[0].5, "subtext"), "running");
     assert_eq!(offered(&matches[0].5), ["stop"]);
@@ -187,7 +204,8 @@ async fn krunner_matches_vms_with_the_actions_their_state_allows_and_runs_them()
     // Stop powers the guest off through ACPI, like `maqet stop`.
     let mut watch = StatusWatch::new(&vm).await;
     runner.run(&id, "stop").await.unwrap();
-    watch.until("stopped").await;
+    let (_, _, reason) = watch.until("stopped").await;
+    assert_eq!(reason, "guest powered off after an ACPI power-down request");
 
     // Choosing the match itself starts a stopped VM.
     runner.run(&id, "").await.unwrap();
@@ -288,6 +306,26 @@ fn setup_installs_the_search_provider_and_krunner_files() {
     // GNOME Shell ignores a search provider whose application entry is hidden.
     let entry = read("data/applications/org.maqet.Maqet.desktop");
     assert!(!entry.contains("NoDisplay=true"), "{entry}");
+    if let Some(validate) = common::require(common::program(
+        "desktop-file-validate",
+        "desktop-file-utils",
+    )) {
+        for file in [
+            "data/applications/org.maqet.Maqet.desktop",
+            "data/krunner/dbusplugins/org.maqet.Maqet1.desktop",
+        ] {
+            let out = std::process::Command::new(&validate)
+                .arg(root.join(file))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && out.stdout.is_empty(),
+                "{file}: {}{}",
+                common::stdout(&out),
+                common::stderr(&out)
+            );
+        }
+    }
     for size in [16, 22, 24, 32, 48, 64, 128, 256] {
         let png = std::fs::read(root.join(format!(
             "data/icons/hicolor/{size}x{size}/apps/org.maqet.Maqet.png"

@@ -277,7 +277,8 @@ pub enum Command {
         vm: String,
     },
     /// Install maqetd for your desktop session: systemd user unit, D-Bus activation,
-    /// desktop entry and icon, interface XML.
+    /// desktop entry and icons, GNOME search provider, KRunner plugin, interface XML,
+    /// shell completions, man pages.
     Setup {
         /// Install for this user (the only kind of install maqet does itself).
         #[arg(long, required = true)]

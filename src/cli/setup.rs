@@ -1,6 +1,7 @@
 //! `maqet setup --user`: installs maqetd for this user's desktop session (the systemd
-//! user unit, the D-Bus activation file, the desktop entry and icon notifications name,
-//! the interface XML) and `--uninstall` removes them. Needs no maqetd: it is what makes
+//! user unit, the D-Bus activation file, the desktop entry and its icons, the GNOME
+//! Shell search provider and KRunner registrations, the interface XML, shell completions,
+//! the man pages) and `--uninstall` removes them. Needs no maqetd: it is what makes
 //! maqetd reachable. The files are built into the binary, so no source tree is needed.
 
 use std::path::{Path, PathBuf};

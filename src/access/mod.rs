@@ -8,6 +8,7 @@
 mod action;
 mod audit;
 mod denials;
+mod origin;
 mod peers;
 pub mod policy;
 mod polkit;
@@ -22,6 +23,7 @@ use zbus::Connection;
 use zbus::message::Header;
 
 pub use action::Action;
+pub use origin::Origin;
 use policy::{Policy, Verdict};
 use polkit::Polkit;
 
@@ -64,6 +66,8 @@ pub struct Request {
     /// Only the service's own user may make this call, whatever the policy says; the
     /// text says what others should do instead.
     pub own_user_only: Option<&'static str>,
+    /// Where the call came from, if not a plain method call (see [`Origin`]).
+    pub origin: Option<Origin>,
 }
 
 impl Request {
@@ -77,7 +81,14 @@ impl Request {
             audited: action.is_mutating(),
             interlock: None,
             own_user_only: None,
+            origin: None,
         }
+    }
+
+    /// Marks a call made on the caller's behalf by a notification button or a shell.
+    pub fn via(mut self, origin: Origin) -> Request {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn even_when_degraded(mut self) -> Request {
@@ -491,7 +502,7 @@ impl Gate {
             action: req.action.id().to_string(),
             vm_id: req.vm.as_ref().map(|v| v.0.clone()),
             method: Some(req.method.to_string()),
-            arguments: Some(req.args.clone()),
+            arguments: Some(Origin::record(req.origin, &req.args)),
             decision,
             outcome: Some(outcome.to_string()),
             message: Some(message.to_string()),

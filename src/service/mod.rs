@@ -9,11 +9,14 @@ mod host;
 mod idle;
 mod introspection;
 mod job_iface;
+mod krunner;
 mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
 mod qmp_iface;
+mod search_provider;
+mod shell_search;
 mod signals;
 mod snapshots_iface;
 mod storage_iface;
@@ -38,9 +41,11 @@ use crate::vm::Ctx;
 use idle::Idle;
 
 pub use job_iface::JobIface;
+pub use krunner::{KRUNNER_PATH, KRunnerIface};
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
 pub use qmp_iface::QmpIface;
+pub use search_provider::{SEARCH_PROVIDER_PATH, SearchProviderIface};
 pub use snapshots_iface::SnapshotsIface;
 pub use storage_iface::StorageIface;
 pub use vm_iface::VmIface;
@@ -127,6 +132,13 @@ pub async fn serve(
     for vm in &vms {
         builder = vm_objects::serve_on(builder, &shared, vm);
     }
+    // The desktop shells' launchers (docs/desktop.md).
+    let builder = builder
+        .serve_at(
+            SEARCH_PROVIDER_PATH,
+            SearchProviderIface::new(shared.clone()),
+        )
+        .serve_at(KRUNNER_PATH, KRunnerIface::new(shared.clone()));
     let conn = builder
         .serve_at(MANAGER_PATH, ObjectManagerIface::new(shared.clone()))
         .build()

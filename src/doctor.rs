@@ -57,7 +57,7 @@ pub async fn run(
     let mut out = vec![
         binaries(manager),
         kvm(),
-        database(manager, refusal),
+        database(manager, refusal).await,
         policy(manager, policy_problem),
     ];
     out.push(runtime_dir(manager, fix));
@@ -95,7 +95,7 @@ fn kvm() -> Finding {
     }
 }
 
-fn database(manager: &Manager, refusal: Option<&str>) -> Finding {
+async fn database(manager: &Manager, refusal: Option<&str>) -> Finding {
     let path = manager.ctx().paths.database();
     if let Some(why) = refusal {
         return finding(
@@ -103,6 +103,60 @@ fn database(manager: &Manager, refusal: Option<&str>) -> Finding {
             Health::Error,
             why.to_string(),
             "maqetd leaves the file untouched; move it aside to start afresh, or restore a backup",
+        );
+    }
+    // The owner checks that the path still names the open file (and writes a deleted
+    // one anew) before it answers.
+    let health = manager.ctx().store.health().await;
+    let waiting = if health.waiting > 0 {
+        format!("; {} records wait to be written", health.waiting)
+    } else {
+        String::new()
+    };
+    if health.unlinked {
+        return finding(
+            "database",
+            Health::Error,
+            format!(
+                "{} is not the file maqetd writes (deleted or replaced while maqetd runs): {}{waiting}",
+                path.display(),
+                health.problem.unwrap_or_default()
+            ),
+            "nothing is lost yet (maqetd holds everything); free the path or its directory so \
+             maqetd can write the file anew, or restart maqetd to use the file now there",
+        );
+    }
+    if let Some(problem) = health.problem {
+        return finding(
+            "database",
+            Health::Error,
+            format!("writes fail: {problem}{waiting}"),
+            "maqetd keeps what happened (exits, audit records) in memory and writes it once \
+             the database takes writes again; a state change asked for meanwhile fails",
+        );
+    }
+    if health.lost > 0 {
+        return finding(
+            "database",
+            Health::Error,
+            format!(
+                "{} records were lost while the database refused writes",
+                health.lost
+            ),
+            "see the log; the count is written to the audit log once writes work",
+        );
+    }
+    if health.recreated > 0 {
+        return finding(
+            "database",
+            Health::Warning,
+            format!(
+                "{} was deleted while maqetd ran; maqetd wrote it anew from the open file \
+                 ({} time(s)): no VM, history or audit record was lost",
+                path.display(),
+                health.recreated
+            ),
+            "find out what deletes files in your data directory (a cleaner, a script)",
         );
     }
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -269,6 +323,22 @@ fn stale_sockets(manager: &Manager, fix: bool) -> Vec<Finding> {
             continue;
         }
         let dir = e.path();
+        if manager.get(&id).is_none()
+            && let Some((pid, _)) = process::find_by_uuid(&id)
+        {
+            // A QEMU of a VM the database no longer defines (a deleted database): its
+            // sockets are its only handle, so they are never removed as stale.
+            out.push(finding(
+                "sockets",
+                Health::Warning,
+                format!(
+                    "QEMU pid {pid} runs VM {id}, found but not defined (its socket directory {} is kept)",
+                    dir.display()
+                ),
+                "define the VM again or stop that QEMU yourself (its monitor socket is in that directory)",
+            ));
+            continue;
+        }
         if fix && manager.ctx().paths.remove_vm_runtime_dir(&id) {
             out.push(finding(
                 "sockets",

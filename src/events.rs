@@ -35,6 +35,11 @@ pub enum CoreEvent {
     RuntimeChanged { vm: Arc<Vm>, info: VmInfo },
     /// The definition changed (`Apply`): name and config.
     ConfigChanged { vm: Arc<Vm>, info: VmInfo },
+    /// A VM was defined (its row is committed). The consumer serves and announces it,
+    /// then calls [`Vm::mark_announced`] so the call that added it can answer.
+    VmAdded { vm: Arc<Vm>, info: VmInfo },
+    /// A VM's definition was removed; `name` is its last name. Handled like `VmAdded`.
+    VmRemoved { vm: Arc<Vm>, name: String },
     /// An asynchronous QMP event of a running VM, with QEMU's own timestamp.
     Qmp {
         vm: Arc<Vm>,

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::{self, ConfigSource};
 use crate::error::MaqetError;
+use crate::events::CoreEvent;
 use crate::jobs::JobRegistry;
 use crate::store::VmRecord;
 use crate::time::now_us;
@@ -41,8 +42,12 @@ pub const INLINE_ORIGIN: &str = "<yaml>";
 
 impl Manager {
     /// Loads every VM definition from the database.
-    pub fn open(ctx: Arc<Ctx>) -> Result<Arc<Manager>, MaqetError> {
-        let records = ctx.store.load_vms().map_err(store_error)?;
+    pub async fn open(ctx: Arc<Ctx>) -> Result<Arc<Manager>, MaqetError> {
+        let records = ctx
+            .store
+            .read(|db| db.load_vms())
+            .await
+            .map_err(store_error)?;
         let mut reg = Registry::default();
         for rec in records {
             let vm = Vm::from_record(ctx.clone(), rec)?;
@@ -54,6 +59,17 @@ impl Manager {
             registry: RwLock::new(reg),
             jobs: JobRegistry::default(),
         }))
+    }
+
+    /// The registry, for a few memory-only steps (never held across an await). A
+    /// panic while it was held cannot leave it half-changed (every change is two map
+    /// inserts or removes), so a poisoned lock is taken as is.
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn ctx(&self) -> &Arc<Ctx> {
@@ -79,11 +95,31 @@ impl Manager {
         for t in tasks {
             let _ = t.await;
         }
+        self.report_undefined_qemus();
+    }
+
+    /// QEMUs that run a VM this database does not define (found by their runtime
+    /// directory and `-uuid`; e.g. after the database was deleted): reported, never
+    /// touched. `maqet doctor` lists them too and keeps their sockets.
+    fn report_undefined_qemus(&self) {
+        let Ok(entries) = std::fs::read_dir(self.ctx.paths.runtime_dir.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if self.get(&id).is_some() {
+                continue;
+            }
+            if let Some((pid, _)) = crate::vm::process::find_by_uuid(&id) {
+                tracing::warn!(id, pid, dir = %e.path().display(),
+                    "found a QEMU of a VM that is not defined (found, not defined): left running, sockets kept");
+            }
+        }
     }
 
     /// By name, else by UUID (with `-` or `_`).
     pub fn find(&self, name_or_id: &str) -> Result<Arc<Vm>, MaqetError> {
-        let reg = self.registry.read().unwrap();
+        let reg = self.registry();
         let found = reg
             .by_name
             .get(name_or_id)
@@ -97,12 +133,12 @@ impl Manager {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Vm>> {
-        self.registry.read().unwrap().by_id.get(id).cloned()
+        self.registry().by_id.get(id).cloned()
     }
 
     /// Every VM, sorted by name.
     pub fn list(&self) -> Vec<Arc<Vm>> {
-        let reg = self.registry.read().unwrap();
+        let reg = self.registry();
         reg.by_name
             .values()
             .filter_map(|id| reg.by_id.get(id).cloned())
@@ -111,7 +147,7 @@ impl Manager {
 
     /// How many VMs have a QEMU process (or one being made).
     pub fn active_count(&self) -> usize {
-        let reg = self.registry.read().unwrap();
+        let reg = self.registry();
         reg.by_id
             .values()
             .filter(|vm| vm.status().has_process())
@@ -161,7 +197,11 @@ impl Manager {
 
     /// Defines a VM. `name` empty: the config's `name`, else a generated one.
     /// `sources` with an empty `base_dir` resolve against the VM's own data directory.
-    pub fn add(&self, name: &str, mut sources: Vec<ConfigSource>) -> Result<Arc<Vm>, MaqetError> {
+    pub async fn add(
+        &self,
+        name: &str,
+        mut sources: Vec<ConfigSource>,
+    ) -> Result<Arc<Vm>, MaqetError> {
         let id = uuid::Uuid::new_v4().to_string();
         for s in &mut sources {
             if s.base_dir.as_os_str().is_empty() {
@@ -194,17 +234,33 @@ impl Manager {
             stopped_at: 0,
             exit_status: -1,
         };
-        let mut reg = self.registry.write().unwrap();
-        if reg.by_name.contains_key(&name) {
-            return Err(MaqetError::AlreadyExists(format!(
+        let taken = || {
+            MaqetError::AlreadyExists(format!(
                 "a VM named '{name}' already exists; choose another name or remove it first (maqet rm {name})"
-            )));
+            ))
+        };
+        if self.registry().by_name.contains_key(&name) {
+            return Err(taken());
         }
-        self.ctx.store.insert_vm(&rec).map_err(store_error)?;
+        // No lock across the commit: a racing add of the same name is refused by the
+        // database's UNIQUE constraint.
+        let row = rec.clone();
+        self.ctx
+            .store
+            .write(move |db| db.insert_vm(&row))
+            .await
+            .map_err(store_error)?;
         let vm = Vm::from_record(self.ctx.clone(), rec)?;
-        reg.by_name.insert(name, id.clone());
-        reg.by_id.insert(id, vm.clone());
+        {
+            let mut reg = self.registry_mut();
+            reg.by_name.insert(name, id.clone());
+            reg.by_id.insert(id, vm.clone());
+        }
         tracing::info!(vm = %vm.name(), id = %vm.id(), "VM added");
+        self.ctx.sink.emit(CoreEvent::VmAdded {
+            vm: vm.clone(),
+            info: vm.info(),
+        });
         Ok(vm)
     }
 
@@ -217,23 +273,22 @@ impl Manager {
             base_dir: self.ctx.paths.vm_data_dir(vm.id()),
         };
         let cfg = self.ctx.load_config(std::slice::from_ref(&source))?;
-        vm.apply(cfg, |old, new, yaml| {
-            let mut reg = self.registry.write().unwrap();
-            if old != new && reg.by_name.contains_key(new) {
-                return Err(MaqetError::AlreadyExists(format!(
-                    "cannot rename '{old}' to '{new}': that name is taken"
-                )));
-            }
-            self.ctx
-                .store
-                .update_config(vm.id(), new, yaml)
-                .map_err(store_error)?;
-            if old != new {
+        vm.apply(
+            cfg,
+            |old, new| {
+                if old != new && self.registry().by_name.contains_key(new) {
+                    return Err(MaqetError::AlreadyExists(format!(
+                        "cannot rename '{old}' to '{new}': that name is taken"
+                    )));
+                }
+                Ok(())
+            },
+            |old, new| {
+                let mut reg = self.registry_mut();
                 reg.by_name.remove(old);
                 reg.by_name.insert(new.to_string(), vm.id().to_string());
-            }
-            Ok(())
-        })
+            },
+        )
         .await
     }
 
@@ -259,7 +314,13 @@ impl Manager {
         }
         let mut deleted = Vec::new();
         if delete_storage {
-            let files = self.ctx.store.created_files(vm.id()).map_err(store_error)?;
+            let id = vm.id().to_string();
+            let files = self
+                .ctx
+                .store
+                .read(move |db| db.created_files(&id))
+                .await
+                .map_err(store_error)?;
             for file in files {
                 let path = file.path;
                 match std::fs::remove_file(&path) {
@@ -287,20 +348,39 @@ impl Manager {
                 list_paths(&deleted)
             );
             let detail = serde_json::json!({ "deleted": deleted });
-            if let Err(e) =
-                self.ctx
-                    .store
-                    .add_event(vm.id(), &name, "storage", &reason, Some(&detail))
-            {
-                tracing::warn!(vm = %name, error = %e, "cannot record deleted disks in history");
+            let kept = self
+                .ctx
+                .store
+                .record_event(vm.id(), &name, "storage", reason, Some(detail));
+            if let Err(e) = kept.await {
+                tracing::warn!(vm = %name, error = %e, "deleted disks not in history yet (kept for later)");
             }
         }
+        // Kept, not required: removing a VM must work on a full disk (it is how space is
+        // freed). If the row cannot be deleted now, the VM is gone from memory and the
+        // bus, and the deletion is written when the database takes writes again (a
+        // maqetd killed before that finds the VM defined, stopped, at its next start).
+        let id = vm.id().to_string();
+        if let Err(e) = self
+            .ctx
+            .store
+            .write_kept("VM removal", move |db| match db.remove_vm(&id) {
+                Err(crate::store::StoreError::NotFound(_)) => Ok(()),
+                other => other,
+            })
+            .await
         {
-            let mut reg = self.registry.write().unwrap();
-            self.ctx.store.remove_vm(vm.id()).map_err(store_error)?;
+            tracing::warn!(vm = %name, error = %e, "VM removed; its row is deleted once the database takes writes");
+        }
+        {
+            let mut reg = self.registry_mut();
             reg.by_name.remove(&name);
             reg.by_id.remove(vm.id());
         }
+        self.ctx.sink.emit(CoreEvent::VmRemoved {
+            vm: vm.clone(),
+            name: name.clone(),
+        });
         let _ = std::fs::remove_file(vm.log_file());
         let _ = std::fs::remove_dir(self.ctx.paths.vm_data_dir(vm.id()));
         tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
@@ -342,14 +422,16 @@ mod tests {
     #[tokio::test]
     async fn list_is_in_name_order_through_add_rename_and_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Manager::open(crate::vm::test_ctx(dir.path())).unwrap();
+        let m = Manager::open(crate::vm::test_ctx(dir.path()))
+            .await
+            .unwrap();
         let yaml = |name: &str| ConfigSource {
             origin: INLINE_ORIGIN.into(),
             text: format!("name: {name}\nbinary: /bin/true\n"),
             base_dir: PathBuf::new(),
         };
         for n in ["web", "db", "cache"] {
-            m.add("", vec![yaml(n)]).unwrap();
+            m.add("", vec![yaml(n)]).await.unwrap();
         }
         assert_eq!(names(&m), ["cache", "db", "web"]);
         let db = m.find("db").unwrap();

@@ -221,6 +221,41 @@ impl UserInstall {
         self.data_home
             .join("icons/hicolor/scalable/apps/org.maqet.Maqet.svg")
     }
+
+    /// The icon rendered at `size`×`size` pixels, for what cannot draw SVG.
+    pub fn png_icon(&self, size: u32) -> PathBuf {
+        self.data_home.join(format!(
+            "icons/hicolor/{size}x{size}/apps/org.maqet.Maqet.png"
+        ))
+    }
+
+    /// GNOME Shell's registration of maqetd's search provider.
+    pub fn search_provider(&self) -> PathBuf {
+        self.data_home
+            .join("gnome-shell/search-providers/org.maqet.Maqet1.search-provider.ini")
+    }
+
+    /// KRunner's (Plasma's) registration of maqetd's D-Bus runner.
+    pub fn krunner_plugin(&self) -> PathBuf {
+        self.data_home
+            .join("krunner/dbusplugins/org.maqet.Maqet1.desktop")
+    }
+
+    /// Where bash-completion, zsh and fish look for `maqet`'s completion script (zsh
+    /// only once the directory is on `fpath`; `setup` says so).
+    pub fn completion(&self, shell: &str) -> PathBuf {
+        match shell {
+            "bash" => self.data_home.join("bash-completion/completions/maqet"),
+            "zsh" => self.data_home.join("zsh/site-functions/_maqet"),
+            _ => self.config_home.join("fish/completions/maqet.fish"),
+        }
+    }
+
+    /// A man page of section 1 (`man` finds `~/.local/share/man` through `~/.local/bin`
+    /// on `PATH`).
+    pub fn man_page(&self, file_name: &str) -> PathBuf {
+        self.data_home.join("man/man1").join(file_name)
+    }
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or checks an existing one is a

@@ -26,6 +26,50 @@ pub fn format_us(us: u64) -> String {
     )
 }
 
+/// The local time (the `TZ` variable, else /etc/localtime) with second precision and the
+/// zone's abbreviation, for people: `2026-11-22 03:09:33 CET`. Machine output (`--json`)
+/// keeps [`format_us`] (UTC).
+pub fn format_local_us(us: u64) -> String {
+    if us == 0 {
+        return "never".into();
+    }
+    let secs = (us / 1_000_000) as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which outlives the call; a zeroed tm is a
+    // valid value of the plain C struct.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return format_us(us);
+    }
+    let zone = if tm.tm_zone.is_null() {
+        String::new()
+    } else {
+        // SAFETY: glibc points tm_zone at a NUL-terminated abbreviation it keeps alive.
+        unsafe { std::ffi::CStr::from_ptr(tm.tm_zone) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let zone = if zone.is_empty() || zone.starts_with(['+', '-']) {
+        let off = tm.tm_gmtoff;
+        let sign = if off < 0 { '-' } else { '+' };
+        format!(
+            "{sign}{:02}{:02}",
+            off.abs() / 3600,
+            (off.abs() % 3600) / 60
+        )
+    } else {
+        zone
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} {zone}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// Howard Hinnant's days → civil date algorithm.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -115,6 +159,18 @@ mod tests {
         assert_eq!(format_us(1_795_313_373_000_000), "2026-11-22T02:09:33Z");
         assert_eq!(format_duration_us(3_723_000_000), "1h 2m");
         assert_eq!(format_duration_us(59_000_000), "59s");
+    }
+
+    /// Local time follows `TZ` (a POSIX rule: no time zone database needed).
+    #[test]
+    fn local_time_follows_tz() {
+        // SAFETY: no other test reads or writes TZ.
+        unsafe { std::env::set_var("TZ", "XYZ-5") };
+        assert_eq!(
+            format_local_us(1_795_313_373_000_000),
+            "2026-11-22 07:09:33 XYZ"
+        );
+        assert_eq!(format_local_us(0), "never");
     }
 
     #[test]

@@ -833,7 +833,7 @@ async fn a_flood_of_denials_is_a_few_audit_rows_and_one_count() {
     // The count is written when the burst ends, or (here) when maqetd exits.
     let daemon = bus.marked_processes("maqetd")[0];
     unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
-    gone(daemon).await;
+    common::process_gone(daemon).await;
 
     let rows = audit(&bus).await;
     let theirs: Vec<_> = rows.iter().filter(|r| r.1 == user.0).collect();
@@ -862,23 +862,6 @@ async fn a_flood_of_denials_is_a_few_audit_rows_and_one_count() {
     );
     // The owner's own rows are all there.
     assert!(rows.iter().any(|r| r.1 != user.0 && r.6 == "AddVM"));
-}
-
-/// Waits for process `pid` to exit (its pidfd becomes readable).
-async fn gone(pid: u32) {
-    use rustix::process::{Pid, PidfdFlags, pidfd_open};
-    let Ok(fd) = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::NONBLOCK) else {
-        return;
-    };
-    let afd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }
-    .unwrap();
-    tokio::time::timeout(common::TIMEOUT, afd.readable())
-        .await
-        .expect("maqetd exits on SIGTERM")
-        .unwrap()
-        .retain_ready();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,26 @@ async fn a_crash_is_notified_and_its_buttons_work_through_the_gate() {
         )
         .expect("showing the log is audited");
     assert_eq!(shown, "ShowLog");
+
+    // `maqet audit` names the VM and that the start came from a notification button.
+    let out = bus.maqet(&["--json", "audit", "--vm", "crashy"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let start = rows
+        .iter()
+        .rev()
+        .find(|r| r["method"] == "Start" && r["via"] == "notification")
+        .unwrap_or_else(|| panic!("{rows:#?}"));
+    assert_eq!(start["vm"], "crashy");
+    assert_eq!(start["arguments"], "notification action \"Start again\"");
+    let table = common::stdout(&bus.maqet(&["audit", "--vm", "crashy"]));
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("VM") && header.contains("VIA"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("crashy") && l.contains("Start") && l.contains("notification")),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,8 +192,9 @@ async fn setup_user_installs_what_activation_needs_and_uninstall_removes_it() {
     let service = read("data/dbus-1/services/org.maqet.Maqet1.service");
     assert!(service.contains(&format!("Exec={maqetd}\n")), "{service}");
     let desktop = read("data/applications/org.maqet.Maqet.desktop");
-    assert!(desktop.contains(&format!("Exec={} ls\n", common::maqet_bin())));
-    assert!(desktop.contains("NoDisplay=true") && desktop.contains("Icon=org.maqet.Maqet"));
+    let maqet = common::maqet_bin();
+    assert!(desktop.contains(&format!("Exec=sh -c \"{maqet} ls; exec {maqet} events\"\n")));
+    assert!(!desktop.contains("NoDisplay=true") && desktop.contains("Icon=org.maqet.Maqet"));
     assert!(read("data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg").contains("<svg"));
     assert!(read("data/dbus-1/interfaces/org.maqet.Maqet1.VM.xml").contains("OpenConsole"));
 
@@ -185,7 +206,10 @@ async fn setup_user_installs_what_activation_needs_and_uninstall_removes_it() {
     assert!(out.status.success(), "{}", common::stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["action"], "removed");
-    assert_eq!(v["files"].as_array().unwrap().len(), 10, "{v}");
+    let removed = v["files"].as_array().unwrap();
+    let pages = std::fs::read_dir(root.join("data/man/man1")).map_or(0, |d| d.count());
+    assert_eq!(pages, 0, "every man page is removed");
+    assert!(removed.len() > 20, "{v}");
     for p in [
         "config/systemd/user/maqetd.service",
         "data/dbus-1/services/org.maqet.Maqet1.service",
@@ -386,13 +410,21 @@ fn completions_and_man_page_come_from_the_command_definitions() {
             .output()
             .unwrap()
     };
+    // bash, zsh and fish get the dynamic script: it calls maqet back for every Tab
+    // (tests/e2e_cli_polish.rs runs them); the other shells clap's static one.
     for shell in ["bash", "zsh", "fish"] {
         let out = bus_less(&["completions", shell]);
         assert!(out.status.success(), "{shell}");
         let script = common::stdout(&out);
-        for sub in ["console", "logs", "snapshot", "setup"] {
-            assert!(script.contains(sub), "{shell} completion lacks {sub}");
-        }
+        assert!(
+            script.contains("MAQET_COMPLETE") && script.contains(common::maqet_bin()),
+            "{shell}: {script}"
+        );
+    }
+    let out = bus_less(&["completions", "elvish"]);
+    let script = common::stdout(&out);
+    for sub in ["console", "logs", "snapshot", "setup"] {
+        assert!(script.contains(sub), "elvish completion lacks {sub}");
     }
     let page = common::stdout(&bus_less(&["manpage"]));
     assert!(

@@ -22,6 +22,12 @@ fn contract(vm_path: &str, job_path: &str) -> Vec<(String, &'static str)> {
         (vm_path.into(), "org.maqet.Maqet1.Snapshots"),
         (vm_path.into(), "org.maqet.Maqet1.Storage"),
         (job_path.into(), "org.maqet.Maqet1.Job"),
+        // The desktop shells' launchers (maqet implements the shells' interfaces).
+        (
+            "/org/maqet/Maqet1/SearchProvider".into(),
+            "org.gnome.Shell.SearchProvider2",
+        ),
+        ("/org/maqet/Maqet1/krunner".into(), "org.kde.krunner1"),
     ]
 }
 

@@ -10,23 +10,6 @@ fn kill(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
-/// Waits until `pid` is gone (its pidfd becomes readable), with a bound.
-async fn gone(pid: u32) {
-    use rustix::process::{Pid, PidfdFlags, pidfd_open};
-    let Ok(fd) = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::NONBLOCK) else {
-        return;
-    };
-    let afd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }
-    .unwrap();
-    tokio::time::timeout(common::TIMEOUT, afd.readable())
-        .await
-        .expect("process did not exit")
-        .unwrap()
-        .retain_ready();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_survive_a_killed_maqetd_and_are_readopted() {
     let bus = Bus::start();
@@ -47,7 +30,7 @@ async fn vms_survive_a_killed_maqetd_and_are_readopted() {
         .await
         .unwrap();
     kill(daemons[0]);
-    gone(daemons[0]).await;
+    common::process_gone(daemons[0]).await;
     // The bus saw the name go: the service is really down now.
     tokio::time::timeout(common::TIMEOUT, owner_changes.next())
         .await
@@ -56,7 +39,7 @@ async fn vms_survive_a_killed_maqetd_and_are_readopted() {
     assert!(std::path::Path::new(&format!("/proc/{pb}")).exists());
     // While maqetd is down, beta's QEMU dies.
     kill(pb);
-    gone(pb).await;
+    common::process_gone(pb).await;
 
     // The next call activates a new maqetd, which re-adopts alpha and buries beta.
     let list = manager.list_vms().await.unwrap();
@@ -76,7 +59,7 @@ async fn vms_survive_a_killed_maqetd_and_are_readopted() {
     a.resume().await.unwrap();
     a.stop(true, 0).await.unwrap();
     watch.until("stopped").await;
-    gone(pa).await;
+    common::process_gone(pa).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +140,7 @@ async fn idle_maqetd_exits_and_comes_back_with_everything() {
     tokio::time::timeout(common::TIMEOUT, lost.next())
         .await
         .expect("maqetd did not exit when idle");
-    gone(daemons[0]).await;
+    common::process_gone(daemons[0]).await;
     // The next call brings it back with the VM, its state and its history.
     assert_eq!(vm.status().await.unwrap(), "stopped");
     assert_eq!(vm.name().await.unwrap(), "sleeper");
@@ -186,7 +169,7 @@ async fn sigterm_leaves_vms_running_and_they_are_readopted() {
     let pid = vm.pid().await.unwrap();
     let daemon = bus.marked_processes("maqetd")[0];
     unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
-    gone(daemon).await;
+    common::process_gone(daemon).await;
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert_eq!(vm.status().await.unwrap(), "running");
     assert_eq!(vm.pid().await.unwrap(), pid);
@@ -249,7 +232,7 @@ async fn sigterm_during_start_leaves_no_orphan_and_no_ghost() {
     };
     let daemon = bus.marked_processes("maqetd")[0];
     unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
-    gone(daemon).await;
+    common::process_gone(daemon).await;
     assert!(starter.await.unwrap().is_err(), "the start was cut off");
     // Let the gated QEMU go on: it was spawned, so it must not be lost.
     std::fs::write(&fifo, "go\n").unwrap();
@@ -258,7 +241,7 @@ async fn sigterm_during_start_leaves_no_orphan_and_no_ghost() {
     assert_eq!(vm.pid().await.unwrap(), pid);
     assert_eq!(bus.marked_processes("qemu-system").len(), 1);
     vm.stop(true, 0).await.unwrap();
-    gone(pid).await;
+    common::process_gone(pid).await;
     assert!(bus.marked_processes("qemu-system").is_empty());
 }
 

@@ -8,6 +8,7 @@
 mod action;
 mod audit;
 mod denials;
+mod origin;
 mod peers;
 pub mod policy;
 mod polkit;
@@ -22,6 +23,7 @@ use zbus::Connection;
 use zbus::message::Header;
 
 pub use action::Action;
+pub use origin::Origin;
 use policy::{Policy, Verdict};
 use polkit::Polkit;
 
@@ -64,6 +66,8 @@ pub struct Request {
     /// Only the service's own user may make this call, whatever the policy says; the
     /// text says what others should do instead.
     pub own_user_only: Option<&'static str>,
+    /// Where the call came from, if not a plain method call (see [`Origin`]).
+    pub origin: Option<Origin>,
 }
 
 impl Request {
@@ -77,7 +81,14 @@ impl Request {
             audited: action.is_mutating(),
             interlock: None,
             own_user_only: None,
+            origin: None,
         }
+    }
+
+    /// Marks a call made on the caller's behalf by a notification button or a shell.
+    pub fn via(mut self, origin: Origin) -> Request {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn even_when_degraded(mut self) -> Request {
@@ -423,7 +434,9 @@ impl Gate {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),
             };
-            self.audit(&caller, &req, AuditDecision::Allow, outcome, &message);
+            // A change is answered only after its record is committed (audit.rs).
+            let record = self.audit_record(&caller, &req, AuditDecision::Allow, outcome, &message);
+            self.auditor.record_durably(record).await;
         }
         // The one place every method's answer passes on its way out.
         result.outbound()
@@ -459,6 +472,7 @@ impl Gate {
         }
     }
 
+    /// Queues a denial's record (written within a second, batched).
     fn audit(
         &self,
         caller: &Caller,
@@ -467,6 +481,18 @@ impl Gate {
         outcome: &str,
         message: &str,
     ) {
+        let record = self.audit_record(caller, req, decision, outcome, message);
+        self.auditor.record(record);
+    }
+
+    fn audit_record(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        decision: AuditDecision,
+        outcome: &str,
+        message: &str,
+    ) -> Record {
         let row = AuditRow {
             seq: 0,
             time: now_us(),
@@ -476,15 +502,15 @@ impl Gate {
             action: req.action.id().to_string(),
             vm_id: req.vm.as_ref().map(|v| v.0.clone()),
             method: Some(req.method.to_string()),
-            arguments: Some(req.args.clone()),
+            arguments: Some(Origin::record(req.origin, &req.args)),
             decision,
             outcome: Some(outcome.to_string()),
             message: Some(message.to_string()),
         };
-        self.auditor.record(Record {
+        Record {
             row,
             vm_name: req.vm.as_ref().map(|v| v.1.clone()),
-        });
+        }
     }
 
     /// Waits until every audit record of the calls answered so far is written (denials
@@ -612,7 +638,7 @@ mod tests {
             gate.audit(&caller, &req, decision, "ok", "");
         }
         gate.flush_audit().await;
-        let rows = store.audit(None, None, 0).unwrap();
+        let rows = store.read(|db| db.audit(None, None, 0)).await.unwrap();
         let got: Vec<_> = rows
             .iter()
             .map(|r| (r.method.as_deref().unwrap(), r.decision))

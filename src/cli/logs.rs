@@ -5,7 +5,7 @@
 //! `StatusChanged` for new history (and for the new log file a start may rotate in).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use futures_util::StreamExt;
@@ -17,7 +17,7 @@ use super::output::print_json_line;
 use super::session::{Session, vm};
 use crate::client::{HistoryRow, VmProxy};
 use crate::error::MaqetError;
-use crate::time::{format_us, now_us};
+use crate::time::{format_local_us, format_us, now_us};
 
 pub(super) async fn run(
     s: &Session,
@@ -98,12 +98,12 @@ fn print_history(json: bool, vm: &str, row: &HistoryRow) {
     } else if kind == "status" && !previous.is_empty() && previous != status {
         println!(
             "== {} {vm}: {previous} → {status} ({reason})",
-            format_us(*time)
+            format_local_us(*time)
         );
     } else if kind == "status" {
-        println!("== {} {vm}: {status} ({reason})", format_us(*time));
+        println!("== {} {vm}: {status} ({reason})", format_local_us(*time));
     } else {
-        println!("== {} {vm}: {kind}: {reason}", format_us(*time));
+        println!("== {} {vm}: {kind}: {reason}", format_local_us(*time));
     }
 }
 
@@ -169,11 +169,7 @@ impl Log {
 
     fn emit(&mut self, json: bool, bytes: &[u8]) -> Result<(), MaqetError> {
         if !json {
-            let mut out = std::io::stdout().lock();
-            return out
-                .write_all(bytes)
-                .and_then(|_| out.flush())
-                .map_err(|e| MaqetError::Internal(format!("cannot write to stdout: {e}")));
+            return super::output::write_out(bytes);
         }
         self.pending.extend_from_slice(bytes);
         while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {

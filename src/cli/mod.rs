@@ -1,7 +1,20 @@
 //! The `maqet` command line: parses arguments, talks only D-Bus (through
 //! [`crate::client`]), prints tables for people and JSON for programs.
 
+// The CLI's own `print!`/`println!` (they shadow std's in every module below): a reader
+// that closed the pipe (`maqet ls | head -1`) ends maqet quietly instead of a panic.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::output::print_fmt(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::cli::output::print_fmt(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::cli::output::print_fmt(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod audit;
+mod complete;
 mod console;
 mod doctor;
 mod exit;
@@ -85,9 +98,13 @@ pub enum Command {
         files: Vec<String>,
     },
     /// Start a VM; returns once QEMU's monitor is ready.
-    Start { vm: String },
+    Start {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Stop a VM: ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
     Stop {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// Skip the ACPI power-down and quit QEMU at once.
         #[arg(long, short)]
@@ -100,16 +117,29 @@ pub enum Command {
         no_wait: bool,
     },
     /// Restart a VM with a new QEMU process (applied config changes take effect).
-    Restart { vm: String },
+    Restart {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Reset the guest (like pressing the reset button).
-    Reset { vm: String },
+    Reset {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Pause a VM's virtual CPUs.
-    Pause { vm: String },
+    Pause {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Resume a paused VM.
-    Resume { vm: String },
+    Resume {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Remove a VM definition.
     #[command(alias = "remove")]
     Rm {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// Kill the VM first if it is running.
         #[arg(long, short)]
@@ -122,9 +152,13 @@ pub enum Command {
     #[command(alias = "list")]
     Ls,
     /// Show one VM's state.
-    Status { vm: String },
+    Status {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Show every property of a VM, including its merged config.
     Inspect {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// Print only the merged YAML config.
         #[arg(long)]
@@ -132,12 +166,14 @@ pub enum Command {
     },
     /// Replace a VM's config with one YAML file (`-` for stdin).
     Apply {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         #[arg(value_name = "FILE")]
         file: String,
     },
     /// Wait for a condition: status=<state>[|<state>…] or event=<QMP EVENT>.
     Wait {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         condition: String,
         /// Give up after this many seconds.
@@ -147,12 +183,14 @@ pub enum Command {
     /// Follow status changes, QMP events and VM additions/removals as they happen.
     Events {
         /// Only this VM.
+        #[arg(add = crate::cli::complete::vm())]
         vm: Option<String>,
     },
     /// Show the audit log: every denied call and every call that changed something.
     Audit {
         /// Only this VM (name or id).
         #[arg(long)]
+        #[arg(add = crate::cli::complete::vm())]
         vm: Option<String>,
         /// Only entries since then: 90s, 30m, 2h, 7d, or a UTC date (2026-11-22T14:05:00Z).
         #[arg(long)]
@@ -169,6 +207,7 @@ pub enum Command {
     },
     /// Run a QMP command on a running VM; prints QEMU's answer as JSON.
     Qmp {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// e.g. query-status, device_add, human-monitor-command.
         command: String,
@@ -184,6 +223,7 @@ pub enum Command {
     ///
     /// A combination that starts with `-` (the minus key) goes after `--`.
     Keys {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         #[arg(required = true, value_name = "COMBO")]
         combos: Vec<String>,
@@ -193,6 +233,7 @@ pub enum Command {
     },
     /// Type text into a VM on a US keyboard layout (\n is Enter, \t Tab, \\ a backslash).
     Type {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// The text; put `--` before it if it starts with `-`.
         text: String,
@@ -200,6 +241,7 @@ pub enum Command {
     /// Save a PNG of a VM's display (`-`: standard output). The VM needs a display
     /// device, e.g. `vga: std`.
     Screendump {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         #[arg(value_name = "FILE.png")]
         file: String,
@@ -221,6 +263,7 @@ pub enum Command {
     },
     /// Show a VM's lifecycle history and QEMU's log.
     Logs {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// Keep printing new log output and status changes.
         #[arg(long, short)]
@@ -230,10 +273,14 @@ pub enum Command {
         lines: usize,
     },
     /// Attach this terminal to a VM's serial console; Ctrl-] detaches.
-    Console { vm: String },
+    Console {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Run a command in the guest through its agent (`guest_agent: true`): its stdout,
     /// stderr and exit code become maqet's; piped stdin is passed on.
     Exec {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         /// Seconds to wait for the command (0: 20).
         #[arg(long, default_value_t = 0)]
@@ -243,19 +290,24 @@ pub enum Command {
         command: Vec<String>,
     },
     /// The guest's network addresses, as its agent reports them.
-    Ip { vm: String },
+    Ip {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Copy a file into or out of a guest: `maqet cp VM:/path LOCAL` or
     /// `maqet cp LOCAL VM:/path` (`-`: stdin or stdout).
     Cp { from: String, to: String },
     /// ssh into the guest through a forward to its port 22 (added when missing), as
     /// the config's `ssh_user`; arguments after `--` go to ssh.
     Ssh {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         #[arg(last = true, value_name = "SSH-ARGS")]
         args: Vec<String>,
     },
     /// Install maqetd for your desktop session: systemd user unit, D-Bus activation,
-    /// desktop entry and icon, interface XML.
+    /// desktop entry and icons, GNOME search provider, KRunner plugin, interface XML,
+    /// shell completions, man pages.
     Setup {
         /// Install for this user (the only kind of install maqet does itself).
         #[arg(long, required = true)]
@@ -267,7 +319,8 @@ pub enum Command {
         #[arg(long, value_name = "PATH", conflicts_with = "uninstall")]
         maqetd: Option<PathBuf>,
     },
-    /// Print a shell completion script: maqet completions bash > ~/.local/share/bash-completion/completions/maqet
+    /// Print a shell completion script (bash, zsh and fish complete VM names by asking
+    /// maqetd); `maqet setup --user` installs them.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -298,10 +351,7 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             return setup::run(cli.json, uninstall, maqetd).await;
         }
         Command::Completions { shell } => {
-            // Generated into memory: clap_complete panics on a closed pipe.
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "maqet", &mut script);
-            return write_stdout(&script).map(|()| ExitCode::Ok);
+            return write_stdout(&completion_script(shell)?).map(|()| ExitCode::Ok);
         }
         Command::Manpage { dir } => return manpage(dir),
         _ => {}
@@ -407,41 +457,71 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
     .map(|()| ExitCode::Ok)
 }
 
+/// The completion script of `shell`: for bash, zsh and fish the dynamic one that
+/// completes VM names, for the others clap's static script.
+pub(crate) fn completion_script(shell: clap_complete::Shell) -> Result<Vec<u8>, MaqetError> {
+    if let Some(dynamic) = complete::dynamic_shell(shell) {
+        let me = std::env::current_exe()
+            .map_err(|e| MaqetError::Internal(format!("cannot find this maqet binary: {e}")))?;
+        return Ok(complete::registration(dynamic, &me.to_string_lossy()));
+    }
+    // Generated into memory: clap_complete panics on a closed pipe.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "maqet", &mut script);
+    Ok(script)
+}
+
+/// Every man page: `maqet.1` first, then one per command (`maqet-snapshot-create.1`), in
+/// memory. The pages' SUBCOMMANDS sections name exactly these pages (no `help` command,
+/// which has no page).
+pub(crate) fn man_pages() -> Vec<(String, Vec<u8>)> {
+    fn render(cmd: clap::Command, out: &mut Vec<(String, Vec<u8>)>) {
+        let subs: Vec<clap::Command> = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .cloned()
+            .collect();
+        let man = clap_mangen::Man::new(cmd);
+        let mut page = Vec::new();
+        // Rendering into memory cannot fail.
+        let _ = man.render(&mut page);
+        out.push((man.get_filename(), page));
+        for sub in subs {
+            render(sub, out);
+        }
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    render(cmd, &mut pages);
+    pages
+}
+
 /// The man page on stdout, or every command's page into `dir`.
 fn manpage(dir: Option<PathBuf>) -> Result<ExitCode, MaqetError> {
     let failed =
         |e: std::io::Error| MaqetError::Internal(format!("cannot write the man page: {e}"));
-    let cmd = Cli::command();
+    let mut pages = man_pages();
     match dir {
         Some(dir) => {
             std::fs::create_dir_all(&dir).map_err(failed)?;
-            clap_mangen::generate_to(cmd, &dir).map_err(failed)?;
+            for (name, page) in pages {
+                std::fs::write(dir.join(name), page).map_err(failed)?;
+            }
         }
-        None => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(cmd)
-                .render(&mut page)
-                .map_err(failed)?;
-            write_stdout(&page)?;
-        }
+        None => write_stdout(&pages.swap_remove(0).1)?,
     }
     Ok(ExitCode::Ok)
 }
 
-/// Writes generated output; a reader that went away (`| head`) is not an error.
+/// Writes generated output (a reader that went away ends maqet quietly).
 fn write_stdout(bytes: &[u8]) -> Result<(), MaqetError> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(MaqetError::Internal(format!("cannot write to stdout: {e}")))
-        }
-        _ => Ok(()),
-    }
+    output::write_out(bytes)
 }
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> std::process::ExitCode {
+    complete::answer_if_asked();
     let mut cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

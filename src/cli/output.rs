@@ -11,7 +11,33 @@ use zbus::OwnedVariant;
 
 use super::exit::{ExitCode, is_unreachable};
 use crate::error::MaqetError;
-use crate::time::{format_duration_us, format_us, now_us};
+use crate::time::{format_duration_us, format_local_us, now_us};
+
+/// Writes to standard output. A reader that went away (`maqet ls | head -1`) ends maqet
+/// at once and quietly with status 0, as the producer of a shell pipeline should: no
+/// panic, no error message. (SIGPIPE stays ignored, so a broken D-Bus or ssh connection
+/// is still an error maqet reports, not a silent death.)
+pub fn write_out(bytes: &[u8]) -> Result<(), MaqetError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(MaqetError::Internal(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// What the CLI's `print!`/`println!` do (see `cli/mod.rs`): [`write_out`], and a
+/// stdout that cannot be written at all is reported on stderr.
+pub fn print_fmt(args: std::fmt::Arguments<'_>) {
+    let text = match args.as_str() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(args.to_string()),
+    };
+    if let Err(e) = write_out(text.as_bytes()) {
+        eprintln!("maqet: {}", e.message());
+    }
+}
 
 /// A VM as the CLI shows it, read from its D-Bus properties.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -143,8 +169,8 @@ pub fn vm_details(vm: &VmView) -> String {
         ("Reason", vm.status_reason.clone()),
         ("Pid", vm.pid_text()),
         ("Uptime", vm.uptime()),
-        ("Created", format_us(vm.created_at)),
-        ("Started", format_us(vm.started_at)),
+        ("Created", format_local_us(vm.created_at)),
+        ("Started", format_local_us(vm.started_at)),
         (
             "Stopped",
             if vm.stopped_at == 0 {
@@ -152,11 +178,11 @@ pub fn vm_details(vm: &VmView) -> String {
             } else if vm.exit_status >= 0 {
                 format!(
                     "{} (exit status {})",
-                    format_us(vm.stopped_at),
+                    format_local_us(vm.stopped_at),
                     vm.exit_status
                 )
             } else {
-                format_us(vm.stopped_at)
+                format_local_us(vm.stopped_at)
             },
         ),
     ];

@@ -15,6 +15,7 @@ use crate::error::MaqetError;
 pub enum DeviceCommand {
     /// Hot-plug a device, e.g. `maqet device add web virtio-rng-pci rng1 --prop bus=rp1`.
     Add {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         driver: String,
         id: String,
@@ -24,7 +25,11 @@ pub enum DeviceCommand {
         props: Vec<String>,
     },
     /// Hot-unplug a device; waits up to 10 s for QEMU to report it gone.
-    Del { vm: String, id: String },
+    Del {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+        id: String,
+    },
 }
 
 /// Runs one QMP command and prints QEMU's answer as JSON.

@@ -111,7 +111,10 @@ pub async fn wait_chunked(
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let chunk = remaining.min(CALL_CHUNK);
-        match proxy.wait(condition, chunk.as_secs() as u32).await {
+        // Whole seconds, rounded up: truncating made `--timeout N` wait N-1 s (the
+        // deadline is already microseconds in the past when the first call goes out).
+        let secs = chunk.as_secs() + u64::from(chunk.subsec_nanos() > 0);
+        match proxy.wait(condition, secs as u32).await {
             Err(MaqetError::Timeout(_)) if remaining > chunk => continue,
             other => return other,
         }

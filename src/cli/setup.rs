@@ -1,6 +1,7 @@
 //! `maqet setup --user`: installs maqetd for this user's desktop session (the systemd
-//! user unit, the D-Bus activation file, the desktop entry and icon notifications name,
-//! the interface XML) and `--uninstall` removes them. Needs no maqetd: it is what makes
+//! user unit, the D-Bus activation file, the desktop entry and its icons, the GNOME
+//! Shell search provider and KRunner registrations, the interface XML, shell completions,
+//! the man pages) and `--uninstall` removes them. Needs no maqetd: it is what makes
 //! maqetd reachable. The files are built into the binary, so no source tree is needed.
 
 use std::path::{Path, PathBuf};
@@ -16,12 +17,28 @@ const UNIT: &str = include_str!("../../systemd/maqetd.service");
 const DBUS_SERVICE: &str = include_str!("../../data/dbus-1/services/org.maqet.Maqet1.service");
 const DESKTOP_ENTRY: &str = include_str!("../../data/applications/org.maqet.Maqet.desktop");
 const ICON: &str = include_str!("../../data/icons/hicolor/scalable/apps/org.maqet.Maqet.svg");
+const SEARCH_PROVIDER: &str =
+    include_str!("../../data/gnome-shell/search-providers/org.maqet.Maqet1.search-provider.ini");
+const KRUNNER_PLUGIN: &str =
+    include_str!("../../data/krunner/dbusplugins/org.maqet.Maqet1.desktop");
+
+macro_rules! pngs {
+    ($($size:literal),*) => {
+        [$(($size, include_bytes!(concat!(
+            "../../data/icons/hicolor/", $size, "x", $size, "/apps/org.maqet.Maqet.png"
+        )) as &[u8])),*]
+    };
+}
+/// The icon in the hicolor sizes (rendered by `scripts/render-icons`).
+const PNG_ICONS: [(u32, &[u8]); 8] = pngs!(16, 22, 24, 32, 48, 64, 128, 256);
 
 macro_rules! interfaces {
     ($($name:literal),*) => {
         [$(($name, include_str!(concat!("../../dbus-interfaces/", $name)))),*]
     };
 }
+/// maqet's own interfaces (the shells' interfaces in `dbus-interfaces/` come with the
+/// shells).
 const INTERFACES: [(&str, &str); 6] = interfaces!(
     "org.maqet.Maqet1.Manager.xml",
     "org.maqet.Maqet1.VM.xml",
@@ -31,17 +48,43 @@ const INTERFACES: [(&str, &str); 6] = interfaces!(
     "org.maqet.Maqet1.Job.xml"
 );
 
+/// The shells whose completion `setup` installs (all three complete VM names).
+const COMPLETION_SHELLS: [clap_complete::Shell; 3] = [
+    clap_complete::Shell::Bash,
+    clap_complete::Shell::Zsh,
+    clap_complete::Shell::Fish,
+];
+
 /// Every file setup writes, with its content for these binaries.
-fn files(at: &UserInstall, maqetd: &str, maqet: &str) -> Vec<(PathBuf, String)> {
-    let fill = |t: &str| t.replace("@MAQETD@", maqetd).replace("@MAQET@", maqet);
+fn files(at: &UserInstall, maqetd: &str, maqet: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let fill = |t: &str| {
+        t.replace("@MAQETD@", maqetd)
+            .replace("@MAQET@", maqet)
+            .into_bytes()
+    };
     let mut out = vec![
         (at.systemd_unit(), fill(UNIT)),
         (at.dbus_service(), fill(DBUS_SERVICE)),
         (at.desktop_entry(), fill(DESKTOP_ENTRY)),
-        (at.icon(), ICON.to_string()),
+        (at.icon(), ICON.as_bytes().to_vec()),
+        (at.search_provider(), SEARCH_PROVIDER.as_bytes().to_vec()),
+        (at.krunner_plugin(), KRUNNER_PLUGIN.as_bytes().to_vec()),
     ];
+    for (size, png) in PNG_ICONS {
+        out.push((at.png_icon(size), png.to_vec()));
+    }
     for (name, xml) in INTERFACES {
-        out.push((at.dbus_interface(name), xml.to_string()));
+        out.push((at.dbus_interface(name), xml.as_bytes().to_vec()));
+    }
+    for shell in COMPLETION_SHELLS {
+        let dynamic = super::complete::dynamic_shell(shell).expect("a dynamic shell");
+        out.push((
+            at.completion(&shell.to_string()),
+            super::complete::registration(dynamic, maqet),
+        ));
+    }
+    for (name, page) in super::man_pages() {
+        out.push((at.man_page(&name), page));
     }
     out
 }
@@ -98,6 +141,13 @@ pub async fn run(
         println!("session bus: {bus}");
         if action == "installed" {
             println!(
+                "zsh: add {} to fpath (before compinit) for completion",
+                at.completion("zsh")
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            );
+            println!(
                 "polkit (only for policy answers of `auth`): as root, install data/polkit-1/actions/org.maqet.policy into /usr/share/polkit-1/actions/"
             );
         }
@@ -139,7 +189,7 @@ fn exec_path(p: &Path) -> Result<String, MaqetError> {
 }
 
 /// Writes `content` to `path` whole or not at all (a temporary file, then a rename).
-fn write_file(path: &Path, content: &str) -> Result<(), MaqetError> {
+fn write_file(path: &Path, content: &[u8]) -> Result<(), MaqetError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
     }
@@ -195,14 +245,24 @@ mod tests {
             config_home: "/c".into(),
         };
         let f = files(&at, "/opt/m/maqetd", "/opt/m/maqet");
-        let get = |p: &str| &f.iter().find(|(path, _)| path == Path::new(p)).unwrap().1;
+        let get = |p: &str| {
+            let bytes = &f.iter().find(|(path, _)| path == Path::new(p)).unwrap().1;
+            String::from_utf8_lossy(bytes).into_owned()
+        };
         assert!(get("/c/systemd/user/maqetd.service").contains("ExecStart=/opt/m/maqetd\n"));
         assert!(
             get("/d/dbus-1/services/org.maqet.Maqet1.service").contains("Exec=/opt/m/maqetd\n")
         );
-        assert!(get("/d/applications/org.maqet.Maqet.desktop").contains("Exec=/opt/m/maqet ls\n"));
-        assert!(f.iter().all(|(_, c)| !c.contains("@MAQET")));
-        assert_eq!(f.len(), 4 + INTERFACES.len());
+        let entry = get("/d/applications/org.maqet.Maqet.desktop");
+        assert!(entry.contains("Exec=sh -c \"/opt/m/maqet ls; exec /opt/m/maqet events\"\n"));
+        assert!(get("/d/bash-completion/completions/maqet").contains("/opt/m/maqet"));
+        assert!(get("/c/fish/completions/maqet.fish").contains("/opt/m/maqet"));
+        assert!(get("/d/zsh/site-functions/_maqet").contains("/opt/m/maqet"));
+        assert!(get("/d/man/man1/maqet.1").contains(".TH maqet 1"));
+        assert!(
+            f.iter()
+                .all(|(_, c)| !String::from_utf8_lossy(c).contains("@MAQET"))
+        );
     }
 
     /// Every interface of the contract is installed.
@@ -212,6 +272,7 @@ mod tests {
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("org.maqet."))
             .collect();
         let mut built_in: Vec<String> = INTERFACES.iter().map(|i| i.0.to_string()).collect();
         on_disk.sort();

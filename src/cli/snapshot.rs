@@ -16,7 +16,7 @@ use super::session::{Session, vm_object};
 use crate::client::{BUS_NAME, JobProxy, SnapshotsProxy, proxy_at};
 use crate::config::format_size;
 use crate::error::MaqetError;
-use crate::time::{format_duration_us, format_us};
+use crate::time::{format_duration_us, format_local_us};
 
 /// Resolution of the progress bar (the job's `Progress` is 0..1).
 const BAR_STEPS: u64 = 1000;
@@ -25,6 +25,7 @@ const BAR_STEPS: u64 = 1000;
 pub enum SnapshotCommand {
     /// Take a snapshot (live with RAM while the VM runs, of the disks while it is stopped).
     Create {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         /// Replace a snapshot of the same name.
@@ -36,6 +37,7 @@ pub enum SnapshotCommand {
     },
     /// Revert the VM to a snapshot.
     Load {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         #[arg(long)]
@@ -44,6 +46,7 @@ pub enum SnapshotCommand {
     /// Delete a snapshot.
     #[command(alias = "delete")]
     Rm {
+        #[arg(add = crate::cli::complete::vm())]
         vm: String,
         name: String,
         #[arg(long)]
@@ -51,7 +54,10 @@ pub enum SnapshotCommand {
     },
     /// List a VM's snapshots.
     #[command(alias = "list")]
-    Ls { vm: String },
+    Ls {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
 }
 
 pub(super) async fn run(s: &Session, command: SnapshotCommand) -> Result<(), MaqetError> {
@@ -213,7 +219,7 @@ async fn list(s: &Session, vm: &str) -> Result<(), MaqetError> {
             t.add_row([
                 name,
                 state,
-                format_us(date),
+                format_local_us(date),
                 format_duration_us(clock / 1000),
             ]);
         }

@@ -13,9 +13,15 @@ use crate::error::MaqetError;
 pub enum StorageCommand {
     /// List a VM's disks and shares: path, format, sizes, whether maqet created them.
     #[command(alias = "list")]
-    Ls { vm: String },
+    Ls {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
     /// Check a VM's disks (qemu-img check for qcow2; readable for raw images and shares).
-    Verify { vm: String },
+    Verify {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
 }
 
 /// `Ok(false)`: a verification found problems (already printed).

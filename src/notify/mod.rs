@@ -23,7 +23,7 @@ use zbus::Connection;
 use zbus::message::Message;
 use zbus::zvariant::Variant;
 
-use crate::access::{Action, ActivityObserver, Gate, Request};
+use crate::access::{Action, ActivityObserver, Gate, Origin, Request};
 use crate::error::MaqetError;
 use crate::events::CoreEvent;
 use crate::manager::Manager;
@@ -273,14 +273,16 @@ async fn act(
         ACTION_START => {
             let req = Request::new(Action::Lifecycle, "Start")
                 .on_vm(&vm)
-                .with_args("notification action \"Start again\"");
+                .with_args("notification action \"Start again\"")
+                .via(Origin::Notification);
             let r = deps.gate.call(&deps.conn, &hdr, req, vm.start()).await;
             (r, format!("Cannot start VM '{name}'"))
         }
         ACTION_LOG => {
             let mut req = Request::new(Action::Observe, "ShowLog")
                 .on_vm(&vm)
-                .with_args(format!("notification action \"Show log\": {opener:?}"));
+                .with_args(format!("notification action \"Show log\": {opener:?}"))
+                .via(Origin::Notification);
             // It starts a program on the desktop: on the record, unlike other reads.
             req.audited = true;
             let r = deps

@@ -87,7 +87,9 @@ pub fn for_event(ev: &CoreEvent, s: &Notifications) -> Option<Notice> {
         CoreEvent::RuntimeChanged { .. }
         | CoreEvent::ConfigChanged { .. }
         | CoreEvent::Qmp { .. }
-        | CoreEvent::GuestChanged { .. } => return None,
+        | CoreEvent::GuestChanged { .. }
+        | CoreEvent::VmAdded { .. }
+        | CoreEvent::VmRemoved { .. } => return None,
     };
     notice.kind.wanted(s).then_some(notice)
 }

@@ -7,11 +7,9 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
-use super::object_manager::ObjectManagerIface;
-use super::signals::emitters;
-use super::{Shared, vm_objects};
+use super::Shared;
 use crate::access::{Action, Request};
-use crate::client::{AuditEntry, MANAGER_PATH, VmListEntry, vm_path};
+use crate::client::{AuditEntry, VmListEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
 use crate::manager::{INLINE_ORIGIN, Manager};
@@ -44,21 +42,15 @@ impl ManagerIface {
         Ok(fact(&self.shared).outbound())
     }
 
-    /// Serves a new VM's objects, then announces them (InterfacesAdded, VMAdded).
-    async fn publish(
-        &self,
-        conn: &Connection,
-        vm: &Arc<Vm>,
-    ) -> Result<OwnedObjectPath, MaqetError> {
-        let path = vm_objects::publish(conn, &self.shared, vm).await?;
-        let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
-        for emitter in emitters(&self.shared.gate, conn, at, Some(vm)).await? {
-            ObjectManagerIface::announce_added(&emitter, vm).await?;
-            Self::vm_added(&emitter, path.as_ref(), &vm.name()).await?;
-        }
-        Ok(path)
+    /// Answers an added VM's path once the event pump has served and announced it.
+    async fn published(vm: &Arc<Vm>) -> OwnedObjectPath {
+        vm.wait_announced(ANNOUNCE_WAIT).await;
+        vm_path(vm.id())
     }
 }
+
+/// How long AddVM/RemoveVM wait for the event pump to (un)serve the VM's objects.
+const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[interface(name = "org.maqet.Maqet1.Manager")]
 impl ManagerIface {
@@ -81,8 +73,8 @@ impl ManagerIface {
                 // Empty: the manager fills in the new VM's own data directory.
                 base_dir: PathBuf::new(),
             };
-            let vm = self.shared.manager.add(name, vec![source])?;
-            self.publish(conn, &vm).await
+            let vm = self.shared.manager.add(name, vec![source]).await?;
+            Ok(Self::published(&vm).await)
         };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
@@ -106,8 +98,8 @@ impl ManagerIface {
             );
         let work = async {
             let sources = Manager::sources_from_files(paths.clone()).await?;
-            let vm = self.shared.manager.add(name, sources)?;
-            self.publish(conn, &vm).await
+            let vm = self.shared.manager.add(name, sources).await?;
+            Ok(Self::published(&vm).await)
         };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
@@ -129,8 +121,8 @@ impl ManagerIface {
         let work = async {
             let fds = files.into_iter().map(std::os::fd::OwnedFd::from).collect();
             let sources = Manager::sources_from_fds(fds).await?;
-            let vm = self.shared.manager.add(name, sources)?;
-            self.publish(conn, &vm).await
+            let vm = self.shared.manager.add(name, sources).await?;
+            Ok(Self::published(&vm).await)
         };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
@@ -163,13 +155,7 @@ impl ManagerIface {
             for d in &deleted {
                 tracing::info!(vm = %vm.name(), file = %d.display(), "deleted disk image");
             }
-            let path = vm_path(vm.id());
-            let ifaces = vm_objects::unpublish(conn, &path).await?;
-            let at = ObjectPath::from_static_str_unchecked(MANAGER_PATH);
-            for emitter in emitters(&self.shared.gate, conn, at, Some(&vm)).await? {
-                ObjectManagerIface::announce_removed(&emitter, &path, &ifaces).await?;
-                Self::vm_removed(&emitter, path.as_ref(), &vm.name()).await?;
-            }
+            vm.wait_announced(ANNOUNCE_WAIT).await;
             Ok(())
         };
         self.shared.gate.call(conn, &hdr, req, work).await
@@ -274,12 +260,14 @@ impl ManagerIface {
                 v => Some(self.shared.manager.find(v)?.id().to_string()),
             };
             let limit = if limit == 0 { 1000 } else { limit as usize };
+            let since = (since > 0).then_some(since);
             let rows = self
                 .shared
                 .manager
                 .ctx()
                 .store
-                .audit(vm_id.as_deref(), (since > 0).then_some(since), limit)
+                .read(move |db| db.audit(vm_id.as_deref(), since, limit))
+                .await
                 .map_err(crate::vm::store_error)?;
             Ok(rows
                 .into_iter()
@@ -343,14 +331,14 @@ impl ManagerIface {
     }
 
     #[zbus(signal, name = "VMAdded")]
-    async fn vm_added(
+    pub async fn vm_added(
         emitter: &SignalEmitter<'_>,
         vm: ObjectPath<'_>,
         name: &str,
     ) -> zbus::Result<()>;
 
     #[zbus(signal, name = "VMRemoved")]
-    async fn vm_removed(
+    pub async fn vm_removed(
         emitter: &SignalEmitter<'_>,
         vm: ObjectPath<'_>,
         name: &str,

@@ -10,11 +10,14 @@ mod host;
 mod idle;
 mod introspection;
 mod job_iface;
+mod krunner;
 mod manager_iface;
 mod object_manager;
 mod properties;
 mod pump;
 mod qmp_iface;
+mod search_provider;
+mod shell_search;
 mod signals;
 mod snapshots_iface;
 mod storage_iface;
@@ -40,9 +43,11 @@ use idle::Idle;
 
 pub use guest_iface::GuestIface;
 pub use job_iface::JobIface;
+pub use krunner::{KRUNNER_PATH, KRunnerIface};
 pub use manager_iface::ManagerIface;
 pub use object_manager::ObjectManagerIface;
 pub use qmp_iface::QmpIface;
+pub use search_provider::{SEARCH_PROVIDER_PATH, SearchProviderIface};
 pub use snapshots_iface::SnapshotsIface;
 pub use storage_iface::StorageIface;
 pub use vm_iface::VmIface;
@@ -95,7 +100,7 @@ pub async fn serve(
     // still answers, so every client is told what is wrong and what to do.
     let (store, refusal) = match open_store(&paths) {
         Ok(store) => {
-            prune_audit(&store);
+            prune_audit(&store).await;
             (store, None)
         }
         Err(why) => {
@@ -112,7 +117,7 @@ pub async fn serve(
         path_env: std::env::var_os("PATH"),
         default_arch: std::env::consts::ARCH.to_string(),
     });
-    let manager = Manager::open(ctx)?;
+    let manager = Manager::open(ctx).await?;
     manager.readopt_all().await;
 
     let idle = Idle::new();
@@ -129,6 +134,13 @@ pub async fn serve(
     for vm in &vms {
         builder = vm_objects::serve_on(builder, &shared, vm);
     }
+    // The desktop shells' launchers (docs/desktop.md).
+    let builder = builder
+        .serve_at(
+            SEARCH_PROVIDER_PATH,
+            SearchProviderIface::new(shared.clone()),
+        )
+        .serve_at(KRUNNER_PATH, KRunnerIface::new(shared.clone()));
     let conn = builder
         .serve_at(MANAGER_PATH, ObjectManagerIface::new(shared.clone()))
         .build()
@@ -167,7 +179,7 @@ pub async fn serve(
     );
     let pump = tokio::spawn(pump::run(
         conn.clone(),
-        gate.clone(),
+        shared.clone(),
         events,
         idle.clone(),
         notifier,
@@ -206,6 +218,8 @@ pub async fn serve(
     }
     let _ = conn.release_name(BUS_NAME).await;
     pump.abort();
+    // Everything queued (audit records, denial counts, kept transitions) gets its
+    // last write attempt.
     gate.close_audit().await;
     // Give in-flight replies a moment to leave.
     let _ = tokio::time::timeout(Duration::from_millis(200), conn.graceful_shutdown()).await;
@@ -219,16 +233,24 @@ fn open_store(paths: &Paths) -> Result<Arc<Store>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Audit rows are kept 90 days, and at most the newest 100,000 (docs/security.md);
-/// pruned once per start, never by a timer.
-fn prune_audit(store: &Store) {
+/// Audit rows are kept 90 days, and at most the newest 100,000 of the service's own
+/// user plus, separately, the newest 20,000 of everyone else (docs/security.md): a
+/// stranger's flood of denied calls never prunes the owner's records. Pruned once per
+/// start, never by a timer.
+async fn prune_audit(store: &Store) {
     const KEEP: Duration = Duration::from_secs(90 * 86_400);
+    const KEEP_OWN: usize = 100_000;
+    const KEEP_STRANGERS: usize = 20_000;
     let cutoff = crate::time::now_us().saturating_sub(KEEP.as_micros() as u64);
-    let old = store.prune_audit(cutoff);
-    let extra = store.prune_audit_keep_last(100_000);
-    match (old, extra) {
-        (Ok(a), Ok(b)) if a + b > 0 => tracing::info!(pruned = a + b, "old audit rows pruned"),
-        (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot prune the audit log"),
-        _ => {}
+    let owner = rustix::process::getuid().as_raw();
+    let pruned = store
+        .write(move |db| {
+            Ok(db.prune_audit(cutoff)? + db.prune_audit_caps(owner, KEEP_OWN, KEEP_STRANGERS)?)
+        })
+        .await;
+    match pruned {
+        Ok(n) if n > 0 => tracing::info!(pruned = n, "old audit rows pruned"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
     }
 }

@@ -43,12 +43,14 @@ impl StorageIface {
         let req = Request::new(Action::Observe, "Storage.List").on_vm(&self.vm);
         let work = async {
             let config = self.vm.stored_config()?;
+            let id = self.vm.id().to_string();
             let created: HashSet<_> = self
                 .shared
                 .manager
                 .ctx()
                 .store
-                .created_files(self.vm.id())
+                .read(move |db| db.created_files(&id))
+                .await
                 .map_err(store_error)?
                 .into_iter()
                 .map(|f| f.path)

@@ -257,7 +257,7 @@ impl VmIface {
             .req(Action::Observe, "History")
             .with_args(format!("since={since} limit={limit}"));
         let work = async {
-            let rows = self.vm.history(since, limit as usize)?;
+            let rows = self.vm.history(since, limit as usize).await?;
             Ok(rows
                 .into_iter()
                 .map(|e| {

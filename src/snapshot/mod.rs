@@ -319,13 +319,14 @@ async fn run(
         "job": job.id(),
         "state": outcome.state.as_str(),
     });
-    if let Err(e) = vm.ctx().store.add_event(
+    let recorded = vm.ctx().store.record_event(
         vm.id(),
         &vm_name,
         "snapshot",
-        &outcome.message,
-        Some(&detail),
-    ) {
+        outcome.message.clone(),
+        Some(detail),
+    );
+    if let Err(e) = recorded.await {
         tracing::warn!(vm = %vm_name, error = %e, "cannot record the snapshot job in history");
     }
     tracing::info!(vm = %vm_name, job = job.id(), state = outcome.state.as_str(), message = %outcome.message, "snapshot job finished");

@@ -77,6 +77,21 @@ pub enum StoreError {
     )]
     OrphanWal { path: PathBuf, wal: PathBuf },
 
+    /// The path now names another file than the one maqetd opened: someone moved a
+    /// different file into place. maqetd writes into neither until restarted.
+    #[error(
+        "database {} was replaced by another file while maqetd ran: maqetd writes nothing \
+         until it is restarted (its state is in memory; restart maqetd to use the new file, \
+         or move the new file aside and restart to have maqetd's state written back)",
+        path.display()
+    )]
+    Replaced { path: PathBuf },
+
+    /// The database owner could not run the request (it stopped), or a failure of the
+    /// whole group commit this request was part of, as text.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// Another VM already has this name.
     #[error("a VM named {0:?} already exists")]
     NameTaken(String),
@@ -135,6 +150,42 @@ impl StoreError {
             ffi::ErrorCode::ReadOnly => StoreError::ReadOnly { path },
             _ => StoreError::Sqlite(e),
         }
+    }
+}
+
+impl StoreError {
+    /// The same failure again, for every request of a group commit that failed as a
+    /// whole (the variants users act on keep their kind).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Corrupt { path, detail } => StoreError::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+            StoreError::ReadOnly { path } => StoreError::ReadOnly { path: path.clone() },
+            StoreError::Full { path } => StoreError::Full { path: path.clone() },
+            StoreError::Replaced { path } => StoreError::Replaced { path: path.clone() },
+            StoreError::NotFound(s) => StoreError::NotFound(s.clone()),
+            StoreError::NameTaken(s) => StoreError::NameTaken(s.clone()),
+            StoreError::InvalidArgument(s) => StoreError::InvalidArgument(s.clone()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+
+    /// A failure of the place, not of the request: the same write may succeed later
+    /// (lock released, space freed, file recreated).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Locked { .. }
+                | StoreError::ReadOnly { .. }
+                | StoreError::Full { .. }
+                | StoreError::Io { .. }
+                | StoreError::Replaced { .. }
+                | StoreError::Unavailable(_)
+                | StoreError::Sqlite(_)
+        )
     }
 }
 

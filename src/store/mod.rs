@@ -4,40 +4,43 @@
 //! This module owns the database file at the path it is given, and its
 //! `-wal` / `-shm` companions: it creates, validates, migrates, reads and
 //! writes them, and nothing else does. maqetd is the only writer and holds one
-//! [`Store`]; the CLI never opens the database.
+//! [`Store`]: the async handle on the thread that owns the [`Database`]
+//! (`owner.rs`: group commit, records kept while the database refuses writes,
+//! recreation of a deleted file). The CLI never opens the database.
 //!
 //! It does not:
 //! - choose the path or create its directory (the paths module does);
 //! - know the lifecycle state machine: `status` is whatever the lifecycle
 //!   module says; the store records transitions atomically with their events;
 //! - touch disk images: it only remembers which ones maqet created
-//!   ([`Store::record_created_file`]) so that removal can delete exactly those;
+//!   ([`Database::record_created_file`]) so that removal can delete exactly those;
 //! - decide policy: it stores audit rows it is handed.
 //!
-//! Every method takes `&self`, locks the one connection, runs a few short
-//! statements (one transaction for anything that writes more than one row)
-//! and returns. Calls block for at most the busy timeout when another process
-//! holds a lock. A damaged, foreign, newer or locked database is refused with
-//! an error that names the file and says what to do; it is never recreated
-//! over the user's data (see `open.rs`).
+//! Every [`Database`] method runs a few short statements in one savepoint and
+//! returns; on the owner thread that savepoint nests in the batch's transaction.
+//! A damaged, foreign, newer or locked database is refused with an error that
+//! names the file and says what to do; it is never recreated over the user's
+//! data (see `open.rs`).
 
 mod error;
 mod open;
+mod owner;
 mod schema;
 
 #[cfg(test)]
 mod tests;
 
 use std::borrow::Cow;
+use std::cell::{RefCell, RefMut};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, ffi, params};
+use rusqlite::{Connection, OptionalExtension, Row, ffi, params};
 use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
 pub use open::StoreOptions;
+pub use owner::{Health, LAZY_DELAY, MAX_KEPT, Store};
 pub use schema::SCHEMA_VERSION;
 
 use error::{constraint_to_invalid, sqlite_failure};
@@ -98,7 +101,7 @@ impl VmRecord {
     }
 }
 
-/// A status change for [`Store::transition`]. `None` fields stay unchanged.
+/// A status change for [`Database::transition`]. `None` fields stay unchanged.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Transition<'a> {
     pub status: &'a str,
@@ -125,7 +128,7 @@ pub struct EventRecord {
     /// The VM's name when the event happened.
     pub vm_name: String,
     /// `added`, `status`, `applied`, `renamed`, `removed`, or anything passed
-    /// to [`Store::add_event`] (`snapshot`, ...).
+    /// to [`Database::add_event`] (`snapshot`, ...).
     pub kind: String,
     pub status: Option<String>,
     pub previous: Option<String>,
@@ -156,7 +159,7 @@ impl AuditDecision {
 /// ...). Rows are never updated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRow {
-    /// Assigned by the store; ignored by [`Store::insert_audit`].
+    /// Assigned by the store; ignored by [`Database::insert_audit`].
     pub seq: i64,
     /// µs since the Unix epoch; 0 = let the store stamp it.
     pub time: u64,
@@ -187,15 +190,24 @@ pub struct CreatedFile {
     pub created_at: u64,
 }
 
-/// maqetd's handle on the database. `Send + Sync`; share it in an `Arc`.
-pub struct Store {
+/// The open database: synchronous, on one thread at a time. maqetd moves it onto the
+/// owner thread ([`Store`]) and never touches it from anywhere else; every method
+/// runs its statements in a savepoint of its own, so it is atomic alone and nests in
+/// the owner's group commit.
+pub struct Database {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    options: StoreOptions,
+    /// Device and inode of the file at open (or recreation), to notice it was
+    /// deleted or replaced under us; `None` in memory.
+    identity: Option<(u64, u64)>,
+    conn: RefCell<Connection>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Database")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -211,34 +223,38 @@ const EVENT_COLUMNS: &str = "seq, time, vm_id, vm_name, kind, status, previous, 
 const AUDIT_COLUMNS: &str = "seq, time, caller_uid, caller_pid, caller_name, action, vm_id, \
                              method, arguments, decision, outcome, message";
 
-impl Store {
+impl Database {
     /// Opens the database at `path`, creating it (mode 0600) if missing; the
     /// directory must exist. Refuses, without writing anything, a file that is
     /// not a healthy maqet database of a schema this build knows. Default
     /// [`StoreOptions`] (3 s busy timeout).
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::open_with_options(path, &StoreOptions::default())
+    pub fn open(path: &Path) -> Result<Database, StoreError> {
+        Database::open_with_options(path, &StoreOptions::default())
     }
 
-    /// [`Store::open`] with explicit options.
-    pub fn open_with_options(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+    /// [`Database::open`] with explicit options.
+    pub fn open_with_options(path: &Path, options: &StoreOptions) -> Result<Database, StoreError> {
         let conn = open::open(path, options)?;
-        Ok(Store {
+        Ok(Database {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            options: options.clone(),
+            identity: open::identity(path),
+            conn: RefCell::new(conn),
         })
     }
 
     /// A fresh database in memory, for a service that must answer calls while its real
     /// database is refused (every call is then answered with the refusal).
-    pub fn open_in_memory() -> Result<Store, StoreError> {
+    pub fn open_in_memory() -> Result<Database, StoreError> {
         let path = Path::new(":memory:");
         let mut conn =
             Connection::open_in_memory().map_err(|e| StoreError::from(e).classify(path))?;
         schema::migrate(&mut conn).map_err(|e| StoreError::from(e).classify(path))?;
-        Ok(Store {
+        Ok(Database {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            options: StoreOptions::default(),
+            identity: None,
+            conn: RefCell::new(conn),
         })
     }
 
@@ -257,19 +273,91 @@ impl Store {
         f(&mut conn).map_err(|e| e.classify(&self.path))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        let conn = self.conn.lock().unwrap_or_else(|poisoned| {
-            self.conn.clear_poison();
-            poisoned.into_inner()
-        });
-        // A panic while the lock was held could leave a transaction open
-        // (rusqlite rolls back on drop, but be sure): never build on it.
-        if !conn.is_autocommit() {
-            tracing::warn!(path = %self.path.display(),
-                "rolling back a transaction left open by a panicked call");
-            let _ = conn.execute_batch("ROLLBACK");
+    /// The connection, for one statement or method at a time (never held while
+    /// another method runs).
+    fn lock(&self) -> RefMut<'_, Connection> {
+        self.conn.borrow_mut()
+    }
+
+    /// Whether the file this connection writes is still the one at its path:
+    /// `Ok(true)` when it is, `Ok(false)` when the path no longer exists (the file
+    /// was deleted while open: writes would land in an unlinked inode and vanish
+    /// with maqetd), an error when another file took its place.
+    pub fn file_is_linked(&self) -> Result<bool, StoreError> {
+        let Some(ours) = self.identity else {
+            return Ok(true);
+        };
+        match open::identity_checked(&self.path) {
+            Ok(Some(found)) if found == ours => Ok(true),
+            Ok(Some(_)) => Err(StoreError::Replaced {
+                path: self.path.clone(),
+            }),
+            Ok(None) => Ok(false),
+            Err(source) => Err(StoreError::Io {
+                path: self.path.clone(),
+                source,
+            }),
         }
-        conn
+    }
+
+    /// Writes a new database file at the path from the one still open (deleted from
+    /// its directory but intact behind our descriptor: every VM, history and audit
+    /// row), then continues on the new file. Used when [`Database::file_is_linked`]
+    /// says the file is gone.
+    pub fn recreate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let io = |source: std::io::Error| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+        let fresh = open::sidecar(&path, ".recreated");
+        let _ = std::fs::remove_file(&fresh);
+        {
+            let conn = self.lock();
+            // Everything committed moves from the log into the (unlinked) file, so
+            // the copy below holds it and the log left at the path is empty.
+            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .map_err(|e| StoreError::from(e).classify(&path))?;
+            let target = fresh.to_str().ok_or_else(|| {
+                StoreError::InvalidArgument(format!("{} is not valid UTF-8", fresh.display()))
+            })?;
+            conn.execute("VACUUM INTO ?1", [target])
+                .map_err(|e| StoreError::from(e).classify(&path))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        // Close the old file; its -wal/-shm (if still at the path) are empty leftovers
+        // that would otherwise be taken as the new file's log.
+        let placeholder = Connection::open_in_memory()?;
+        drop(std::mem::replace(&mut *self.lock(), placeholder));
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(open::sidecar(&path, suffix));
+        }
+        std::fs::rename(&fresh, &path).map_err(io)?;
+        let conn = open::open(&path, &self.options)?;
+        *self.lock() = conn;
+        self.identity = open::identity(&path);
+        Ok(())
+    }
+
+    /// Runs raw SQL (transaction control of the owner's group commit).
+    pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute_batch(sql)
+            .map_err(|e| StoreError::from(e).classify(&self.path))
+    }
+
+    /// No transaction is open (SQLite rolled the whole one back, e.g. on a full disk).
+    pub(crate) fn is_autocommit(&self) -> bool {
+        self.lock().is_autocommit()
     }
 
     // ---- VMs -------------------------------------------------------------
@@ -286,7 +374,7 @@ impl Store {
             .map(|t| to_i64(t, "pid_start_time"))
             .transpose()?;
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.savepoint()?;
             tx.prepare_cached(concat!(
                 "INSERT INTO vms (",
                 vm_columns!(),
@@ -380,7 +468,7 @@ impl Store {
         let stopped_at = t.stopped_at.map(|v| to_i64(v, "stopped_at")).transpose()?;
         let detail = t.detail.as_ref();
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.savepoint()?;
             let Some((name, stored)) = vm_name_status(&tx, id)? else {
                 return Err(StoreError::NotFound(id.to_owned()));
             };
@@ -437,7 +525,7 @@ impl Store {
     /// transaction. [`StoreError::NameTaken`] / [`StoreError::NotFound`].
     pub fn update_config(&self, id: &str, name: &str, config: &str) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.savepoint()?;
             let Some((old_name, _)) = vm_name_status(&tx, id)? else {
                 return Err(StoreError::NotFound(id.to_owned()));
             };
@@ -467,10 +555,10 @@ impl Store {
 
     /// Deletes the VM (its [`CreatedFile`] rows go with it) and appends a
     /// `removed` event (`previous` = its last status); one transaction. Its
-    /// history stays. Read [`Store::created_files`] first if you need them.
+    /// history stays. Read [`Database::created_files`] first if you need them.
     pub fn remove_vm(&self, id: &str) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.savepoint()?;
             let Some((name, status)) = vm_name_status(&tx, id)? else {
                 return Err(StoreError::NotFound(id.to_owned()));
             };
@@ -618,7 +706,7 @@ impl Store {
     /// of calls instead of one each). All or none are written.
     pub fn insert_audits(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.savepoint()?;
             for row in rows {
                 insert_audit_row(&tx, row)?;
             }
@@ -652,17 +740,44 @@ impl Store {
 
     /// Keeps only the newest `keep` audit rows; returns how many were deleted.
     pub fn prune_audit_keep_last(&self, keep: usize) -> Result<usize, StoreError> {
+        self.prune_audit_where("1", keep)
+    }
+
+    /// Caps the audit log per kind of caller: the newest `keep_own` rows of the
+    /// service's own user (`owner_uid`, and maqetd's own rows without a uid) and,
+    /// separately, the newest `keep_strangers` rows of every other uid. A flood of
+    /// denied calls from a stranger therefore only ever prunes strangers' rows.
+    /// Returns how many rows were deleted.
+    pub fn prune_audit_caps(
+        &self,
+        owner_uid: u32,
+        keep_own: usize,
+        keep_strangers: usize,
+    ) -> Result<usize, StoreError> {
+        let strangers = format!("caller_uid IS NOT NULL AND caller_uid <> {owner_uid}");
+        let own = format!("(caller_uid IS NULL OR caller_uid = {owner_uid})");
+        Ok(self.prune_audit_where(&strangers, keep_strangers)?
+            + self.prune_audit_where(&own, keep_own)?)
+    }
+
+    /// Deletes all but the newest `keep` audit rows matching `filter` (SQL, built
+    /// from numbers only).
+    fn prune_audit_where(&self, filter: &str, keep: usize) -> Result<usize, StoreError> {
         let offset = i64::try_from(keep).unwrap_or(i64::MAX);
         let cutoff: Option<i64> = self.with_conn(|conn| {
             Ok(conn
-                .prepare_cached("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1 OFFSET ?1")?
+                .prepare(&format!(
+                    "SELECT seq FROM audit WHERE {filter} ORDER BY seq DESC LIMIT 1 OFFSET ?1"
+                ))?
                 .query_row([offset], |r| r.get(0))
                 .optional()?)
         })?;
         let Some(cutoff) = cutoff else { return Ok(0) };
         self.prune_batches(
-            "DELETE FROM audit WHERE seq IN \
-             (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+            &format!(
+                "DELETE FROM audit WHERE seq IN \
+                 (SELECT seq FROM audit WHERE {filter} AND seq <= ?1 ORDER BY seq LIMIT ?2)"
+            ),
             cutoff,
         )
     }

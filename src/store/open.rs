@@ -21,7 +21,7 @@ use super::schema::{self, APPLICATION_ID, Migrated, SCHEMA_VERSION};
 /// The first 16 bytes of every SQLite 3 database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
-/// Tunables of [`Store::open_with_options`](super::Store::open_with_options).
+/// Tunables of [`Database::open_with_options`](super::Database::open_with_options).
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// How long a call waits for a lock held by another process before
@@ -303,5 +303,20 @@ impl Sidecars {
         if !self.shm && wal.symlink_metadata().is_err() && shm.is_file() {
             let _ = fs::remove_file(&shm);
         }
+    }
+}
+
+/// Device and inode of the file at `path`, if it is there.
+pub(super) fn identity(path: &Path) -> Option<(u64, u64)> {
+    identity_checked(path).ok().flatten()
+}
+
+/// Device and inode of the file at `path`; `None` when nothing is there.
+pub(super) fn identity_checked(path: &Path) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }

@@ -1,7 +1,6 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ffi};
@@ -53,11 +52,11 @@ fn snapshot_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-fn count(store: &Store, sql: &str) -> i64 {
+fn count(store: &Database, sql: &str) -> i64 {
     store.lock().query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
-fn event_count(store: &Store) -> i64 {
+fn event_count(store: &Database) -> i64 {
     count(store, "SELECT count(*) FROM events")
 }
 
@@ -75,7 +74,7 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
 
 /// A populated maqet database, closed (WAL checkpointed into the main file).
 fn populated(path: &Path, n: usize) -> Vec<VmRecord> {
-    let store = Store::open(path).unwrap();
+    let store = Database::open(path).unwrap();
     let vms: Vec<_> = (0..n)
         .map(|i| {
             let mut rec = vm(&format!("vm-{i:04}"));
@@ -89,9 +88,11 @@ fn populated(path: &Path, n: usize) -> Vec<VmRecord> {
 }
 
 #[test]
-fn store_is_send_and_sync() {
+fn store_is_send_and_sync_and_the_database_can_move_to_its_thread() {
     fn check<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
     check::<Store>();
+    movable::<Database>();
 }
 
 #[test]
@@ -106,7 +107,7 @@ fn application_id_spells_mqet() {
 fn create_then_reopen_keeps_data_and_mode_0600() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_in(&dir);
-    let store = Store::open(&path).unwrap();
+    let store = Database::open(&path).unwrap();
     assert_eq!(store.path(), path);
     assert_eq!(mode(&path), 0o600);
     let rec = vm("web");
@@ -135,7 +136,7 @@ fn create_then_reopen_keeps_data_and_mode_0600() {
     drop(store);
     assert_eq!(mode(&path), 0o600);
 
-    let store = Store::open(&path).unwrap();
+    let store = Database::open(&path).unwrap();
     assert_eq!(store.get_vm(&rec.id).unwrap(), Some(rec.clone()));
     assert_eq!(store.load_vms().unwrap(), vec![rec]);
     assert_eq!(mode(&path), 0o600);
@@ -145,9 +146,9 @@ fn create_then_reopen_keeps_data_and_mode_0600() {
 fn existing_world_readable_database_is_tightened() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_in(&dir);
-    drop(Store::open(&path).unwrap());
+    drop(Database::open(&path).unwrap());
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-    drop(Store::open(&path).unwrap());
+    drop(Database::open(&path).unwrap());
     assert_eq!(mode(&path), 0o600);
 }
 
@@ -156,7 +157,7 @@ fn empty_existing_file_is_initialized() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_in(&dir);
     fs::write(&path, b"").unwrap();
-    let store = Store::open(&path).unwrap();
+    let store = Database::open(&path).unwrap();
     store.insert_vm(&vm("a")).unwrap();
     assert_eq!(store.load_vms().unwrap().len(), 1);
 }
@@ -165,7 +166,7 @@ fn empty_existing_file_is_initialized() {
 fn missing_directory_is_an_io_error_and_not_created() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nope").join("maqet.db");
-    let err = Store::open(&path).unwrap_err();
+    let err = Database::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::Io { .. }), "{err}");
     assert!(err.to_string().contains("nope/maqet.db"), "{err}");
     assert!(!dir.path().join("nope").exists());
@@ -174,14 +175,14 @@ fn missing_directory_is_an_io_error_and_not_created() {
 #[test]
 fn non_regular_files_are_refused_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Store::open(dir.path()).unwrap_err();
+    let err = Database::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Io { .. }), "{err}");
 
     let fifo = dir.path().join("fifo.db");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: c is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let err = Store::open(&fifo).unwrap_err();
+    let err = Database::open(&fifo).unwrap_err();
     assert!(matches!(err, StoreError::Io { .. }), "{err}");
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
@@ -192,11 +193,11 @@ fn migrations_are_idempotent() {
     let path = db_in(&dir);
     let rec = vm("web");
     {
-        let store = Store::open(&path).unwrap();
+        let store = Database::open(&path).unwrap();
         store.insert_vm(&rec).unwrap();
     }
     for _ in 0..3 {
-        let store = Store::open(&path).unwrap();
+        let store = Database::open(&path).unwrap();
         let mut conn = store.lock();
         assert_eq!(migrate(&mut conn).unwrap(), schema::Migrated::UpToDate);
         let v: i64 = conn
@@ -208,7 +209,7 @@ fn migrations_are_idempotent() {
             .unwrap();
         assert_eq!(app, APPLICATION_ID);
     }
-    let store = Store::open(&path).unwrap();
+    let store = Database::open(&path).unwrap();
     assert_eq!(store.load_vms().unwrap(), vec![rec]);
     // The `added` event was written once, not once per open.
     assert_eq!(event_count(&store), 1);
@@ -226,7 +227,7 @@ fn fresh_migration_reports_from_zero() {
 fn assert_refused_untouched(path: &Path, expect: impl Fn(&StoreError) -> bool) -> StoreError {
     let dir = path.parent().unwrap();
     let before = snapshot_dir(dir);
-    let err = Store::open_with_options(path, &fast()).unwrap_err();
+    let err = Database::open_with_options(path, &fast()).unwrap_err();
     assert!(expect(&err), "unexpected error: {err:?}");
     assert!(
         err.to_string().contains(path.to_str().unwrap()),
@@ -348,16 +349,16 @@ fn orphan_wal_is_refused() {
     let path = db_in(&dir);
     let wal = open::sidecar(&path, "-wal");
     fs::write(&wal, noise(4096, 3)).unwrap();
-    let err = Store::open(&path).unwrap_err();
+    let err = Database::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::OrphanWal { .. }), "{err}");
     assert!(!path.exists(), "no database was created next to the log");
     // An empty file next to it is refused the same way.
     fs::write(&path, b"").unwrap();
-    let err = Store::open(&path).unwrap_err();
+    let err = Database::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::OrphanWal { .. }), "{err}");
     // An empty log is nothing to lose.
     fs::write(&wal, b"").unwrap();
-    Store::open(&path).unwrap();
+    Database::open(&path).unwrap();
 }
 
 #[test]
@@ -370,7 +371,7 @@ fn lock_held_by_another_connection_is_reported_after_the_timeout() {
     let holder = Connection::open(&path).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let t0 = Instant::now();
-    let err = Store::open_with_options(&path, &fast()).unwrap_err();
+    let err = Database::open_with_options(&path, &fast()).unwrap_err();
     let waited = t0.elapsed();
     assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
     assert!(waited >= Duration::from_millis(150), "{waited:?}");
@@ -387,7 +388,7 @@ fn lock_held_by_another_connection_is_reported_after_the_timeout() {
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let before = fs::read(&path).unwrap();
     let t0 = Instant::now();
-    let err = Store::open_with_options(&path, &fast()).unwrap_err();
+    let err = Database::open_with_options(&path, &fast()).unwrap_err();
     assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
     assert!(t0.elapsed() >= Duration::from_millis(150));
     assert_eq!(fs::read(&path).unwrap(), before);
@@ -395,7 +396,7 @@ fn lock_held_by_another_connection_is_reported_after_the_timeout() {
     drop(holder);
 
     // Released: opens fine (and goes back to WAL).
-    let store = Store::open_with_options(&path, &fast()).unwrap();
+    let store = Database::open_with_options(&path, &fast()).unwrap();
     assert_eq!(store.load_vms().unwrap().len(), 1);
 }
 
@@ -403,7 +404,7 @@ fn lock_held_by_another_connection_is_reported_after_the_timeout() {
 fn lock_taken_while_running_fails_writes_with_locked_and_reads_still_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_in(&dir);
-    let store = Store::open_with_options(&path, &fast()).unwrap();
+    let store = Database::open_with_options(&path, &fast()).unwrap();
     store.insert_vm(&vm("a")).unwrap();
     let holder = Connection::open(&path).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -420,7 +421,7 @@ fn lock_taken_while_running_fails_writes_with_locked_and_reads_still_work() {
 #[test]
 fn insert_load_get() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let b = vm("b");
     let mut a = vm("a");
     a.pid = Some(4242);
@@ -449,7 +450,7 @@ fn insert_load_get() {
 #[test]
 fn names_are_unique_and_ids_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("web");
     store.insert_vm(&a).unwrap();
 
@@ -481,7 +482,7 @@ fn names_are_unique_and_ids_checked() {
 #[test]
 fn transition_updates_row_and_appends_event() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     store.insert_vm(&a).unwrap();
 
@@ -561,7 +562,7 @@ fn transition_updates_row_and_appends_event() {
 #[test]
 fn failed_transitions_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     store.insert_vm(&a).unwrap();
     let events = event_count(&store);
@@ -598,7 +599,7 @@ fn failed_transitions_change_nothing() {
 #[test]
 fn update_config_and_rename() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     let b = vm("b");
     store.insert_vm(&a).unwrap();
@@ -639,7 +640,7 @@ fn update_config_and_rename() {
 #[test]
 fn remove_keeps_history_and_frees_the_name() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     store.insert_vm(&a).unwrap();
     store.remove_vm(&a.id).unwrap();
@@ -662,7 +663,7 @@ fn remove_keeps_history_and_frees_the_name() {
 #[test]
 fn events_filter_and_order() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     let b = vm("b");
     store.insert_vm(&a).unwrap();
@@ -717,7 +718,7 @@ fn events_filter_and_order() {
 #[test]
 fn created_files_roundtrip_and_cascade() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     store.insert_vm(&a).unwrap();
     let disk = Path::new("/home/u/.local/share/maqet/vms/a/disk.qcow2");
@@ -776,7 +777,7 @@ fn audit_row(time: u64, vm_id: Option<&str>, decision: AuditDecision) -> AuditRo
 #[test]
 fn audit_insert_list_prune() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let rows = [
         audit_row(100, Some("vm-1"), AuditDecision::Allow),
         audit_row(200, Some("vm-2"), AuditDecision::Deny),
@@ -833,7 +834,7 @@ fn audit_insert_list_prune() {
 #[test]
 fn audit_stamps_time_and_clips_long_text() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let mut row = audit_row(0, None, AuditDecision::Allow);
     row.arguments = Some("é".repeat(10_000));
     let before = now_us();
@@ -848,7 +849,7 @@ fn audit_stamps_time_and_clips_long_text() {
 #[test]
 fn prune_works_in_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     {
         let mut conn = store.lock();
         let tx = conn.transaction().unwrap();
@@ -872,7 +873,7 @@ fn prune_works_in_batches() {
 #[test]
 fn load_10000_vms() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     {
         let mut conn = store.lock();
         let tx = conn.transaction().unwrap();
@@ -898,7 +899,7 @@ fn load_10000_vms() {
 #[test]
 fn disk_full_is_reported_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let a = vm("a");
     store.insert_vm(&a).unwrap();
     let events = event_count(&store);
@@ -979,35 +980,6 @@ fn sqlite_codes_are_classified_everywhere() {
 }
 
 #[test]
-fn a_panic_inside_a_call_does_not_poison_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&db_in(&dir)).unwrap());
-    let s = Arc::clone(&store);
-    let joined = std::thread::spawn(move || {
-        let conn = s.lock();
-        conn.execute_batch(
-            "BEGIN IMMEDIATE; INSERT INTO events (time, vm_id, vm_name, kind) VALUES (1, 'x', 'x', 'half');",
-        )
-        .unwrap();
-        panic!("simulated bug while holding the connection");
-    })
-    .join();
-    assert!(joined.is_err());
-    store.insert_vm(&vm("a")).unwrap();
-    let kinds: Vec<_> = store
-        .events(None, None, 0)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
-    assert_eq!(
-        kinds,
-        ["added"],
-        "the half-done transaction was rolled back"
-    );
-}
-
-#[test]
 fn read_only_database_is_refused_clearly() {
     // Root ignores file modes; nothing to test there.
     if rustix::process::geteuid().is_root() {
@@ -1017,14 +989,14 @@ fn read_only_database_is_refused_clearly() {
     let path = db_in(&dir);
     populated(&path, 1);
     fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
-    let err = Store::open(&path).unwrap_err();
+    let err = Database::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::ReadOnly { .. }), "{err:?}");
 }
 
 #[test]
 fn audit_batches_land_in_order_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db_in(&dir)).unwrap();
+    let store = Database::open(&db_in(&dir)).unwrap();
     let rows: Vec<_> = (1..=3)
         .map(|t| audit_row(t, None, AuditDecision::Allow))
         .collect();

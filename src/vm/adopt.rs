@@ -11,10 +11,12 @@ impl Vm {
         if self.status().has_process() {
             return;
         }
-        let noted = self.transition(Status::Starting, "found running QEMU", true, |t| {
-            t.pid = Some(Some(pid));
-            t.pid_start_time = Some(Some(start_time));
-        });
+        let noted = self
+            .transition(Status::Starting, "found running QEMU", true, |t| {
+                t.pid = Some(Some(pid));
+                t.pid_start_time = Some(Some(start_time));
+            })
+            .await;
         if noted.is_ok() {
             self.readopt().await;
         }
@@ -26,33 +28,19 @@ impl Vm {
         if !info.status.has_process() {
             return;
         }
-        let gone = |why: String| {
-            let reason = format!("QEMU ended while maqetd was not running ({why})");
-            let status = if info.status == Status::Stopping {
-                Status::Stopped
-            } else {
-                Status::Crashed
-            };
-            let _ = self.transition(status, &reason, true, |t| {
-                t.pid = Some(None);
-                t.pid_start_time = Some(None);
-                t.stopped_at = Some(now_us());
-                t.exit_status = Some(-1);
-            });
-            self.cleanup_runtime_dir();
-        };
         let recorded = match (info.pid, info.pid_start_time) {
             (Some(pid), Some(start)) => Some((pid, start)),
             _ => process::find_by_uuid(&self.id),
         };
         let Some((pid, start)) = recorded else {
-            gone("no process was recorded".into());
+            self.mark_gone(info.status, "no process was recorded".into())
+                .await;
             return;
         };
         let process = match Process::adopt(pid, start, &self.id) {
             Ok(p) => p,
             Err(e) => {
-                gone(e.to_string());
+                self.mark_gone(info.status, e.to_string()).await;
                 return;
             }
         };
@@ -68,10 +56,14 @@ impl Vm {
                 // Alive but unmanageable: end it through the pidfd (never by bare pid)
                 // rather than leave a VM nobody can control.
                 let _ = process.signal(Signal::KILL);
-                gone(format!(
-                    "its monitor at {} was unreachable ({why}), so maqetd killed it",
-                    socket.display()
-                ));
+                self.mark_gone(
+                    info.status,
+                    format!(
+                        "its monitor at {} was unreachable ({why}), so maqetd killed it",
+                        socket.display()
+                    ),
+                )
+                .await;
                 return;
             }
         };
@@ -82,14 +74,35 @@ impl Vm {
         let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
         let runtime = Runtime::new(process, qmp, log_offset);
         *self.runtime.lock().unwrap() = Some(runtime.clone());
-        let _ = self.transition(status, "re-adopted after a maqetd restart", true, |t| {
-            t.pid = Some(Some(pid));
-            t.pid_start_time = Some(Some(start));
-            if info.started_at == 0 {
-                t.started_at = Some(now_us());
-            }
-        });
+        let _ = self
+            .transition(status, "re-adopted after a maqetd restart", true, |t| {
+                t.pid = Some(Some(pid));
+                t.pid_start_time = Some(Some(start));
+                if info.started_at == 0 {
+                    t.started_at = Some(now_us());
+                }
+            })
+            .await;
         supervisor::spawn(self.clone(), runtime, rx);
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
+    }
+
+    /// Records that the QEMU a record names is gone (it ended while maqetd was down).
+    async fn mark_gone(self: &Arc<Self>, was: Status, why: String) {
+        let reason = format!("QEMU ended while maqetd was not running ({why})");
+        let status = if was == Status::Stopping {
+            Status::Stopped
+        } else {
+            Status::Crashed
+        };
+        let _ = self
+            .transition(status, &reason, true, |t| {
+                t.pid = Some(None);
+                t.pid_start_time = Some(None);
+                t.stopped_at = Some(now_us());
+                t.exit_status = Some(-1);
+            })
+            .await;
+        self.cleanup_runtime_dir();
     }
 }

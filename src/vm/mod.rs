@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use rustix::process::Signal;
 use serde_json::Value;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::config::{self, ConfigSource, VmConfig};
 
@@ -150,6 +150,45 @@ impl VmInfo {
     }
 }
 
+/// The runtime fields a transition sets, copied out of it for memory.
+struct RuntimeFields {
+    pid: Option<Option<u32>>,
+    pid_start_time: Option<Option<u64>>,
+    started_at: Option<u64>,
+    stopped_at: Option<u64>,
+    exit_status: Option<i32>,
+}
+
+fn t_fields(t: &Transition<'_>) -> RuntimeFields {
+    RuntimeFields {
+        pid: t.pid,
+        pid_start_time: t.pid_start_time,
+        started_at: t.started_at,
+        stopped_at: t.stopped_at,
+        exit_status: t.exit_status,
+    }
+}
+
+impl RuntimeFields {
+    fn apply(&self, info: &mut VmInfo) {
+        if let Some(pid) = self.pid {
+            info.pid = pid;
+        }
+        if let Some(st) = self.pid_start_time {
+            info.pid_start_time = st;
+        }
+        if let Some(v) = self.started_at {
+            info.started_at = v;
+        }
+        if let Some(v) = self.stopped_at {
+            info.stopped_at = v;
+        }
+        if let Some(v) = self.exit_status {
+            info.exit_status = v;
+        }
+    }
+}
+
 /// Why a stop happened, so the exit can be told apart from a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopIntent {
@@ -226,6 +265,8 @@ pub struct Vm {
     info: RwLock<VmInfo>,
     status_tx: watch::Sender<Status>,
     op_lock: tokio::sync::Mutex<()>,
+    /// Orders transitions (commit, memory, announcement) without a std lock.
+    transitions: tokio::sync::Mutex<()>,
     runtime: Mutex<Option<Arc<Runtime>>>,
     /// QMP events for `Wait(event=…)`, made on the first subscription: a buffer of
     /// [`QMP_EVENT_BUFFER`] slots costs ~20 KiB, which most of 10,000 defined VMs
@@ -234,6 +275,8 @@ pub struct Vm {
     busy: Mutex<Option<Busy>>,
     /// The guest agent and what it said (`guest::GuestView`).
     guest: guest::GuestLink,
+    /// The event consumer has handled this VM's `VmAdded` / `VmRemoved`.
+    announced: Notify,
 }
 
 /// An exclusive operation that holds the VM beyond one call.
@@ -331,15 +374,28 @@ impl Vm {
             status_tx,
             info: RwLock::new(info),
             op_lock: tokio::sync::Mutex::new(()),
+            transitions: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
             qmp_events: OnceLock::new(),
             busy: Mutex::new(None),
             guest: guest::GuestLink::default(),
+            announced: Notify::new(),
         }))
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Called by the event consumer once it has handled the VM's addition or removal.
+    pub fn mark_announced(&self) {
+        self.announced.notify_one();
+    }
+
+    /// Waits (at most `limit`) until the event consumer has handled the VM's addition
+    /// or removal, so the call that caused it answers after the bus shows it.
+    pub async fn wait_announced(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.announced.notified()).await;
     }
 
     pub fn name(&self) -> String {
@@ -382,15 +438,17 @@ impl Vm {
 
     /// The VM's lifecycle history, oldest first: events at or after `since_us` (0: all),
     /// the newest `limit` of them (0: all).
-    pub fn history(
+    pub async fn history(
         &self,
         since_us: u64,
         limit: usize,
     ) -> Result<Vec<crate::store::EventRecord>, MaqetError> {
         let since = (since_us > 0).then_some(since_us);
+        let id = self.id.clone();
         self.ctx
             .store
-            .events(Some(&self.id), since, limit)
+            .read(move |db| db.events(Some(&id), since, limit))
+            .await
             .map_err(store_error)
     }
 
@@ -475,7 +533,7 @@ impl Vm {
         if let Ok(v) = qmp.execute_timeout("query-status", None, QMP_TIMEOUT).await {
             let now = qmp_run_state(&v);
             if now != status {
-                let _ = self.transition(now, why, true, |_| {});
+                let _ = self.transition(now, why, true, |_| {}).await;
             }
         }
     }
@@ -493,85 +551,86 @@ impl Vm {
     }
 
     /// The one place a VM's state changes: database (row + history, one transaction),
-    /// then memory, then the announcement, all in that order under the info lock so
-    /// every observer sees transitions in the same order.
+    /// then memory, then the announcement. Transitions of one VM are serialized by
+    /// their own async lock (never a std lock across the commit), so every observer sees
+    /// them in the order they were committed, and memory never moves ahead of the
+    /// database.
     ///
-    /// `observed` marks changes that already happened in the world (QEMU exited): they
-    /// are applied in memory even if the database write fails, since the process is the
-    /// source of truth for runtime state.
-    fn transition(
+    /// `kept` marks changes that happened, or must happen, whatever the database says:
+    /// QEMU exited (the process is the source of truth for runtime state), or a stop
+    /// began (stopping is how a user frees a full disk). They are applied in memory even
+    /// if the write fails, and the owner keeps their row until the database takes it.
+    async fn transition(
         self: &Arc<Self>,
         status: Status,
         reason: &str,
-        observed: bool,
-        fill: impl FnOnce(&mut Transition),
+        kept: bool,
+        fill: impl FnOnce(&mut Transition<'static>),
     ) -> Result<(), MaqetError> {
-        self.transition_because(status, reason, observed, Cause::Other, fill)
+        self.transition_because(status, reason, kept, Cause::Other, fill)
+            .await
     }
 
     /// [`Vm::transition`] for a change whose cause listeners need to know (the guest
     /// powered off, a restart's stop).
-    fn transition_because(
+    async fn transition_because(
         self: &Arc<Self>,
         status: Status,
         reason: &str,
-        observed: bool,
+        kept: bool,
         cause: Cause,
-        fill: impl FnOnce(&mut Transition),
+        fill: impl FnOnce(&mut Transition<'static>),
     ) -> Result<(), MaqetError> {
-        let mut info = self.info.write().unwrap();
-        let previous = info.status;
+        let _order = self.transitions.lock().await;
+        let (previous, name) = self.with_info(|i| (i.status, i.name.clone()));
         let mut t = Transition {
             status: status.as_str(),
-            reason,
-            pid: None,
-            pid_start_time: None,
-            started_at: None,
-            stopped_at: None,
-            exit_status: None,
-            detail: None,
+            reason: "",
+            ..Transition::default()
         };
         fill(&mut t);
-        let db = self.ctx.store.transition(&self.id, previous.as_str(), &t);
-        if let Err(e) = &db {
-            tracing::error!(vm = %info.name, status = %status, error = %e, "cannot record transition");
-            if !observed {
-                return Err(store_error(db.unwrap_err()));
+        let applied = t_fields(&t);
+        let (id, owned_reason) = (self.id.clone(), reason.to_string());
+        let write = move |db: &crate::store::Database| {
+            let t = Transition {
+                reason: &owned_reason,
+                ..t.clone()
+            };
+            db.transition(&id, previous.as_str(), &t).map(|_| ())
+        };
+        let db = if kept {
+            self.ctx.store.write_kept("status transition", write).await
+        } else {
+            self.ctx.store.write(write).await
+        };
+        if let Err(e) = db {
+            tracing::error!(vm = %name, status = %status, error = %e,
+                kept, "cannot record transition");
+            if !kept {
+                return Err(store_error(e));
             }
         }
-        info.status = status;
-        info.reason = reason.to_string();
-        if let Some(pid) = t.pid {
-            info.pid = pid;
-        }
-        if let Some(st) = t.pid_start_time {
-            info.pid_start_time = st;
-        }
-        if let Some(v) = t.started_at {
-            info.started_at = v;
-        }
-        if let Some(v) = t.stopped_at {
-            info.stopped_at = v;
-        }
-        if let Some(v) = t.exit_status {
-            info.exit_status = v;
-        }
-        let name = info.name.clone();
+        let info = {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.status = status;
+            info.reason = reason.to_string();
+            applied.apply(&mut info);
+            info.clone()
+        };
         if previous != status {
             tracing::info!(vm = %name, status = %status, previous = %previous, reason, "status changed");
             self.ctx.sink.emit(CoreEvent::StatusChanged {
                 vm: self.clone(),
-                info: info.clone(),
+                info,
                 previous,
                 cause,
             });
         } else {
             self.ctx.sink.emit(CoreEvent::RuntimeChanged {
                 vm: self.clone(),
-                info: info.clone(),
+                info,
             });
         }
-        drop(info);
         self.status_tx.send_replace(status);
         Ok(())
     }
@@ -624,13 +683,16 @@ impl Vm {
         }
     }
 
-    /// Replaces the config. `commit(old_name, new_name, yaml)` persists it (the manager
-    /// keeps names unique). Returns the changed top-level keys that need a restart to
-    /// take effect (none when no QEMU runs: the next start uses the new config).
+    /// Replaces the config and commits it. `check(old_name, new_name)` refuses a
+    /// taken name (the manager keeps names unique; the database's UNIQUE backs it up
+    /// against a race); `renamed(old, new)` runs after the commit. Returns the changed
+    /// top-level keys that need a restart to take effect (none when no QEMU runs: the
+    /// next start uses the new config).
     pub async fn apply(
         self: &Arc<Self>,
         mut new: VmConfig,
-        commit: impl FnOnce(&str, &str, &str) -> Result<(), MaqetError>,
+        check: impl FnOnce(&str, &str) -> Result<(), MaqetError>,
+        renamed: impl FnOnce(&str, &str),
     ) -> Result<Vec<String>, MaqetError> {
         let _op = self.op_lock.lock().await;
         self.ensure_idle()?;
@@ -640,16 +702,27 @@ impl Vm {
         new.set_name(&new_name);
         let changed = config::changed_keys(&old, &new);
         let yaml = new.to_yaml();
-        commit(&old_name, &new_name, &yaml)?;
-        {
-            let mut info = self.info.write().unwrap();
+        check(&old_name, &new_name)?;
+        let _order = self.transitions.lock().await;
+        let (id, name, config) = (self.id.clone(), new_name.clone(), yaml.clone());
+        self.ctx
+            .store
+            .write(move |db| db.update_config(&id, &name, &config))
+            .await
+            .map_err(store_error)?;
+        if old_name != new_name {
+            renamed(&old_name, &new_name);
+        }
+        let info = {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
             info.name = new_name;
             info.config = yaml;
-            self.ctx.sink.emit(CoreEvent::ConfigChanged {
-                vm: self.clone(),
-                info: info.clone(),
-            });
-        }
+            info.clone()
+        };
+        self.ctx.sink.emit(CoreEvent::ConfigChanged {
+            vm: self.clone(),
+            info,
+        });
         Ok(if status.has_process() {
             changed.into_iter().filter(|k| k != "name").collect()
         } else {

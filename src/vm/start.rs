@@ -20,15 +20,16 @@ impl Vm {
             Ok(b) => b,
             Err(why) => {
                 let msg = format!("cannot start VM '{name}': {why}");
-                self.transition(Status::Failed, &msg, false, |_| {})?;
+                self.transition(Status::Failed, &msg, false, |_| {}).await?;
                 return Err(MaqetError::QemuFailed(msg));
             }
         };
         forward::check_host_ports(&config.guest().forwards)?;
-        self.transition(Status::Starting, "start requested", false, |_| {})?;
+        self.transition(Status::Starting, "start requested", false, |_| {})
+            .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
             let msg = format!("cannot start VM '{name}': {}", e.message());
-            self.transition(Status::Failed, &msg, false, |_| {})?;
+            self.transition(Status::Failed, &msg, false, |_| {}).await?;
             return Err(MaqetError::Storage(msg));
         }
         // Opened after creation and after the stored paths were checked again: QEMU
@@ -37,7 +38,7 @@ impl Vm {
             Ok(files) => files,
             Err(e) => {
                 let msg = format!("cannot start VM '{name}': {}", e.message());
-                self.transition(Status::Failed, &msg, false, |_| {})?;
+                self.transition(Status::Failed, &msg, false, |_| {}).await?;
                 return Err(MaqetError::Storage(msg));
             }
         };
@@ -54,7 +55,8 @@ impl Vm {
                     t.pid = Some(Some(pid));
                     t.started_at = Some(now_us());
                     t.exit_status = Some(-1);
-                })?;
+                })
+                .await?;
                 supervisor::spawn(self.clone(), runtime, events);
                 // The ports were free a moment ago; one taken since fails here.
                 if let Err(e) = self.install_forwards(&config).await {
@@ -70,7 +72,8 @@ impl Vm {
                     t.pid_start_time = Some(None);
                     t.stopped_at = Some(now_us());
                     t.exit_status = Some(failure.exit.map(|e| e.as_property()).unwrap_or(-1));
-                })?;
+                })
+                .await?;
                 self.cleanup_runtime_dir();
                 Err(MaqetError::QemuFailed(msg))
             }
@@ -104,10 +107,13 @@ impl Vm {
             if outcome != crate::storage::create::Outcome::Created {
                 continue;
             }
-            let (id, name) = (self.id.as_str(), self.name());
+            let (id, name) = (self.id.clone(), self.name());
+            let (path, format) = (e.path.clone(), e.kind.as_str());
+            let owner = id.clone();
             self.ctx
                 .store
-                .record_created_file(id, &e.path, e.kind.as_str())
+                .write(move |db| db.record_created_file(&owner, &path, format))
+                .await
                 .map_err(store_error)?;
             let reason = format!(
                 "created {} disk image '{}' at {}",
@@ -116,11 +122,11 @@ impl Vm {
                 e.path.display()
             );
             let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": e.size });
-            if let Err(err) = self
+            let recorded = self
                 .ctx
                 .store
-                .add_event(id, &name, "storage", &reason, Some(&detail))
-            {
+                .record_event(&id, &name, "storage", reason, Some(detail));
+            if let Err(err) = recorded.await {
                 tracing::warn!(vm = %name, error = %err, "cannot record disk creation in history");
             }
             tracing::info!(vm = %name, disk = %e.name, path = %e.path.display(), "created disk image");
@@ -176,10 +182,13 @@ impl Vm {
         let pid = process.pid();
         // Record the pid before anything can fail: a row never claims no process while
         // one exists.
-        if let Err(e) = self.transition(Status::Starting, "QEMU spawned", false, |t| {
-            t.pid = Some(Some(pid));
-            t.pid_start_time = Some(Some(process.start_time()));
-        }) {
+        if let Err(e) = self
+            .transition(Status::Starting, "QEMU spawned", false, |t| {
+                t.pid = Some(Some(pid));
+                t.pid_start_time = Some(Some(process.start_time()));
+            })
+            .await
+        {
             let _ = process.signal(Signal::KILL);
             process.wait().await;
             return Err(setup("recording the process", &e));

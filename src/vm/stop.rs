@@ -46,7 +46,8 @@ impl Vm {
                 } else {
                     "stop requested"
                 };
-                self.transition(Status::Stopping, reason, false, |_| {})?;
+                self.transition(Status::Stopping, reason, true, |_| {})
+                    .await?;
                 rt.stop_deadline.send_replace(Some(deadline));
                 tokio::spawn(escalate(self.clone(), rt.clone(), graceful));
             }
@@ -67,7 +68,8 @@ impl Vm {
                 MaqetError::Internal(format!("VM '{}' has no process to restart", self.name()))
             })?;
             rt.restarting.store(true, Ordering::SeqCst);
-            self.transition(Status::Stopping, "restart requested", false, |_| {})?;
+            self.transition(Status::Stopping, "restart requested", true, |_| {})
+                .await?;
             rt.set_intent(StopIntent::Quit);
             let _ = rt.qmp.execute_timeout("quit", None, QMP_TIMEOUT).await;
             if !rt.wait_exited(QUIT_WAIT).await {
@@ -83,7 +85,9 @@ impl Vm {
     pub(crate) async fn kill_for_removal(self: &Arc<Self>) {
         if let Some(rt) = self.runtime() {
             if self.status() != Status::Stopping {
-                let _ = self.transition(Status::Stopping, "forced removal", false, |_| {});
+                let _ = self
+                    .transition(Status::Stopping, "forced removal", true, |_| {})
+                    .await;
             }
             rt.set_intent(StopIntent::Kill);
             let _ = rt.process.signal(Signal::KILL);

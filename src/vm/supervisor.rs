@@ -40,7 +40,7 @@ pub(super) fn spawn(vm: Arc<Vm>, rt: Arc<Runtime>, mut events: UnboundedReceiver
             };
             let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
         }
-        finish(&vm, &rt, exit);
+        finish(&vm, &rt, exit).await;
     });
 }
 
@@ -61,10 +61,12 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
                     .unwrap_or_else(|| "unknown".into());
                 format!("paused by QEMU (run state: {why})")
             };
-            let _ = vm.transition(Status::Paused, &reason, true, |_| {});
+            let _ = vm.transition(Status::Paused, &reason, true, |_| {}).await;
         }
         "RESUME" if vm.status() == Status::Paused && !vm.live_job_active() => {
-            let _ = vm.transition(Status::Running, "resumed", true, |_| {});
+            let _ = vm
+                .transition(Status::Running, "resumed", true, |_| {})
+                .await;
         }
         "SHUTDOWN" => {
             let guest = ev
@@ -92,7 +94,7 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
     });
 }
 
-fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
+async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
     let intent = *rt.intent.lock().unwrap();
     let shutdown = rt.shutdown.lock().unwrap().clone();
     let restarting = rt.restarting.load(Ordering::SeqCst);
@@ -105,12 +107,14 @@ fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
         }
     }
     *vm.runtime.lock().unwrap() = None;
-    let _ = vm.transition_because(status, &reason, true, cause, |t| {
-        t.pid = Some(None);
-        t.pid_start_time = Some(None);
-        t.stopped_at = Some(now_us());
-        t.exit_status = Some(exit.as_property());
-    });
+    let _ = vm
+        .transition_because(status, &reason, true, cause, |t| {
+            t.pid = Some(None);
+            t.pid_start_time = Some(None);
+            t.stopped_at = Some(now_us());
+            t.exit_status = Some(exit.as_property());
+        })
+        .await;
     vm.cleanup_runtime_dir();
     rt.exited.send_replace(true);
 }

@@ -489,3 +489,21 @@ pub fn hmp_info_version(query_version: &str) -> String {
         v["package"].as_str().unwrap_or_default()
     )
 }
+
+/// Waits (at most [`TIMEOUT`]) for process `pid` to exit: its pidfd becomes readable. A
+/// process already gone returns at once.
+pub async fn process_gone(pid: u32) {
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let Ok(fd) = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::NONBLOCK) else {
+        return;
+    };
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .unwrap();
+    tokio::time::timeout(TIMEOUT, afd.readable())
+        .await
+        .unwrap_or_else(|_| panic!("process {pid} did not exit"))
+        .unwrap()
+        .retain_ready();
+}

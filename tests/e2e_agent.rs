@@ -284,6 +284,28 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     let gone = vm.remove_forward(&spec).await.unwrap_err();
     assert!(error_name(&gone).ends_with("NotFound"), "{gone}");
 
+    // The agent restarts inside the guest: maqetd sees the port close and reopen
+    // (VSERPORT_CHANGE), resynchronises, and the agent answers again.
+    let (rc, shown) = serial.run("kill $(pidof qemu-ga)").await;
+    assert_eq!(rc, 0, "{shown}");
+    let mut seen = Vec::new();
+    let back = tokio::time::timeout(TIMEOUT, async {
+        while let Some(change) = agent_changes.next().await {
+            seen.push(change.get().await.unwrap());
+            if seen.ends_with(&["connecting".to_owned(), "connected".to_owned()]) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        back.is_ok(),
+        "GuestAgent after the agent restarted: {seen:?}"
+    );
+    guest.ping().await.unwrap();
+    let out = maqet(&bus, &["exec", "agent", "--", "hostname"], None).await;
+    assert_eq!(stdout(&out), "maqet-guest\n", "{}", stderr(&out));
+
     // Stop goes through the agent first, and says so.
     vm.stop(false, 60).await.unwrap();
     let rest = serial.read_to_end().await;

@@ -231,15 +231,12 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     assert_eq!(rc, 0, "{shown}");
     let vm_forwards = vm.forwards().await.unwrap();
     assert_eq!(vm_forwards, [format!("tcp:127.0.0.1:{port}:8080")]);
-    let mut reply = String::new();
-    for _ in 0..50 {
-        // The listener may not be up the moment the shell returns: a refused or empty
-        // connection is retried, each attempt waiting for the guest's answer.
-        reply = read_forward(port).await.unwrap_or_default();
-        if reply.contains("maqet-forward-ok") {
-            break;
-        }
-    }
+    // Inside the guest, wait until the listener is up (its state, not a delay).
+    let (rc, shown) = serial
+        .run("while ! netstat -ltn | grep -q ':8080 '; do usleep 20000; done")
+        .await;
+    assert_eq!(rc, 0, "{shown}");
+    let reply = read_forward(port).await.unwrap();
     assert!(reply.contains("maqet-forward-ok"), "{reply:?}");
 
     // A runtime forward is added, works, and is removed.
@@ -305,6 +302,65 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     guest.ping().await.unwrap();
     let out = maqet(&bus, &["exec", "agent", "--", "hostname"], None).await;
     assert_eq!(stdout(&out), "maqet-guest\n", "{}", stderr(&out));
+
+    // `maqet ssh` finds the guest's port 22 through a forward it adds, as ssh_user
+    // (an `echo` stands in for ssh: the guest runs no sshd).
+    let mut cmd = bus.maqet_command(&["ssh", "agent", "--", "uname", "-a"]);
+    cmd.env("MAQET_SSH_CLIENT", "echo");
+    let ssh = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(ssh.status.success(), "{}", stderr(&ssh));
+    let ssh_port = vm
+        .forwards()
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|f| {
+            f.strip_prefix("tcp:127.0.0.1:")?
+                .strip_suffix(":22")
+                .map(str::to_owned)
+        })
+        .expect("a forward to port 22");
+    assert_eq!(
+        stdout(&ssh),
+        format!("-p {ssh_port} -o HostKeyAlias=maqet-agent -l root 127.0.0.1 uname -a\n")
+    );
+
+    // maqetd killed and re-activated: it re-adopts the VM and reconnects to the agent.
+    let daemons = bus.marked_processes("maqetd");
+    assert_eq!(daemons.len(), 1);
+    drop(serial);
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) };
+    common::process_gone(daemons[0]).await;
+    let list = bus.manager(&conn).await.list_vms().await.unwrap();
+    assert_eq!(list[0].3, "running", "re-adopted");
+    let watcher = GuestProxy::builder(&conn)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut agent_changes = watcher.receive_guest_agent_changed().await;
+    if watcher.guest_agent().await.unwrap() != "connected" {
+        let back = tokio::time::timeout(TIMEOUT, async {
+            while let Some(change) = agent_changes.next().await {
+                if change.get().await.unwrap() == "connected" {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            back.is_ok(),
+            "the agent did not reconnect after re-adoption"
+        );
+    }
+    guest.ping().await.unwrap();
+    assert_eq!(
+        vm.forwards().await.unwrap(),
+        [format!("tcp:127.0.0.1:{port}:8080")]
+    );
+    let mut serial = Serial::attach(&vm).await;
 
     // Stop goes through the agent first, and says so.
     vm.stop(false, 60).await.unwrap();

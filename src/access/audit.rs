@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use crate::store::call_audit::CallAudit;
 use crate::store::{AuditRow, Store};
 
 /// One audited decision: the row, plus the VM's name for the log line.
@@ -36,12 +37,22 @@ impl AuditWriter {
 
     /// Writes a record and returns once it is committed, or once the database refused
     /// it (it then stays queued: the call is not held up by a locked or full disk).
-    pub async fn record_durably(&self, rec: Record) {
+    /// `with_change`: the call's record as its state change carried it, to complete
+    /// rather than insert anew.
+    pub async fn record_durably(&self, rec: Record, with_change: Option<&Arc<CallAudit>>) {
         let row = log(rec);
-        let written = self
-            .store
-            .write_kept("audit record", move |db| db.insert_audit(&row).map(|_| ()))
-            .await;
+        let written = match with_change {
+            Some(call) => {
+                self.store
+                    .write_kept("audit record", call.finish(row))
+                    .await
+            }
+            None => {
+                self.store
+                    .write_kept("audit record", move |db| db.insert_audit(&row).map(|_| ()))
+                    .await
+            }
+        };
         if let Err(e) = written {
             tracing::warn!(error = %e, "audit record not written yet; kept until the database takes it");
         }

@@ -1,7 +1,9 @@
 //! Writes audit records through the database owner.
 //!
-//! A change (an allowed, audited call) is answered only after its record is committed:
-//! [`AuditWriter::record_durably`] waits for the owner's group commit, which batches it
+//! A change (an allowed, audited call) is answered only after its record is committed.
+//! The record goes in with the call's first state change (`store::call_audit`), and
+//! [`AuditWriter::record_durably`] completes it with the outcome (or, for a call that
+//! changed nothing, inserts it) and waits for the owner's group commit, which batches it
 //! with whatever else is queued (a burst of calls shares one commit). Denials are
 //! written lazily ([`AuditWriter::record`]): within [`LAZY_DELAY`](crate::store::LAZY_DELAY) of the first one,
 //! in one commit, so a flood of refused calls costs no commit each. Either way a record

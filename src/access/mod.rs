@@ -770,6 +770,37 @@ mod tests {
         assert_eq!(after[0].message.as_deref(), Some(""));
     }
 
+    /// A kept change (one that must work on a full disk: a stop beginning, a removal)
+    /// carries the record too.
+    #[tokio::test]
+    async fn a_kept_change_commits_with_its_audit_record() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = gate_on(&store);
+        let req = Request::new(Action::Lifecycle, "Stop");
+        let s = store.clone();
+        let during: Result<Vec<AuditRow>, MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                let rec = vm_record();
+                s.write_kept("VM", move |db| db.insert_vm(&rec))
+                    .await
+                    .unwrap();
+                Ok(audit_rows(&s).await)
+            })
+            .await;
+        let during = during.unwrap();
+        assert_eq!(during.len(), 1, "{during:?}");
+        assert_eq!(
+            during[0].outcome.as_deref(),
+            Some(crate::store::call_audit::PENDING)
+        );
+        let after = audit_rows(&store).await;
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(
+            (after[0].seq, after[0].outcome.as_deref()),
+            (during[0].seq, Some("ok"))
+        );
+    }
+
     /// A state change the database refuses takes no record with it: the call's one
     /// record is written at its end, with the error.
     #[tokio::test]

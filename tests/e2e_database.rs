@@ -392,3 +392,39 @@ async fn a_qemu_found_but_not_defined_is_reported_and_its_sockets_kept() {
     );
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
+
+/// A change's audit record commits with the change: maqetd killed while a `Stop` waits
+/// for a guest that ignores the power button (after the `stopping` transition, before
+/// the answer) leaves the call's record in the database, outcome `pending`. (Its record
+/// used to be written after the call, so this kill lost it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_interrupted_by_sigkill_keeps_its_audit_record() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    // No guest OS: ACPI power-down is ignored, so Stop waits its full reply limit.
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("deaf")).await;
+    vm.start().await.unwrap();
+    let id = vm.id().await.unwrap();
+    let mut watch = common::StatusWatch::new(&vm).await;
+    let stopping = vm.clone();
+    let stop = tokio::spawn(async move { stopping.stop(false, 600).await });
+    watch.until("stopping").await;
+    let daemons = bus.marked_processes("maqetd");
+    assert_eq!(daemons.len(), 1);
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) };
+    let answer = tokio::time::timeout(TIMEOUT, stop).await.unwrap().unwrap();
+    assert!(answer.is_err(), "Stop was answered: {answer:?}");
+
+    let audit = audit_of(&bus.database(), &id);
+    assert_eq!(
+        audit.last().map(String::as_str),
+        Some("Stop:pending"),
+        "{audit:?}"
+    );
+    assert!(statuses_of(&bus.database(), &id).contains(&"stopping".to_string()));
+
+    // The next call brings maqetd back; the VM is still there to be stopped for good.
+    let mut watch = common::StatusWatch::new(&vm).await;
+    vm.stop(true, 0).await.unwrap();
+    watch.until("stopped").await;
+}

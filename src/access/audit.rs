@@ -1,7 +1,9 @@
 //! Writes audit records through the database owner.
 //!
-//! A change (an allowed, audited call) is answered only after its record is committed:
-//! [`AuditWriter::record_durably`] waits for the owner's group commit, which batches it
+//! A change (an allowed, audited call) is answered only after its record is committed.
+//! The record goes in with the call's first state change (`store::call_audit`), and
+//! [`AuditWriter::record_durably`] completes it with the outcome (or, for a call that
+//! changed nothing, inserts it) and waits for the owner's group commit, which batches it
 //! with whatever else is queued (a burst of calls shares one commit). Denials are
 //! written lazily ([`AuditWriter::record`]): within [`LAZY_DELAY`](crate::store::LAZY_DELAY) of the first one,
 //! in one commit, so a flood of refused calls costs no commit each. Either way a record
@@ -10,6 +12,7 @@
 
 use std::sync::Arc;
 
+use crate::store::call_audit::CallAudit;
 use crate::store::{AuditRow, Store};
 
 /// One audited decision: the row, plus the VM's name for the log line.
@@ -36,12 +39,22 @@ impl AuditWriter {
 
     /// Writes a record and returns once it is committed, or once the database refused
     /// it (it then stays queued: the call is not held up by a locked or full disk).
-    pub async fn record_durably(&self, rec: Record) {
+    /// `with_change`: the call's record as its state change carried it, to complete
+    /// rather than insert anew.
+    pub async fn record_durably(&self, rec: Record, with_change: Option<&Arc<CallAudit>>) {
         let row = log(rec);
-        let written = self
-            .store
-            .write_kept("audit record", move |db| db.insert_audit(&row).map(|_| ()))
-            .await;
+        let written = match with_change {
+            Some(call) => {
+                self.store
+                    .write_kept("audit record", call.finish(row))
+                    .await
+            }
+            None => {
+                self.store
+                    .write_kept("audit record", move |db| db.insert_audit(&row).map(|_| ()))
+                    .await
+            }
+        };
         if let Err(e) = written {
             tracing::warn!(error = %e, "audit record not written yet; kept until the database takes it");
         }

@@ -15,10 +15,14 @@ mod polkit;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use zbus::Connection;
 use zbus::message::Header;
 
@@ -29,6 +33,7 @@ use polkit::Polkit;
 
 use crate::error::MaqetError;
 use crate::outbound::Outbound;
+use crate::store::call_audit::CallAudit;
 use crate::store::{AuditDecision, AuditRow, Store};
 use crate::time::now_us;
 use audit::{AuditWriter, Record};
@@ -351,12 +356,12 @@ impl Gate {
                     req.vm.as_ref().map(|v| v.0.clone()),
                 );
                 let fresh = |t: &Instant| t.elapsed() < APPROVAL_TTL;
-                if self.approvals.lock().unwrap().get(&key).is_some_and(fresh) {
+                if self.approvals.lock().get(&key).is_some_and(fresh) {
                     return Ok(true);
                 }
                 match self.polkit.check(caller, req.action).await {
                     Ok(Ok(())) => {
-                        let mut approvals = self.approvals.lock().unwrap();
+                        let mut approvals = self.approvals.lock();
                         approvals.retain(|_, t| fresh(t));
                         approvals.insert(key, Instant::now());
                         Ok(true)
@@ -428,18 +433,45 @@ impl Gate {
                 return Err(MaqetError::AccessDenied(why).outbound());
             }
         };
-        let result = work.await;
+        self.run(&caller, &req, asked_polkit, work).await.outbound()
+    }
+
+    /// Runs an allowed call's work and audits it. A change's record is committed with
+    /// its first state change (`store::call_audit`) and completed with the outcome
+    /// before the answer; a call that panics is answered with `Internal` (and audited
+    /// so), and leaves no lock poisoned behind it (maqetd's locks do not poison).
+    async fn run<T, F>(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        asked_polkit: bool,
+        work: F,
+    ) -> Result<T, MaqetError>
+    where
+        F: Future<Output = Result<T, MaqetError>>,
+    {
+        let pending = req.audited.then(|| {
+            CallAudit::new(
+                self.audit_record(caller, req, AuditDecision::Allow, "", "")
+                    .row,
+            )
+        });
+        let work = AssertUnwindSafe(work).catch_unwind();
+        let result = match &pending {
+            Some(p) => p.clone().scope(work).await,
+            None => work.await,
+        }
+        .unwrap_or_else(|panic| Err(panicked(req.method, panic.as_ref())));
         if req.audited || asked_polkit {
             let (outcome, message) = match &result {
                 Ok(_) => ("ok", String::new()),
                 Err(e) => (e.kind(), e.message()),
             };
             // A change is answered only after its record is committed (audit.rs).
-            let record = self.audit_record(&caller, &req, AuditDecision::Allow, outcome, &message);
-            self.auditor.record_durably(record).await;
+            let record = self.audit_record(caller, req, AuditDecision::Allow, outcome, &message);
+            self.auditor.record_durably(record, pending.as_ref()).await;
         }
-        // The one place every method's answer passes on its way out.
-        result.outbound()
+        result
     }
 
     /// Audits a denial: the first few of a burst one by one, the rest as one count
@@ -528,6 +560,23 @@ impl Gate {
     }
 }
 
+/// The answer to a call whose work panicked (a bug in maqetd): said so, logged with
+/// the panic's message.
+fn panicked(method: &str, panic: &(dyn std::any::Any + Send)) -> MaqetError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(method, panic = what, "a call panicked: a bug in maqetd");
+    MaqetError::Internal(format!(
+        "maqetd hit a bug while running {method}: the call did not complete (what it had \
+         done by then stays done); maqetd keeps running. The details are in maqetd's log \
+         (journalctl --user -t maqetd, or maqetd's stderr when not run by systemd); \
+         please report it"
+    ))
+}
+
 /// The one row that stands for a burst's counted denials. `arguments` holds
 /// `count=<n>` for tools; the message says it in words.
 fn record_aggregate(auditor: &AuditWriter, agg: Aggregate) {
@@ -590,7 +639,7 @@ impl PolicySource {
     /// The policy in force, and the problem with the file if it was refused.
     fn current(&self) -> (Arc<Policy>, Option<String>) {
         let now = stamp(&self.path);
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.lock();
         if now != state.stamp {
             state.stamp = now;
             match Policy::load(&self.path) {
@@ -653,5 +702,168 @@ mod tests {
         );
         assert_eq!(rows[0].caller_name.as_deref(), Some(":1.7"));
         assert_eq!(rows[2].arguments.as_deref(), Some("n=2"));
+    }
+
+    fn gate_on(store: &Arc<Store>) -> Arc<Gate> {
+        Gate::new(
+            store.clone(),
+            None,
+            None,
+            PathBuf::from("/nonexistent/policy.yaml"),
+        )
+    }
+
+    fn owner() -> Caller {
+        Caller {
+            unique_name: ":1.9".into(),
+            uid: rustix::process::getuid().as_raw(),
+            pid: Some(9),
+        }
+    }
+
+    fn vm_record() -> crate::store::VmRecord {
+        let id = uuid::Uuid::new_v4().to_string();
+        crate::store::VmRecord::new(id, "web".into(), String::new(), "created", 1)
+    }
+
+    async fn audit_rows(store: &Store) -> Vec<AuditRow> {
+        store.read(|db| db.audit(None, None, 0)).await.unwrap()
+    }
+
+    /// A change and its audit record are one commit: inside the call, right after the
+    /// state change is committed, the record is already there (pending); the answer
+    /// completes that same row.
+    #[tokio::test]
+    async fn a_change_commits_with_its_audit_record() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = gate_on(&store);
+        let req = Request::new(Action::Manage, "AddVM").with_args("name=web");
+        let (s, seen) = (store.clone(), Arc::new(Mutex::new(Vec::new())));
+        let seen_in = seen.clone();
+        let out: Result<(), MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                let rec = vm_record();
+                let id = rec.id.clone();
+                s.write(move |db| db.insert_vm(&rec))
+                    .await
+                    .map_err(|e| MaqetError::Storage(e.to_string()))?;
+                *seen_in.lock() = audit_rows(&s).await;
+                // A second change of the same call carries no second record.
+                s.write(move |db| db.update_config(&id, "web", "x: 1"))
+                    .await
+                    .unwrap();
+                Ok(())
+            })
+            .await;
+        out.unwrap();
+        let during = seen.lock().clone();
+        assert_eq!(during.len(), 1, "{during:?}");
+        assert_eq!(
+            during[0].outcome.as_deref(),
+            Some(crate::store::call_audit::PENDING)
+        );
+        assert_eq!(during[0].method.as_deref(), Some("AddVM"));
+        let after = audit_rows(&store).await;
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(after[0].seq, during[0].seq);
+        assert_eq!(after[0].outcome.as_deref(), Some("ok"));
+        assert_eq!(after[0].message.as_deref(), Some(""));
+    }
+
+    /// A kept change (one that must work on a full disk: a stop beginning, a removal)
+    /// carries the record too.
+    #[tokio::test]
+    async fn a_kept_change_commits_with_its_audit_record() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = gate_on(&store);
+        let req = Request::new(Action::Lifecycle, "Stop");
+        let s = store.clone();
+        let during: Result<Vec<AuditRow>, MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                let rec = vm_record();
+                s.write_kept("VM", move |db| db.insert_vm(&rec))
+                    .await
+                    .unwrap();
+                Ok(audit_rows(&s).await)
+            })
+            .await;
+        let during = during.unwrap();
+        assert_eq!(during.len(), 1, "{during:?}");
+        assert_eq!(
+            during[0].outcome.as_deref(),
+            Some(crate::store::call_audit::PENDING)
+        );
+        let after = audit_rows(&store).await;
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(
+            (after[0].seq, after[0].outcome.as_deref()),
+            (during[0].seq, Some("ok"))
+        );
+    }
+
+    /// A state change the database refuses takes no record with it: the call's one
+    /// record is written at its end, with the error.
+    #[tokio::test]
+    async fn a_refused_change_leaves_the_record_to_the_answer() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = gate_on(&store);
+        let req = Request::new(Action::Manage, "Apply");
+        let s = store.clone();
+        let out: Result<(), MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                let refused = s
+                    .write(|db| db.update_config("no-such-vm", "web", "x: 1"))
+                    .await;
+                assert!(refused.is_err());
+                assert!(audit_rows(&s).await.is_empty());
+                Err(MaqetError::NotFound("no VM".into()))
+            })
+            .await;
+        assert!(matches!(out, Err(MaqetError::NotFound(_))));
+        let after = audit_rows(&store).await;
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(after[0].outcome.as_deref(), Some("NotFound"));
+    }
+
+    /// A panic in a call's work answers that call with `Internal` (saying it is a bug,
+    /// that the call did not complete, and where the log is), is audited so, and the
+    /// next call runs normally: nothing it held stays poisoned.
+    #[tokio::test]
+    async fn a_panicking_call_is_answered_internal_and_the_next_call_works() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let gate = gate_on(&store);
+        let lock = Arc::new(Mutex::new(0u32));
+        let req = Request::new(Action::Lifecycle, "Start");
+        let held = lock.clone();
+        let s = store.clone();
+        let out: Result<u32, MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                let rec = vm_record();
+                s.write(move |db| db.insert_vm(&rec)).await.unwrap();
+                assert_eq!(audit_rows(&s).await.len(), 1, "carried by the change");
+                let _guard = held.lock();
+                panic!("a bug");
+            })
+            .await;
+        let Err(MaqetError::Internal(msg)) = out else {
+            panic!("expected Internal, got {out:?}");
+        };
+        assert!(
+            msg.contains("bug") && msg.contains("did not complete"),
+            "{msg}"
+        );
+        assert!(msg.contains("journalctl --user -t maqetd"), "{msg}");
+        let rows = audit_rows(&store).await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].outcome.as_deref(), Some("Internal"));
+        // The lock the panicking call held is usable by the next call.
+        let held = lock.clone();
+        let next: Result<u32, MaqetError> = gate
+            .run(&owner(), &req, false, async move {
+                *held.lock() += 1;
+                Ok(*held.lock())
+            })
+            .await;
+        assert_eq!(next.unwrap(), 1);
     }
 }

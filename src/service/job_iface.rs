@@ -8,7 +8,9 @@
 //! finish (no timers). The outcome is also in the VM's history for good.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
@@ -38,7 +40,7 @@ pub struct Retired {
 impl Retired {
     /// (job id, VM id) of every job object on the bus.
     pub fn served(&self) -> Vec<(u64, String)> {
-        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let served = self.served.lock();
         served.iter().map(|(n, vm)| (*n, vm.clone())).collect()
     }
 }
@@ -171,7 +173,6 @@ pub async fn publish(
         .retired_jobs
         .served
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .insert(job.id(), job.vm_id().to_string());
     tokio::spawn(watch(conn.clone(), shared.clone(), job, path.clone()));
     Ok(path)
@@ -238,7 +239,7 @@ async fn properties_changed(
 /// Keeps the newest finished jobs; removes the oldest beyond [`KEEP_FINISHED`].
 async fn retire(conn: &Connection, retired: &Retired, path: OwnedObjectPath) {
     let expired: Vec<OwnedObjectPath> = {
-        let mut paths = retired.paths.lock().unwrap();
+        let mut paths = retired.paths.lock();
         paths.push_back(path);
         let excess = paths.len().saturating_sub(KEEP_FINISHED);
         paths.drain(..excess).collect()
@@ -246,7 +247,7 @@ async fn retire(conn: &Connection, retired: &Retired, path: OwnedObjectPath) {
     for old in expired {
         let _ = conn.object_server().remove::<JobIface, _>(&old).await;
         if let Some(n) = old.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()) {
-            let mut served = retired.served.lock().unwrap_or_else(|p| p.into_inner());
+            let mut served = retired.served.lock();
             served.remove(&n);
         }
     }

@@ -22,6 +22,7 @@
 //! names the file and says what to do; it is never recreated over the user's
 //! data (see `open.rs`).
 
+pub mod call_audit;
 mod error;
 mod open;
 mod owner;
@@ -700,6 +701,20 @@ impl Database {
     /// Appends one audit row (see [`AuditRow`] for the convention); returns its seq.
     pub fn insert_audit(&self, row: &AuditRow) -> Result<i64, StoreError> {
         self.with_conn(|conn| insert_audit_row(conn, row))
+    }
+
+    /// Fills in the outcome of a call's record written with its change
+    /// (`call_audit.rs`); `false` if no such record is still pending.
+    pub fn finish_audit(&self, seq: i64, outcome: &str, message: &str) -> Result<bool, StoreError> {
+        let message = clip(message);
+        self.with_conn(|conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE audit SET outcome = ?2, message = ?3 WHERE seq = ?1 AND outcome = ?4",
+                )?
+                .execute(params![seq, outcome, message, call_audit::PENDING])?;
+            Ok(n == 1)
+        })
     }
 
     /// Appends several audit rows in order, in one transaction (one commit for a burst

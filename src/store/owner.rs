@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 #[cfg(test)]
 mod tests;
 
+use super::call_audit::CallAudit;
 use super::{AuditDecision, AuditRow, Database, StoreError, StoreOptions, now_us};
 
 /// Most kept writes waiting for the database; more are counted as lost.
@@ -201,11 +202,23 @@ impl Store {
 
     /// Runs a write in the next group commit; answers once it is committed. A write
     /// that cannot be committed fails with the cause, and nothing of it is kept.
+    ///
+    /// The first write of an audited call carries the call's audit record
+    /// (`call_audit.rs`): both commit together or neither does.
     pub async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.ask(Msg::Write, f).await
+        let Some(carried) = CallAudit::carried_by_this_write() else {
+            return self.ask(Msg::Write, f).await;
+        };
+        let carried = std::sync::Arc::new(carried);
+        let with = carried.clone();
+        let out = self.ask(Msg::Write, move |db| with.with(db, f)).await;
+        if out.is_err() {
+            carried.put_back();
+        }
+        out
     }
 
     /// Writes a record of something that already happened in the next group commit
@@ -218,9 +231,14 @@ impl Store {
         apply: impl Fn(&Database) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
         let (ack, answer) = oneshot::channel();
+        // The call's audit record goes with it (and stays with it while it waits).
+        let apply: Apply = match CallAudit::carried_by_this_write() {
+            Some(carried) => Box::new(move |db| carried.with(db, &apply)),
+            None => Box::new(apply),
+        };
         let kept = Kept {
             what,
-            apply: Box::new(apply),
+            apply,
             ack: Some(ack),
         };
         if self.tx.send(Msg::Keep { kept, lazy: false }).is_err() {

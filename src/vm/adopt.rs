@@ -73,7 +73,7 @@ impl Vm {
         };
         let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
         let runtime = Runtime::new(process, qmp, log_offset);
-        *self.runtime.lock().unwrap() = Some(runtime.clone());
+        *self.runtime.lock() = Some(runtime.clone());
         let _ = self
             .transition(status, "re-adopted after a maqetd restart", true, |t| {
                 t.pid = Some(Some(pid));

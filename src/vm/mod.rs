@@ -30,8 +30,10 @@ use wait::next_qmp_event;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
 
 use rustix::process::Signal;
 use serde_json::Value;
@@ -247,7 +249,7 @@ impl Runtime {
     }
 
     fn set_intent(&self, intent: StopIntent) {
-        *self.intent.lock().unwrap() = intent;
+        *self.intent.lock() = intent;
     }
 
     async fn wait_exited(&self, limit: Duration) -> bool {
@@ -300,7 +302,7 @@ impl BusyGuard {
 
     /// Renames what the VM is busy with (once the job has an id).
     pub fn describe(&self, what: String) {
-        if let Some(b) = self.vm.busy.lock().unwrap().as_mut() {
+        if let Some(b) = self.vm.busy.lock().as_mut() {
             b.what = what;
         }
     }
@@ -308,7 +310,7 @@ impl BusyGuard {
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        *self.vm.busy.lock().unwrap() = None;
+        *self.vm.busy.lock() = None;
     }
 }
 
@@ -399,20 +401,20 @@ impl Vm {
     }
 
     pub fn name(&self) -> String {
-        self.info.read().unwrap().name.clone()
+        self.info.read().name.clone()
     }
 
     pub fn status(&self) -> Status {
-        self.info.read().unwrap().status
+        self.info.read().status
     }
 
     pub fn info(&self) -> VmInfo {
-        self.info.read().unwrap().clone()
+        self.info.read().clone()
     }
 
     /// Reads the snapshot without cloning it.
     pub fn with_info<R>(&self, f: impl FnOnce(&VmInfo) -> R) -> R {
-        f(&self.info.read().unwrap())
+        f(&self.info.read())
     }
 
     pub fn log_file(&self) -> PathBuf {
@@ -453,7 +455,7 @@ impl Vm {
     }
 
     fn runtime(&self) -> Option<Arc<Runtime>> {
-        self.runtime.lock().unwrap().clone()
+        self.runtime.lock().clone()
     }
 
     /// The QMP client of the running QEMU, or `InvalidState`.
@@ -491,7 +493,7 @@ impl Vm {
 
     /// `InvalidState` while an exclusive operation (a snapshot job) holds the VM.
     pub(crate) fn ensure_idle(&self) -> Result<(), MaqetError> {
-        match self.busy.lock().unwrap().as_ref() {
+        match self.busy.lock().as_ref() {
             None => Ok(()),
             Some(b) => Err(MaqetError::InvalidState(format!(
                 "VM '{}' is busy with {}; wait for it to finish or cancel it",
@@ -503,7 +505,7 @@ impl Vm {
 
     /// A live snapshot job runs inside QEMU (its STOP/RESUME are not a pause).
     pub(crate) fn live_job_active(&self) -> bool {
-        self.busy.lock().unwrap().as_ref().is_some_and(|b| b.live)
+        self.busy.lock().as_ref().is_some_and(|b| b.live)
     }
 
     /// Marks the VM busy with an operation that outlives this call. `choose` sees the
@@ -518,7 +520,7 @@ impl Vm {
         self.ensure_idle()?;
         let status = self.status();
         let live = choose(status)?;
-        *self.busy.lock().unwrap() = Some(Busy { what, live });
+        *self.busy.lock() = Some(Busy { what, live });
         Ok((BusyGuard { vm: self.clone() }, status))
     }
 
@@ -611,7 +613,7 @@ impl Vm {
             }
         }
         let info = {
-            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            let mut info = self.info.write();
             info.status = status;
             info.reason = reason.to_string();
             applied.apply(&mut info);
@@ -714,7 +716,7 @@ impl Vm {
             renamed(&old_name, &new_name);
         }
         let info = {
-            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            let mut info = self.info.write();
             info.name = new_name;
             info.config = yaml;
             info.clone()

@@ -5,10 +5,10 @@
 //! through `pidfd_send_signal`, so a pid that was reused by another process can never be
 //! hit: the pidfd names one process for its whole life.
 
+use parking_lot::Mutex;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Mutex;
 
 use rustix::process::{
     Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, pidfd_open, pidfd_send_signal, waitid,
@@ -154,7 +154,7 @@ impl Process {
 
     /// The exit, if the process has ended (reaping it when it is our child).
     pub fn try_reap(&self) -> Option<ExitInfo> {
-        let mut exit = self.exit.lock().unwrap();
+        let mut exit = self.exit.lock();
         if let Some(info) = *exit {
             return Some(info);
         }

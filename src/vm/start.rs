@@ -45,7 +45,7 @@ impl Vm {
         match self.launch(&name, &files, &binary).await {
             Ok((runtime, events, status)) => {
                 let pid = runtime.process.pid();
-                *self.runtime.lock().unwrap() = Some(runtime.clone());
+                *self.runtime.lock() = Some(runtime.clone());
                 let reason = if status == Status::Paused {
                     "started paused (-S)"
                 } else {

@@ -80,7 +80,7 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
                 .and_then(|r| r.as_str())
                 .unwrap_or("")
                 .to_string();
-            *rt.shutdown.lock().unwrap() = Some(ShutdownEvent { guest, reason });
+            *rt.shutdown.lock() = Some(ShutdownEvent { guest, reason });
         }
         "VSERPORT_CHANGE" => vm.agent_port_changed(&ev.data),
         _ => {}
@@ -95,8 +95,8 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
 }
 
 async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
-    let intent = *rt.intent.lock().unwrap();
-    let shutdown = rt.shutdown.lock().unwrap().clone();
+    let intent = *rt.intent.lock();
+    let shutdown = rt.shutdown.lock().clone();
     let restarting = rt.restarting.load(Ordering::SeqCst);
     let (status, mut reason, cause) = classify(exit, intent, shutdown.as_ref(), restarting);
     if status == Status::Crashed && matches!(exit, ExitInfo::Code(c) if c != 0) {
@@ -106,7 +106,7 @@ async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
             reason.push_str(last);
         }
     }
-    *vm.runtime.lock().unwrap() = None;
+    *vm.runtime.lock() = None;
     let _ = vm
         .transition_because(status, &reason, true, cause, |t| {
             t.pid = Some(None);

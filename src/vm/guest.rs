@@ -9,7 +9,9 @@
 //! starting, exiting, restarting), and the process exit ends the task. A re-adopted VM
 //! gets the same task, connecting to the same socket.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -105,13 +107,13 @@ pub const FORWARD_PROPERTIES: &[&str] = &["Forwards"];
 
 impl Vm {
     pub fn guest_view(&self) -> GuestView {
-        self.guest.view.read().unwrap().clone()
+        self.guest.view.read().clone()
     }
 
     /// Changes the guest view and announces the properties that changed.
     fn update_guest(self: &Arc<Self>, f: impl FnOnce(&mut GuestView)) {
         let (before, after) = {
-            let mut view = self.guest.view.write().unwrap();
+            let mut view = self.guest.view.write();
             let before = view.clone();
             f(&mut view);
             (before, view.clone())
@@ -146,14 +148,14 @@ impl Vm {
         if data.get("open").and_then(Value::as_bool) == Some(true) {
             self.guest.wake.notify_one();
         } else {
-            *self.guest.client.lock().unwrap() = None;
+            *self.guest.client.lock() = None;
             self.update_guest(|v| v.agent = AgentState::Connecting);
         }
     }
 
     /// The connected agent, or `InvalidState` saying why there is none.
     fn agent(&self) -> Result<Arc<AgentClient>, MaqetError> {
-        if let Some(client) = self.guest.client.lock().unwrap().clone() {
+        if let Some(client) = self.guest.client.lock().clone() {
             return Ok(client);
         }
         let name = self.name();
@@ -174,7 +176,7 @@ impl Vm {
     /// A call failed: an ended or silent agent counts as gone until it answers again.
     fn agent_failed(self: &Arc<Self>, e: &AgentError) {
         if matches!(e, AgentError::Disconnected | AgentError::Timeout(_)) {
-            *self.guest.client.lock().unwrap() = None;
+            *self.guest.client.lock() = None;
             if self.guest_view().agent == AgentState::Connected {
                 self.update_guest(|v| v.agent = AgentState::Connecting);
             }
@@ -314,7 +316,7 @@ impl Vm {
 
     /// Thaws what [`Vm::agent_freeze`] froze; retried once, logged loudly if it fails.
     pub(crate) async fn agent_thaw(&self) {
-        let Some(client) = self.guest.client.lock().unwrap().clone() else {
+        let Some(client) = self.guest.client.lock().clone() else {
             tracing::error!(vm = %self.name(), "guest filesystems were frozen and the agent is gone; they thaw when it restarts");
             return;
         };
@@ -334,7 +336,7 @@ impl Vm {
 
     /// The guest view when the process is gone: nothing answers, nothing is forwarded.
     pub(super) fn guest_stopped(self: &Arc<Self>) {
-        *self.guest.client.lock().unwrap() = None;
+        *self.guest.client.lock() = None;
         self.update_guest(|v| *v = GuestView::default());
     }
 }
@@ -402,7 +404,7 @@ async fn run_agent(vm: Arc<Vm>, rt: Arc<Runtime>) {
                     // Identity and addresses first: `connected` announces them too.
                     let info = c.guest_info().await.unwrap_or_default();
                     let addresses = c.addresses().await.unwrap_or_default();
-                    *vm.guest.client.lock().unwrap() = Some(c.clone());
+                    *vm.guest.client.lock() = Some(c.clone());
                     vm.update_guest(|v| {
                         v.agent = AgentState::Connected;
                         v.info = info;

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::{QMP_TIMEOUT, Vm, qmp_error};
 use crate::config::{Forward, Proto, VmConfig};
 use crate::error::MaqetError;
+use crate::qmp::QmpClient;
 
 /// Refuses a start whose forwards name a host port something already holds.
 pub(super) fn check_host_ports(forwards: &[Forward]) -> Result<(), MaqetError> {
@@ -50,48 +51,58 @@ fn netdev(config: &VmConfig, vm: &str) -> Result<String, MaqetError> {
     }
 }
 
-impl Vm {
-    /// Runs an HMP command on maqetd's monitor; `ok` tells its success text (HMP has no
-    /// error channel: `hostfwd_add` prints nothing when it works, `hostfwd_remove`
-    /// "… removed").
-    async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), MaqetError> {
-        let qmp = self.qmp()?;
-        let out = qmp
-            .execute_timeout(
-                "human-monitor-command",
-                Some(json!({ "command-line": command_line })),
-                QMP_TIMEOUT,
-            )
-            .await
-            .map_err(|e| qmp_error(&self.name(), e))?;
-        match out.as_str().map(str::trim).unwrap_or_default() {
-            text if ok(text) => Ok(()),
-            text => Err(MaqetError::InvalidArgument(format!(
-                "VM '{}': QEMU refused `{command_line}`: {text}",
-                self.name()
-            ))),
-        }
+/// Runs an HMP command on maqetd's monitor; `ok` tells its success text (HMP has no
+/// error channel: `hostfwd_add` prints nothing when it works, `hostfwd_remove`
+/// "… removed").
+async fn hmp_on(
+    vm: &str,
+    qmp: &QmpClient,
+    command_line: String,
+    ok: fn(&str) -> bool,
+) -> Result<(), MaqetError> {
+    let out = qmp
+        .execute_timeout(
+            "human-monitor-command",
+            Some(json!({ "command-line": command_line })),
+            QMP_TIMEOUT,
+        )
+        .await
+        .map_err(|e| qmp_error(vm, e))?;
+    match out.as_str().map(str::trim).unwrap_or_default() {
+        text if ok(text) => Ok(()),
+        text => Err(MaqetError::InvalidArgument(format!(
+            "VM '{vm}': QEMU refused `{command_line}`: {text}"
+        ))),
     }
+}
 
-    /// Installs the config's forwards on a QEMU that just started.
-    pub(super) async fn install_forwards(
-        self: &Arc<Self>,
-        config: &VmConfig,
-    ) -> Result<(), MaqetError> {
-        let forwards = &config.guest().forwards;
-        if forwards.is_empty() {
-            return Ok(());
-        }
-        let id = netdev(config, &self.name())?;
-        for f in forwards {
-            self.hmp(
-                format!("hostfwd_add {id} {}", f.hostfwd_rule()),
-                str::is_empty,
-            )
-            .await?;
-        }
-        self.set_forwards(forwards.clone());
-        Ok(())
+/// Installs the config's forwards on a QEMU that just started (before the start
+/// succeeds: a forward that cannot be set up fails it).
+pub(super) async fn install(
+    vm: &str,
+    qmp: &QmpClient,
+    config: &VmConfig,
+) -> Result<(), MaqetError> {
+    let forwards = &config.guest().forwards;
+    if forwards.is_empty() {
+        return Ok(());
+    }
+    let id = netdev(config, vm)?;
+    for f in forwards {
+        hmp_on(
+            vm,
+            qmp,
+            format!("hostfwd_add {id} {}", f.hostfwd_rule()),
+            str::is_empty,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), MaqetError> {
+        hmp_on(&self.name(), &self.qmp()?, command_line, ok).await
     }
 
     /// `VM.AddForward`: a new forward on the running VM (until it stops).

@@ -58,11 +58,7 @@ impl Vm {
                 })
                 .await?;
                 supervisor::spawn(self.clone(), runtime, events);
-                // The ports were free a moment ago; one taken since fails here.
-                if let Err(e) = self.install_forwards(&config).await {
-                    tracing::warn!(vm = %name, error = %e, "cannot install the configured forwards");
-                    return Err(e);
-                }
+                self.set_forwards(config.guest().forwards.clone());
                 Ok(())
             }
             Err(failure) => {
@@ -241,6 +237,20 @@ impl Vm {
                 ));
             }
         };
+        // The ports were checked free before the spawn; one taken since fails the start.
+        if let Ok(config) = self.stored_config()
+            && let Err(e) = forward::install(name, &qmp, &config).await
+        {
+            let _ = process.signal(Signal::KILL);
+            let exit = process.wait().await;
+            return Err(failure(
+                Some(exit),
+                format!(
+                    "was stopped: its forwards could not be set up ({})",
+                    e.message()
+                ),
+            ));
+        }
         let runtime = Runtime::new(process, qmp, spawned.log_offset);
         Ok((runtime, rx, status))
     }

@@ -394,3 +394,26 @@ async fn a_forward_to_a_taken_host_port_refuses_the_start() {
     assert_eq!(vm.status().await.unwrap(), "created");
     drop(taken);
 }
+
+/// Without `guest_agent: true` there is no channel: `GuestAgent` stays `absent` while
+/// the VM runs, and `maqet exec` says what to change (exit 5, InvalidState).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_without_an_agent_channel_says_how_to_get_one() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &common::tiny_vm_yaml("plain")).await;
+    vm.start().await.unwrap();
+    let path = bus.manager(&conn).await.find_vm("plain").await.unwrap();
+    let guest: GuestProxy = proxy_at(&conn, path).await.unwrap();
+    assert_eq!(guest.guest_agent().await.unwrap(), "absent");
+    let out = maqet(&bus, &["exec", "plain", "--", "true"], None).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("guest_agent: true"),
+        "{}",
+        stderr(&out)
+    );
+    let e = guest.read_file("/etc/hostname", 0).await.unwrap_err();
+    assert!(error_name(&e).ends_with("InvalidState"), "{e}");
+    vm.stop(true, 0).await.unwrap();
+}

@@ -85,6 +85,9 @@ pub struct ValidationContext<'a> {
     /// QEMU uses it. `Ok` is where the path really leads (symlinks resolved): the
     /// config stores that. An `Err` becomes a config error at that node.
     pub check_path: &'a dyn Fn(&Path, PathUse) -> Result<PathBuf, String>,
+    /// The VM's own data directory: a disk entry without `file` is created there
+    /// (`<dir>/<name>.<type>`). `None` (no VM yet): such an entry is an error.
+    pub vm_data_dir: Option<&'a Path>,
 }
 
 /// How QEMU uses a host path named in a config.

@@ -7,6 +7,8 @@ use std::path::Path;
 use super::*;
 
 const HOME: &str = "/home/u";
+/// The data directory of the VM being validated.
+const VM_DATA_DIR: &str = "/home/u/.local/share/maqet/vms/id-1";
 
 /// A PATH holding a fake `qemu-system-x86_64`.
 struct TestEnv {
@@ -33,6 +35,7 @@ impl TestEnv {
             path_env: Some(&self.path_env),
             default_arch: "x86_64",
             check_path: &deny_secrets,
+            vm_data_dir: Some(Path::new(VM_DATA_DIR)),
         }
     }
 }
@@ -411,6 +414,7 @@ fn stored_configs_load_without_the_binary() {
         path_env: Some(OsStr::new("/nonexistent")),
         default_arch: "x86_64",
         check_path: &deny_secrets,
+        vm_data_dir: None,
     };
     assert!(load(&[source("x", "/", &config.to_yaml())], &ctx).is_err());
     let stored = load_stored(&config.to_yaml(), &ctx).unwrap();
@@ -690,6 +694,7 @@ fn missing_binary() {
         path_env: Some(OsStr::new("/nonexistent")),
         default_arch: "riscv64",
         check_path: &deny_secrets,
+        vm_data_dir: None,
     };
     let err = load(&[source("vm.yaml", "/vms", "memory: 1G\n")], &ctx).unwrap_err();
     let d = find_diag(
@@ -862,7 +867,6 @@ fn bad_types() {
 
 #[test]
 fn storage_rules() {
-    error_in("storage: [{file: a.img}]\n", 1, 11, "needs a `type`");
     let d = error_in(
         "storage: [{type: qcow, file: a}]\n",
         1,
@@ -871,10 +875,10 @@ fn storage_rules() {
     );
     assert!(d.hint.unwrap().starts_with("did you mean `qcow2`?"));
     error_in(
-        "storage: [{type: raw}]\n",
+        "storage: [{type: virtfs}]\n",
         1,
         11,
-        "a `raw` storage entry needs `file`",
+        "a `virtfs` storage entry needs `path`",
     );
     error_in(
         "storage: [{type: raw, path: a}]\n",
@@ -983,7 +987,7 @@ fn all_problems_are_collected() {
     let diags = errors_of(&[source(
         "vm.yaml",
         "/vms",
-        "memroy: 1G\ncpu: 0\nstorage: [{type: raw}]\nargs: ['a \"b']\n",
+        "memroy: 1G\ncpu: 0\nstorage: [{type: virtfs}]\nargs: ['a \"b']\n",
     )]);
     assert_eq!(diags.len(), 4, "{}", render(&diags));
     // Across files, syntax errors of each are reported.
@@ -1530,6 +1534,7 @@ fn paths_are_stored_resolved_and_must_stay_put() {
     let env = TestEnv::new();
     let ctx = ValidationContext {
         check_path: &via_link,
+        vm_data_dir: None,
         ..env.ctx()
     };
     let config = load(
@@ -1556,4 +1561,154 @@ fn paths_are_stored_resolved_and_must_stay_put() {
         "{err}"
     );
     assert!(err.to_string().contains("apply the config again"), "{err}");
+}
+
+// ---- maqet 0.0.x configs (docs/configuration.md, "Coming from maqet 0.0.x") ----
+
+#[test]
+fn legacy_disk_without_file_lives_in_the_vm_data_dir() {
+    // The old README's first example.
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: hdd, size: 20G, type: qcow2, interface: virtio}]\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-drive",
+            "file=/home/u/.local/share/maqet/vms/id-1/hdd.qcow2,format=qcow2,if=virtio,id=hdd,node-name=maqet-d0"
+        ]
+    );
+    assert_eq!(
+        config.storage()[0].path,
+        Path::new("/home/u/.local/share/maqet/vms/id-1/hdd.qcow2")
+    );
+    assert_eq!(config.storage()[0].size, Some(20 << 30));
+    // The stored YAML names the file, so it loads without knowing the VM.
+    assert!(
+        config
+            .to_yaml()
+            .contains("file: /home/u/.local/share/maqet/vms/id-1/hdd.qcow2")
+    );
+    assert_round_trip(&config);
+}
+
+#[test]
+fn legacy_disk_without_file_needs_a_vm() {
+    // Outside `add`/`apply` (no VM id), there is no place to put it.
+    let env = TestEnv::new();
+    let mut ctx = env.ctx();
+    ctx.vm_data_dir = None;
+    let e = load(
+        &[source("vm.yaml", "/vms", "storage: [{name: hdd}]\n")],
+        &ctx,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a `qcow2` storage entry needs `file`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn legacy_disk_type_defaults_to_qcow2_and_ignores_case() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: a, file: a.img}, {name: b, type: RAW, file: b.img}, {name: c, type: QCOW2}]\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-drive",
+            "file=/vms/web/a.img,format=qcow2,if=virtio,id=a,node-name=maqet-d0",
+            "-drive",
+            "file=/vms/web/b.img,format=raw,if=virtio,id=b,node-name=maqet-d1",
+            "-drive",
+            "file=/home/u/.local/share/maqet/vms/id-1/c.qcow2,format=qcow2,if=virtio,id=c,node-name=maqet-d2",
+        ]
+    );
+    let yaml = config.to_yaml();
+    assert!(
+        yaml.contains("type: raw") && !yaml.contains("RAW"),
+        "{yaml}"
+    );
+    assert_round_trip(&config);
+    // An unknown type is still refused, case-insensitively suggested.
+    let d = error_in(
+        "storage: [{type: QCOW, file: a}]\n",
+        1,
+        18,
+        "unknown storage type `QCOW`",
+    );
+    assert!(d.hint.is_some());
+}
+
+#[test]
+fn legacy_disk_size_defaults_to_10g() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: a}, {name: b, size: 2G}, {name: c, file: c.qcow2, backing_file: base.qcow2, backing_format: qcow2}, {name: s, type: virtfs, path: s}]\n",
+    )]);
+    let sizes: Vec<_> = config.storage().iter().map(|e| e.size).collect();
+    // An overlay takes its size from its backing image; shares have none.
+    assert_eq!(sizes, [Some(10 << 30), Some(2 << 30), None, None]);
+}
+
+#[test]
+fn legacy_keys_beside_options_are_honoured() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage:\n  - {name: share, type: virtfs, path: s, mount_tag: host, security_model: passthrough, readonly: true}\n  - {name: cd, type: raw, file: x.iso, media: cdrom, interface: ide}\n  - {name: ro, type: raw, file: ro.img, readonly: true}\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-virtfs",
+            "local,path=/vms/web/s,mount_tag=host,security_model=passthrough,id=share,readonly=on",
+            "-drive",
+            "file=/vms/web/x.iso,format=raw,if=ide,id=cd,node-name=maqet-d1,readonly=on,media=cdrom",
+            "-drive",
+            "file=/vms/web/ro.img,format=raw,if=virtio,id=ro,node-name=maqet-d2,readonly=on",
+        ]
+    );
+    // The same as their `options:` forms, down to the stored YAML.
+    let options = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage:\n  - {name: share, type: virtfs, path: s, options: {mount_tag: host, security_model: passthrough, readonly: true}}\n  - {name: cd, type: raw, file: x.iso, interface: ide, options: {media: cdrom}}\n  - {name: ro, type: raw, file: ro.img, options: {readonly: true}}\n",
+    )]);
+    assert_eq!(config, options);
+    assert_round_trip(&config);
+    // A CD-ROM's file is opened read-only.
+    assert_eq!(config.host_files()[1].access, Access::Read);
+    // They are validated like options, and only where they apply.
+    error_in(
+        "storage: [{type: virtfs, path: a, security_model: mapd}]\n",
+        1,
+        51,
+        "unknown `security_model` `mapd`",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, mount_tag: x}]\n",
+        1,
+        32,
+        "only apply to virtfs shares",
+    );
+    error_in(
+        "storage: [{type: virtfs, path: a, media: cdrom}]\n",
+        1,
+        35,
+        "`media` only applies to disk images",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, readonly: true, options: {readonly: false}}]\n",
+        1,
+        32,
+        "`readonly` is set both on the entry and in its `options`",
+    );
 }

@@ -136,3 +136,27 @@ fn old_style_share_is_created_and_honoured() {
     let out = bus.maqet(&["stop", "--force", "sharing"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `memory: 0.125GB` (a spelling QEMU itself refuses) starts, with `-m 128M`.
+#[test]
+fn old_memory_spelling_starts() {
+    let bus = Bus::start();
+    let config = bus.root().join("old.yaml");
+    let yaml = tiny_vm_yaml("mem").replace("memory: 64\n", "memory: 0.125GB\n");
+    assert!(yaml.contains("0.125GB"));
+    std::fs::write(&config, yaml).unwrap();
+    let out = bus.maqet(&["add", "-c", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&["start", "mem"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let qemu = bus.marked_processes("qemu");
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", qemu[0])).unwrap();
+    assert!(
+        cmdline.windows(8).any(|w| w == b"-m\x00128M\x00"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    let out = bus.maqet(&["stop", "--force", "mem"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

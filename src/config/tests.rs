@@ -201,21 +201,21 @@ const GOLDEN: &[(&str, &[&str])] = &[
     ("memory: 0x800\ncpu: +2\n", &["-m", "2048", "-smp", "2"]),
     (
         "memory: 1.5GiB\ncpu: 4,sockets=1,cores=4\n",
-        &["-m", "1.5GiB", "-smp", "4,sockets=1,cores=4"],
+        &["-m", "1536M", "-smp", "4,sockets=1,cores=4"],
     ),
     // Top-level `cpu` is -smp; `cpu` in arguments is -cpu.
     (
         "cpu: 2\narguments: [{cpu: host}]\n",
         &["-smp", "2", "-cpu", "host"],
     ),
-    // Raw args are split like a shell would.
+    // Raw args are passed verbatim, one item one word.
     (
-        "args: ['-cpu host', \"-append 'console=ttyS0 quiet'\", -no-reboot, \"it's\"]",
+        "args: [-cpu, host, -append, 'console=ttyS0 root=/dev/vda1 quiet', -no-reboot, \"it's\"]",
         &[
             "-cpu",
             "host",
             "-append",
-            "console=ttyS0 quiet",
+            "console=ttyS0 root=/dev/vda1 quiet",
             "-no-reboot",
             "it's",
         ],
@@ -552,7 +552,7 @@ fn duplicate_single_instance_option_in_one_file() {
     );
     assert_eq!(d.hint, None);
     error_in(
-        "args: ['-machine q35']\narguments: [{M: pc}]\n",
+        "args: [-machine, q35]\narguments: [{M: pc}]\n",
         1,
         8,
         "`-machine` is already set at vm.yaml:2:14",
@@ -604,7 +604,7 @@ fn reserved_options() {
     );
     error_in("arguments: [{uuid: x}]\n", 1, 14, "`-uuid` cannot be used");
     error_in(
-        "args: ['-pidfile /tmp/p']\n",
+        "args: [-pidfile, /tmp/p]\n",
         1,
         8,
         "`-pidfile` cannot be used",
@@ -965,14 +965,19 @@ fn duplicate_mapping_key() {
 }
 
 #[test]
-fn unterminated_quote_in_args() {
+fn option_and_value_in_one_args_item() {
     let d = error_in(
-        "args:\n  - -append 'console=ttyS0\n",
+        "args:\n  - -m 2G\n",
         2,
         5,
-        "unterminated single quote",
+        "`args` item `-m 2G` holds an option and its value in one word",
     );
-    assert!(d.hint.unwrap().contains("close the quote"));
+    assert_eq!(d.hint.unwrap(), "write them as two items: `[-m, '2G']`");
+    // As a value, words with spaces are fine; quotes are not interpreted.
+    assert_eq!(
+        argv_of("args: [-append, \"console=ttyS0 'quiet' -x y\", a b]\n"),
+        ["-append", "console=ttyS0 'quiet' -x y", "a b"]
+    );
 }
 
 #[test]
@@ -987,7 +992,7 @@ fn all_problems_are_collected() {
     let diags = errors_of(&[source(
         "vm.yaml",
         "/vms",
-        "memroy: 1G\ncpu: 0\nstorage: [{type: virtfs}]\nargs: ['a \"b']\n",
+        "memroy: 1G\ncpu: 0\nstorage: [{type: virtfs}]\nargs: ['-m 2G']\n",
     )]);
     assert_eq!(diags.len(), 4, "{}", render(&diags));
     // Across files, syntax errors of each are reported.
@@ -1388,7 +1393,7 @@ fn host_paths_in_strings_are_refused() {
             "`file=/etc/shadow`",
         ),
         (
-            "args: ['-drive file=disk.img,if=virtio']\n",
+            "args: [-drive, 'file=disk.img,if=virtio']\n",
             "`file=disk.img`",
         ),
         ("args: [-drive, 'if=virtio,file=x,,y']\n", "`file=x,y`"),
@@ -1471,7 +1476,7 @@ fn host_paths_in_strings_are_refused() {
         );
     }
     error_in(
-        "args: ['-add-fd fd=3,set=1']\n",
+        "args: [-add-fd, 'fd=3,set=1']\n",
         1,
         8,
         "`-add-fd` cannot be used",
@@ -1480,7 +1485,7 @@ fn host_paths_in_strings_are_refused() {
     // sockets maqet does not open as files.
     for ok in [
         "args: [-append, 'root=/dev/vda init=/bin/sh file=/x']\n",
-        "args: ['-blockdev driver=qcow2,file=node0,node-name=top']\n",
+        "args: [-blockdev, 'driver=qcow2,file=node0,node-name=top']\n",
         "args: [-serial, stdio, -monitor, none]\n",
         "arguments: [{drive: {file: 'https://example.org/x.iso', media: cdrom}}]\n",
         "arguments: [{chardev: {socket: null, id: s, path: s.sock, server: 'on'}}]\n",
@@ -1711,4 +1716,24 @@ fn legacy_keys_beside_options_are_honoured() {
         32,
         "`readonly` is set both on the entry and in its `options`",
     );
+}
+
+#[test]
+fn legacy_memory_sizes_become_sizes_qemu_reads() {
+    for (written, qemu) in [
+        ("1GB", "1G"),
+        ("1GiB", "1G"),
+        ("1.5G", "1536M"),
+        ("512mb", "512M"),
+        ("2g", "2g"),
+        ("4096", "4096"),
+        ("1.25K", "1280B"),
+    ] {
+        let config = must_load(&[source("vm.yaml", "/vms", &format!("memory: '{written}'\n"))]);
+        assert_eq!(config.qemu_args(), ["-m", qemu], "{written}");
+        // The YAML keeps what the user wrote.
+        assert!(config.to_yaml().contains(written), "{written}");
+    }
+    assert_eq!(argv_of("memory: 2048\n"), ["-m", "2048"]);
+    error_in("memory: 1XB\n", 1, 9, "invalid `memory`");
 }

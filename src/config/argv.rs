@@ -561,7 +561,14 @@ fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Opt
             return None;
         }
         return match host_file_use(option, key, cx.item_readonly) {
-            Some((access, pass)) => cx.host_file(node, PathUse::Storage, access, pass, true),
+            Some((access, pass)) => {
+                let usage = if access == Access::Read {
+                    PathUse::ReadOnly
+                } else {
+                    PathUse::Storage
+                };
+                cx.host_file(node, usage, access, pass, true)
+            }
             None => cx
                 .resolve_path(node, PathUse::Storage)
                 .map(|p| escape_commas(&p)),

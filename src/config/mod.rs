@@ -96,6 +96,9 @@ pub enum PathUse {
     /// Read once at start and never written: `-kernel`, `-initrd`, `-bios`, `-dtb`
     /// (a host kernel from /boot is a normal thing to boot).
     BootInput,
+    /// Opened read-only for the VM's whole life: a `readonly` or CD-ROM disk (an ISO
+    /// under /usr/share, firmware). Like `BootInput`, system directories are fine.
+    ReadOnly,
     /// Disks, shares, sockets and every other path QEMU may write through.
     Storage,
 }

@@ -211,10 +211,20 @@ fn compile_entry(
         }
     };
 
+    let mut options = Options::default();
+    if let Some(i) = position(entries, "options") {
+        compile_options(kind, &mut entries[i].value, cx, &mut options);
+    }
+    // A disk QEMU only reads (a CD-ROM, firmware) may come from a system directory.
+    let usage = if kind.is_disk() && options.readonly {
+        PathUse::ReadOnly
+    } else {
+        PathUse::Storage
+    };
     let path_key = if kind.is_disk() { "file" } else { "path" };
     let path = match position(entries, path_key) {
         Some(i) => cx
-            .resolve_path(&mut entries[i].value, PathUse::Storage)
+            .resolve_path(&mut entries[i].value, usage)
             .map(PathBuf::from),
         None if kind.is_disk() && cx.ctx.vm_data_dir.is_some() => {
             default_disk_file(entries, &name, kind, &loc, cx)
@@ -261,10 +271,6 @@ fn compile_entry(
         _ => {}
     }
 
-    let mut options = Options::default();
-    if let Some(i) = position(entries, "options") {
-        compile_options(kind, &mut entries[i].value, cx, &mut options);
-    }
     let entry = StorageEntry {
         kind,
         path: path?,

@@ -1737,3 +1737,32 @@ fn legacy_memory_sizes_become_sizes_qemu_reads() {
     assert_eq!(argv_of("memory: 2048\n"), ["-m", "2048"]);
     error_in("memory: 1XB\n", 1, 9, "invalid `memory`");
 }
+
+#[test]
+fn read_only_disks_are_checked_as_read_only() {
+    fn no_writes_in_usr(path: &Path, usage: PathUse) -> Result<std::path::PathBuf, String> {
+        if path.starts_with("/usr") && usage != PathUse::ReadOnly {
+            Err("system directory".to_owned())
+        } else {
+            Ok(path.to_path_buf())
+        }
+    }
+    let env = TestEnv::new();
+    let mut ctx = env.ctx();
+    ctx.check_path = &no_writes_in_usr;
+    let load_text = |text: &str| load(&[source("vm.yaml", "/vms", text)], &ctx);
+    for ok in [
+        "storage: [{name: cd, type: raw, file: /usr/share/x.iso, media: cdrom}]\n",
+        "storage: [{name: fw, type: raw, file: /usr/share/fw.fd, readonly: true}]\n",
+        "arguments: [{drive: {file: /usr/share/x.iso, media: cdrom}}]\n",
+    ] {
+        load_text(ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
+    }
+    for refused in [
+        "storage: [{name: hd, type: raw, file: /usr/share/x.img}]\n",
+        "arguments: [{drive: {file: /usr/share/x.img}}]\n",
+    ] {
+        let e = load_text(refused).unwrap_err();
+        assert!(e.to_string().contains("system directory"), "{refused}\n{e}");
+    }
+}

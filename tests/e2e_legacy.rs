@@ -160,3 +160,22 @@ fn old_memory_spelling_starts() {
     let out = bus.maqet(&["stop", "--force", "mem"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `{object: {rng-random: null, filename: /dev/urandom}}` passes the location check
+/// (an entropy device, not a system file) and QEMU starts with it.
+#[test]
+fn rng_random_object_starts() {
+    let bus = Bus::start();
+    let config = bus.root().join("old.yaml");
+    let yaml = format!(
+        "{}  - object: {{rng-random: null, filename: /dev/urandom, id: rng0}}\n  - device: {{virtio-rng-pci: null, rng: rng0}}\n",
+        tiny_vm_yaml("rng")
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let out = bus.maqet(&["add", "-c", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&["start", "rng"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&["stop", "--force", "rng"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -151,7 +151,14 @@ pub(crate) fn identity(item: &Node) -> Option<Identity> {
                 .iter()
                 .chain(nested)
                 .find(|e| e.key == "id")
-                .and_then(|e| e.value.scalar_text());
+                .and_then(|e| e.value.scalar_text())
+                // The string form (`{netdev: "user,id=n0"}`) is identified the same way.
+                .or_else(|| match &first.value.value {
+                    Value::Str(s) => split_suboptions(s)
+                        .into_iter()
+                        .find_map(|part| part.strip_prefix("id=").map(str::to_owned)),
+                    _ => None,
+                });
             (canonical(&first.key), id)
         }
         _ => return None,

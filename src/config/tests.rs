@@ -1766,3 +1766,54 @@ fn read_only_disks_are_checked_as_read_only() {
         assert!(e.to_string().contains("system directory"), "{refused}\n{e}");
     }
 }
+
+#[test]
+fn legacy_string_items_override_by_id() {
+    let config = must_load(&[
+        source(
+            "a.yaml",
+            "/vms",
+            "arguments:\n  - netdev: 'user,id=net0'\n  - device: 'virtio-net-pci,netdev=net0,id=nic0'\n  - {netdev: {user: null, id: net1}}\n",
+        ),
+        source(
+            "b.yaml",
+            "/vms",
+            "arguments:\n  - netdev: 'user,id=net0,hostfwd=tcp::2222-:22'\n  - {netdev: {user: null, id: net1, restrict: 'on'}}\n  - device: 'e1000,netdev=net0,id=nic0'\n",
+        ),
+    ]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-netdev",
+            "user,id=net0,hostfwd=tcp::2222-:22",
+            "-device",
+            "e1000,netdev=net0,id=nic0",
+            "-netdev",
+            "user,id=net1,restrict=on",
+        ]
+    );
+    // Within one file, a repeated id is still an error.
+    let diags = errors_of(&[source(
+        "vm.yaml",
+        "/vms",
+        "arguments:\n  - netdev: 'user,id=n'\n  - netdev: 'user,id=n'\n",
+    )]);
+    find_diag(&diags, "vm.yaml", 3, 5, "with id `n` is already defined");
+}
+
+#[test]
+fn legacy_rng_object_mapping_form() {
+    assert_eq!(
+        argv_of("arguments: [{object: {rng-random: null, filename: /dev/urandom, id: rng0}}]\n"),
+        ["-object", "rng-random,filename=/dev/urandom,id=rng0"]
+    );
+    // The string form names a host path maqet cannot check: refused, pointing at the
+    // mapping form (docs/configuration.md, "Coming from maqet 0.0.x").
+    let d = error_in(
+        "arguments: [{object: 'rng-random,filename=/dev/urandom,id=rng0'}]\n",
+        1,
+        22,
+        "names a host path inside a string (`filename=/dev/urandom`)",
+    );
+    assert!(d.hint.unwrap().contains("`arguments:` mapping"));
+}

@@ -41,6 +41,10 @@ const HOME_TREES: &[&str] = &[
     ".local/share/keyrings",
 ];
 
+/// Devices any user may read and that hurt nothing: the entropy sources QEMU's
+/// `rng-random` backend reads (`{object: {rng-random: null, filename: /dev/urandom}}`).
+const ENTROPY_DEVICES: &[&str] = &["/dev/urandom", "/dev/random"];
+
 /// Paths whose meaning depends on the process that opens them (`/proc/self/cwd/…`,
 /// `/dev/fd/3`, `/dev/stdin`): never stored, whatever they lead to now.
 const PROCESS_RELATIVE: &[&str] = &[
@@ -83,6 +87,9 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String
         return Err(format!(
             "{shown} is inside /proc: kernel interfaces, not files"
         ));
+    }
+    if ENTROPY_DEVICES.iter().any(|d| resolved == Path::new(d)) {
+        return Ok(resolved);
     }
     if resolved == Path::new("/") {
         return Err(format!("{shown} is the root directory"));
@@ -229,6 +236,8 @@ mod tests {
             "/srv/vm/a.img",
             "/mnt/data/a.img",
             "/media/usb/a.iso",
+            "/dev/urandom",
+            "/dev/random",
         ] {
             assert!(check(Path::new(p), home, PathUse::Storage).is_ok(), "{p}");
         }

@@ -251,8 +251,19 @@ fn compile_entry(
     };
 
     let backing_file = position(entries, "backing_file").and_then(|i| {
-        cx.resolve_path(&mut entries[i].value, PathUse::Storage)
-            .map(PathBuf::from)
+        let node = &mut entries[i].value;
+        if let (Value::Str(raw), Some(image)) = (&node.value, &path) {
+            // maqet 0.0.x's rule: relative to the image's own directory when the file
+            // is there (qemu-img's own convention), else to the config's directory.
+            let beside = image.parent().map(|dir| dir.join(raw));
+            if let Some(beside) = beside
+                .filter(|b| !raw.starts_with(['/', '~']) && std::fs::symlink_metadata(b).is_ok())
+                && let Some(text) = beside.to_str()
+            {
+                node.value = Value::Str(text.to_owned());
+            }
+        }
+        cx.resolve_path(node, PathUse::Storage).map(PathBuf::from)
     });
     let backing_format =
         position(entries, "backing_format").and_then(|i| backing_format(&entries[i].value, cx));

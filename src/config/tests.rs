@@ -1817,3 +1817,24 @@ fn legacy_rng_object_mapping_form() {
     );
     assert!(d.hint.unwrap().contains("`arguments:` mapping"));
 }
+
+#[test]
+fn legacy_backing_file_beside_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("base.qcow2"), "").unwrap();
+    let base = dir.path().to_str().unwrap();
+    let text = "storage:\n  - {name: a, file: images/a.qcow2, backing_file: base.qcow2, backing_format: qcow2}\n  - {name: b, file: images/b.qcow2, backing_file: other.qcow2, backing_format: qcow2}\n";
+    let config = must_load(&[source("vm.yaml", base, text)]);
+    let backing: Vec<_> = config
+        .storage()
+        .iter()
+        .map(|e| e.backing_file.clone().unwrap())
+        .collect();
+    // Found beside the image: used from there; not there: the config's directory.
+    assert_eq!(
+        backing,
+        [images.join("base.qcow2"), dir.path().join("other.qcow2")]
+    );
+}

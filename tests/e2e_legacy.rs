@@ -179,3 +179,23 @@ fn rng_random_object_starts() {
     let out = bus.maqet(&["stop", "--force", "rng"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The old CLI spellings `add --vm-config a.yaml b.yaml` and `info VM`.
+#[test]
+fn old_cli_spellings() {
+    let bus = Bus::start();
+    let a = bus.root().join("a.yaml");
+    let b = bus.root().join("b.yaml");
+    std::fs::write(&a, tiny_vm_yaml("spelled")).unwrap();
+    std::fs::write(&b, "memory: 96\n").unwrap();
+    let out = bus.maqet(&[
+        "add",
+        "--vm-config",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&["info", "spelled", "--config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("memory: 96"), "{}", stdout(&out));
+}

@@ -85,6 +85,9 @@ pub struct ValidationContext<'a> {
     /// QEMU uses it. `Ok` is where the path really leads (symlinks resolved): the
     /// config stores that. An `Err` becomes a config error at that node.
     pub check_path: &'a dyn Fn(&Path, PathUse) -> Result<PathBuf, String>,
+    /// The VM's own data directory: a disk entry without `file` is created there
+    /// (`<dir>/<name>.<type>`). `None` (no VM yet): such an entry is an error.
+    pub vm_data_dir: Option<&'a Path>,
 }
 
 /// How QEMU uses a host path named in a config.
@@ -93,6 +96,9 @@ pub enum PathUse {
     /// Read once at start and never written: `-kernel`, `-initrd`, `-bios`, `-dtb`
     /// (a host kernel from /boot is a normal thing to boot).
     BootInput,
+    /// Opened read-only for the VM's whole life: a `readonly` or CD-ROM disk (an ISO
+    /// under /usr/share, firmware). Like `BootInput`, system directories are fine.
+    ReadOnly,
     /// Disks, shares, sockets and every other path QEMU may write through.
     Storage,
 }

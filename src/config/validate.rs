@@ -408,7 +408,7 @@ fn memory(node: &mut Node, cx: &mut Cx) -> Option<String> {
             _ => Err(format!("`memory: {text}` is too large")),
         },
         Value::Str(s) => parse_size_with_unit(s, 20)
-            .map(|_| s.clone())
+            .map(|bytes| qemu_memory_size(s, bytes))
             .map_err(|e| format!("invalid `memory`: {e}")),
         _ => Err(format!(
             "`memory` must be a size, found {}",
@@ -418,6 +418,24 @@ fn memory(node: &mut Node, cx: &mut Cx) -> Option<String> {
     result
         .map_err(|message| cx.diags.error_hint(&node.loc, message, hint))
         .ok()
+}
+
+/// `-m`'s value for a size string. QEMU reads `2G`, `512M` and plain MiB but not
+/// `1GB`, `1GiB` or (in older versions) fractions, all of which maqet 0.0.x configs use:
+/// those are converted to the largest exact unit (`1.5G` → `1536M`).
+fn qemu_memory_size(written: &str, bytes: u64) -> String {
+    let t = written.trim();
+    let plain = t.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    if plain.chars().all(|c| c.is_ascii_digit()) && t.len() - plain.len() <= 1 {
+        return t.to_owned();
+    }
+    [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')]
+        .into_iter()
+        .find(|(shift, _)| bytes.is_multiple_of(1u64 << shift))
+        .map_or_else(
+            || format!("{bytes}B"),
+            |(shift, unit)| format!("{}{unit}", bytes >> shift),
+        )
 }
 
 /// `cpu`: the CPU count (`-smp`), an integer or an `-smp` string.

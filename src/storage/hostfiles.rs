@@ -349,6 +349,7 @@ mod tests {
             path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
             default_arch: "x86_64",
             check_path: &check,
+            vm_data_dir: None,
         };
         let source = ConfigSource {
             origin: "vm.yaml".into(),
@@ -495,6 +496,7 @@ mod tests {
             path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
             default_arch: "x86_64",
             check_path: &check,
+            vm_data_dir: None,
         };
         let load = |yaml: &str| {
             let source = ConfigSource {

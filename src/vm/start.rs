@@ -75,9 +75,15 @@ impl Vm {
     }
 
     /// Creates every declared disk image that does not exist yet (race-free, mode
-    /// 0600, after a free-space check) and records it as maqet's. An existing file,
+    /// 0600, after a free-space check) and records it as maqet's, and every missing
+    /// share directory (not recorded: maqet never deletes a share). An existing file,
     /// or anything else at the path, is used as is.
     async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), MaqetError> {
+        for e in config.storage().iter().filter(|e| !e.kind.is_disk()) {
+            if std::fs::symlink_metadata(&e.path).is_err() {
+                crate::storage::create::create_share_dir(&e.path, &self.ctx.paths.home)?;
+            }
+        }
         let mut qemu_img = None;
         for e in config.storage().iter().filter(|e| e.kind.is_disk()) {
             if std::fs::symlink_metadata(&e.path).is_ok() {

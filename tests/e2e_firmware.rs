@@ -148,3 +148,51 @@ async fn bad_firmware_choices_are_refused() {
     let id = vm.id().await.unwrap();
     assert!(!bus.root().join(format!("data/maqet/vms/{id}")).exists());
 }
+
+/// `tpm: true`: maqetd starts an swtpm for the VM and QEMU reports the TPM; its state is
+/// in the VM's data directory and goes with its storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_tpm_true_has_an_emulated_tpm() {
+    if std::process::Command::new("swtpm")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("MAQET_TEST_REQUIRE_ALL").map_or(true, |v| v != "1"),
+            "swtpm is missing (MAQET_TEST_REQUIRE_ALL=1): install swtpm"
+        );
+        eprintln!("SKIPPED: no swtpm");
+        return;
+    }
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let e = bus
+        .manager(&conn)
+        .await
+        .add_vm("t", &format!("{}tpm: maybe\n", tiny_vm_yaml("t")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "org.maqet.Maqet1.Error.InvalidConfig");
+
+    let vm = bus
+        .add(&conn, "tpm", &format!("{}tpm: true\n", tiny_vm_yaml("tpm")))
+        .await;
+    vm.start().await.unwrap();
+    let qmp = maqet::client::qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let tpms: serde_json::Value =
+        serde_json::from_str(&qmp.execute("query-tpm", "", false).await.unwrap()).unwrap();
+    assert_eq!(tpms[0]["model"], "tpm-tis", "{tpms}");
+    assert_eq!(tpms[0]["options"]["type"], "emulator", "{tpms}");
+    let id = vm.id().await.unwrap();
+    let state = bus.root().join(format!("data/maqet/vms/{id}/tpm"));
+    assert!(state.is_dir());
+    bus.manager(&conn)
+        .await
+        .remove_vm("tpm", true, true)
+        .await
+        .unwrap();
+    assert!(!state.exists(), "the TPM state is deleted with the storage");
+}

@@ -184,6 +184,7 @@ pub struct VmConfig {
     host_files: Vec<HostFile>,
     storage: Vec<StorageEntry>,
     firmware: Firmware,
+    tpm: bool,
 }
 
 /// The `firmware:` key: what the VM boots from. UEFI images are found through QEMU's
@@ -269,6 +270,11 @@ impl VmConfig {
 
     pub fn firmware(&self) -> Firmware {
         self.firmware
+    }
+
+    /// `tpm: true`: maqetd gives the VM an emulated TPM 2.0.
+    pub fn tpm(&self) -> bool {
+        self.tpm
     }
 
     /// The machine type the arguments choose (`-machine q35,smm=on` → `q35`), or

@@ -1008,7 +1008,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, arguments, storage, args)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args)"
     );
 }
 

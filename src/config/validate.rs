@@ -24,6 +24,7 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "display",
     "vga",
     "firmware",
+    "tpm",
     "arguments",
     "storage",
     "args",
@@ -287,6 +288,9 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         .as_mut()
         .and_then(|e| firmware(e, cx))
         .unwrap_or_default();
+    let tpm = slots[slot("tpm")]
+        .as_ref()
+        .is_some_and(|e| tpm(&e.value, cx));
     if let Some(items) = slots[slot("arguments")].as_mut().and_then(|e| list(e, cx)) {
         compile_arguments(items, cx, &mut argv);
     }
@@ -308,6 +312,19 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         host_files: std::mem::take(&mut cx.host_files),
         storage,
         firmware,
+        tpm,
+    }
+}
+
+/// `tpm: true`: an emulated TPM 2.0 (an `swtpm` per VM, started by maqetd: `vm::tpm`).
+fn tpm(node: &Node, cx: &mut Cx) -> bool {
+    match node.value {
+        Value::Bool(b) => b,
+        _ => {
+            let message = format!("`tpm` must be true or false, found {}", node.kind_name());
+            cx.diags.error(&node.loc, message);
+            false
+        }
     }
 }
 

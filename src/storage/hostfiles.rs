@@ -57,6 +57,15 @@ impl OpenedFiles {
             .collect()
     }
 
+    /// Hands QEMU one more open fd (a socket maqetd made), at the number returned.
+    pub fn pass_fd(&mut self, fd: OwnedFd, what: &str) -> RawFd {
+        let mut b = Builder {
+            opened: self,
+            add_fd: Vec::new(),
+        };
+        b.add(fd, what, Path::new("(socket)"), None)
+    }
+
     /// Opens one more file for QEMU's block layer that maqetd chose itself (UEFI
     /// firmware), in an fd set of its own like a config's; returns `/dev/fdset/S` for
     /// the caller's argument.

@@ -34,10 +34,10 @@ impl Vm {
         // Opened after creation and after the stored paths were checked again: QEMU
         // gets these fds, never the names (docs/storage.md).
         let opened = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
-            Ok(mut files) => self
-                .attach_firmware(&config, &mut files)
-                .await
-                .map(|()| files),
+            Ok(mut files) => match self.attach_firmware(&config, &mut files).await {
+                Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let files = match opened {
@@ -177,6 +177,35 @@ impl Vm {
             tracing::info!(vm = %self.name(), path = %vars.display(), template = %selected.vars_template.display(), "created UEFI variable store");
         }
         firmware::attach(&selected, &vars, &paths.home, files).map_err(MaqetError::Storage)
+    }
+
+    /// `tpm: true`: starts the VM's swtpm (`vm::tpm`) and adds its device.
+    fn attach_tpm(
+        &self,
+        config: &VmConfig,
+        files: &mut crate::storage::hostfiles::OpenedFiles,
+    ) -> Result<(), MaqetError> {
+        if !config.tpm() {
+            return Ok(());
+        }
+        let swtpm =
+            crate::config::find_binary("swtpm", self.ctx.path_env.as_deref()).map_err(|e| {
+                MaqetError::Storage(format!(
+                    "`tpm: true` needs swtpm: {} (install the swtpm package)",
+                    e.message
+                ))
+            })?;
+        let paths = &self.ctx.paths;
+        paths
+            .ensure_log_dir()
+            .map_err(|e| MaqetError::Storage(format!("log directory: {e}")))?;
+        let state = paths.vm_data_dir(&self.id).join("tpm");
+        let log = paths.log_dir().join(format!("{}.swtpm.log", self.id));
+        let fd = super::tpm::start(&swtpm, &state, &log)
+            .map_err(|e| MaqetError::Storage(format!("cannot start swtpm: {e}")))?;
+        let n = files.pass_fd(fd, "swtpm control channel");
+        files.args.extend(super::tpm::qemu_args(n));
+        Ok(())
     }
 
     async fn launch(

@@ -226,10 +226,14 @@ pub fn vars_path(data_dir: &Path, firmware: Firmware) -> PathBuf {
 
 /// Copies the template to `dest` unless it exists; `Ok(true)` when it made the copy.
 /// Written to a temporary name (0600) and renamed, so a failed copy leaves nothing.
-pub fn ensure_vars(template: &Path, dest: &Path) -> Result<bool, String> {
+/// The template is checked like a read-only input: a descriptor in the user's own
+/// `~/.config/qemu/firmware` cannot make maqet copy `~/.ssh/id_rsa` into a guest's flash.
+pub fn ensure_vars(template: &Path, dest: &Path, home: &Path) -> Result<bool, String> {
     if std::fs::symlink_metadata(dest).is_ok() {
         return Ok(false);
     }
+    let template = &danger::check(template, home, PathUse::ReadOnly)
+        .map_err(|why| format!("UEFI variable template: {why}"))?;
     let dir = dest.parent().ok_or("no directory for the variable store")?;
     crate::paths::create_private_dir(dir).map_err(|e| e.to_string())?;
     let data =
@@ -390,17 +394,23 @@ mod tests {
         let template = tmp.path().join("VARS.fd");
         std::fs::write(&template, b"template").unwrap();
         let dest = vars_path(&tmp.path().join("vm"), Firmware::Uefi);
-        assert!(ensure_vars(&template, &dest).unwrap());
+        let home = tmp.path().join("home");
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        std::fs::write(home.join(".ssh/id_rsa"), b"secret").unwrap();
+        let err = ensure_vars(&home.join(".ssh/id_rsa"), &dest, &home).unwrap_err();
+        assert!(err.contains(".ssh"), "{err}");
+        assert!(!dest.exists());
+        assert!(ensure_vars(&template, &dest, &home).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"template");
         let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // The guest's changes are kept: a second start does not copy again.
         std::fs::write(&dest, b"guest wrote").unwrap();
-        assert!(!ensure_vars(&template, &dest).unwrap());
+        assert!(!ensure_vars(&template, &dest, &home).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"guest wrote");
         // A missing template leaves nothing behind.
         let other = vars_path(&tmp.path().join("vm"), Firmware::UefiSecure);
-        assert!(ensure_vars(&tmp.path().join("gone"), &other).is_err());
+        assert!(ensure_vars(&tmp.path().join("gone"), &other, &home).is_err());
         assert_eq!(std::fs::read_dir(tmp.path().join("vm")).unwrap().count(), 1);
     }
 }

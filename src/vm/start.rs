@@ -165,7 +165,9 @@ impl Vm {
         )
         .map_err(MaqetError::Storage)?;
         let vars = firmware::vars_path(&paths.vm_data_dir(&self.id), kind);
-        if firmware::ensure_vars(&selected.vars_template, &vars).map_err(MaqetError::Storage)? {
+        if firmware::ensure_vars(&selected.vars_template, &vars, &paths.home)
+            .map_err(MaqetError::Storage)?
+        {
             let (owner, path) = (self.id.clone(), vars.clone());
             let format = selected.vars_format.clone();
             // Recorded before QEMU runs: a failed start still leaves it deletable.

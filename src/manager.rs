@@ -385,6 +385,10 @@ impl Manager {
             name: name.clone(),
         });
         let _ = std::fs::remove_file(vm.log_file());
+        if delete_storage {
+            // The TPM's state (vm::tpm) is the VM's like the disks maqet created.
+            let _ = std::fs::remove_dir_all(self.ctx.paths.vm_data_dir(vm.id()).join("tpm"));
+        }
         let _ = std::fs::remove_dir(self.ctx.paths.vm_data_dir(vm.id()));
         tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
         Ok(deleted)

@@ -269,7 +269,7 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                     } else {
                         Access::ReadWrite
                     };
-                    (PathUse::Storage, access, PassAs::FdSet)
+                    (path_use(access), access, PassAs::FdSet)
                 };
                 parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
@@ -549,6 +549,15 @@ pub(crate) fn render_suboptions(
     }
 }
 
+/// How the dangerous-location check treats a block file: a read-only one may come from
+/// the system's shared trees (`{drive: {if: pflash, readonly: on, file: /usr/share/…}}`).
+fn path_use(access: Access) -> PathUse {
+    match access {
+        Access::Read => PathUse::ReadOnly,
+        Access::ReadWrite | Access::Directory => PathUse::Storage,
+    }
+}
+
 /// A scalar suboption value as QEMU should see it; host paths are resolved
 /// (and rewritten in the tree), checked, and become host file slots where maqetd
 /// opens the file for QEMU.
@@ -568,14 +577,7 @@ fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Opt
             return None;
         }
         return match host_file_use(option, key, cx.item_readonly) {
-            Some((access, pass)) => {
-                let usage = if access == Access::Read {
-                    PathUse::ReadOnly
-                } else {
-                    PathUse::Storage
-                };
-                cx.host_file(node, usage, access, pass, true)
-            }
+            Some((access, pass)) => cx.host_file(node, path_use(access), access, pass, true),
             None => cx
                 .resolve_path(node, PathUse::Storage)
                 .map(|p| escape_commas(&p)),

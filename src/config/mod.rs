@@ -96,8 +96,9 @@ pub enum PathUse {
     /// Read once at start and never written: `-kernel`, `-initrd`, `-bios`, `-dtb`
     /// (a host kernel from /boot is a normal thing to boot).
     BootInput,
-    /// Opened read-only for the VM's whole life: a `readonly` or CD-ROM disk (an ISO
-    /// under /usr/share, firmware). Like `BootInput`, system directories are fine.
+    /// Opened read-only and readable by the guest (read-only disks and ISOs, UEFI
+    /// firmware code): may come from the system's shared read-only trees (`/usr`,
+    /// `/opt`, …), not from host configuration, devices or state (`/etc`, `/dev`, `/var`).
     ReadOnly,
     /// Disks, shares, sockets and every other path QEMU may write through.
     Storage,
@@ -185,6 +186,40 @@ pub struct VmConfig {
     argv: Vec<Vec<hostfile::Seg>>,
     host_files: Vec<HostFile>,
     storage: Vec<StorageEntry>,
+    firmware: Firmware,
+    tpm: bool,
+}
+
+/// The `firmware:` key: what the VM boots from. UEFI images are found through QEMU's
+/// firmware descriptors when the VM starts (`storage::firmware`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU's default (SeaBIOS on x86), or whatever `-bios` the config names.
+    #[default]
+    Bios,
+    /// UEFI (OVMF) without Secure Boot.
+    Uefi,
+    /// UEFI with Secure Boot enforced and the usual keys enrolled.
+    UefiSecure,
+}
+
+impl Firmware {
+    pub fn parse(text: &str) -> Option<Firmware> {
+        Some(match text {
+            "bios" => Firmware::Bios,
+            "uefi" => Firmware::Uefi,
+            "uefi-secure" => Firmware::UefiSecure,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+            Firmware::UefiSecure => "uefi-secure",
+        }
+    }
 }
 
 impl VmConfig {
@@ -234,6 +269,32 @@ impl VmConfig {
 
     pub fn storage(&self) -> &[StorageEntry] {
         &self.storage
+    }
+
+    pub fn firmware(&self) -> Firmware {
+        self.firmware
+    }
+
+    /// `tpm: true`: maqetd gives the VM an emulated TPM 2.0.
+    pub fn tpm(&self) -> bool {
+        self.tpm
+    }
+
+    /// The machine type the arguments choose (`-machine q35,smm=on` → `q35`), or
+    /// `None` for QEMU's default.
+    pub fn machine_type(&self) -> Option<String> {
+        let args = self.qemu_args();
+        let value = args
+            .windows(2)
+            .find(|w| matches!(w[0].as_str(), "-machine" | "--machine" | "-M" | "--M"))
+            .map(|w| w[1].clone())?;
+        value
+            .split(',')
+            .find_map(|part| match part.split_once('=') {
+                Some(("type", t)) => Some(t.to_owned()),
+                Some(_) => None,
+                None => Some(part.to_owned()),
+            })
     }
 
     /// The merged config as YAML, with absolute paths; [`load`] reads it back

@@ -1017,7 +1017,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, arguments, storage, args)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args)"
     );
 }
 
@@ -1836,5 +1836,40 @@ fn legacy_backing_file_beside_the_image() {
     assert_eq!(
         backing,
         [images.join("base.qcow2"), dir.path().join("other.qcow2")]
+    );
+}
+
+// ---- firmware ----
+
+#[test]
+fn firmware_is_kept_and_claims_bios() {
+    let config =
+        load_one("firmware: uefi-secure\narguments: [{machine: {q35: null, smm: 'on'}}]\n")
+            .unwrap();
+    assert_eq!(config.firmware(), super::Firmware::UefiSecure);
+    assert_eq!(config.machine_type().as_deref(), Some("q35"));
+    let env = TestEnv::new();
+    let again = load_stored(&config.to_yaml(), &env.ctx()).unwrap();
+    assert_eq!(again.firmware(), super::Firmware::UefiSecure);
+    assert_eq!(
+        load_one("memory: 64\n").unwrap().firmware(),
+        super::Firmware::Bios
+    );
+    assert_eq!(load_one("memory: 64\n").unwrap().machine_type(), None);
+    let config = load_one("arguments: [{machine: {type: pc, accel: tcg}}]\n").unwrap();
+    assert_eq!(config.machine_type().as_deref(), Some("pc"));
+    // `bios` is the default and leaves `-bios` to the config.
+    load_one("firmware: bios\narguments: [{bios: /x/bios.bin}]\n").unwrap();
+    let err = load_one("firmware: efi\n").unwrap_err().to_string();
+    assert!(
+        err.contains("vm.yaml:1:11: unknown firmware `efi`"),
+        "{err}"
+    );
+    let err = load_one("firmware: uefi\narguments: [{bios: /x/bios.bin}]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`-bios` is already set") && err.contains("`firmware`"),
+        "{err}"
     );
 }

@@ -13,7 +13,7 @@ use super::paths::{find_binary, is_path_like, resolve_host_path};
 use super::size::{int_value, parse_size_with_unit};
 use super::storage::{compile_storage, storage_argv};
 use super::yaml::{Entry, Loc, Node, Value};
-use super::{PathUse, ValidationContext, VmConfig, validate_vm_name};
+use super::{Firmware, PathUse, ValidationContext, VmConfig, validate_vm_name};
 
 /// Valid top-level keys, in the order normalized YAML lists them.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
@@ -23,6 +23,8 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "cpu",
     "display",
     "vga",
+    "firmware",
+    "tpm",
     "arguments",
     "storage",
     "args",
@@ -282,6 +284,13 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
             top_level_option(e, option, plain_string, cx, &mut argv);
         }
     }
+    let firmware = slots[slot("firmware")]
+        .as_mut()
+        .and_then(|e| firmware(e, cx))
+        .unwrap_or_default();
+    let tpm = slots[slot("tpm")]
+        .as_ref()
+        .is_some_and(|e| tpm(&e.value, cx));
     if let Some(items) = slots[slot("arguments")].as_mut().and_then(|e| list(e, cx)) {
         compile_arguments(items, cx, &mut argv);
     }
@@ -302,7 +311,40 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         argv: argv.iter().map(|w| cx.markers.split(w)).collect(),
         host_files: std::mem::take(&mut cx.host_files),
         storage,
+        firmware,
+        tpm,
     }
+}
+
+/// `tpm: true`: an emulated TPM 2.0 (an `swtpm` per VM, started by maqetd: `vm::tpm`).
+fn tpm(node: &Node, cx: &mut Cx) -> bool {
+    match node.value {
+        Value::Bool(b) => b,
+        _ => {
+            let message = format!("`tpm` must be true or false, found {}", node.kind_name());
+            cx.diags.error(&node.loc, message);
+            false
+        }
+    }
+}
+
+/// `firmware: bios | uefi | uefi-secure`. UEFI is attached at start (`storage::firmware`),
+/// so it claims `-bios`: a config cannot name other firmware besides.
+fn firmware(entry: &mut Entry, cx: &mut Cx) -> Option<Firmware> {
+    let text = plain_string(&mut entry.value, cx)?;
+    let Some(firmware) = Firmware::parse(&text) else {
+        let message = format!("unknown firmware `{text}`");
+        cx.diags.error_hint(
+            &entry.value.loc,
+            message,
+            "use `bios` (the default), `uefi` or `uefi-secure`".to_owned(),
+        );
+        return None;
+    };
+    if firmware != Firmware::Bios {
+        cx.register_option("bios", &entry.key_loc, "firmware");
+    }
+    Some(firmware)
 }
 
 fn vm_name(node: &mut Node, cx: &mut Cx) -> Option<String> {

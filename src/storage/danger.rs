@@ -31,6 +31,12 @@ const SYSTEM_TREES: &[(&str, &[&str])] = &[
 ];
 // Not listed: /opt, /srv, /mnt, /media and /tmp are where people keep VM images.
 
+/// System trees that only hold software and data shipped for everyone (firmware images,
+/// ISOs in `/usr/share`): fine for a guest to read, never to write.
+const SHARED_READ_ONLY_TREES: &[&str] = &[
+    "/usr", "/opt", "/snap", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
+
 /// Inside the user's home: credentials and the desktop's own configuration.
 const HOME_TREES: &[&str] = &[
     ".ssh",
@@ -95,11 +101,15 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String
         return Err(format!("{shown} is the root directory"));
     }
     let system_trees = match usage {
-        PathUse::Storage => SYSTEM_TREES,
-        PathUse::BootInput | PathUse::ReadOnly => &[],
+        PathUse::Storage | PathUse::ReadOnly => SYSTEM_TREES,
+        PathUse::BootInput => &[],
     };
     for (tree, allowed) in system_trees {
-        if resolved.starts_with(tree) && !allowed.iter().any(|a| resolved.starts_with(a)) {
+        let read_only_ok = usage == PathUse::ReadOnly && SHARED_READ_ONLY_TREES.contains(tree);
+        if resolved.starts_with(tree)
+            && !allowed.iter().any(|a| resolved.starts_with(a))
+            && !read_only_ok
+        {
             return Err(format!(
                 "{shown} is inside the system directory {tree}; keep VM disks and shares in your home or data directory"
             ));
@@ -271,6 +281,25 @@ mod tests {
         assert!(check(Path::new("/home/u/.ssh/id_rsa"), home, PathUse::ReadOnly).is_err());
         assert!(check(Path::new("/home/other/a.iso"), home, PathUse::ReadOnly).is_err());
         assert!(check(Path::new("/home/u/.ssh/id_rsa"), home, PathUse::BootInput).is_err());
+    }
+
+    /// Firmware and ISOs shipped in /usr may be attached read-only; host configuration,
+    /// devices and state may not, and nothing in /usr may be written.
+    #[test]
+    fn system_files_may_be_read_not_written() {
+        let home = Path::new("/home/u");
+        let ovmf = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+        assert!(check(ovmf, home, PathUse::ReadOnly).is_ok());
+        assert!(check(Path::new("/opt/isos/x.iso"), home, PathUse::ReadOnly).is_ok());
+        assert!(check(ovmf, home, PathUse::Storage).is_err());
+        for p in [
+            "/etc/shadow",
+            "/dev/sda",
+            "/var/lib/x.img",
+            "/home/u/.ssh/id_rsa",
+        ] {
+            assert!(check(Path::new(p), home, PathUse::ReadOnly).is_err(), "{p}");
+        }
     }
 
     #[test]

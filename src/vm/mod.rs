@@ -19,6 +19,7 @@ mod start;
 pub mod status;
 mod stop;
 mod supervisor;
+mod tpm;
 mod wait;
 
 use start::qmp_run_state;

@@ -208,7 +208,7 @@ impl Manager {
                 s.base_dir = self.ctx.paths.vm_data_dir(&id);
             }
         }
-        let mut cfg = self.ctx.load_config(&sources)?;
+        let mut cfg = self.ctx.load_config(&sources, &id)?;
         let name = if !name.is_empty() {
             config::validate_vm_name(name).map_err(|why| {
                 MaqetError::InvalidArgument(format!("invalid VM name '{name}': {why}"))
@@ -272,7 +272,9 @@ impl Manager {
             text: yaml.to_string(),
             base_dir: self.ctx.paths.vm_data_dir(vm.id()),
         };
-        let cfg = self.ctx.load_config(std::slice::from_ref(&source))?;
+        let cfg = self
+            .ctx
+            .load_config(std::slice::from_ref(&source), vm.id())?;
         vm.apply(
             cfg,
             |old, new| {
@@ -339,6 +341,7 @@ impl Manager {
                     }
                 }
             }
+            self.ctx.paths.remove_vm_data_dir_if_empty(vm.id());
         }
         let name = vm.name();
         if !deleted.is_empty() {
@@ -382,6 +385,10 @@ impl Manager {
             name: name.clone(),
         });
         let _ = std::fs::remove_file(vm.log_file());
+        if delete_storage {
+            // The TPM's state (vm::tpm) is the VM's like the disks maqet created.
+            let _ = std::fs::remove_dir_all(self.ctx.paths.vm_data_dir(vm.id()).join("tpm"));
+        }
         let _ = std::fs::remove_dir(self.ctx.paths.vm_data_dir(vm.id()));
         tracing::info!(vm = %name, id = %vm.id(), deleted = deleted.len(), "VM removed");
         Ok(deleted)

@@ -79,9 +79,16 @@ impl Paths {
         self.data_dir.join("maqet.db")
     }
 
-    /// Per-VM data directory: relative paths of inline (`AddVM`) configs resolve here.
+    /// Per-VM data directory: relative paths of inline (`AddVM`) configs resolve here,
+    /// and disks declared without `file` are created here.
     pub fn vm_data_dir(&self, vm_id: &str) -> PathBuf {
         self.data_dir.join("vms").join(vm_id)
+    }
+
+    /// Removes a VM's data directory if nothing is left in it (after its disks were
+    /// deleted): files the user put there are never touched.
+    pub fn remove_vm_data_dir_if_empty(&self, vm_id: &str) {
+        let _ = fs::remove_dir(self.vm_data_dir(vm_id));
     }
 
     /// Per-VM runtime directory holding its QMP socket.

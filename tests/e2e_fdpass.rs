@@ -244,7 +244,7 @@ async fn host_paths_in_strings_are_refused() {
     let manager = bus.manager(&conn).await;
     for extra in [
         "args: ['-drive', 'file=/etc/shadow,format=raw']\n",
-        "args: ['-drive file=disk.img,if=virtio']\n",
+        "args: ['-drive', 'file=disk.img,if=virtio']\n",
         "args: ['-blockdev', 'driver=file,filename=/etc/shadow,node-name=x']\n",
         "args: ['-chardev', 'file,id=c0,path=/tmp/x']\n",
         "args: ['-kernel', '/boot/vmlinuz']\n",

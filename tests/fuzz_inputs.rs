@@ -18,6 +18,7 @@ fn load(text: &str) -> Result<String, String> {
         path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
         default_arch: "x86_64",
         check_path: &check,
+        vm_data_dir: None,
     };
     let src = ConfigSource {
         origin: "<fuzz>".into(),

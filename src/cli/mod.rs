@@ -91,7 +91,7 @@ pub enum Command {
         #[arg(long, short)]
         name: Option<String>,
         /// Config file; repeat to merge several.
-        #[arg(long = "config", short = 'c', value_name = "FILE")]
+        #[arg(long = "config", short = 'c', value_name = "FILE", alias = "vm-config")]
         configs: Vec<String>,
         /// More config files (same as -c).
         #[arg(value_name = "FILE")]
@@ -157,6 +157,7 @@ pub enum Command {
         vm: String,
     },
     /// Show every property of a VM, including its merged config.
+    #[command(alias = "info")]
     Inspect {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,

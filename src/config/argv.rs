@@ -151,7 +151,14 @@ pub(crate) fn identity(item: &Node) -> Option<Identity> {
                 .iter()
                 .chain(nested)
                 .find(|e| e.key == "id")
-                .and_then(|e| e.value.scalar_text());
+                .and_then(|e| e.value.scalar_text())
+                // The string form (`{netdev: "user,id=n0"}`) is identified the same way.
+                .or_else(|| match &first.value.value {
+                    Value::Str(s) => split_suboptions(s)
+                        .into_iter()
+                        .find_map(|part| part.strip_prefix("id=").map(str::to_owned)),
+                    _ => None,
+                });
             (canonical(&first.key), id)
         }
         _ => return None,
@@ -262,7 +269,7 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                     } else {
                         Access::ReadWrite
                     };
-                    (PathUse::Storage, access, PassAs::FdSet)
+                    (path_use(access), access, PassAs::FdSet)
                 };
                 parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
@@ -542,6 +549,15 @@ pub(crate) fn render_suboptions(
     }
 }
 
+/// How the dangerous-location check treats a block file: a read-only one may come from
+/// the system's shared trees (`{drive: {if: pflash, readonly: on, file: /usr/share/…}}`).
+fn path_use(access: Access) -> PathUse {
+    match access {
+        Access::Read => PathUse::ReadOnly,
+        Access::ReadWrite | Access::Directory => PathUse::Storage,
+    }
+}
+
 /// A scalar suboption value as QEMU should see it; host paths are resolved
 /// (and rewritten in the tree), checked, and become host file slots where maqetd
 /// opens the file for QEMU.
@@ -561,7 +577,7 @@ fn suboption_value(option: &str, key: &str, node: &mut Node, cx: &mut Cx) -> Opt
             return None;
         }
         return match host_file_use(option, key, cx.item_readonly) {
-            Some((access, pass)) => cx.host_file(node, PathUse::Storage, access, pass, true),
+            Some((access, pass)) => cx.host_file(node, path_use(access), access, pass, true),
             None => cx
                 .resolve_path(node, PathUse::Storage)
                 .map(|p| escape_commas(&p)),
@@ -619,19 +635,20 @@ pub(crate) fn compile_args(items: &mut [Node], cx: &mut Cx, out: &mut Vec<String
             }
         };
         item.value = Value::Str(text.clone());
-        let words = if text.contains(char::is_whitespace) {
-            match shell_split(&text) {
-                Ok(words) => words,
-                Err(message) => {
-                    let hint = "close the quote, or escape the character with a backslash";
-                    cx.diags
-                        .error_hint(&item.loc, format!("in `args` item: {message}"), hint);
-                    continue;
-                }
-            }
-        } else {
-            vec![text]
-        };
+        // One item, one argv word, as written (maqet 0.0.x passed them the same way).
+        // An option and its value in one item would reach QEMU as one unknown option.
+        if !value_expected && text.starts_with('-') && text.contains(char::is_whitespace) {
+            let (option, value) = text
+                .split_once(char::is_whitespace)
+                .expect("contains whitespace");
+            cx.diags.error_hint(
+                &item.loc,
+                format!("`args` item `{text}` holds an option and its value in one word; each item is passed to QEMU as one argument"),
+                format!("write them as two items: `[{option}, '{}']`", value.trim()),
+            );
+            continue;
+        }
+        let words = [text];
         for word in words {
             let is_option = word.len() > 1 && word.starts_with('-') && option_name(&word).is_ok();
             if value_expected || !is_option {
@@ -664,97 +681,9 @@ fn refuse_raw_path(option: &str, word: &str, loc: &Loc, cx: &mut Cx) {
     }
 }
 
-/// POSIX shell word splitting: single quotes, double quotes (where `\` escapes
-/// only `$`, `` ` ``, `"`, `\` and newline), backslash; nothing is expanded.
-pub(crate) fn shell_split(s: &str) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(ch) => word.push(ch),
-                        None => return Err("unterminated single quote (')".to_owned()),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(ch @ ('$' | '`' | '"' | '\\')) => word.push(ch),
-                            Some('\n') => {}
-                            Some(ch) => {
-                                word.push('\\');
-                                word.push(ch);
-                            }
-                            None => return Err("unterminated double quote (\")".to_owned()),
-                        },
-                        Some(ch) => word.push(ch),
-                        None => return Err("unterminated double quote (\")".to_owned()),
-                    }
-                }
-            }
-            '\\' => match chars.next() {
-                Some('\n') => {}
-                Some(ch) => {
-                    in_word = true;
-                    word.push(ch);
-                }
-                None => return Err("trailing backslash".to_owned()),
-            },
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    Ok(words)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_words() {
-        let cases: &[(&str, &[&str])] = &[
-            ("-cpu host", &["-cpu", "host"]),
-            ("  a   b  ", &["a", "b"]),
-            (
-                "-append 'console=ttyS0 quiet'",
-                &["-append", "console=ttyS0 quiet"],
-            ),
-            (r#"a "b c" d"#, &["a", "b c", "d"]),
-            (r#""x\"y\$z\n""#, &["x\"y$z\\n"]),
-            (r"a\ b c", &["a b", "c"]),
-            ("'' x", &["", "x"]),
-            ("a'b'\"c\"d e", &["abcd", "e"]),
-            ("$HOME *", &["$HOME", "*"]),
-        ];
-        for (input, words) in cases {
-            assert_eq!(shell_split(input).unwrap(), *words, "{input}");
-        }
-        assert!(shell_split("a 'b").unwrap_err().contains("single quote"));
-        assert!(shell_split("a \"b").unwrap_err().contains("double quote"));
-        assert!(shell_split("a b\\").unwrap_err().contains("backslash"));
-    }
 
     #[test]
     fn names() {

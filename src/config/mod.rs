@@ -87,6 +87,9 @@ pub struct ValidationContext<'a> {
     /// QEMU uses it. `Ok` is where the path really leads (symlinks resolved): the
     /// config stores that. An `Err` becomes a config error at that node.
     pub check_path: &'a dyn Fn(&Path, PathUse) -> Result<PathBuf, String>,
+    /// The VM's own data directory: a disk entry without `file` is created there
+    /// (`<dir>/<name>.<type>`). `None` (no VM yet): such an entry is an error.
+    pub vm_data_dir: Option<&'a Path>,
 }
 
 /// How QEMU uses a host path named in a config.
@@ -95,6 +98,10 @@ pub enum PathUse {
     /// Read once at start and never written: `-kernel`, `-initrd`, `-bios`, `-dtb`
     /// (a host kernel from /boot is a normal thing to boot).
     BootInput,
+    /// Opened read-only and readable by the guest (read-only disks and ISOs, UEFI
+    /// firmware code): may come from the system's shared read-only trees (`/usr`,
+    /// `/opt`, …), not from host configuration, devices or state (`/etc`, `/dev`, `/var`).
+    ReadOnly,
     /// Disks, shares, sockets and every other path QEMU may write through.
     Storage,
 }
@@ -182,6 +189,40 @@ pub struct VmConfig {
     host_files: Vec<HostFile>,
     storage: Vec<StorageEntry>,
     guest: GuestKeys,
+    firmware: Firmware,
+    tpm: bool,
+}
+
+/// The `firmware:` key: what the VM boots from. UEFI images are found through QEMU's
+/// firmware descriptors when the VM starts (`storage::firmware`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU's default (SeaBIOS on x86), or whatever `-bios` the config names.
+    #[default]
+    Bios,
+    /// UEFI (OVMF) without Secure Boot.
+    Uefi,
+    /// UEFI with Secure Boot enforced and the usual keys enrolled.
+    UefiSecure,
+}
+
+impl Firmware {
+    pub fn parse(text: &str) -> Option<Firmware> {
+        Some(match text {
+            "bios" => Firmware::Bios,
+            "uefi" => Firmware::Uefi,
+            "uefi-secure" => Firmware::UefiSecure,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+            Firmware::UefiSecure => "uefi-secure",
+        }
+    }
 }
 
 impl VmConfig {
@@ -236,6 +277,32 @@ impl VmConfig {
     /// `guest_agent`, `forwards` (and their netdev), `ssh_user`.
     pub fn guest(&self) -> &GuestKeys {
         &self.guest
+    }
+
+    pub fn firmware(&self) -> Firmware {
+        self.firmware
+    }
+
+    /// `tpm: true`: maqetd gives the VM an emulated TPM 2.0.
+    pub fn tpm(&self) -> bool {
+        self.tpm
+    }
+
+    /// The machine type the arguments choose (`-machine q35,smm=on` → `q35`), or
+    /// `None` for QEMU's default.
+    pub fn machine_type(&self) -> Option<String> {
+        let args = self.qemu_args();
+        let value = args
+            .windows(2)
+            .find(|w| matches!(w[0].as_str(), "-machine" | "--machine" | "-M" | "--M"))
+            .map(|w| w[1].clone())?;
+        value
+            .split(',')
+            .find_map(|part| match part.split_once('=') {
+                Some(("type", t)) => Some(t.to_owned()),
+                Some(_) => None,
+                None => Some(part.to_owned()),
+            })
     }
 
     /// The merged config as YAML, with absolute paths; [`load`] reads it back

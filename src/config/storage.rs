@@ -22,7 +22,16 @@ const STORAGE_KEYS: &[&str] = &[
     "backing_file",
     "backing_format",
     "options",
+    // maqet 0.0.x wrote these beside `options`; they are moved into it.
+    "readonly",
+    "media",
+    "mount_tag",
+    "security_model",
 ];
+/// Keys accepted directly on an entry as the same setting as in its `options`.
+const OPTION_SHORTHANDS: &[&str] = &["readonly", "media", "mount_tag", "security_model"];
+/// Size of a new disk whose entry has no `size` (maqet 0.0.x's default).
+pub const DEFAULT_DISK_SIZE: u64 = 10 << 30;
 const TYPES: &[&str] = &["qcow2", "raw", "virtfs"];
 const INTERFACES: &[&str] = &["virtio", "sata", "ide", "scsi", "none"];
 const SECURITY_MODELS: &[&str] = &[
@@ -161,6 +170,7 @@ fn compile_entry(
             cx.diags.error(&e.key_loc, reason);
         }
     }
+    move_shorthands_into_options(entries, &loc, cx);
 
     let counter = if kind.is_disk() { disks } else { shares };
     let ordinal = *counter;
@@ -201,11 +211,24 @@ fn compile_entry(
         }
     };
 
+    let mut options = Options::default();
+    if let Some(i) = position(entries, "options") {
+        compile_options(kind, &mut entries[i].value, cx, &mut options);
+    }
+    // A disk QEMU only reads (a CD-ROM, firmware) may come from a system directory.
+    let usage = if kind.is_disk() && options.readonly {
+        PathUse::ReadOnly
+    } else {
+        PathUse::Storage
+    };
     let path_key = if kind.is_disk() { "file" } else { "path" };
     let path = match position(entries, path_key) {
         Some(i) => cx
-            .resolve_path(&mut entries[i].value, PathUse::Storage)
+            .resolve_path(&mut entries[i].value, usage)
             .map(PathBuf::from),
+        None if kind.is_disk() && cx.ctx.vm_data_dir.is_some() => {
+            default_disk_file(entries, &name, kind, &loc, cx)
+        }
         None => {
             let message = format!("a `{}` storage entry needs `{path_key}`", kind.as_str());
             cx.diags.error(&loc, message);
@@ -213,7 +236,14 @@ fn compile_entry(
         }
     };
 
-    let size = position(entries, "size").and_then(|i| storage_size(&entries[i].value, cx));
+    // A new disk without `size` (and nothing to take it from) gets 10G, as in 0.0.x.
+    let size = match position(entries, "size") {
+        Some(i) => storage_size(&entries[i].value, cx),
+        None if kind.is_disk() && position(entries, "backing_file").is_none() => {
+            Some(DEFAULT_DISK_SIZE)
+        }
+        None => None,
+    };
     let interface = match position(entries, "interface") {
         Some(i) => interface(&entries[i].value, cx),
         None if kind.is_disk() => Interface::Virtio,
@@ -221,8 +251,19 @@ fn compile_entry(
     };
 
     let backing_file = position(entries, "backing_file").and_then(|i| {
-        cx.resolve_path(&mut entries[i].value, PathUse::Storage)
-            .map(PathBuf::from)
+        let node = &mut entries[i].value;
+        if let (Value::Str(raw), Some(image)) = (&node.value, &path) {
+            // maqet 0.0.x's rule: relative to the image's own directory when the file
+            // is there (qemu-img's own convention), else to the config's directory.
+            let beside = image.parent().map(|dir| dir.join(raw));
+            if let Some(beside) = beside
+                .filter(|b| !raw.starts_with(['/', '~']) && std::fs::symlink_metadata(b).is_ok())
+                && let Some(text) = beside.to_str()
+            {
+                node.value = Value::Str(text.to_owned());
+            }
+        }
+        cx.resolve_path(node, PathUse::Storage).map(PathBuf::from)
     });
     let backing_format =
         position(entries, "backing_format").and_then(|i| backing_format(&entries[i].value, cx));
@@ -241,10 +282,6 @@ fn compile_entry(
         _ => {}
     }
 
-    let mut options = Options::default();
-    if let Some(i) = position(entries, "options") {
-        compile_options(kind, &mut entries[i].value, cx, &mut options);
-    }
     let entry = StorageEntry {
         kind,
         path: path?,
@@ -270,22 +307,110 @@ fn position(entries: &[Entry], key: &str) -> Option<usize> {
     entries.iter().position(|e| e.key == key)
 }
 
-fn storage_kind(entries: &[Entry], loc: &Loc, cx: &mut Cx) -> Option<StorageKind> {
+/// The entry's `type`: case-insensitive, `qcow2` when absent (as in maqet 0.0.x);
+/// written back lower-case so the stored config is normalized.
+fn storage_kind(entries: &mut Vec<Entry>, loc: &Loc, cx: &mut Cx) -> Option<StorageKind> {
     let Some(i) = position(entries, "type") else {
-        cx.diags
-            .error(loc, "storage entry needs a `type`: qcow2, raw or virtfs");
-        return None;
+        let at = position(entries, "name").map_or(0, |n| n + 1);
+        let value = Node::new(Value::Str("qcow2".to_owned()), loc.clone());
+        let key_loc = loc.clone();
+        entries.insert(
+            at,
+            Entry {
+                key: "type".to_owned(),
+                key_loc,
+                value,
+            },
+        );
+        return Some(StorageKind::Qcow2);
     };
-    let node = &entries[i].value;
-    match str_of(node) {
-        "qcow2" => Some(StorageKind::Qcow2),
-        "raw" => Some(StorageKind::Raw),
-        "virtfs" => Some(StorageKind::Virtfs),
+    let node = &mut entries[i].value;
+    let kind = match str_of(node).to_ascii_lowercase().as_str() {
+        "qcow2" => StorageKind::Qcow2,
+        "raw" => StorageKind::Raw,
+        "virtfs" => StorageKind::Virtfs,
         _ => {
             unknown_value(node, "storage type", TYPES, cx);
-            None
+            return None;
+        }
+    };
+    node.value = Value::Str(kind.as_str().to_owned());
+    Some(kind)
+}
+
+/// `readonly`, `media`, `mount_tag`, `security_model` written directly on the entry
+/// (maqet 0.0.x's spelling) are moved into `options`, where they are validated and
+/// honoured like any option; setting one in both places is an error.
+fn move_shorthands_into_options(entries: &mut Vec<Entry>, loc: &Loc, cx: &mut Cx) {
+    let mut moved = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        if OPTION_SHORTHANDS.contains(&entries[i].key.as_str()) {
+            moved.push(entries.remove(i));
+        } else {
+            i += 1;
         }
     }
+    if moved.is_empty() {
+        return;
+    }
+    let options = match position(entries, "options") {
+        Some(i) => i,
+        None => {
+            entries.push(Entry {
+                key: "options".to_owned(),
+                key_loc: loc.clone(),
+                value: Node::new(Value::Map(Vec::new()), loc.clone()),
+            });
+            entries.len() - 1
+        }
+    };
+    // A non-mapping `options` is reported by `compile_options`.
+    let Value::Map(options) = &mut entries[options].value.value else {
+        return;
+    };
+    for entry in moved {
+        if let Some(there) = options.iter().find(|o| o.key == entry.key) {
+            let message = format!(
+                "`{}` is set both on the entry and in its `options` (at {})",
+                entry.key, there.key_loc
+            );
+            cx.diags
+                .error_hint(&entry.key_loc, message, "keep one of the two");
+            continue;
+        }
+        options.push(entry);
+    }
+}
+
+/// A disk entry without `file`: `<VM data dir>/<name>.<type>`, created at start and
+/// owned by maqet (deleted with `--delete-storage`). Written into the tree so the
+/// stored config names it.
+fn default_disk_file(
+    entries: &mut Vec<Entry>,
+    name: &str,
+    kind: StorageKind,
+    loc: &Loc,
+    cx: &mut Cx,
+) -> Option<PathBuf> {
+    // An invalid name was reported already; it must not become a file name.
+    validate_storage_name(name).ok()?;
+    let dir = cx.ctx.vm_data_dir?;
+    let file = dir.join(format!("{name}.{}", kind.as_str()));
+    let mut value = Node::new(Value::Str(file.to_str()?.to_owned()), loc.clone());
+    let resolved = cx
+        .resolve_path(&mut value, PathUse::Storage)
+        .map(PathBuf::from);
+    let at = position(entries, "type").map_or(entries.len(), |t| t + 1);
+    entries.insert(
+        at,
+        Entry {
+            key: "file".to_owned(),
+            key_loc: loc.clone(),
+            value,
+        },
+    );
+    resolved
 }
 
 /// A string node's text; "" for anything else (which then matches nothing).
@@ -314,6 +439,10 @@ fn misplaced_key(kind: StorageKind, key: &str) -> Option<&'static str> {
         }
         (StorageKind::Virtfs, "size") => Some("`size` only applies to disk images"),
         (StorageKind::Virtfs, "interface") => Some("`interface` only applies to disk images"),
+        (StorageKind::Virtfs, "media") => Some("`media` only applies to disk images"),
+        (StorageKind::Qcow2 | StorageKind::Raw, "mount_tag" | "security_model") => {
+            Some("`mount_tag` and `security_model` only apply to virtfs shares")
+        }
         (StorageKind::Qcow2 | StorageKind::Raw, "path") => {
             Some("`path` is for virtfs shares; disk images use `file`")
         }
@@ -444,6 +573,21 @@ fn compile_options(kind: StorageKind, node: &mut Node, cx: &mut Cx, options: &mu
                 }
                 _ => unknown_value(value, "`security_model`", SECURITY_MODELS, cx),
             },
+            // A CD-ROM is read-only for QEMU: its file is opened read-only too, so an
+            // ISO under /usr/share is usable.
+            (StorageKind::Qcow2 | StorageKind::Raw, "media") => {
+                if matches!(&value.value, Value::Str(m) if m == "cdrom") {
+                    options.readonly = true;
+                }
+                render_suboptions(
+                    option,
+                    std::slice::from_mut(entry),
+                    "",
+                    false,
+                    cx,
+                    &mut options.extra,
+                );
+            }
             (StorageKind::Virtfs, "path" | "id")
             | (_, "file" | "format" | "if" | "id")
             | (StorageKind::Qcow2 | StorageKind::Raw, "node-name") => {

@@ -7,6 +7,8 @@ use std::path::Path;
 use super::*;
 
 const HOME: &str = "/home/u";
+/// The data directory of the VM being validated.
+const VM_DATA_DIR: &str = "/home/u/.local/share/maqet/vms/id-1";
 
 /// A PATH holding a fake `qemu-system-x86_64`.
 struct TestEnv {
@@ -33,6 +35,7 @@ impl TestEnv {
             path_env: Some(&self.path_env),
             default_arch: "x86_64",
             check_path: &deny_secrets,
+            vm_data_dir: Some(Path::new(VM_DATA_DIR)),
         }
     }
 }
@@ -198,21 +201,21 @@ const GOLDEN: &[(&str, &[&str])] = &[
     ("memory: 0x800\ncpu: +2\n", &["-m", "2048", "-smp", "2"]),
     (
         "memory: 1.5GiB\ncpu: 4,sockets=1,cores=4\n",
-        &["-m", "1.5GiB", "-smp", "4,sockets=1,cores=4"],
+        &["-m", "1536M", "-smp", "4,sockets=1,cores=4"],
     ),
     // Top-level `cpu` is -smp; `cpu` in arguments is -cpu.
     (
         "cpu: 2\narguments: [{cpu: host}]\n",
         &["-smp", "2", "-cpu", "host"],
     ),
-    // Raw args are split like a shell would.
+    // Raw args are passed verbatim, one item one word.
     (
-        "args: ['-cpu host', \"-append 'console=ttyS0 quiet'\", -no-reboot, \"it's\"]",
+        "args: [-cpu, host, -append, 'console=ttyS0 root=/dev/vda1 quiet', -no-reboot, \"it's\"]",
         &[
             "-cpu",
             "host",
             "-append",
-            "console=ttyS0 quiet",
+            "console=ttyS0 root=/dev/vda1 quiet",
             "-no-reboot",
             "it's",
         ],
@@ -411,6 +414,7 @@ fn stored_configs_load_without_the_binary() {
         path_env: Some(OsStr::new("/nonexistent")),
         default_arch: "x86_64",
         check_path: &deny_secrets,
+        vm_data_dir: None,
     };
     assert!(load(&[source("x", "/", &config.to_yaml())], &ctx).is_err());
     let stored = load_stored(&config.to_yaml(), &ctx).unwrap();
@@ -548,7 +552,7 @@ fn duplicate_single_instance_option_in_one_file() {
     );
     assert_eq!(d.hint, None);
     error_in(
-        "args: ['-machine q35']\narguments: [{M: pc}]\n",
+        "args: [-machine, q35]\narguments: [{M: pc}]\n",
         1,
         8,
         "`-machine` is already set at vm.yaml:2:14",
@@ -600,7 +604,7 @@ fn reserved_options() {
     );
     error_in("arguments: [{uuid: x}]\n", 1, 14, "`-uuid` cannot be used");
     error_in(
-        "args: ['-pidfile /tmp/p']\n",
+        "args: [-pidfile, /tmp/p]\n",
         1,
         8,
         "`-pidfile` cannot be used",
@@ -690,6 +694,7 @@ fn missing_binary() {
         path_env: Some(OsStr::new("/nonexistent")),
         default_arch: "riscv64",
         check_path: &deny_secrets,
+        vm_data_dir: None,
     };
     let err = load(&[source("vm.yaml", "/vms", "memory: 1G\n")], &ctx).unwrap_err();
     let d = find_diag(
@@ -862,7 +867,6 @@ fn bad_types() {
 
 #[test]
 fn storage_rules() {
-    error_in("storage: [{file: a.img}]\n", 1, 11, "needs a `type`");
     let d = error_in(
         "storage: [{type: qcow, file: a}]\n",
         1,
@@ -871,10 +875,10 @@ fn storage_rules() {
     );
     assert!(d.hint.unwrap().starts_with("did you mean `qcow2`?"));
     error_in(
-        "storage: [{type: raw}]\n",
+        "storage: [{type: virtfs}]\n",
         1,
         11,
-        "a `raw` storage entry needs `file`",
+        "a `virtfs` storage entry needs `path`",
     );
     error_in(
         "storage: [{type: raw, path: a}]\n",
@@ -961,14 +965,19 @@ fn duplicate_mapping_key() {
 }
 
 #[test]
-fn unterminated_quote_in_args() {
+fn option_and_value_in_one_args_item() {
     let d = error_in(
-        "args:\n  - -append 'console=ttyS0\n",
+        "args:\n  - -m 2G\n",
         2,
         5,
-        "unterminated single quote",
+        "`args` item `-m 2G` holds an option and its value in one word",
     );
-    assert!(d.hint.unwrap().contains("close the quote"));
+    assert_eq!(d.hint.unwrap(), "write them as two items: `[-m, '2G']`");
+    // As a value, words with spaces are fine; quotes are not interpreted.
+    assert_eq!(
+        argv_of("args: [-append, \"console=ttyS0 'quiet' -x y\", a b]\n"),
+        ["-append", "console=ttyS0 'quiet' -x y", "a b"]
+    );
 }
 
 #[test]
@@ -983,7 +992,7 @@ fn all_problems_are_collected() {
     let diags = errors_of(&[source(
         "vm.yaml",
         "/vms",
-        "memroy: 1G\ncpu: 0\nstorage: [{type: raw}]\nargs: ['a \"b']\n",
+        "memroy: 1G\ncpu: 0\nstorage: [{type: virtfs}]\nargs: ['-m 2G']\n",
     )]);
     assert_eq!(diags.len(), 4, "{}", render(&diags));
     // Across files, syntax errors of each are reported.
@@ -1008,7 +1017,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, arguments, storage, args, guest_agent, forwards, ssh_user)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user)"
     );
 }
 
@@ -1490,7 +1499,7 @@ fn host_paths_in_strings_are_refused() {
             "`file=/etc/shadow`",
         ),
         (
-            "args: ['-drive file=disk.img,if=virtio']\n",
+            "args: [-drive, 'file=disk.img,if=virtio']\n",
             "`file=disk.img`",
         ),
         ("args: [-drive, 'if=virtio,file=x,,y']\n", "`file=x,y`"),
@@ -1573,7 +1582,7 @@ fn host_paths_in_strings_are_refused() {
         );
     }
     error_in(
-        "args: ['-add-fd fd=3,set=1']\n",
+        "args: [-add-fd, 'fd=3,set=1']\n",
         1,
         8,
         "`-add-fd` cannot be used",
@@ -1582,7 +1591,7 @@ fn host_paths_in_strings_are_refused() {
     // sockets maqet does not open as files.
     for ok in [
         "args: [-append, 'root=/dev/vda init=/bin/sh file=/x']\n",
-        "args: ['-blockdev driver=qcow2,file=node0,node-name=top']\n",
+        "args: [-blockdev, 'driver=qcow2,file=node0,node-name=top']\n",
         "args: [-serial, stdio, -monitor, none]\n",
         "arguments: [{drive: {file: 'https://example.org/x.iso', media: cdrom}}]\n",
         "arguments: [{chardev: {socket: null, id: s, path: s.sock, server: 'on'}}]\n",
@@ -1636,6 +1645,7 @@ fn paths_are_stored_resolved_and_must_stay_put() {
     let env = TestEnv::new();
     let ctx = ValidationContext {
         check_path: &via_link,
+        vm_data_dir: None,
         ..env.ctx()
     };
     let config = load(
@@ -1662,4 +1672,310 @@ fn paths_are_stored_resolved_and_must_stay_put() {
         "{err}"
     );
     assert!(err.to_string().contains("apply the config again"), "{err}");
+}
+
+// ---- maqet 0.0.x configs (docs/configuration.md, "Coming from maqet 0.0.x") ----
+
+#[test]
+fn legacy_disk_without_file_lives_in_the_vm_data_dir() {
+    // The old README's first example.
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: hdd, size: 20G, type: qcow2, interface: virtio}]\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-drive",
+            "file=/home/u/.local/share/maqet/vms/id-1/hdd.qcow2,format=qcow2,if=virtio,id=hdd,node-name=maqet-d0"
+        ]
+    );
+    assert_eq!(
+        config.storage()[0].path,
+        Path::new("/home/u/.local/share/maqet/vms/id-1/hdd.qcow2")
+    );
+    assert_eq!(config.storage()[0].size, Some(20 << 30));
+    // The stored YAML names the file, so it loads without knowing the VM.
+    assert!(
+        config
+            .to_yaml()
+            .contains("file: /home/u/.local/share/maqet/vms/id-1/hdd.qcow2")
+    );
+    assert_round_trip(&config);
+}
+
+#[test]
+fn legacy_disk_without_file_needs_a_vm() {
+    // Outside `add`/`apply` (no VM id), there is no place to put it.
+    let env = TestEnv::new();
+    let mut ctx = env.ctx();
+    ctx.vm_data_dir = None;
+    let e = load(
+        &[source("vm.yaml", "/vms", "storage: [{name: hdd}]\n")],
+        &ctx,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a `qcow2` storage entry needs `file`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn legacy_disk_type_defaults_to_qcow2_and_ignores_case() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: a, file: a.img}, {name: b, type: RAW, file: b.img}, {name: c, type: QCOW2}]\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-drive",
+            "file=/vms/web/a.img,format=qcow2,if=virtio,id=a,node-name=maqet-d0",
+            "-drive",
+            "file=/vms/web/b.img,format=raw,if=virtio,id=b,node-name=maqet-d1",
+            "-drive",
+            "file=/home/u/.local/share/maqet/vms/id-1/c.qcow2,format=qcow2,if=virtio,id=c,node-name=maqet-d2",
+        ]
+    );
+    let yaml = config.to_yaml();
+    assert!(
+        yaml.contains("type: raw") && !yaml.contains("RAW"),
+        "{yaml}"
+    );
+    assert_round_trip(&config);
+    // An unknown type is still refused, case-insensitively suggested.
+    let d = error_in(
+        "storage: [{type: QCOW, file: a}]\n",
+        1,
+        18,
+        "unknown storage type `QCOW`",
+    );
+    assert!(d.hint.is_some());
+}
+
+#[test]
+fn legacy_disk_size_defaults_to_10g() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage: [{name: a}, {name: b, size: 2G}, {name: c, file: c.qcow2, backing_file: base.qcow2, backing_format: qcow2}, {name: s, type: virtfs, path: s}]\n",
+    )]);
+    let sizes: Vec<_> = config.storage().iter().map(|e| e.size).collect();
+    // An overlay takes its size from its backing image; shares have none.
+    assert_eq!(sizes, [Some(10 << 30), Some(2 << 30), None, None]);
+}
+
+#[test]
+fn legacy_keys_beside_options_are_honoured() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage:\n  - {name: share, type: virtfs, path: s, mount_tag: host, security_model: passthrough, readonly: true}\n  - {name: cd, type: raw, file: x.iso, media: cdrom, interface: ide}\n  - {name: ro, type: raw, file: ro.img, readonly: true}\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-virtfs",
+            "local,path=/vms/web/s,mount_tag=host,security_model=passthrough,id=share,readonly=on",
+            "-drive",
+            "file=/vms/web/x.iso,format=raw,if=ide,id=cd,node-name=maqet-d1,readonly=on,media=cdrom",
+            "-drive",
+            "file=/vms/web/ro.img,format=raw,if=virtio,id=ro,node-name=maqet-d2,readonly=on",
+        ]
+    );
+    // The same as their `options:` forms, down to the stored YAML.
+    let options = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "storage:\n  - {name: share, type: virtfs, path: s, options: {mount_tag: host, security_model: passthrough, readonly: true}}\n  - {name: cd, type: raw, file: x.iso, interface: ide, options: {media: cdrom}}\n  - {name: ro, type: raw, file: ro.img, options: {readonly: true}}\n",
+    )]);
+    assert_eq!(config, options);
+    assert_round_trip(&config);
+    // A CD-ROM's file is opened read-only.
+    assert_eq!(config.host_files()[1].access, Access::Read);
+    // They are validated like options, and only where they apply.
+    error_in(
+        "storage: [{type: virtfs, path: a, security_model: mapd}]\n",
+        1,
+        51,
+        "unknown `security_model` `mapd`",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, mount_tag: x}]\n",
+        1,
+        32,
+        "only apply to virtfs shares",
+    );
+    error_in(
+        "storage: [{type: virtfs, path: a, media: cdrom}]\n",
+        1,
+        35,
+        "`media` only applies to disk images",
+    );
+    error_in(
+        "storage: [{type: raw, file: a, readonly: true, options: {readonly: false}}]\n",
+        1,
+        32,
+        "`readonly` is set both on the entry and in its `options`",
+    );
+}
+
+#[test]
+fn legacy_memory_sizes_become_sizes_qemu_reads() {
+    for (written, qemu) in [
+        ("1GB", "1G"),
+        ("1GiB", "1G"),
+        ("1.5G", "1536M"),
+        ("512mb", "512M"),
+        ("2g", "2g"),
+        ("4096", "4096"),
+        ("1.25K", "1280B"),
+    ] {
+        let config = must_load(&[source("vm.yaml", "/vms", &format!("memory: '{written}'\n"))]);
+        assert_eq!(config.qemu_args(), ["-m", qemu], "{written}");
+        // The YAML keeps what the user wrote.
+        assert!(config.to_yaml().contains(written), "{written}");
+    }
+    assert_eq!(argv_of("memory: 2048\n"), ["-m", "2048"]);
+    error_in("memory: 1XB\n", 1, 9, "invalid `memory`");
+}
+
+#[test]
+fn read_only_disks_are_checked_as_read_only() {
+    fn no_writes_in_usr(path: &Path, usage: PathUse) -> Result<std::path::PathBuf, String> {
+        if path.starts_with("/usr") && usage != PathUse::ReadOnly {
+            Err("system directory".to_owned())
+        } else {
+            Ok(path.to_path_buf())
+        }
+    }
+    let env = TestEnv::new();
+    let mut ctx = env.ctx();
+    ctx.check_path = &no_writes_in_usr;
+    let load_text = |text: &str| load(&[source("vm.yaml", "/vms", text)], &ctx);
+    for ok in [
+        "storage: [{name: cd, type: raw, file: /usr/share/x.iso, media: cdrom}]\n",
+        "storage: [{name: fw, type: raw, file: /usr/share/fw.fd, readonly: true}]\n",
+        "arguments: [{drive: {file: /usr/share/x.iso, media: cdrom}}]\n",
+    ] {
+        load_text(ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
+    }
+    for refused in [
+        "storage: [{name: hd, type: raw, file: /usr/share/x.img}]\n",
+        "arguments: [{drive: {file: /usr/share/x.img}}]\n",
+    ] {
+        let e = load_text(refused).unwrap_err();
+        assert!(e.to_string().contains("system directory"), "{refused}\n{e}");
+    }
+}
+
+#[test]
+fn legacy_string_items_override_by_id() {
+    let config = must_load(&[
+        source(
+            "a.yaml",
+            "/vms",
+            "arguments:\n  - netdev: 'user,id=net0'\n  - device: 'virtio-net-pci,netdev=net0,id=nic0'\n  - {netdev: {user: null, id: net1}}\n",
+        ),
+        source(
+            "b.yaml",
+            "/vms",
+            "arguments:\n  - netdev: 'user,id=net0,hostfwd=tcp::2222-:22'\n  - {netdev: {user: null, id: net1, restrict: 'on'}}\n  - device: 'e1000,netdev=net0,id=nic0'\n",
+        ),
+    ]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-netdev",
+            "user,id=net0,hostfwd=tcp::2222-:22",
+            "-device",
+            "e1000,netdev=net0,id=nic0",
+            "-netdev",
+            "user,id=net1,restrict=on",
+        ]
+    );
+    // Within one file, a repeated id is still an error.
+    let diags = errors_of(&[source(
+        "vm.yaml",
+        "/vms",
+        "arguments:\n  - netdev: 'user,id=n'\n  - netdev: 'user,id=n'\n",
+    )]);
+    find_diag(&diags, "vm.yaml", 3, 5, "with id `n` is already defined");
+}
+
+#[test]
+fn legacy_rng_object_mapping_form() {
+    assert_eq!(
+        argv_of("arguments: [{object: {rng-random: null, filename: /dev/urandom, id: rng0}}]\n"),
+        ["-object", "rng-random,filename=/dev/urandom,id=rng0"]
+    );
+    // The string form names a host path maqet cannot check: refused, pointing at the
+    // mapping form (docs/configuration.md, "Coming from maqet 0.0.x").
+    let d = error_in(
+        "arguments: [{object: 'rng-random,filename=/dev/urandom,id=rng0'}]\n",
+        1,
+        22,
+        "names a host path inside a string (`filename=/dev/urandom`)",
+    );
+    assert!(d.hint.unwrap().contains("`arguments:` mapping"));
+}
+
+#[test]
+fn legacy_backing_file_beside_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("base.qcow2"), "").unwrap();
+    let base = dir.path().to_str().unwrap();
+    let text = "storage:\n  - {name: a, file: images/a.qcow2, backing_file: base.qcow2, backing_format: qcow2}\n  - {name: b, file: images/b.qcow2, backing_file: other.qcow2, backing_format: qcow2}\n";
+    let config = must_load(&[source("vm.yaml", base, text)]);
+    let backing: Vec<_> = config
+        .storage()
+        .iter()
+        .map(|e| e.backing_file.clone().unwrap())
+        .collect();
+    // Found beside the image: used from there; not there: the config's directory.
+    assert_eq!(
+        backing,
+        [images.join("base.qcow2"), dir.path().join("other.qcow2")]
+    );
+}
+
+// ---- firmware ----
+
+#[test]
+fn firmware_is_kept_and_claims_bios() {
+    let config =
+        load_one("firmware: uefi-secure\narguments: [{machine: {q35: null, smm: 'on'}}]\n")
+            .unwrap();
+    assert_eq!(config.firmware(), super::Firmware::UefiSecure);
+    assert_eq!(config.machine_type().as_deref(), Some("q35"));
+    let env = TestEnv::new();
+    let again = load_stored(&config.to_yaml(), &env.ctx()).unwrap();
+    assert_eq!(again.firmware(), super::Firmware::UefiSecure);
+    assert_eq!(
+        load_one("memory: 64\n").unwrap().firmware(),
+        super::Firmware::Bios
+    );
+    assert_eq!(load_one("memory: 64\n").unwrap().machine_type(), None);
+    let config = load_one("arguments: [{machine: {type: pc, accel: tcg}}]\n").unwrap();
+    assert_eq!(config.machine_type().as_deref(), Some("pc"));
+    // `bios` is the default and leaves `-bios` to the config.
+    load_one("firmware: bios\narguments: [{bios: /x/bios.bin}]\n").unwrap();
+    let err = load_one("firmware: efi\n").unwrap_err().to_string();
+    assert!(
+        err.contains("vm.yaml:1:11: unknown firmware `efi`"),
+        "{err}"
+    );
+    let err = load_one("firmware: uefi\narguments: [{bios: /x/bios.bin}]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`-bios` is already set") && err.contains("`firmware`"),
+        "{err}"
+    );
 }

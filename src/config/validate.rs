@@ -14,7 +14,7 @@ use super::paths::{find_binary, is_path_like, resolve_host_path};
 use super::size::{int_value, parse_size_with_unit};
 use super::storage::{compile_storage, storage_argv};
 use super::yaml::{Entry, Loc, Node, Value};
-use super::{PathUse, ValidationContext, VmConfig, validate_vm_name};
+use super::{Firmware, PathUse, ValidationContext, VmConfig, validate_vm_name};
 
 /// Valid top-level keys, in the order normalized YAML lists them.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
@@ -24,6 +24,8 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "cpu",
     "display",
     "vga",
+    "firmware",
+    "tpm",
     "arguments",
     "storage",
     "args",
@@ -286,6 +288,13 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
             top_level_option(e, option, plain_string, cx, &mut argv);
         }
     }
+    let firmware = slots[slot("firmware")]
+        .as_mut()
+        .and_then(|e| firmware(e, cx))
+        .unwrap_or_default();
+    let tpm = slots[slot("tpm")]
+        .as_ref()
+        .is_some_and(|e| tpm(&e.value, cx));
     if let Some(items) = slots[slot("arguments")].as_mut().and_then(|e| list(e, cx)) {
         compile_arguments(items, cx, &mut argv);
     }
@@ -307,6 +316,8 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         argv: argv.iter().map(|w| cx.markers.split(w)).collect(),
         host_files: std::mem::take(&mut cx.host_files),
         storage,
+        firmware,
+        tpm,
         guest,
     }
 }
@@ -336,6 +347,37 @@ fn guest_keys(slots: &mut Slots, fallback: &Loc, cx: &mut Cx, argv: &mut Vec<Str
         forward_netdev,
         ssh_user,
     }
+}
+
+/// `tpm: true`: an emulated TPM 2.0 (an `swtpm` per VM, started by maqetd: `vm::tpm`).
+fn tpm(node: &Node, cx: &mut Cx) -> bool {
+    match node.value {
+        Value::Bool(b) => b,
+        _ => {
+            let message = format!("`tpm` must be true or false, found {}", node.kind_name());
+            cx.diags.error(&node.loc, message);
+            false
+        }
+    }
+}
+
+/// `firmware: bios | uefi | uefi-secure`. UEFI is attached at start (`storage::firmware`),
+/// so it claims `-bios`: a config cannot name other firmware besides.
+fn firmware(entry: &mut Entry, cx: &mut Cx) -> Option<Firmware> {
+    let text = plain_string(&mut entry.value, cx)?;
+    let Some(firmware) = Firmware::parse(&text) else {
+        let message = format!("unknown firmware `{text}`");
+        cx.diags.error_hint(
+            &entry.value.loc,
+            message,
+            "use `bios` (the default), `uefi` or `uefi-secure`".to_owned(),
+        );
+        return None;
+    };
+    if firmware != Firmware::Bios {
+        cx.register_option("bios", &entry.key_loc, "firmware");
+    }
+    Some(firmware)
 }
 
 fn vm_name(node: &mut Node, cx: &mut Cx) -> Option<String> {
@@ -441,7 +483,7 @@ fn memory(node: &mut Node, cx: &mut Cx) -> Option<String> {
             _ => Err(format!("`memory: {text}` is too large")),
         },
         Value::Str(s) => parse_size_with_unit(s, 20)
-            .map(|_| s.clone())
+            .map(|bytes| qemu_memory_size(s, bytes))
             .map_err(|e| format!("invalid `memory`: {e}")),
         _ => Err(format!(
             "`memory` must be a size, found {}",
@@ -451,6 +493,24 @@ fn memory(node: &mut Node, cx: &mut Cx) -> Option<String> {
     result
         .map_err(|message| cx.diags.error_hint(&node.loc, message, hint))
         .ok()
+}
+
+/// `-m`'s value for a size string. QEMU reads `2G`, `512M` and plain MiB but not
+/// `1GB`, `1GiB` or (in older versions) fractions, all of which maqet 0.0.x configs use:
+/// those are converted to the largest exact unit (`1.5G` → `1536M`).
+fn qemu_memory_size(written: &str, bytes: u64) -> String {
+    let t = written.trim();
+    let plain = t.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    if plain.chars().all(|c| c.is_ascii_digit()) && t.len() - plain.len() <= 1 {
+        return t.to_owned();
+    }
+    [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')]
+        .into_iter()
+        .find(|(shift, _)| bytes.is_multiple_of(1u64 << shift))
+        .map_or_else(
+            || format!("{bytes}B"),
+            |(shift, unit)| format!("{}{unit}", bytes >> shift),
+        )
 }
 
 /// `cpu`: the CPU count (`-smp`), an integer or an `-smp` string.

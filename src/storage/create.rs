@@ -115,6 +115,17 @@ pub async fn create_image(
     }
 }
 
+/// Creates a missing virtfs share directory (and missing parents, mode 0700), as
+/// maqet 0.0.x did: checked against the dangerous list, walked without following
+/// symlinks. An existing directory is left as is.
+pub fn create_share_dir(path: &Path, home: &Path) -> Result<(), MaqetError> {
+    let fail =
+        |why: String| MaqetError::Storage(format!("cannot create share {}: {why}", path.display()));
+    let resolved = danger::check(path, home, PathUse::Storage).map_err(fail)?;
+    nofollow::open_dir_chain(&resolved, true).map_err(fail)?;
+    Ok(())
+}
+
 fn is_same_inode(dir: &OwnedFd, name: &OsStr, created: &rustix::fs::Stat) -> bool {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .is_ok_and(|now| now.st_dev == created.st_dev && now.st_ino == created.st_ino)

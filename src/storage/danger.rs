@@ -27,8 +27,14 @@ const SYSTEM_TREES: &[(&str, &[&str])] = &[
     ("/dev", &["/dev/shm"]),
     ("/run", &["/run/user", "/run/media"]),
     ("/var", &["/var/tmp"]),
-    ("/opt", &[]),
     ("/snap", &[]),
+];
+// Not listed: /opt, /srv, /mnt, /media and /tmp are where people keep VM images.
+
+/// System trees that only hold software and data shipped for everyone (firmware images,
+/// ISOs in `/usr/share`): fine for a guest to read, never to write.
+const SHARED_READ_ONLY_TREES: &[&str] = &[
+    "/usr", "/opt", "/snap", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 ];
 
 /// Inside the user's home: credentials and the desktop's own configuration.
@@ -40,6 +46,10 @@ const HOME_TREES: &[&str] = &[
     ".password-store",
     ".local/share/keyrings",
 ];
+
+/// Devices any user may read and that hurt nothing: the entropy sources QEMU's
+/// `rng-random` backend reads (`{object: {rng-random: null, filename: /dev/urandom}}`).
+const ENTROPY_DEVICES: &[&str] = &["/dev/urandom", "/dev/random"];
 
 /// Paths whose meaning depends on the process that opens them (`/proc/self/cwd/…`,
 /// `/dev/fd/3`, `/dev/stdin`): never stored, whatever they lead to now.
@@ -84,21 +94,34 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String
             "{shown} is inside /proc: kernel interfaces, not files"
         ));
     }
+    if ENTROPY_DEVICES.iter().any(|d| resolved == Path::new(d)) {
+        return Ok(resolved);
+    }
     if resolved == Path::new("/") {
         return Err(format!("{shown} is the root directory"));
     }
     let system_trees = match usage {
-        PathUse::Storage => SYSTEM_TREES,
+        PathUse::Storage | PathUse::ReadOnly => SYSTEM_TREES,
         PathUse::BootInput => &[],
     };
     for (tree, allowed) in system_trees {
-        if resolved.starts_with(tree) && !allowed.iter().any(|a| resolved.starts_with(a)) {
+        let read_only_ok = usage == PathUse::ReadOnly && SHARED_READ_ONLY_TREES.contains(tree);
+        if resolved.starts_with(tree)
+            && !allowed.iter().any(|a| resolved.starts_with(a))
+            && !read_only_ok
+        {
             return Err(format!(
                 "{shown} is inside the system directory {tree}; keep VM disks and shares in your home or data directory"
             ));
         }
     }
     let home = resolve(home);
+    if let Some(other) = other_users_home(&resolved, &home) {
+        return Err(format!(
+            "{shown} is inside {}, another user's home; keep VM disks and shares in your own",
+            other.display()
+        ));
+    }
     for rel in HOME_TREES {
         let tree = home.join(rel);
         if resolved.starts_with(&tree) {
@@ -114,6 +137,21 @@ pub fn check(path: &Path, home: &Path, usage: PathUse) -> Result<PathBuf, String
         ));
     }
     Ok(resolved)
+}
+
+/// The home directory (`/home/<name>`, `/root`, or `/home` itself) of someone else
+/// that `resolved` is in, if any.
+fn other_users_home(resolved: &Path, home: &Path) -> Option<PathBuf> {
+    if resolved.starts_with("/root") && !home.starts_with("/root") {
+        return Some(PathBuf::from("/root"));
+    }
+    let rest = resolved.strip_prefix("/home").ok()?;
+    let Some(Component::Normal(user)) = rest.components().next() else {
+        // `/home` itself holds every user's home.
+        return Some(PathBuf::from("/home"));
+    };
+    let theirs = Path::new("/home").join(user);
+    (!home.starts_with(&theirs)).then_some(theirs)
 }
 
 /// In a [`resolve`]d path (a symlink-free existing prefix, then names that did not
@@ -193,6 +231,9 @@ mod tests {
             "/dev/sda",
             "/boot/x",
             "/var/lib/x",
+            "/home/other/x.img",
+            "/home",
+            "/root/x.img",
         ] {
             assert!(check(Path::new(p), home, PathUse::Storage).is_err(), "{p}");
         }
@@ -201,6 +242,12 @@ mod tests {
             "/var/tmp/x.img",
             "/tmp/x.qcow2",
             "/home/u/vms/a.qcow2",
+            "/opt/vms/a.qcow2",
+            "/srv/vm/a.img",
+            "/mnt/data/a.img",
+            "/media/usb/a.iso",
+            "/dev/urandom",
+            "/dev/random",
         ] {
             assert!(check(Path::new(p), home, PathUse::Storage).is_ok(), "{p}");
         }
@@ -227,7 +274,32 @@ mod tests {
     fn a_host_kernel_may_be_booted() {
         let home = Path::new("/home/u");
         assert!(check(Path::new("/boot/vmlinuz"), home, PathUse::BootInput).is_ok());
+        // Read-only disks too (firmware, ISOs); writable ones are refused there.
+        let iso = Path::new("/usr/share/ovmf/OVMF.fd");
+        assert!(check(iso, home, PathUse::ReadOnly).is_ok());
+        assert!(check(iso, home, PathUse::Storage).is_err());
+        assert!(check(Path::new("/home/u/.ssh/id_rsa"), home, PathUse::ReadOnly).is_err());
+        assert!(check(Path::new("/home/other/a.iso"), home, PathUse::ReadOnly).is_err());
         assert!(check(Path::new("/home/u/.ssh/id_rsa"), home, PathUse::BootInput).is_err());
+    }
+
+    /// Firmware and ISOs shipped in /usr may be attached read-only; host configuration,
+    /// devices and state may not, and nothing in /usr may be written.
+    #[test]
+    fn system_files_may_be_read_not_written() {
+        let home = Path::new("/home/u");
+        let ovmf = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+        assert!(check(ovmf, home, PathUse::ReadOnly).is_ok());
+        assert!(check(Path::new("/opt/isos/x.iso"), home, PathUse::ReadOnly).is_ok());
+        assert!(check(ovmf, home, PathUse::Storage).is_err());
+        for p in [
+            "/etc/shadow",
+            "/dev/sda",
+            "/var/lib/x.img",
+            "/home/u/.ssh/id_rsa",
+        ] {
+            assert!(check(Path::new(p), home, PathUse::ReadOnly).is_err(), "{p}");
+        }
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct OpenedFiles {
     pub args: Vec<String>,
     /// For the log: `fd 5 = /home/u/vms/root.qcow2 (read-write)`.
     pub notes: Vec<String>,
+    next_fd: RawFd,
+    next_set: usize,
 }
 
 impl OpenedFiles {
@@ -54,24 +56,55 @@ impl OpenedFiles {
             .map(|(fd, n)| (fd.as_raw_fd(), *n))
             .collect()
     }
+
+    /// Hands QEMU one more open fd (a socket maqetd made), at the number returned.
+    pub fn pass_fd(&mut self, fd: OwnedFd, what: &str) -> RawFd {
+        let mut b = Builder {
+            opened: self,
+            add_fd: Vec::new(),
+        };
+        b.add(fd, what, Path::new("(socket)"), None)
+    }
+
+    /// Opens one more file for QEMU's block layer that maqetd chose itself (UEFI
+    /// firmware), in an fd set of its own like a config's; returns `/dev/fdset/S` for
+    /// the caller's argument.
+    pub fn add_block_file(&mut self, path: &Path, access: Access) -> Result<String, String> {
+        let fd = open_checked(path, access)?;
+        let mut b = Builder {
+            opened: self,
+            add_fd: Vec::new(),
+        };
+        let set = b.new_set();
+        if access == Access::ReadWrite {
+            let ro = reopen_read_only(&fd)
+                .map_err(|e| format!("cannot reopen {} read-only: {e}", path.display()))?;
+            b.add(fd, "read-write", path, Some(set));
+            b.add(ro, "read-only", path, Some(set));
+        } else {
+            b.add(fd, "read-only", path, Some(set));
+        }
+        let add_fd = b.add_fd;
+        // `-add-fd` is processed before any drive, wherever it is; first, as for the rest.
+        self.args.splice(0..0, add_fd);
+        Ok(format!("/dev/fdset/{set}"))
+    }
 }
 
 /// The longest backing chain maqetd follows (QEMU's own limit is similar).
 const MAX_CHAIN: usize = 16;
 
 /// The fds, fd sets and log notes being assembled.
-struct Builder {
-    opened: OpenedFiles,
+struct Builder<'a> {
+    opened: &'a mut OpenedFiles,
     add_fd: Vec<String>,
-    next_fd: RawFd,
-    next_set: usize,
 }
 
-impl Builder {
+impl Builder<'_> {
     /// Places `fd` at the next number; with `set`, also in that fd set. Returns the number.
     fn add(&mut self, fd: OwnedFd, how: &str, path: &Path, set: Option<usize>) -> RawFd {
-        let n = self.next_fd;
-        self.next_fd += 1;
+        let n = self.opened.next_fd;
+        self.opened.next_fd += 1;
         let shown = path.display().to_string();
         if let Some(set) = set {
             self.add_fd.push("-add-fd".to_owned());
@@ -84,8 +117,8 @@ impl Builder {
     }
 
     fn new_set(&mut self) -> usize {
-        self.next_set += 1;
-        self.next_set
+        self.opened.next_set += 1;
+        self.opened.next_set
     }
 }
 
@@ -101,16 +134,17 @@ pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, Maqe
         .map(|e| e.path.as_path())
         .collect();
     let files = config.host_files();
-    let mut b = Builder {
-        opened: OpenedFiles {
-            fds: Vec::new(),
-            args: Vec::new(),
-            notes: Vec::new(),
-        },
-        add_fd: Vec::new(),
+    let mut opened = OpenedFiles {
+        fds: Vec::new(),
+        args: Vec::new(),
+        notes: Vec::new(),
         next_fd: FIRST_FD,
         // Sets 1..=N belong to the host files themselves.
         next_set: files.len(),
+    };
+    let mut b = Builder {
+        opened: &mut opened,
+        add_fd: Vec::new(),
     };
     let mut fills = Vec::new();
     let mut chains = vec![String::new(); files.len()];
@@ -151,9 +185,9 @@ pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, Maqe
         });
     }
     let args = config.launch_args(&|i| fills[i].clone(), &|i| chains[i].clone());
-    b.opened.args = std::mem::take(&mut b.add_fd);
-    b.opened.args.extend(args);
-    Ok(b.opened)
+    opened.args = b.add_fd;
+    opened.args.extend(args);
+    Ok(opened)
 }
 
 /// Opens the backing chain below the qcow2 image `top` (each link checked, opened with
@@ -165,7 +199,7 @@ fn chain_options(
     top_path: &Path,
     prefix: &str,
     home: &Path,
-    b: &mut Builder,
+    b: &mut Builder<'_>,
 ) -> Result<String, String> {
     let mut options = String::new();
     let mut prefix = prefix.to_owned();
@@ -349,6 +383,7 @@ mod tests {
             path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
             default_arch: "x86_64",
             check_path: &check,
+            vm_data_dir: None,
         };
         let source = ConfigSource {
             origin: "vm.yaml".into(),
@@ -495,6 +530,7 @@ mod tests {
             path_env: Some(std::ffi::OsStr::new("/usr/bin:/bin")),
             default_arch: "x86_64",
             check_path: &check,
+            vm_data_dir: None,
         };
         let load = |yaml: &str| {
             let source = ConfigSource {

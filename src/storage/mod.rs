@@ -1,11 +1,13 @@
 //! Host storage: which locations a VM may use (`danger`), opening host paths without
 //! following symlinks (`nofollow`), the files QEMU gets as fds (`hostfiles`), race-free
-//! creation of missing disk images (`create`), running `qemu-img` (`qemu_img`), free-space checks
+//! creation of missing disk images (`create`), UEFI firmware and its per-VM variable store
+//! (`firmware`), running `qemu-img` (`qemu_img`), free-space checks
 //! (`space`), and what `maqet storage ls|verify` report about a VM's disks
 //! (`inventory`). docs/storage.md is the user-facing description.
 
 pub mod create;
 pub mod danger;
+pub mod firmware;
 pub mod hostfiles;
 pub mod inventory;
 pub mod nofollow;

@@ -21,6 +21,7 @@ mod start;
 pub mod status;
 mod stop;
 mod supervisor;
+mod tpm;
 mod wait;
 
 use start::qmp_run_state;
@@ -75,7 +76,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn with_validation<R>(&self, f: impl FnOnce(&config::ValidationContext<'_>) -> R) -> R {
+    /// `vm_id`: the VM the config is for, whose data directory receives disks
+    /// declared without `file`.
+    fn with_validation<R>(
+        &self,
+        vm_id: Option<&str>,
+        f: impl FnOnce(&config::ValidationContext<'_>) -> R,
+    ) -> R {
+        let vm_data_dir = vm_id.map(|id| self.paths.vm_data_dir(id));
         let home = &self.paths.home;
         let check = |p: &std::path::Path, usage: config::PathUse| {
             crate::storage::danger::check(p, home, usage)
@@ -85,18 +93,23 @@ impl Ctx {
             path_env: self.path_env.as_deref(),
             default_arch: &self.default_arch,
             check_path: &check,
+            vm_data_dir: vm_data_dir.as_deref(),
         })
     }
 
     /// Parses and validates config sources with this service's environment.
-    pub fn load_config(&self, sources: &[ConfigSource]) -> Result<VmConfig, MaqetError> {
-        self.with_validation(|v| config::load(sources, v))
+    pub fn load_config(
+        &self,
+        sources: &[ConfigSource],
+        vm_id: &str,
+    ) -> Result<VmConfig, MaqetError> {
+        self.with_validation(Some(vm_id), |v| config::load(sources, v))
             .map_err(|e| config_error(&e, ""))
     }
 
     /// Re-reads a stored (merged, absolute) config; the binary is checked at start.
     pub fn load_stored_config(&self, yaml: &str) -> Result<VmConfig, MaqetError> {
-        self.with_validation(|v| config::load_stored(yaml, v))
+        self.with_validation(None, |v| config::load_stored(yaml, v))
             .map_err(|e| config_error(&e, "the stored config no longer validates: "))
     }
 }

@@ -34,7 +34,14 @@ impl Vm {
         }
         // Opened after creation and after the stored paths were checked again: QEMU
         // gets these fds, never the names (docs/storage.md).
-        let files = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
+        let opened = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
+            Ok(mut files) => match self.attach_firmware(&config, &mut files).await {
+                Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let files = match opened {
             Ok(files) => files,
             Err(e) => {
                 let msg = format!("cannot start VM '{name}': {}", e.message());
@@ -77,9 +84,15 @@ impl Vm {
     }
 
     /// Creates every declared disk image that does not exist yet (race-free, mode
-    /// 0600, after a free-space check) and records it as maqet's. An existing file,
+    /// 0600, after a free-space check) and records it as maqet's, and every missing
+    /// share directory (not recorded: maqet never deletes a share). An existing file,
     /// or anything else at the path, is used as is.
     async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), MaqetError> {
+        for e in config.storage().iter().filter(|e| !e.kind.is_disk()) {
+            if std::fs::symlink_metadata(&e.path).is_err() {
+                crate::storage::create::create_share_dir(&e.path, &self.ctx.paths.home)?;
+            }
+        }
         let mut qemu_img = None;
         for e in config.storage().iter().filter(|e| e.kind.is_disk()) {
             if std::fs::symlink_metadata(&e.path).is_ok() {
@@ -127,6 +140,81 @@ impl Vm {
             }
             tracing::info!(vm = %name, disk = %e.name, path = %e.path.display(), "created disk image");
         }
+        Ok(())
+    }
+
+    /// `firmware: uefi…`: finds the build through QEMU's descriptors, makes the VM's
+    /// variable store on first start (recorded as maqet's, so `--delete-storage` removes
+    /// it) and hands both to QEMU as pflash fd sets.
+    async fn attach_firmware(
+        &self,
+        config: &VmConfig,
+        files: &mut crate::storage::hostfiles::OpenedFiles,
+    ) -> Result<(), MaqetError> {
+        use crate::storage::firmware;
+        let kind = config.firmware();
+        if kind == crate::config::Firmware::Bios {
+            return Ok(());
+        }
+        let paths = &self.ctx.paths;
+        let xdg_config = paths.config_dir.parent().unwrap_or(&paths.config_dir);
+        let binary = config.binary();
+        let arch = binary
+            .rsplit('/')
+            .next()
+            .and_then(|b| b.strip_prefix("qemu-system-"))
+            .unwrap_or(std::env::consts::ARCH);
+        let machine = config.machine_type();
+        let selected = firmware::select(
+            &firmware::descriptor_dirs(xdg_config),
+            kind,
+            arch,
+            machine.as_deref(),
+        )
+        .map_err(MaqetError::Storage)?;
+        let vars = firmware::vars_path(&paths.vm_data_dir(&self.id), kind);
+        if firmware::ensure_vars(&selected.vars_template, &vars, &paths.home)
+            .map_err(MaqetError::Storage)?
+        {
+            let (owner, path) = (self.id.clone(), vars.clone());
+            let format = selected.vars_format.clone();
+            // Recorded before QEMU runs: a failed start still leaves it deletable.
+            self.ctx
+                .store
+                .write(move |db| db.record_created_file(&owner, &path, &format))
+                .await
+                .map_err(store_error)?;
+            tracing::info!(vm = %self.name(), path = %vars.display(), template = %selected.vars_template.display(), "created UEFI variable store");
+        }
+        firmware::attach(&selected, &vars, &paths.home, files).map_err(MaqetError::Storage)
+    }
+
+    /// `tpm: true`: starts the VM's swtpm (`vm::tpm`) and adds its device.
+    fn attach_tpm(
+        &self,
+        config: &VmConfig,
+        files: &mut crate::storage::hostfiles::OpenedFiles,
+    ) -> Result<(), MaqetError> {
+        if !config.tpm() {
+            return Ok(());
+        }
+        let swtpm =
+            crate::config::find_binary("swtpm", self.ctx.path_env.as_deref()).map_err(|e| {
+                MaqetError::Storage(format!(
+                    "`tpm: true` needs swtpm: {} (install the swtpm package)",
+                    e.message
+                ))
+            })?;
+        let paths = &self.ctx.paths;
+        paths
+            .ensure_log_dir()
+            .map_err(|e| MaqetError::Storage(format!("log directory: {e}")))?;
+        let state = paths.vm_data_dir(&self.id).join("tpm");
+        let log = paths.log_dir().join(format!("{}.swtpm.log", self.id));
+        let fd = super::tpm::start(&swtpm, &state, &log)
+            .map_err(|e| MaqetError::Storage(format!("cannot start swtpm: {e}")))?;
+        let n = files.pass_fd(fd, "swtpm control channel");
+        files.args.extend(super::tpm::qemu_args(n));
         Ok(())
     }
 

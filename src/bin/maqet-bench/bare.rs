@@ -47,6 +47,7 @@ pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), St
         path_env: path_env.as_deref(),
         default_arch: std::env::consts::ARCH,
         check_path: &no_policy,
+        vm_data_dir: None,
     };
     let source = ConfigSource {
         origin: "<bench>".into(),

@@ -47,6 +47,13 @@ pub enum CoreEvent {
         data_json: String,
         timestamp_us: u64,
     },
+    /// What the guest agent reports, or the forwards, changed: `changed` names the
+    /// properties (`GuestAgent`, `GuestInfo`, `Addresses`, `Forwards`).
+    GuestChanged {
+        vm: Arc<Vm>,
+        view: crate::vm::guest::GuestView,
+        changed: Vec<&'static str>,
+    },
     /// A job ended (the Job object signals `Completed` itself; this is for listeners
     /// that did not start it).
     JobFinished {

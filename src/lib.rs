@@ -2,6 +2,7 @@
 //! (its CLI) are thin binaries over this library; see `docs/architecture.md`.
 
 pub mod access;
+pub mod agent;
 pub mod child;
 pub mod cli;
 pub mod client;

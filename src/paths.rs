@@ -106,6 +106,11 @@ impl Paths {
         self.vm_runtime_dir(vm_id).join("console.sock")
     }
 
+    /// The host end of the guest agent's virtio-serial channel (`guest_agent: true`).
+    pub fn agent_socket(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join("agent.sock")
+    }
+
     /// Directory of QEMU logs.
     pub fn log_dir(&self) -> PathBuf {
         self.state_dir.join("logs")

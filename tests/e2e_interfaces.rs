@@ -21,6 +21,7 @@ fn contract(vm_path: &str, job_path: &str) -> Vec<(String, &'static str)> {
         (vm_path.into(), "org.maqet.Maqet1.QMP"),
         (vm_path.into(), "org.maqet.Maqet1.Snapshots"),
         (vm_path.into(), "org.maqet.Maqet1.Storage"),
+        (vm_path.into(), "org.maqet.Maqet1.Guest"),
         (job_path.into(), "org.maqet.Maqet1.Job"),
         // The desktop shells' launchers (maqet implements the shells' interfaces).
         (

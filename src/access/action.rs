@@ -18,10 +18,14 @@ pub enum Action {
     SnapshotCreate,
     SnapshotLoad,
     SnapshotDelete,
+    /// Running commands in the guest through its agent (`Guest.Exec`).
+    GuestExec,
+    /// Reading and writing guest files through its agent.
+    GuestFiles,
 }
 
 impl Action {
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 13] = [
         Action::Observe,
         Action::Manage,
         Action::Lifecycle,
@@ -33,6 +37,8 @@ impl Action {
         Action::SnapshotCreate,
         Action::SnapshotLoad,
         Action::SnapshotDelete,
+        Action::GuestExec,
+        Action::GuestFiles,
     ];
 
     pub fn id(self) -> &'static str {
@@ -48,6 +54,8 @@ impl Action {
             Action::SnapshotCreate => "org.maqet.snapshot.create",
             Action::SnapshotLoad => "org.maqet.snapshot.load",
             Action::SnapshotDelete => "org.maqet.snapshot.delete",
+            Action::GuestExec => "org.maqet.guest.exec",
+            Action::GuestFiles => "org.maqet.guest.files",
         }
     }
 

@@ -5,25 +5,44 @@ use crate::error::MaqetError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
-    Ok = 0,
+    Ok,
     /// Anything not covered below (internal errors, storage, QMP).
-    Failure = 1,
+    Failure,
     /// Bad command-line usage (clap uses 2 as well).
-    Usage = 2,
-    NotFound = 3,
+    Usage,
+    NotFound,
     /// Bad arguments, bad config, name taken.
-    InvalidInput = 4,
+    InvalidInput,
     /// The call is not legal in the VM's current state.
-    InvalidState = 5,
-    AccessDenied = 6,
+    InvalidState,
+    AccessDenied,
     /// No session bus, or maqetd cannot be reached or activated.
-    Unreachable = 7,
+    Unreachable,
     /// QEMU refused to start or failed.
-    QemuFailed = 8,
-    Timeout = 9,
+    QemuFailed,
+    Timeout,
+    /// `maqet exec`: the guest command's own exit code, passed through.
+    Guest(u8),
 }
 
 impl ExitCode {
+    /// The process exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            ExitCode::Ok => 0,
+            ExitCode::Failure => 1,
+            ExitCode::Usage => 2,
+            ExitCode::NotFound => 3,
+            ExitCode::InvalidInput => 4,
+            ExitCode::InvalidState => 5,
+            ExitCode::AccessDenied => 6,
+            ExitCode::Unreachable => 7,
+            ExitCode::QemuFailed => 8,
+            ExitCode::Timeout => 9,
+            ExitCode::Guest(code) => code,
+        }
+    }
+
     pub fn for_error(e: &MaqetError) -> ExitCode {
         match e {
             MaqetError::NotFound(_) => ExitCode::NotFound,
@@ -42,7 +61,7 @@ impl ExitCode {
 
 impl From<ExitCode> for std::process::ExitCode {
     fn from(c: ExitCode) -> Self {
-        std::process::ExitCode::from(c as u8)
+        std::process::ExitCode::from(c.code())
     }
 }
 

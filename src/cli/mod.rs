@@ -18,6 +18,7 @@ mod complete;
 mod console;
 mod doctor;
 mod exit;
+mod guest;
 mod logs;
 mod output;
 mod qmp;
@@ -277,6 +278,34 @@ pub enum Command {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
     },
+    /// Run a command in the guest through its agent (`guest_agent: true`): its stdout,
+    /// stderr and exit code become maqet's; piped stdin is passed on.
+    Exec {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+        /// Seconds to wait for the command (0: 20).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// The program and its arguments, after `--`.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// The guest's network addresses, as its agent reports them.
+    Ip {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
+    /// Copy a file into or out of a guest: `maqet cp VM:/path LOCAL` or
+    /// `maqet cp LOCAL VM:/path` (`-`: stdin or stdout).
+    Cp { from: String, to: String },
+    /// ssh into the guest through a forward to its port 22 (added when missing), as
+    /// the config's `ssh_user`; arguments after `--` go to ssh.
+    Ssh {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+        #[arg(last = true, value_name = "SSH-ARGS")]
+        args: Vec<String>,
+    },
     /// Install maqetd for your desktop session: systemd user unit, D-Bus activation,
     /// desktop entry and icons, GNOME search provider, KRunner plugin, interface XML,
     /// shell completions, man pages.
@@ -332,6 +361,17 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
     match command {
         Command::Logs { vm, follow, lines } => logs::run(&s, &vm, follow, lines).await,
         Command::Console { vm } => console::run(&s, &vm).await,
+        Command::Exec {
+            vm,
+            timeout,
+            command,
+        } => {
+            let code = guest::exec(&s, &vm, &command, timeout).await?;
+            return Ok(ExitCode::Guest(code));
+        }
+        Command::Ip { vm } => guest::ip(&s, &vm).await,
+        Command::Cp { from, to } => guest::cp(&s, &from, &to).await,
+        Command::Ssh { vm, args } => guest::ssh(&s, &vm, host, &args).await,
         Command::Storage { command } => {
             // A verification that found problems has printed them; only the code says so.
             return Ok(match storage::run(&s, command).await? {

@@ -222,7 +222,7 @@ pub fn print_error(e: &MaqetError, json: bool, host: Option<&str>) {
     }
     if json {
         print_json(&serde_json::json!({
-            "error": { "kind": e.kind(), "message": message, "exit_code": code as u8 }
+            "error": { "kind": e.kind(), "message": message, "exit_code": code.code() }
         }));
     } else {
         eprintln!("maqet: {message}");

@@ -39,12 +39,13 @@ macro_rules! interfaces {
 }
 /// maqet's own interfaces (the shells' interfaces in `dbus-interfaces/` come with the
 /// shells).
-const INTERFACES: [(&str, &str); 6] = interfaces!(
+const INTERFACES: [(&str, &str); 7] = interfaces!(
     "org.maqet.Maqet1.Manager.xml",
     "org.maqet.Maqet1.VM.xml",
     "org.maqet.Maqet1.QMP.xml",
     "org.maqet.Maqet1.Snapshots.xml",
     "org.maqet.Maqet1.Storage.xml",
+    "org.maqet.Maqet1.Guest.xml",
     "org.maqet.Maqet1.Job.xml"
 );
 

@@ -25,6 +25,7 @@ pub const VM_INTERFACE: &str = "org.maqet.Maqet1.VM";
 pub const QMP_INTERFACE: &str = "org.maqet.Maqet1.QMP";
 pub const SNAPSHOTS_INTERFACE: &str = "org.maqet.Maqet1.Snapshots";
 pub const STORAGE_INTERFACE: &str = "org.maqet.Maqet1.Storage";
+pub const GUEST_INTERFACE: &str = "org.maqet.Maqet1.Guest";
 pub const JOB_INTERFACE: &str = "org.maqet.Maqet1.Job";
 
 /// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.
@@ -160,6 +161,11 @@ pub trait Vm {
     fn open_log(&self) -> Result<OwnedFd, MaqetError>;
     /// A connected socket to the VM's serial console.
     fn open_console(&self) -> Result<OwnedFd, MaqetError>;
+    /// `[tcp:|udp:][BIND:]HOST:GUEST`.
+    fn add_forward(&self, spec: &str) -> Result<(), MaqetError>;
+    fn remove_forward(&self, spec: &str) -> Result<(), MaqetError>;
+    #[zbus(property)]
+    fn forwards(&self) -> zbus::Result<Vec<String>>;
 
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;
@@ -239,6 +245,34 @@ pub trait Snapshots {
 pub trait Storage {
     fn list(&self) -> Result<Vec<StorageRow>, MaqetError>;
     fn verify(&self) -> Result<Vec<VerifyRow>, MaqetError>;
+}
+
+/// `(exit code, stdout, stderr)` of `Guest.Exec`.
+pub type ExecResult = (i32, Vec<u8>, Vec<u8>);
+
+#[proxy(
+    interface = "org.maqet.Maqet1.Guest",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Guest {
+    fn ping(&self) -> Result<(), MaqetError>;
+    /// Options: `timeout` (u, seconds).
+    fn exec(
+        &self,
+        argv: &[&str],
+        stdin: &[u8],
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<ExecResult, MaqetError>;
+    fn read_file(&self, path: &str, max: u64) -> Result<Vec<u8>, MaqetError>;
+    fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<(), MaqetError>;
+    fn refresh_addresses(&self) -> Result<(), MaqetError>;
+    #[zbus(property)]
+    fn guest_agent(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn guest_info(&self) -> zbus::Result<HashMap<String, String>>;
+    #[zbus(property)]
+    fn addresses(&self) -> zbus::Result<Vec<(String, String, String)>>;
 }
 
 #[proxy(

@@ -22,6 +22,7 @@
 
 mod argv;
 mod diag;
+mod guest;
 mod hostfile;
 mod merge;
 mod paths;
@@ -40,6 +41,7 @@ use std::sync::Arc;
 
 pub(crate) use argv::escape_commas;
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
 pub use size::{format_size, parse_size};
@@ -186,6 +188,7 @@ pub struct VmConfig {
     argv: Vec<Vec<hostfile::Seg>>,
     host_files: Vec<HostFile>,
     storage: Vec<StorageEntry>,
+    guest: GuestKeys,
     firmware: Firmware,
     tpm: bool,
 }
@@ -269,6 +272,11 @@ impl VmConfig {
 
     pub fn storage(&self) -> &[StorageEntry] {
         &self.storage
+    }
+
+    /// `guest_agent`, `forwards` (and their netdev), `ssh_user`.
+    pub fn guest(&self) -> &GuestKeys {
+        &self.guest
     }
 
     pub fn firmware(&self) -> Firmware {

@@ -1017,7 +1017,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user)"
     );
 }
 
@@ -1296,6 +1296,112 @@ fn config_source_read_uses_the_file_directory() {
         config.qemu_args()[1],
         dir.path().join("k").to_str().unwrap()
     );
+}
+
+/// The guest keys: a config that names none of them compiles to the argv it always did
+/// (every GOLDEN entry), and `guest_agent`/`ssh_user` never touch the argv.
+#[test]
+fn guest_keys_leave_the_argv_alone_unless_forwards_need_a_network() {
+    for (yaml, expected) in GOLDEN {
+        let config = load_one(yaml).unwrap();
+        assert_eq!(config.guest(), &GuestKeys::default(), "{yaml}");
+        let with = format!("{yaml}\nguest_agent: true\nssh_user: alice\n");
+        let config = load_one(&with).unwrap_or_else(|e| panic!("{with}\n{e}"));
+        assert_eq!(config.qemu_args(), *expected, "argv of:\n{with}");
+        assert!(config.guest().guest_agent);
+        assert_eq!(config.guest().ssh_user.as_deref(), Some("alice"));
+        assert_round_trip(&config);
+    }
+    let off = load_one("guest_agent: false\n").unwrap();
+    assert!(!off.guest().guest_agent);
+}
+
+#[test]
+fn forwards_get_a_user_network_of_maqets_own_when_the_config_has_none() {
+    let config = must_load(&[source(
+        "vm.yaml",
+        "/vms/web",
+        "memory: 256\nforwards: [{host: 2222, guest: 22}, {host: 8080, guest: 80, proto: udp, bind: 0.0.0.0}]\n",
+    )]);
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-m",
+            "256",
+            "-netdev",
+            "user,id=maqet-net",
+            "-device",
+            "virtio-net-pci,netdev=maqet-net"
+        ]
+    );
+    let g = config.guest();
+    assert_eq!(g.forward_netdev.as_deref(), Some("maqet-net"));
+    let specs: Vec<String> = g.forwards.iter().map(|f| f.to_string()).collect();
+    assert_eq!(specs, ["tcp:127.0.0.1:2222:22", "udp:0.0.0.0:8080:80"]);
+    assert_round_trip(&config);
+}
+
+#[test]
+fn forwards_use_the_configs_own_user_network() {
+    let yaml = "arguments:\n  - netdev: {user: null, id: n0, restrict: 'on'}\n  - device: {virtio-net-pci: null, netdev: n0}\nforwards: [{host: 2222, guest: 22}]\n";
+    let config = load_one(yaml).unwrap();
+    assert_eq!(config.guest().forward_netdev.as_deref(), Some("n0"));
+    assert!(!config.qemu_args().iter().any(|a| a.contains("maqet-net")));
+    let named = format!("{yaml}  - {{host: 2223, guest: 23, netdev: n0}}\n");
+    let named = named.replace(
+        "forwards: [{host: 2222, guest: 22}]\n",
+        "forwards:\n  - {host: 2222, guest: 22}\n",
+    );
+    assert_eq!(load_one(&named).unwrap().guest().forwards.len(), 2);
+}
+
+#[test]
+fn bad_forwards_are_config_errors_at_their_place() {
+    error_in("forwards: [{host: 0, guest: 22}]\n", 1, 19, "not a port");
+    error_in(
+        "forwards: [{host: 22, guest: 70000}]\n",
+        1,
+        30,
+        "not a port",
+    );
+    error_in("forwards: [{host: 22}]\n", 1, 12, "both `host` and `guest`");
+    error_in(
+        "forwards: [{host: 22, guest: 2, proto: sctp}]\n",
+        1,
+        40,
+        "tcp or udp",
+    );
+    error_in(
+        "forwards: [{host: 22, guest: 2, bind: '::1'}]\n",
+        1,
+        39,
+        "IPv4",
+    );
+    error_in(
+        "forwards: [{host: 22, guest: 2, hots: 1}]\n",
+        1,
+        39,
+        "did you mean `host`",
+    );
+    error_in(
+        "forwards: [{host: 22, guest: 2}, {host: 22, guest: 3}]\n",
+        1,
+        34,
+        "forwarded twice",
+    );
+    error_in(
+        "forwards: [{host: 22, guest: 2, netdev: nope}]\n",
+        1,
+        1,
+        "`nope`",
+    );
+    error_in("forwards: 22\n", 1, 11, "must be a list");
+    error_in("forwards: [22]\n", 1, 12, "must be a mapping");
+    let two = "arguments: [{netdev: {user: null, id: a}}, {netdev: {user: null, id: b}}]\nforwards: [{host: 1, guest: 2}]\n";
+    error_in(two, 2, 1, "several user networks");
+    error_in("guest_agent: yes\n", 1, 14, "true or false");
+    error_in("ssh_user: -oProxyCommand=x\n", 1, 11, "invalid `ssh_user`");
+    error_in("ssh_user: 'a b'\n", 1, 11, "invalid `ssh_user`");
 }
 
 /// Host files are slots in the argv: each names the file maqetd opens at start, how

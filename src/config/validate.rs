@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use super::argv::{SINGLE_INSTANCE, canonical, compile_args, compile_arguments, reserved_reason};
 use super::diag::{Diags, suggest, unknown_hint};
+use super::guest::{self, GuestKeys};
 use super::hostfile::{Access, HostFile, Markers, PassAs};
 use super::paths::{find_binary, is_path_like, resolve_host_path};
 use super::size::{int_value, parse_size_with_unit};
@@ -28,6 +29,9 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "arguments",
     "storage",
     "args",
+    "guest_agent",
+    "forwards",
+    "ssh_user",
 ];
 
 const SMP_KEYS: &[&str] = &[
@@ -302,6 +306,7 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
     if let Some(items) = slots[slot("args")].as_mut().and_then(|e| list(e, cx)) {
         compile_args(items, cx, &mut argv);
     }
+    let guest = guest_keys(&mut slots, fallback, cx, &mut argv);
 
     VmConfig {
         doc: slots.into_iter().flatten().collect(),
@@ -313,6 +318,34 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         storage,
         firmware,
         tpm,
+        guest,
+    }
+}
+
+/// `guest_agent`, `forwards`, `ssh_user`; a forward network maqet provides goes last
+/// in the argv, so a config without forwards keeps its argv word for word.
+fn guest_keys(slots: &mut Slots, fallback: &Loc, cx: &mut Cx, argv: &mut Vec<String>) -> GuestKeys {
+    let guest_agent = slots[slot("guest_agent")]
+        .as_mut()
+        .is_some_and(|e| guest::guest_agent(e, cx));
+    let ssh_user = slots[slot("ssh_user")]
+        .as_mut()
+        .and_then(|e| guest::ssh_user(e, cx));
+    let mut forwards = Vec::new();
+    let mut loc = fallback.clone();
+    if let Some(entry) = slots[slot("forwards")].as_mut() {
+        loc = entry.key_loc.clone();
+        if let Some(items) = list(entry, cx) {
+            forwards = guest::forwards(items, cx);
+        }
+    }
+    let (forward_netdev, network) = guest::forward_network(&forwards, argv, &loc, cx);
+    argv.extend(network);
+    GuestKeys {
+        guest_agent,
+        forwards: forwards.into_iter().map(|(f, _)| f).collect(),
+        forward_netdev,
+        ssh_user,
     }
 }
 

@@ -87,6 +87,7 @@ pub fn for_event(ev: &CoreEvent, s: &Notifications) -> Option<Notice> {
         CoreEvent::RuntimeChanged { .. }
         | CoreEvent::ConfigChanged { .. }
         | CoreEvent::Qmp { .. }
+        | CoreEvent::GuestChanged { .. }
         | CoreEvent::VmAdded { .. }
         | CoreEvent::VmRemoved { .. } => return None,
     };

@@ -5,6 +5,7 @@
 //! VMs, re-adopt surviving QEMUs, serve the manager and every VM object, serve the
 //! ObjectManager, and request the bus name last.
 
+mod guest_iface;
 mod host;
 mod idle;
 mod introspection;
@@ -40,6 +41,7 @@ use crate::store::Store;
 use crate::vm::Ctx;
 use idle::Idle;
 
+pub use guest_iface::GuestIface;
 pub use job_iface::JobIface;
 pub use krunner::{KRUNNER_PATH, KRunnerIface};
 pub use manager_iface::ManagerIface;

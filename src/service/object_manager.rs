@@ -29,7 +29,7 @@ impl ObjectManagerIface {
     }
 
     pub async fn announce_added(emitter: &SignalEmitter<'_>, vm: &Vm) -> zbus::Result<()> {
-        let owned = vm.with_info(vm_objects::interfaces);
+        let owned = vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view()));
         let ifaces: HashMap<&str, HashMap<&str, Variant<'_>>> = owned
             .iter()
             .map(|(iface, props)| {
@@ -69,7 +69,12 @@ impl ObjectManagerIface {
                 .manager
                 .list()
                 .iter()
-                .map(|vm| (vm_path(vm.id()), vm.with_info(vm_objects::interfaces)))
+                .map(|vm| {
+                    (
+                        vm_path(vm.id()),
+                        vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view())),
+                    )
+                })
                 .collect())
         };
         self.shared.gate.call(conn, &hdr, req, work).await

@@ -59,6 +59,37 @@ pub fn vm_property(info: &VmInfo, name: &str) -> Option<Variant<'static>> {
     })
 }
 
+/// The value of a guest property (`GuestAgent`, `GuestInfo`, `Addresses`, `Forwards`):
+/// the guest's words, escaped for the bus.
+pub fn guest_property(view: &crate::vm::guest::GuestView, name: &str) -> Option<Variant<'static>> {
+    Some(match name {
+        "GuestAgent" => Variant::from(view.agent.as_str()),
+        "GuestInfo" => Variant::from(view.info_map().outbound()),
+        "Addresses" => Variant::from(
+            view.address_rows()
+                .into_iter()
+                .map(|(a, b, c)| (a.outbound(), b.outbound(), c.outbound()))
+                .collect::<Vec<_>>(),
+        ),
+        "Forwards" => Variant::from(view.forward_specs()),
+        _ => return None,
+    })
+}
+
+/// The named guest properties as a map of owned values.
+pub fn guest_properties(
+    view: &crate::vm::guest::GuestView,
+    names: &[&str],
+) -> HashMap<String, OwnedVariant> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = guest_property(view, n)?;
+            Some((n.to_string(), OwnedVariant::try_from(v).ok()?))
+        })
+        .collect()
+}
+
 /// The named properties as a map of owned values.
 pub fn vm_properties(info: &VmInfo, names: &[&str]) -> HashMap<String, OwnedVariant> {
     names

@@ -12,14 +12,17 @@ use std::sync::Arc;
 
 use super::idle::Idle;
 use super::object_manager::ObjectManagerIface;
-use super::properties::{CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, vm_property};
+use super::properties::{
+    CONFIG_PROPERTIES, STATUS_PROPERTIES, emit_changed, guest_property, vm_property,
+};
 use super::signals::emitters;
 use super::{ManagerIface, QmpIface, Shared, VmIface, vm_objects};
-use crate::client::{MANAGER_PATH, VM_INTERFACE, vm_path};
+use crate::client::{GUEST_INTERFACE, MANAGER_PATH, VM_INTERFACE, vm_path};
 use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
+use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::vm::{Vm, VmInfo};
 
 /// A broken connection fails every signal; say so at a bounded rate.
@@ -100,7 +103,8 @@ async fn emit(conn: &Connection, shared: &Shared, ev: &CoreEvent) -> zbus::Resul
         CoreEvent::StatusChanged { vm, .. }
         | CoreEvent::RuntimeChanged { vm, .. }
         | CoreEvent::ConfigChanged { vm, .. }
-        | CoreEvent::Qmp { vm, .. } => vm,
+        | CoreEvent::Qmp { vm, .. }
+        | CoreEvent::GuestChanged { vm, .. } => vm,
         // The job's own object signals `Completed`; additions and removals are
         // handled in `run`.
         CoreEvent::JobFinished { .. } | CoreEvent::VmAdded { .. } | CoreEvent::VmRemoved { .. } => {
@@ -137,6 +141,22 @@ async fn emit_to(emitter: &SignalEmitter<'_>, ev: &CoreEvent) -> zbus::Result<()
             timestamp_us,
             ..
         } => QmpIface::event(emitter, &escape(name), &escape(data_json), *timestamp_us).await,
+        CoreEvent::GuestChanged { view, changed, .. } => {
+            for (interface, names) in [
+                (GUEST_INTERFACE, GUEST_PROPERTIES),
+                (VM_INTERFACE, FORWARD_PROPERTIES),
+            ] {
+                let props: HashMap<&str, zbus::Variant<'_>> = changed
+                    .iter()
+                    .filter(|n| names.contains(n))
+                    .filter_map(|n| Some((*n, guest_property(view, n)?)))
+                    .collect();
+                if !props.is_empty() {
+                    emit_changed(emitter, interface, props).await?;
+                }
+            }
+            Ok(())
+        }
         CoreEvent::JobFinished { .. } | CoreEvent::VmAdded { .. } | CoreEvent::VmRemoved { .. } => {
             Ok(())
         }

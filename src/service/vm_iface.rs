@@ -288,6 +288,49 @@ impl VmIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Forwards a host port to the guest on its user-mode network until the VM stops:
+    /// `[tcp:|udp:][BIND:]HOST:GUEST` (BIND defaults to 127.0.0.1).
+    async fn add_forward(
+        &self,
+        spec: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self
+            .req(Action::Lifecycle, "AddForward")
+            .with_args(spec.to_string());
+        let work = self.vm.add_forward(spec);
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// Removes a forward (the same spec; the guest port may be left out of the match).
+    async fn remove_forward(
+        &self,
+        spec: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = self
+            .req(Action::Lifecycle, "RemoveForward")
+            .with_args(spec.to_string());
+        let work = self.vm.remove_forward(spec);
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// The forwards in place on the running VM, as `proto:bind:host:guest`.
+    #[zbus(property)]
+    async fn forwards(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        self.shared
+            .gate
+            .check_read(conn, hdr.as_ref(), Some(&self.vm))
+            .await?;
+        Ok(self.vm.guest_view().forward_specs().outbound())
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     async fn id(
         &self,

@@ -8,9 +8,12 @@ use std::sync::Arc;
 use zbus::connection::Builder;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 
-use super::properties::{VM_PROPERTIES, vm_properties};
-use super::{QmpIface, Shared, SnapshotsIface, StorageIface, VmIface};
-use crate::client::{QMP_INTERFACE, SNAPSHOTS_INTERFACE, STORAGE_INTERFACE, VM_INTERFACE, vm_path};
+use super::properties::{VM_PROPERTIES, guest_properties, vm_properties};
+use super::{GuestIface, QmpIface, Shared, SnapshotsIface, StorageIface, VmIface};
+use crate::client::{
+    GUEST_INTERFACE, QMP_INTERFACE, SNAPSHOTS_INTERFACE, STORAGE_INTERFACE, VM_INTERFACE, vm_path,
+};
+use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES, GuestView};
 use crate::vm::{Vm, VmInfo};
 
 /// Interfaces with their properties, as `GetManagedObjects` and `InterfacesAdded` carry
@@ -27,7 +30,8 @@ pub fn serve_on<'a>(builder: Builder<'a>, shared: &Arc<Shared>, vm: &Arc<Vm>) ->
             path.clone(),
             SnapshotsIface::new(shared.clone(), vm.clone()),
         )
-        .serve_at(path, StorageIface::new(shared.clone(), vm.clone()))
+        .serve_at(path.clone(), StorageIface::new(shared.clone(), vm.clone()))
+        .serve_at(path, GuestIface::new(shared.clone(), vm.clone()))
 }
 
 /// Registers a new VM's objects on a live connection.
@@ -50,6 +54,9 @@ pub async fn publish(
     server
         .at(&path, StorageIface::new(shared.clone(), vm.clone()))
         .await?;
+    server
+        .at(&path, GuestIface::new(shared.clone(), vm.clone()))
+        .await?;
     Ok(path)
 }
 
@@ -63,18 +70,26 @@ pub async fn unpublish(
     server.remove::<QmpIface, _>(path).await?;
     server.remove::<SnapshotsIface, _>(path).await?;
     server.remove::<StorageIface, _>(path).await?;
+    server.remove::<GuestIface, _>(path).await?;
     Ok(vec![
         VM_INTERFACE,
         QMP_INTERFACE,
         SNAPSHOTS_INTERFACE,
         STORAGE_INTERFACE,
+        GUEST_INTERFACE,
     ])
 }
 
 /// A VM's interfaces and their properties.
-pub fn interfaces(info: &VmInfo) -> InterfaceProps {
+pub fn interfaces(info: &VmInfo, guest: &GuestView) -> InterfaceProps {
     let mut ifaces = HashMap::new();
-    ifaces.insert(VM_INTERFACE.to_string(), vm_properties(info, VM_PROPERTIES));
+    let mut vm = vm_properties(info, VM_PROPERTIES);
+    vm.extend(guest_properties(guest, FORWARD_PROPERTIES));
+    ifaces.insert(VM_INTERFACE.to_string(), vm);
+    ifaces.insert(
+        GUEST_INTERFACE.to_string(),
+        guest_properties(guest, GUEST_PROPERTIES),
+    );
     // No properties: listed so clients see the interfaces exist.
     ifaces.insert(QMP_INTERFACE.to_string(), HashMap::new());
     ifaces.insert(SNAPSHOTS_INTERFACE.to_string(), HashMap::new());

@@ -229,7 +229,14 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
                 );
             }
             let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
-            match runner.job("snapshot-save", "save", args, true).await {
+            // Consistent filesystems in the snapshot when the guest agent can freeze
+            // them; thawed right after the save, whatever its outcome.
+            let frozen = vm.agent_freeze().await;
+            let saved = runner.job("snapshot-save", "save", args, true).await;
+            if frozen {
+                vm.agent_thaw().await;
+            }
+            match saved {
                 // QEMU (7.2 at least) saves in one block of its main loop and cannot
                 // stop a save once begun: a cancel maqet accepted is honoured by
                 // deleting what QEMU made, so the user sees no snapshot.

@@ -84,6 +84,11 @@ impl Vm {
             })
             .await;
         supervisor::spawn(self.clone(), runtime, rx);
+        // The configured forwards are still in QEMU; ones added at run time before the
+        // restart stay in place but are no longer listed (maqetd kept them in memory).
+        if let Ok(config) = self.stored_config() {
+            self.set_forwards(config.guest().forwards.clone());
+        }
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
     }
 

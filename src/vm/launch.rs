@@ -34,6 +34,17 @@ const TAIL_BYTES: u64 = 2048;
 /// What maqet adds to every QEMU command line: identity, its monitor, and (`console`)
 /// the first serial port on a socket for `maqet console`. Nothing else.
 pub fn management_args(uuid: &str, name: &str, console: bool) -> Vec<String> {
+    management_args_with_agent(uuid, name, console, None)
+}
+
+/// [`management_args`], plus (`agent`: the fd number of its listening socket) a
+/// virtio-serial port `org.qemu.guest_agent.0` for the QEMU guest agent.
+pub fn management_args_with_agent(
+    uuid: &str,
+    name: &str,
+    console: bool,
+    agent: Option<RawFd>,
+) -> Vec<String> {
     let mut args = vec![
         "-uuid".into(),
         uuid.into(),
@@ -55,7 +66,26 @@ pub fn management_args(uuid: &str, name: &str, console: bool) -> Vec<String> {
             format!("chardev:{CONSOLE_CHARDEV_ID}"),
         ]);
     }
+    if let Some(fd) = agent {
+        use super::guest::{AGENT_CHARDEV_ID, AGENT_PORT_ID};
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id={AGENT_CHARDEV_ID},fd={fd},server=on,wait=off"),
+            "-device".into(),
+            format!("virtio-serial-pci,id={AGENT_CHARDEV_ID}-serial"),
+            "-device".into(),
+            format!(
+                "virtserialport,id={AGENT_PORT_ID},chardev={AGENT_CHARDEV_ID},name={},bus={AGENT_CHARDEV_ID}-serial.0",
+                crate::agent::PORT_NAME
+            ),
+        ]);
+    }
     args
+}
+
+/// The fd number of the agent's listening socket: above every other fd QEMU gets.
+fn agent_fd(files: &[(RawFd, RawFd)]) -> RawFd {
+    files.iter().map(|p| p.1).fold(CONSOLE_FD, RawFd::max) + 1
 }
 
 /// Whether maqet may give the first serial port to `maqet console`: not when the config
@@ -116,6 +146,8 @@ pub struct LaunchSpec<'a> {
     pub qmp_socket: &'a Path,
     /// Where the serial console listens, when maqet provides one.
     pub console_socket: Option<&'a Path>,
+    /// Where the guest agent's channel listens (`guest_agent: true`).
+    pub agent_socket: Option<&'a Path>,
     pub log_file: &'a Path,
     /// Host files opened for QEMU: `(fd, number in QEMU)`, and what each one is (for
     /// the log). `user_args` name them by number.
@@ -135,11 +167,18 @@ pub struct Spawned {
 pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
     let listener = bind_fresh(spec.qmp_socket)?;
     let console = spec.console_socket.map(bind_fresh).transpose()?;
+    let agent = spec.agent_socket.map(bind_fresh).transpose()?;
+    let mut files = spec.files.to_vec();
+    files.extend(
+        agent
+            .as_ref()
+            .map(|l| (l.as_raw_fd(), agent_fd(spec.files))),
+    );
     let (log, log_offset) = open_log(spec)?;
     let log_err = log.try_clone()?;
 
     let mut cmd = Command::new(spec.binary);
-    cmd.args(management_args(spec.uuid, spec.name, console.is_some()))
+    cmd.args(spec_management_args(spec))
         .args(spec.user_args)
         .stdin(Stdio::null())
         .stdout(log)
@@ -147,18 +186,24 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
-    run_with_fds(&mut cmd, &listener, console.as_ref(), spec.files);
+    run_with_fds(&mut cmd, &listener, console.as_ref(), &files);
     let child = cmd.spawn()?;
     let pid = child.id();
     // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.
     drop(child);
     drop(listener);
     drop(console);
+    drop(agent);
     let process = Process::from_child(pid)?;
     Ok(Spawned {
         process,
         log_offset,
     })
+}
+
+fn spec_management_args(spec: &LaunchSpec<'_>) -> Vec<String> {
+    let agent = spec.agent_socket.map(|_| agent_fd(spec.files));
+    management_args_with_agent(spec.uuid, spec.name, spec.console_socket.is_some(), agent)
 }
 
 /// Binds a listening socket at `path`, replacing a stale one from a dead QEMU (the
@@ -191,10 +236,7 @@ fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
         crate::time::format_us(crate::time::now_us()),
         spec.binary.display()
     );
-    for a in management_args(spec.uuid, spec.name, spec.console_socket.is_some())
-        .iter()
-        .chain(spec.user_args)
-    {
+    for a in spec_management_args(spec).iter().chain(spec.user_args) {
         line.push(' ');
         line.push_str(a);
     }
@@ -236,6 +278,28 @@ mod tests {
         let a = management_args("1234", "web", true);
         assert!(a.contains(&"socket,id=maqet-console,fd=4,server=on,wait=off".to_string()));
         assert!(a.ends_with(&["-serial".to_string(), "chardev:maqet-console".to_string()]));
+    }
+
+    #[test]
+    fn the_agent_channel_is_added_only_when_asked_with_a_fd_above_the_others() {
+        assert_eq!(
+            management_args("1", "w", true),
+            management_args_with_agent("1", "w", true, None)
+        );
+        let a = management_args_with_agent("1", "w", false, Some(agent_fd(&[(9, 5), (8, 6)])));
+        let tail: Vec<&str> = a[a.len() - 6..].iter().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "-chardev",
+                "socket,id=maqet-ga,fd=7,server=on,wait=off",
+                "-device",
+                "virtio-serial-pci,id=maqet-ga-serial",
+                "-device",
+                "virtserialport,id=maqet-ga-port,chardev=maqet-ga,name=org.qemu.guest_agent.0,bus=maqet-ga-serial.0"
+            ]
+        );
+        assert_eq!(agent_fd(&[]), 5);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+mod forward;
+pub mod guest;
 pub mod launch;
 mod monitor;
 pub mod process;
@@ -208,6 +210,8 @@ enum StopIntent {
     None,
     /// ACPI power-down requested.
     Powerdown,
+    /// `guest-shutdown` sent through the guest agent.
+    AgentShutdown,
     /// QMP `quit` sent (by a stop, a restart, or the QMP passthrough).
     Quit,
     Terminate,
@@ -284,6 +288,8 @@ pub struct Vm {
     /// would carry for nothing.
     qmp_events: OnceLock<broadcast::Sender<(String, Value)>>,
     busy: Mutex<Option<Busy>>,
+    /// The guest agent and what it said (`guest::GuestView`).
+    guest: guest::GuestLink,
     /// The event consumer has handled this VM's `VmAdded` / `VmRemoved`.
     announced: Notify,
 }
@@ -387,6 +393,7 @@ impl Vm {
             runtime: Mutex::new(None),
             qmp_events: OnceLock::new(),
             busy: Mutex::new(None),
+            guest: guest::GuestLink::default(),
             announced: Notify::new(),
         }))
     }

@@ -24,6 +24,7 @@ impl Vm {
                 return Err(MaqetError::QemuFailed(msg));
             }
         };
+        forward::check_host_ports(&config.guest().forwards)?;
         self.transition(Status::Starting, "start requested", false, |_| {})
             .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
@@ -64,6 +65,7 @@ impl Vm {
                 })
                 .await?;
                 supervisor::spawn(self.clone(), runtime, events);
+                self.set_forwards(config.guest().forwards.clone());
                 Ok(())
             }
             Err(failure) => {
@@ -242,6 +244,8 @@ impl Vm {
             .map_err(|e| setup("log directory", &e))?;
         let socket = paths.qmp_socket(&self.id);
         let console = paths.console_socket(&self.id);
+        let agent = paths.agent_socket(&self.id);
+        let wants_agent = self.stored_config().is_ok_and(|c| c.guest().guest_agent);
         let log_file = paths.vm_log(&self.id);
         let args = &files.args;
         let placements = files.placements();
@@ -252,6 +256,7 @@ impl Vm {
             user_args: args,
             qmp_socket: &socket,
             console_socket: launch::wants_console(args).then_some(console.as_path()),
+            agent_socket: wants_agent.then_some(agent.as_path()),
             log_file: &log_file,
             files: &placements,
             file_notes: &files.notes,
@@ -320,6 +325,20 @@ impl Vm {
                 ));
             }
         };
+        // The ports were checked free before the spawn; one taken since fails the start.
+        if let Ok(config) = self.stored_config()
+            && let Err(e) = forward::install(name, &qmp, &config).await
+        {
+            let _ = process.signal(Signal::KILL);
+            let exit = process.wait().await;
+            return Err(failure(
+                Some(exit),
+                format!(
+                    "was stopped: its forwards could not be set up ({})",
+                    e.message()
+                ),
+            ));
+        }
         let runtime = Runtime::new(process, qmp, spawned.log_offset);
         Ok((runtime, rx, status))
     }

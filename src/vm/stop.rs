@@ -100,6 +100,18 @@ impl Vm {
 /// power down first and wait until `rt.stop_deadline`.
 async fn escalate(vm: Arc<Vm>, rt: Arc<Runtime>, graceful: bool) {
     let name = vm.name();
+    // A connected guest agent first: it powers off even a guest without ACPI handling.
+    // It gets half the graceful wait; ACPI the rest.
+    if graceful && vm.agent_shutdown(&rt).await {
+        let deadline = *rt.stop_deadline.borrow();
+        let half = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()) / 2)
+            .unwrap_or_default();
+        if rt.wait_exited(half).await {
+            return;
+        }
+        tracing::info!(vm = %name, "guest did not power off through its agent; trying ACPI");
+    }
     if graceful {
         rt.set_intent(StopIntent::Powerdown);
         match rt

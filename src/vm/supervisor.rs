@@ -19,6 +19,7 @@ use crate::time::now_us;
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub(super) fn spawn(vm: Arc<Vm>, rt: Arc<Runtime>, mut events: UnboundedReceiver<QmpEvent>) {
+    super::guest::spawn_agent(&vm, &rt);
     tokio::spawn(async move {
         let mut events_open = true;
         let exit = loop {
@@ -81,6 +82,7 @@ async fn handle_event(vm: &Arc<Vm>, rt: &Runtime, ev: QmpEvent) {
                 .to_string();
             *rt.shutdown.lock() = Some(ShutdownEvent { guest, reason });
         }
+        "VSERPORT_CHANGE" => vm.agent_port_changed(&ev.data),
         _ => {}
     }
     vm.publish_qmp(&ev.name, &ev.data);
@@ -130,7 +132,7 @@ fn classify(
     }
     if let Some(sd) = shutdown.filter(|s| s.guest) {
         // Answering our ACPI power-down is doing what was asked.
-        let cause = if intent == StopIntent::Powerdown {
+        let cause = if matches!(intent, StopIntent::Powerdown | StopIntent::AgentShutdown) {
             Cause::Other
         } else {
             Cause::Guest
@@ -139,6 +141,10 @@ fn classify(
             "guest-shutdown" if intent == StopIntent::Powerdown => (
                 Status::Stopped,
                 "guest powered off after an ACPI power-down request".into(),
+            ),
+            "guest-shutdown" if intent == StopIntent::AgentShutdown => (
+                Status::Stopped,
+                "guest powered off after a guest-agent shutdown request".into(),
             ),
             "guest-shutdown" => (Status::Stopped, "guest powered off".into()),
             "guest-panic" => (Status::Crashed, "guest panicked".into()),
@@ -158,7 +164,7 @@ fn classify_host(
     shutdown: Option<&ShutdownEvent>,
 ) -> (Status, String) {
     match intent {
-        StopIntent::Powerdown | StopIntent::Quit => {
+        StopIntent::Powerdown | StopIntent::AgentShutdown | StopIntent::Quit => {
             return (Status::Stopped, "stopped by request (QMP quit)".into());
         }
         StopIntent::Terminate => {

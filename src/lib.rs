@@ -13,6 +13,7 @@ pub mod events;
 pub mod fdio;
 pub mod host;
 pub mod jobs;
+pub mod lines;
 pub mod log_limit;
 pub mod logging;
 pub mod manager;

@@ -5,6 +5,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use super::AgentError;
+use crate::lines::Line;
 
 /// The byte that resets the agent's parser (host → guest) and precedes the reply to
 /// `guest-sync-delimited` (guest → host).
@@ -40,26 +41,10 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
     line: &mut Vec<u8>,
     max: usize,
 ) -> Result<(), AgentError> {
-    line.clear();
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Err(AgentError::Disconnected);
-        }
-        let newline = buf.iter().position(|&b| b == b'\n');
-        let chunk = &buf[..newline.unwrap_or(buf.len())];
-        if line.len() + chunk.len() > max {
-            return Err(AgentError::TooLarge(max));
-        }
-        line.extend_from_slice(chunk);
-        let used = chunk.len() + usize::from(newline.is_some());
-        reader.consume(used);
-        if newline.is_some() {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            return Ok(());
-        }
+    match crate::lines::read_line(reader, line, max).await? {
+        Line::Complete => Ok(()),
+        Line::Eof => Err(AgentError::Disconnected),
+        Line::TooLong => Err(AgentError::TooLarge(max)),
     }
 }
 

@@ -4,9 +4,10 @@
 //! `\n` is accepted too.
 
 use serde_json::{Map, Value};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::io::AsyncBufRead;
 
 use super::QmpError;
+use crate::lines::Line;
 
 /// The longest line accepted. Past it the framing is lost, so the connection is closed.
 pub(super) const MAX_LINE_BYTES: usize = 64 << 20;
@@ -100,32 +101,20 @@ pub(super) async fn read_line<R: AsyncBufRead + Unpin>(
     line: &mut Vec<u8>,
     max: usize,
 ) -> Result<bool, QmpError> {
-    line.clear();
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
+    match crate::lines::read_line(reader, line, max).await? {
+        Line::Complete => Ok(true),
+        Line::Eof => {
             if !line.is_empty() {
                 tracing::warn!(text = %excerpt(line), "QMP stream ended inside a message; discarding it");
             }
-            return Ok(false);
+            Ok(false)
         }
-        let newline = buf.iter().position(|&b| b == b'\n');
-        let chunk = &buf[..newline.unwrap_or(buf.len())];
-        if line.len() + chunk.len() > max {
-            line.extend_from_slice(&chunk[..EXCERPT_BYTES.min(chunk.len())]);
-            return Err(QmpError::Protocol(format!(
+        Line::TooLong => {
+            line.truncate(EXCERPT_BYTES);
+            Err(QmpError::Protocol(format!(
                 "QMP message longer than {max} bytes, starting: {}",
                 excerpt(line)
-            )));
-        }
-        line.extend_from_slice(chunk);
-        let used = chunk.len() + usize::from(newline.is_some());
-        reader.consume(used);
-        if newline.is_some() {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            return Ok(true);
+            )))
         }
     }
 }

@@ -519,3 +519,62 @@ fn backing_format_is_probed_and_a_moved_directory_keeps_its_chain() {
         stderr(&out)
     );
 }
+
+/// `maqet rm --all` under a terminal (util-linux `script` gives it one): it asks;
+/// "n" removes nothing; "y" removes the VMs that are not running and reports the
+/// running one as kept (exit 1), since no `--force` was given.
+#[test]
+fn rm_all_asks_on_a_terminal() {
+    use std::io::Write;
+    let bus = Bus::start();
+    for name in ["idle", "busy"] {
+        let file = bus.root().join(format!("{name}.yaml"));
+        std::fs::write(&file, tiny_vm_yaml(name)).unwrap();
+        assert!(
+            bus.maqet(&["add", "-c", file.to_str().unwrap()])
+                .status
+                .success()
+        );
+    }
+    assert!(bus.maqet(&["start", "busy"]).status.success());
+    let on_terminal = |answer: &str| {
+        let base = bus.maqet_command(&[]);
+        let line = format!("{} rm --all", base.get_program().to_str().unwrap());
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd.spawn().expect("util-linux script");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = on_terminal("n\n");
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("Remove all 2 VMs? [y/N]"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("nothing removed"), "{}", stdout(&out));
+    assert!(bus.maqet(&["status", "idle"]).status.success());
+
+    let out = on_terminal("y\n");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("removed idle"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("kept busy"), "{}", stdout(&out));
+    assert_eq!(bus.maqet(&["status", "idle"]).status.code(), Some(3));
+    assert!(bus.maqet(&["status", "busy"]).status.success());
+    assert!(bus.maqet(&["stop", "--force", "busy"]).status.success());
+}

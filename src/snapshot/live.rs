@@ -183,6 +183,7 @@ async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), MaqetError> {
         &format!("the VM state of a live snapshot (disk '{}')", disk.name),
         dir,
     )
+    .map_err(MaqetError::from)
 }
 
 /// How one QEMU job ended, when not well.

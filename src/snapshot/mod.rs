@@ -186,7 +186,7 @@ fn check_name(vm: &str, op: Op, name: &str, existing: &[SnapshotInfo]) -> Result
 }
 
 fn qemu_img(vm: &Vm) -> Result<QemuImg, MaqetError> {
-    QemuImg::find(vm.ctx().path_env.as_deref())
+    QemuImg::find(vm.ctx().path_env.as_deref()).map_err(MaqetError::from)
 }
 
 /// The VM's snapshots (from QEMU while it runs, from the image files otherwise).

@@ -116,7 +116,7 @@ pub(super) async fn run(
 fn ended(e: RunError, note: String) -> Outcome {
     match e {
         RunError::Cancelled => Outcome::new(JobState::Cancelled, format!("cancelled; {note}")),
-        RunError::Failed(e) => Outcome::new(JobState::Failed, format!("{}; {note}", e.message())),
+        RunError::Failed(e) => Outcome::new(JobState::Failed, format!("{}; {note}", e)),
     }
 }
 

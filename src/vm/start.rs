@@ -39,7 +39,7 @@ impl Vm {
                 Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
                 Err(e) => Err(e),
             },
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let files = match opened {
             Ok(files) => files,

@@ -1,0 +1,107 @@
+//! The service edge: core errors become D-Bus errors here and nowhere else.
+//!
+//! Each core error knows its [`ErrorKind`]; the D-Bus error is
+//! `org.maqet.Maqet1.Error.<Kind>` with the error's own message (which already says what
+//! failed and what to do). The full `source()` chain goes to the log.
+
+use crate::error::MaqetError;
+use crate::error_kind::{self, ErrorKind};
+use crate::storage::StorageError;
+
+impl MaqetError {
+    /// The D-Bus error of `kind` carrying `message`.
+    pub fn from_kind(kind: ErrorKind, message: String) -> MaqetError {
+        match kind {
+            ErrorKind::NotFound => MaqetError::NotFound(message),
+            ErrorKind::AlreadyExists => MaqetError::AlreadyExists(message),
+            ErrorKind::InvalidArgument => MaqetError::InvalidArgument(message),
+            ErrorKind::InvalidConfig => MaqetError::InvalidConfig(message),
+            ErrorKind::InvalidState => MaqetError::InvalidState(message),
+            ErrorKind::AccessDenied => MaqetError::AccessDenied(message),
+            ErrorKind::Qmp => MaqetError::Qmp(message),
+            ErrorKind::QemuFailed => MaqetError::QemuFailed(message),
+            ErrorKind::Storage => MaqetError::Storage(message),
+            ErrorKind::Timeout => MaqetError::Timeout(message),
+            ErrorKind::Cancelled => MaqetError::Cancelled(message),
+            ErrorKind::Internal => MaqetError::Internal(message),
+        }
+    }
+}
+
+/// The D-Bus error for a core error; its source chain is logged when it adds anything.
+fn to_dbus(kind: ErrorKind, e: &dyn std::error::Error) -> MaqetError {
+    let message = e.to_string();
+    if e.source().is_some() {
+        let chain = error_kind::chain(e);
+        if chain != message {
+            tracing::debug!(kind = kind.as_str(), error = %chain, "call failed");
+        }
+    }
+    MaqetError::from_kind(kind, message)
+}
+
+/// `From<CoreError> for MaqetError`, through the error's `kind()`.
+macro_rules! at_the_edge {
+    ($($core:ty),* $(,)?) => {
+        $(impl From<$core> for MaqetError {
+            fn from(e: $core) -> MaqetError {
+                to_dbus(e.kind(), &e)
+            }
+        })*
+    };
+}
+
+at_the_edge!(StorageError);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+    use zbus::DBusError as _;
+
+    #[test]
+    fn every_kind_has_its_dbus_name() {
+        let kinds = [
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::InvalidArgument,
+            ErrorKind::InvalidConfig,
+            ErrorKind::InvalidState,
+            ErrorKind::AccessDenied,
+            ErrorKind::Qmp,
+            ErrorKind::QemuFailed,
+            ErrorKind::Storage,
+            ErrorKind::Timeout,
+            ErrorKind::Cancelled,
+            ErrorKind::Internal,
+        ];
+        for kind in kinds {
+            let e = MaqetError::from_kind(kind, "why".into());
+            assert_eq!(
+                e.name().as_str(),
+                format!("org.maqet.Maqet1.Error.{}", kind.as_str())
+            );
+            assert_eq!(e.kind(), kind.as_str());
+            assert_eq!(e.message(), "why");
+        }
+    }
+
+    #[test]
+    fn storage_errors_keep_their_cause_and_kind() {
+        let io = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = StorageError::Spawn {
+            what: "info".into(),
+            source: io,
+        };
+        let cause = e.source().expect("the io error is the source");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some());
+        let message = e.to_string();
+        let dbus = MaqetError::from(e);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.Storage");
+        assert_eq!(dbus.message(), message);
+        assert!(message.starts_with("cannot run qemu-img info: "));
+        let cancelled = MaqetError::from(StorageError::Cancelled);
+        assert_eq!(cancelled.kind(), "Cancelled");
+        assert_eq!(cancelled.message(), "qemu-img was cancelled");
+    }
+}

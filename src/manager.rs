@@ -16,7 +16,7 @@ use crate::events::CoreEvent;
 use crate::jobs::JobRegistry;
 use crate::store::VmRecord;
 use crate::time::now_us;
-use crate::vm::{Ctx, Operation, Status, Vm, store_error};
+use crate::vm::{Ctx, Operation, Status, Vm, VmError, store_error};
 
 #[derive(Default)]
 struct Registry {
@@ -279,7 +279,7 @@ impl Manager {
             cfg,
             |old, new| {
                 if old != new && self.registry().by_name.contains_key(new) {
-                    return Err(MaqetError::AlreadyExists(format!(
+                    return Err(VmError::AlreadyExists(format!(
                         "cannot rename '{old}' to '{new}': that name is taken"
                     )));
                 }
@@ -292,6 +292,7 @@ impl Manager {
             },
         )
         .await
+        .map_err(MaqetError::from)
     }
 
     /// Removes a VM's definition. Refused while it runs unless `force` (which kills it).

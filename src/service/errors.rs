@@ -7,6 +7,7 @@
 use crate::error::MaqetError;
 use crate::error_kind::{self, ErrorKind};
 use crate::storage::StorageError;
+use crate::vm::VmError;
 
 impl MaqetError {
     /// The D-Bus error of `kind` carrying `message`.
@@ -51,7 +52,7 @@ macro_rules! at_the_edge {
     };
 }
 
-at_the_edge!(StorageError);
+at_the_edge!(StorageError, VmError);
 
 #[cfg(test)]
 mod tests {
@@ -103,5 +104,50 @@ mod tests {
         let cancelled = MaqetError::from(StorageError::Cancelled);
         assert_eq!(cancelled.kind(), "Cancelled");
         assert_eq!(cancelled.message(), "qemu-img was cancelled");
+    }
+
+    #[test]
+    fn a_vm_error_reaches_the_qmp_and_io_errors_below_it() {
+        let io = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let e = crate::vm::qmp_error("web", crate::qmp::QmpError::Io(io));
+        assert_eq!(e.kind(), ErrorKind::Qmp);
+        let qmp = e.source().expect("the QMP error is the source");
+        assert!(qmp.downcast_ref::<crate::qmp::QmpError>().is_some());
+        let io = qmp
+            .source()
+            .expect("the io error is the QMP error's source");
+        assert!(io.downcast_ref::<std::io::Error>().is_some());
+        assert!(error_kind::chain(&e).starts_with("VM 'web': QMP I/O error"));
+        let dbus = MaqetError::from(e);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.Qmp");
+        assert!(dbus.message().starts_with("VM 'web': QMP I/O error"));
+    }
+
+    #[test]
+    fn vm_errors_keep_todays_kinds_and_messages() {
+        let timeout = crate::vm::qmp_error(
+            "web",
+            crate::qmp::QmpError::Timeout(std::time::Duration::from_secs(10)),
+        );
+        let dbus = MaqetError::from(timeout);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.Timeout");
+        assert_eq!(
+            dbus.message(),
+            "VM 'web': QEMU did not answer on its monitor within 10 s"
+        );
+        let taken = crate::vm::store_error(crate::store::StoreError::NameTaken("web".into()));
+        assert!(
+            taken
+                .source()
+                .and_then(|s| s.downcast_ref::<crate::store::StoreError>())
+                .is_some()
+        );
+        let dbus = MaqetError::from(taken);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.AlreadyExists");
+        assert_eq!(dbus.message(), "a VM named 'web' already exists");
+        let state = MaqetError::from(VmError::InvalidState("VM 'web' is running".into()));
+        assert_eq!(state.name().as_str(), "org.maqet.Maqet1.Error.InvalidState");
+        let storage = MaqetError::from(VmError::from(StorageError::Cancelled));
+        assert_eq!(storage.name().as_str(), "org.maqet.Maqet1.Error.Cancelled");
     }
 }

@@ -72,7 +72,10 @@ impl StorageIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Checks every entry: (name, ok, message). qcow2: `qemu-img check`; raw images
@@ -93,6 +96,9 @@ impl StorageIface {
                 .map(|r| (r.name, r.ok, r.message))
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 }

@@ -195,7 +195,7 @@ enum JobEnd {
 pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> Outcome {
     let qmp = match vm.qmp() {
         Ok(q) => q,
-        Err(e) => return Outcome::new(JobState::Failed, e.message()),
+        Err(e) => return Outcome::new(JobState::Failed, e.to_string()),
     };
     let runner = Runner {
         vm,
@@ -322,7 +322,7 @@ impl Runner<'_> {
                 r = &mut reply, if !replied => {
                     replied = true;
                     if let Err(e) = r {
-                        return Err(JobEnd::Failed(qmp_error(&self.vm.name(), e).message()));
+                        return Err(JobEnd::Failed(qmp_error(&self.vm.name(), e).to_string()));
                     }
                 }
                 ev = events.recv() => match ev {

@@ -22,7 +22,7 @@ use crate::events::CoreEvent;
 use crate::jobs::{Job, JobRegistry, JobState};
 use crate::storage::QemuImg;
 pub use crate::storage::qemu_img::SnapshotInfo;
-use crate::vm::{BusyGuard, Status, Vm};
+use crate::vm::{BusyGuard, Status, Vm, VmError};
 
 /// Longest snapshot name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -138,11 +138,11 @@ fn plan(vm: &str, config: &VmConfig) -> Result<Vec<Disk>, MaqetError> {
 }
 
 /// Offline for a VM without QEMU, live for one with, refused in between.
-fn live_mode(vm: &str, op: Op, status: Status) -> Result<bool, MaqetError> {
+fn live_mode(vm: &str, op: Op, status: Status) -> Result<bool, VmError> {
     match status {
         Status::Created | Status::Stopped | Status::Crashed | Status::Failed => Ok(false),
         Status::Running | Status::Paused => Ok(true),
-        Status::Starting | Status::Stopping => Err(MaqetError::InvalidState(format!(
+        Status::Starting | Status::Stopping => Err(VmError::InvalidState(format!(
             "a snapshot {} is not possible while VM '{vm}' is {status}; wait until it is running or stopped",
             op.verb()
         ))),
@@ -418,7 +418,10 @@ mod tests {
         assert!(!live_mode("v", op, Status::Stopped).unwrap());
         assert!(live_mode("v", op, Status::Paused).unwrap());
         assert_eq!(
-            live_mode("v", op, Status::Starting).unwrap_err().kind(),
+            live_mode("v", op, Status::Starting)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "InvalidState"
         );
     }

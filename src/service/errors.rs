@@ -6,6 +6,7 @@
 
 use crate::error::MaqetError;
 use crate::error_kind::{self, ErrorKind};
+use crate::manager::ManagerError;
 use crate::storage::StorageError;
 use crate::vm::VmError;
 
@@ -52,7 +53,7 @@ macro_rules! at_the_edge {
     };
 }
 
-at_the_edge!(StorageError, VmError);
+at_the_edge!(StorageError, VmError, ManagerError);
 
 #[cfg(test)]
 mod tests {
@@ -149,5 +150,28 @@ mod tests {
         assert_eq!(state.name().as_str(), "org.maqet.Maqet1.Error.InvalidState");
         let storage = MaqetError::from(VmError::from(StorageError::Cancelled));
         assert_eq!(storage.name().as_str(), "org.maqet.Maqet1.Error.Cancelled");
+    }
+
+    #[test]
+    fn a_manager_error_keeps_the_vm_error_and_its_kind() {
+        let vm = crate::vm::qmp_error(
+            "web",
+            crate::qmp::QmpError::Command {
+                class: "GenericError".into(),
+                desc: "no".into(),
+            },
+        );
+        let e = ManagerError::from(vm);
+        assert_eq!(e.kind(), ErrorKind::Qmp);
+        let qmp = e
+            .source()
+            .and_then(|s| s.downcast_ref::<crate::qmp::QmpError>());
+        assert!(qmp.is_some(), "transparent: the QMP error is the source");
+        assert_eq!(MaqetError::from(e).message(), "GenericError: no");
+        let text = ManagerError::Read(crate::config::source::ReadError::Text("not text".into()));
+        assert!(text.source().is_some());
+        let dbus = MaqetError::from(text);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.InvalidConfig");
+        assert_eq!(dbus.message(), "not text");
     }
 }

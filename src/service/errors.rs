@@ -7,6 +7,7 @@
 use crate::error::MaqetError;
 use crate::error_kind::{self, ErrorKind};
 use crate::manager::ManagerError;
+use crate::snapshot::SnapshotError;
 use crate::storage::StorageError;
 use crate::vm::VmError;
 
@@ -53,7 +54,7 @@ macro_rules! at_the_edge {
     };
 }
 
-at_the_edge!(StorageError, VmError, ManagerError);
+at_the_edge!(StorageError, VmError, ManagerError, SnapshotError);
 
 #[cfg(test)]
 mod tests {
@@ -173,5 +174,25 @@ mod tests {
         let dbus = MaqetError::from(text);
         assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.InvalidConfig");
         assert_eq!(dbus.message(), "not text");
+    }
+
+    #[test]
+    fn a_snapshot_error_reaches_the_storage_and_io_errors_below_it() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = SnapshotError::from(StorageError::Spawn {
+            what: "snapshot -c".into(),
+            source: io,
+        });
+        assert_eq!(e.kind(), ErrorKind::Storage);
+        let io = e.source().expect("transparent: the io error is the source");
+        assert!(io.downcast_ref::<std::io::Error>().is_some());
+        let dbus = MaqetError::from(e);
+        assert_eq!(dbus.name().as_str(), "org.maqet.Maqet1.Error.Storage");
+        assert!(
+            dbus.message()
+                .starts_with("cannot run qemu-img snapshot -c: ")
+        );
+        let vm = SnapshotError::from(VmError::InvalidState("VM 'web' is starting".into()));
+        assert_eq!(MaqetError::from(vm).kind(), "InvalidState");
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::error::MaqetError;
 use crate::error_kind::{self, ErrorKind};
+use crate::jobs::JobError;
 use crate::manager::ManagerError;
 use crate::snapshot::SnapshotError;
 use crate::storage::StorageError;
@@ -54,7 +55,7 @@ macro_rules! at_the_edge {
     };
 }
 
-at_the_edge!(StorageError, VmError, ManagerError, SnapshotError);
+at_the_edge!(StorageError, VmError, ManagerError, SnapshotError, JobError);
 
 #[cfg(test)]
 mod tests {

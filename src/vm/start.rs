@@ -28,7 +28,7 @@ impl Vm {
         self.transition(Status::Starting, "start requested", false, |_| {})
             .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
-            let msg = format!("cannot start VM '{name}': {}", e.to_string());
+            let msg = format!("cannot start VM '{name}': {e}");
             self.transition(Status::Failed, &msg, false, |_| {}).await?;
             return Err(VmError::Storage(msg));
         }
@@ -44,7 +44,7 @@ impl Vm {
         let files = match opened {
             Ok(files) => files,
             Err(e) => {
-                let msg = format!("cannot start VM '{name}': {}", e.to_string());
+                let msg = format!("cannot start VM '{name}': {e}");
                 self.transition(Status::Failed, &msg, false, |_| {}).await?;
                 return Err(VmError::Storage(msg));
             }
@@ -333,10 +333,7 @@ impl Vm {
             let exit = process.wait().await;
             return Err(failure(
                 Some(exit),
-                format!(
-                    "was stopped: its forwards could not be set up ({})",
-                    e.to_string()
-                ),
+                format!("was stopped: its forwards could not be set up ({})", e),
             ));
         }
         let runtime = Runtime::new(process, qmp, spawned.log_offset);

@@ -11,7 +11,23 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Notify, watch};
 
-use crate::error::MaqetError;
+use crate::error_kind::ErrorKind;
+
+/// Why a job refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A cancel came after the job's outcome was decided (`InvalidState`).
+    #[error("{0}")]
+    NothingToCancel(String),
+}
+
+impl JobError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            JobError::NothingToCancel(_) => ErrorKind::InvalidState,
+        }
+    }
+}
 
 /// Where a job is. The string forms are the D-Bus `State` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,18 +127,18 @@ impl Job {
 
     /// Asks the job to stop. The outcome (cancelled, or completed when the work was
     /// already past the point of no return) is reported through the status.
-    pub fn cancel(&self) -> Result<(), MaqetError> {
+    pub fn cancel(&self) -> Result<(), JobError> {
         let sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
         let state = self.status.borrow().state;
         if state.is_finished() {
-            return Err(MaqetError::InvalidState(format!(
+            return Err(JobError::NothingToCancel(format!(
                 "job {} has already {}; there is nothing to cancel",
                 self.id,
                 state.as_str()
             )));
         }
         if *sealed {
-            return Err(MaqetError::InvalidState(format!(
+            return Err(JobError::NothingToCancel(format!(
                 "job {} is finishing (its outcome is decided); there is nothing to cancel",
                 self.id
             )));
@@ -239,7 +255,7 @@ mod tests {
         );
         job.set_progress(0.2, "ignored");
         assert_eq!(job.status().message, "stopped");
-        assert_eq!(job.cancel().unwrap_err().kind(), "InvalidState");
+        assert_eq!(job.cancel().unwrap_err().kind().as_str(), "InvalidState");
     }
 
     #[test]
@@ -248,8 +264,8 @@ mod tests {
         let quiet = reg.new_job("snapshot-create", "vm", "");
         assert!(!quiet.seal(), "no cancel was asked for");
         let e = quiet.cancel().unwrap_err();
-        assert_eq!(e.kind(), "InvalidState");
-        assert!(e.message().contains("finishing"), "{}", e.message());
+        assert_eq!(e.kind().as_str(), "InvalidState");
+        assert!(e.to_string().contains("finishing"), "{}", e.to_string());
         assert!(!quiet.cancel_requested());
         let asked = reg.new_job("snapshot-create", "vm", "");
         asked.cancel().unwrap();

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod error;
+pub mod error_kind;
 pub mod events;
 pub mod fdio;
 pub mod host;

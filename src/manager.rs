@@ -5,18 +5,21 @@
 //! name, write the row, publish the VM" one atomic step, and the database's UNIQUE
 //! constraint backs it up.
 
+pub mod error;
+
+pub use error::ManagerError;
+
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{self, ConfigSource};
-use crate::error::MaqetError;
 use crate::events::CoreEvent;
 use crate::jobs::JobRegistry;
 use crate::store::VmRecord;
 use crate::time::now_us;
-use crate::vm::{Ctx, Operation, Status, Vm, store_error};
+use crate::vm::{Ctx, Operation, Status, Vm, VmError, store_error};
 
 #[derive(Default)]
 struct Registry {
@@ -42,7 +45,7 @@ pub const INLINE_ORIGIN: &str = "<yaml>";
 
 impl Manager {
     /// Loads every VM definition from the database.
-    pub async fn open(ctx: Arc<Ctx>) -> Result<Arc<Manager>, MaqetError> {
+    pub async fn open(ctx: Arc<Ctx>) -> Result<Arc<Manager>, ManagerError> {
         let records = ctx
             .store
             .read(|db| db.load_vms())
@@ -118,7 +121,7 @@ impl Manager {
     }
 
     /// By name, else by UUID (with `-` or `_`).
-    pub fn find(&self, name_or_id: &str) -> Result<Arc<Vm>, MaqetError> {
+    pub fn find(&self, name_or_id: &str) -> Result<Arc<Vm>, ManagerError> {
         let reg = self.registry();
         let found = reg
             .by_name
@@ -126,7 +129,7 @@ impl Manager {
             .and_then(|id| reg.by_id.get(id))
             .or_else(|| reg.by_id.get(&name_or_id.replace('_', "-")));
         found.cloned().ok_or_else(|| {
-            MaqetError::NotFound(format!(
+            ManagerError::NotFound(format!(
                 "no VM is named '{name_or_id}' or has that id; `maqet ls` lists the VMs"
             ))
         })
@@ -158,14 +161,14 @@ impl Manager {
     /// know the caller's working directory), each resolving relative paths against its
     /// own directory. Capped and regular files only ([`config::source`]); read on a
     /// blocking thread, so a slow file never holds up an async worker.
-    pub async fn sources_from_files(paths: Vec<String>) -> Result<Vec<ConfigSource>, MaqetError> {
+    pub async fn sources_from_files(paths: Vec<String>) -> Result<Vec<ConfigSource>, ManagerError> {
         if paths.is_empty() {
-            return Err(MaqetError::InvalidArgument(
+            return Err(ManagerError::InvalidArgument(
                 "no config files given; pass at least one YAML file".into(),
             ));
         }
         if let Some(p) = paths.iter().find(|p| !Path::new(p).is_absolute()) {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(ManagerError::InvalidArgument(format!(
                 "config path '{p}' is relative; pass absolute paths (the maqet CLI does this for you)"
             )));
         }
@@ -180,9 +183,9 @@ impl Manager {
 
     /// Reads config files a client passed as descriptors (`AddVMFromFds`), with the
     /// same limits as [`Manager::sources_from_files`].
-    pub async fn sources_from_fds(fds: Vec<OwnedFd>) -> Result<Vec<ConfigSource>, MaqetError> {
+    pub async fn sources_from_fds(fds: Vec<OwnedFd>) -> Result<Vec<ConfigSource>, ManagerError> {
         if fds.is_empty() {
-            return Err(MaqetError::InvalidArgument(
+            return Err(ManagerError::InvalidArgument(
                 "no config files given; pass at least one open YAML file".into(),
             ));
         }
@@ -201,7 +204,7 @@ impl Manager {
         &self,
         name: &str,
         mut sources: Vec<ConfigSource>,
-    ) -> Result<Arc<Vm>, MaqetError> {
+    ) -> Result<Arc<Vm>, ManagerError> {
         let id = uuid::Uuid::new_v4().to_string();
         for s in &mut sources {
             if s.base_dir.as_os_str().is_empty() {
@@ -211,7 +214,7 @@ impl Manager {
         let mut cfg = self.ctx.load_config(&sources, &id)?;
         let name = if !name.is_empty() {
             config::validate_vm_name(name).map_err(|why| {
-                MaqetError::InvalidArgument(format!("invalid VM name '{name}': {why}"))
+                ManagerError::InvalidArgument(format!("invalid VM name '{name}': {why}"))
             })?;
             name.to_string()
         } else if let Some(n) = cfg.name() {
@@ -235,7 +238,7 @@ impl Manager {
             exit_status: -1,
         };
         let taken = || {
-            MaqetError::AlreadyExists(format!(
+            ManagerError::AlreadyExists(format!(
                 "a VM named '{name}' already exists; choose another name or remove it first (maqet rm {name})"
             ))
         };
@@ -266,7 +269,7 @@ impl Manager {
 
     /// Replaces a VM's config with one inline YAML document; renames when its `name`
     /// differs. Returns the changed keys that need a restart.
-    pub async fn apply(&self, vm: &Arc<Vm>, yaml: &str) -> Result<Vec<String>, MaqetError> {
+    pub async fn apply(&self, vm: &Arc<Vm>, yaml: &str) -> Result<Vec<String>, ManagerError> {
         let source = ConfigSource {
             origin: INLINE_ORIGIN.into(),
             text: yaml.to_string(),
@@ -279,7 +282,7 @@ impl Manager {
             cfg,
             |old, new| {
                 if old != new && self.registry().by_name.contains_key(new) {
-                    return Err(MaqetError::AlreadyExists(format!(
+                    return Err(VmError::AlreadyExists(format!(
                         "cannot rename '{old}' to '{new}': that name is taken"
                     )));
                 }
@@ -292,6 +295,7 @@ impl Manager {
             },
         )
         .await
+        .map_err(ManagerError::from)
     }
 
     /// Removes a VM's definition. Refused while it runs unless `force` (which kills it).
@@ -301,14 +305,14 @@ impl Manager {
         vm: &Arc<Vm>,
         force: bool,
         delete_storage: bool,
-    ) -> Result<Vec<PathBuf>, MaqetError> {
+    ) -> Result<Vec<PathBuf>, ManagerError> {
         let _op = vm.lock_ops().await;
         // Even with force: a snapshot job may be writing the files being removed.
         vm.ensure_idle()?;
         let status = vm.status();
         if !Operation::Remove.is_allowed(status) {
             if !force {
-                return Err(MaqetError::InvalidState(
+                return Err(ManagerError::InvalidState(
                     Operation::Remove.refusal(&vm.name(), status),
                 ));
             }
@@ -334,7 +338,7 @@ impl Manager {
                         } else {
                             format!(" (already deleted: {})", list_paths(&deleted))
                         };
-                        return Err(MaqetError::Storage(format!(
+                        return Err(ManagerError::Storage(format!(
                             "cannot delete {}: {e}; the VM was not removed{done}",
                             path.display()
                         )));
@@ -400,7 +404,7 @@ impl Manager {
     /// `--delete-storage`), see [`crate::storage::orphans`].
     pub async fn orphaned_storage(
         &self,
-    ) -> Result<Vec<crate::storage::orphans::Orphan>, MaqetError> {
+    ) -> Result<Vec<crate::storage::orphans::Orphan>, ManagerError> {
         let vms = self.list();
         let known: std::collections::HashSet<String> =
             vms.iter().map(|vm| vm.id().to_string()).collect();
@@ -413,12 +417,7 @@ impl Manager {
                 paths
             })
             .collect();
-        let events = self
-            .ctx
-            .store
-            .read(|db| db.events(None, None, 0))
-            .await
-            .map_err(store_error)?;
+        let events = self.ctx.store.read(|db| db.events(None, None, 0)).await?;
         let created: Vec<_> = events
             .into_iter()
             .filter(|e| e.kind == "storage")
@@ -432,7 +431,7 @@ impl Manager {
             crate::storage::orphans::find(&vms_dir, &known, &in_use, &created)
         })
         .await
-        .map_err(|e| MaqetError::Internal(format!("looking for orphaned disks failed: {e}")))
+        .map_err(|e| ManagerError::Internal(format!("looking for orphaned disks failed: {e}")))
     }
 }
 
@@ -447,13 +446,11 @@ fn list_paths(paths: &[PathBuf]) -> String {
 /// Runs a config reader on a blocking thread and maps its error.
 async fn read_blocking(
     read: impl FnOnce() -> Result<Vec<ConfigSource>, config::source::ReadError> + Send + 'static,
-) -> Result<Vec<ConfigSource>, MaqetError> {
-    use config::source::ReadError;
+) -> Result<Vec<ConfigSource>, ManagerError> {
     match tokio::task::spawn_blocking(read).await {
         Ok(Ok(sources)) => Ok(sources),
-        Ok(Err(ReadError::File(m))) => Err(MaqetError::InvalidArgument(m)),
-        Ok(Err(ReadError::Text(m))) => Err(MaqetError::InvalidConfig(m)),
-        Err(e) => Err(MaqetError::Internal(format!(
+        Ok(Err(e)) => Err(ManagerError::Read(e)),
+        Err(e) => Err(ManagerError::Internal(format!(
             "reading config files failed: {e}"
         ))),
     }

@@ -406,8 +406,9 @@ impl Gate {
     }
 
     /// Identifies, decides, runs `work` when allowed, and audits. The single path every
-    /// D-Bus method goes through.
-    pub async fn call<T, F>(
+    /// D-Bus method goes through, and where a core error (`VmError`, `ManagerError`, …)
+    /// becomes its D-Bus error (`service/errors.rs`).
+    pub async fn call<T, E, F>(
         &self,
         conn: &Connection,
         hdr: &Header<'_>,
@@ -416,8 +417,10 @@ impl Gate {
     ) -> Result<T, MaqetError>
     where
         T: Outbound,
-        F: Future<Output = Result<T, MaqetError>>,
+        E: Into<MaqetError>,
+        F: Future<Output = Result<T, E>>,
     {
+        let work = async move { work.await.map_err(Into::into) };
         if let Some(a) = &self.activity {
             a.call_started();
         }

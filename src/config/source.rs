@@ -29,6 +29,8 @@ pub enum ReadError {
     Text(String),
 }
 
+impl std::error::Error for ReadError {}
+
 impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -85,7 +85,10 @@ impl KRunnerIface {
                 .map(|(id, text, icon)| (id.to_string(), text.to_string(), icon.to_string()))
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// The VMs whose names contain every word of `query`: (VM id, name, icon, category
@@ -127,7 +130,10 @@ impl KRunnerIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Runs `action_id` on the VM `match_id`: `start` (resumes a paused VM), `stop`
@@ -151,9 +157,9 @@ impl KRunnerIface {
             let vm = target?;
             match action_id {
                 "" => shell_search::activate(&vm).await,
-                ACTION_START if vm.status() == Status::Paused => vm.resume().await,
-                ACTION_START => vm.start().await,
-                ACTION_STOP => vm.stop(false, DEFAULT_STOP_TIMEOUT).await,
+                ACTION_START if vm.status() == Status::Paused => Ok(vm.resume().await?),
+                ACTION_START => Ok(vm.start().await?),
+                ACTION_STOP => Ok(vm.stop(false, DEFAULT_STOP_TIMEOUT).await?),
                 other => Err(MaqetError::InvalidArgument(format!(
                     "unknown KRunner action '{other}'; maqet offers: start, stop"
                 ))),

@@ -76,7 +76,10 @@ impl ManagerIface {
             let vm = self.shared.manager.add(name, vec![source]).await?;
             Ok(Self::published(&vm).await)
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Defines a VM from several YAML files merged in order (later wins), read by
@@ -101,7 +104,10 @@ impl ManagerIface {
             let vm = self.shared.manager.add(name, sources).await?;
             Ok(Self::published(&vm).await)
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Like `AddVMFromFiles`, from files the caller opened and passes as descriptors
@@ -124,7 +130,10 @@ impl ManagerIface {
             let vm = self.shared.manager.add(name, sources).await?;
             Ok(Self::published(&vm).await)
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Removes a VM. Refused while running unless `force`; `delete_storage` deletes only
@@ -158,7 +167,10 @@ impl ManagerIface {
             vm.wait_announced(ANNOUNCE_WAIT).await;
             Ok(())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// The object path of a VM, by name or id.
@@ -171,7 +183,10 @@ impl ManagerIface {
     ) -> Result<OwnedObjectPath, MaqetError> {
         let req = Request::new(Action::Observe, "FindVM").with_args(name_or_id.to_string());
         let work = async { Ok(vm_path(self.shared.manager.find(name_or_id)?.id())) };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Every VM: (id, name, object path, status), sorted by name.
@@ -200,7 +215,10 @@ impl ManagerIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Disk images maqet created whose VM is gone (removed without `delete_storage`):
@@ -214,14 +232,15 @@ impl ManagerIface {
     ) -> Result<Vec<(String, String, u64)>, MaqetError> {
         let req = Request::new(Action::Observe, "OrphanedStorage");
         let work = async {
-            Ok(self
-                .shared
-                .manager
-                .orphaned_storage()
-                .await?
-                .into_iter()
-                .map(|o| (o.path.to_string_lossy().into_owned(), o.former_vm, o.size))
-                .collect())
+            Ok::<_, crate::manager::ManagerError>(
+                self.shared
+                    .manager
+                    .orphaned_storage()
+                    .await?
+                    .into_iter()
+                    .map(|o| (o.path.to_string_lossy().into_owned(), o.former_vm, o.size))
+                    .collect::<Vec<_>>(),
+            )
         };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
@@ -258,7 +277,10 @@ impl ManagerIface {
                     .collect(),
             )
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// The audit log, oldest first: every denial and every changing call. `vm` (name or
@@ -311,7 +333,10 @@ impl ManagerIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Readable by anyone who can reach the service, so a client can tell "wrong

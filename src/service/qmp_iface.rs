@@ -74,7 +74,10 @@ impl QmpIface {
             let cmd = cmd.map_err(MaqetError::InvalidArgument)?;
             Ok(self.vm.execute(cmd).await?.to_string())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Hot-plugs `driver` as `id`; `properties` (strings, booleans, numbers) become its
@@ -94,9 +97,12 @@ impl QmpIface {
         let req = self.request("DeviceAdd", &cmd, false, remedy);
         let work = async {
             let cmd = cmd.map_err(MaqetError::InvalidArgument)?;
-            self.vm.execute(cmd).await.map(drop)
+            Ok(self.vm.execute(cmd).await.map(drop)?)
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Hot-unplugs device `id`; returns once QEMU reports it gone (`DEVICE_DELETED`),
@@ -111,9 +117,12 @@ impl QmpIface {
         let req = self.request("DeviceDel", &cmd, false, "");
         let work = async {
             let cmd = cmd.map_err(MaqetError::InvalidArgument)?;
-            self.vm.device_del(id, cmd).await
+            Ok(self.vm.device_del(id, cmd).await?)
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Every asynchronous QMP event of the VM; `timestamp` is QEMU's, in µs since the

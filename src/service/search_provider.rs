@@ -49,7 +49,10 @@ impl SearchProviderIface {
                 .filter(|id| within.is_none_or(|w| w.contains(id)))
                 .collect())
         };
-        self.shared.gate.call(conn, hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, hdr, req, work)
+            .await
     }
 }
 
@@ -122,7 +125,10 @@ impl SearchProviderIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Starts the VM if it is not running (resumes it if paused); a running VM is left
@@ -162,7 +168,7 @@ impl SearchProviderIface {
             .via(Origin::GnomeSearch);
         self.shared
             .gate
-            .call(conn, &hdr, req, async { Ok(()) })
+            .call::<_, MaqetError, _>(conn, &hdr, req, async { Ok(()) })
             .await
     }
 }

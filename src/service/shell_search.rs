@@ -92,11 +92,12 @@ pub fn result_vm(manager: &Manager, id: &str) -> Result<Arc<Vm>, MaqetError> {
 /// What activating a result does: a VM that is not running is started (a paused one
 /// resumed); a running one is left as it is (opening its display is a later feature).
 pub async fn activate(vm: &Arc<Vm>) -> Result<(), MaqetError> {
-    match vm.status() {
+    let done = match vm.status() {
         Status::Created | Status::Stopped | Status::Crashed | Status::Failed => vm.start().await,
         Status::Paused => vm.resume().await,
         Status::Starting | Status::Running | Status::Stopping => Ok(()),
-    }
+    };
+    Ok(done?)
 }
 
 #[cfg(test)]

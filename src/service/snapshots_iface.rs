@@ -89,7 +89,10 @@ impl SnapshotsIface {
                 .map(|s| (s.name, s.vm_state_size, s.date_us, s.vm_clock_ns))
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Starts taking a snapshot; returns the job. `options`: `overwrite` (b) replaces

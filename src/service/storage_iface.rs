@@ -11,7 +11,7 @@ use super::Shared;
 use crate::access::{Action, Request};
 use crate::client::{StorageRow, VerifyRow};
 use crate::error::MaqetError;
-use crate::storage::{QemuImg, inventory};
+use crate::storage::{QemuImg, StorageError, inventory};
 use crate::vm::{Vm, store_error};
 
 pub struct StorageIface {
@@ -24,7 +24,7 @@ impl StorageIface {
         StorageIface { shared, vm }
     }
 
-    fn qemu_img(&self) -> Result<QemuImg, MaqetError> {
+    fn qemu_img(&self) -> Result<QemuImg, StorageError> {
         QemuImg::find(self.shared.manager.ctx().path_env.as_deref())
     }
 }
@@ -72,7 +72,10 @@ impl StorageIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// Checks every entry: (name, ok, message). qcow2: `qemu-img check`; raw images
@@ -93,6 +96,9 @@ impl StorageIface {
                 .map(|r| (r.name, r.ok, r.message))
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 }

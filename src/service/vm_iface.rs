@@ -272,7 +272,10 @@ impl VmIface {
                 })
                 .collect())
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// QEMU's log of this VM (its output, every run, newest last) as a read-only fd; a

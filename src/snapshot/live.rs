@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use super::SnapshotError;
 use super::{Disk, Op, Outcome, SnapshotInfo};
-use crate::error::MaqetError;
 use crate::jobs::{Job, JobState};
 use crate::qmp::QmpClient;
 use crate::storage::qemu_img::ImageInfo;
@@ -36,7 +36,7 @@ pub(super) struct LiveDisk {
 }
 
 /// Node names and current snapshots of `disks`, from `query-block`.
-pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, MaqetError> {
+pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, SnapshotError> {
     let qmp = vm.qmp()?;
     let blocks = qmp
         .execute_timeout("query-block", None, QUERY_TIMEOUT)
@@ -51,7 +51,7 @@ pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, Ma
                 .find(|b| b.get("device").and_then(Value::as_str) == Some(d.name.as_str()))
                 .and_then(|b| b.get("inserted"))
                 .ok_or_else(|| {
-                    MaqetError::Storage(format!(
+                    SnapshotError::Storage(format!(
                         "disk '{}' is not attached to the running QEMU of VM '{}' (was the config applied after the start?); restart the VM",
                         d.name,
                         vm.name()
@@ -66,7 +66,7 @@ pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, Ma
                 .get("image")
                 .map(ImageInfo::from_json)
                 .transpose()
-                .map_err(|e| MaqetError::Qmp(format!("unexpected query-block answer: {e}")))?
+                .map_err(|e| SnapshotError::Qmp(format!("unexpected query-block answer: {e}")))?
                 .map(|i| i.snapshots)
                 .unwrap_or_default();
             Ok(LiveDisk { node, snapshots })
@@ -93,11 +93,11 @@ pub(super) async fn prepare(
     disks: &[Disk],
     op: Op,
     name: &str,
-) -> Result<Prepared, MaqetError> {
+) -> Result<Prepared, SnapshotError> {
     ensure_commands(vm, op).await?;
     let live = inspect(vm, disks).await?;
     if let Some((d, _)) = disks.iter().zip(&live).find(|(_, l)| l.node.is_empty()) {
-        return Err(MaqetError::Storage(format!(
+        return Err(SnapshotError::Storage(format!(
             "disk '{}' has no block node name in QEMU; restart VM '{}' so maqet can name it",
             d.name,
             vm.name()
@@ -108,7 +108,7 @@ pub(super) async fn prepare(
         Op::Load => {
             let state = live[0].snapshots.iter().find(|s| s.name == name);
             if state.is_some_and(|s| s.vm_state_size == 0) {
-                return Err(MaqetError::InvalidState(format!(
+                return Err(SnapshotError::InvalidState(format!(
                     "snapshot '{name}' holds no VM state (it was taken while VM '{}' was stopped); stop the VM and load it then",
                     vm.name()
                 )));
@@ -145,7 +145,7 @@ fn missing_commands<'a>(answer: &Value, needed: &[&'a str]) -> Vec<&'a str> {
 /// Whether this VM's QEMU can do `op` live, asked by capability (`query-commands`),
 /// never by version number: the snapshot jobs came with QEMU 6.0, and a build may lack
 /// or add commands whatever its version says.
-async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), MaqetError> {
+async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), SnapshotError> {
     let qmp = vm.qmp()?;
     let answer = qmp
         .execute_timeout("query-commands", None, QUERY_TIMEOUT)
@@ -155,7 +155,7 @@ async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), MaqetError> {
     if missing.is_empty() {
         return Ok(());
     }
-    Err(MaqetError::InvalidState(format!(
+    Err(SnapshotError::InvalidState(format!(
         "the QEMU running VM '{}' has no {} (live snapshots need QEMU 6.0 or later); stop the VM to use offline snapshots, or upgrade QEMU and restart the VM",
         vm.name(),
         missing.join(", ")
@@ -163,7 +163,7 @@ async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), MaqetError> {
 }
 
 /// The guest's RAM (at most) goes into the first disk: check its file system has room.
-async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), MaqetError> {
+async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), SnapshotError> {
     let qmp = vm.qmp()?;
     let mem = qmp
         .execute_timeout("query-memory-size-summary", None, QUERY_TIMEOUT)
@@ -175,14 +175,15 @@ async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), MaqetError> {
     let available = std::fs::File::open(dir)
         .and_then(|f| space::available(&f))
         .map_err(|e| {
-            MaqetError::Storage(format!("cannot check free space in {}: {e}", dir.display()))
+            SnapshotError::Storage(format!("cannot check free space in {}: {e}", dir.display()))
         })?;
     space::ensure(
         available,
         space::for_live_save(ram),
         &format!("the VM state of a live snapshot (disk '{}')", disk.name),
         dir,
-    )
+    )?;
+    Ok(())
 }
 
 /// How one QEMU job ended, when not well.
@@ -194,7 +195,7 @@ enum JobEnd {
 pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> Outcome {
     let qmp = match vm.qmp() {
         Ok(q) => q,
-        Err(e) => return Outcome::new(JobState::Failed, e.message()),
+        Err(e) => return Outcome::new(JobState::Failed, e.to_string()),
     };
     let runner = Runner {
         vm,
@@ -321,7 +322,7 @@ impl Runner<'_> {
                 r = &mut reply, if !replied => {
                     replied = true;
                     if let Err(e) = r {
-                        return Err(JobEnd::Failed(qmp_error(&self.vm.name(), e).message()));
+                        return Err(JobEnd::Failed(qmp_error(&self.vm.name(), e).to_string()));
                     }
                 }
                 ev = events.recv() => match ev {

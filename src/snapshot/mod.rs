@@ -9,6 +9,7 @@
 //! lifecycle calls are refused, so no Start can race an offline snapshot and no Stop a
 //! live one. Every outcome lands in the VM's history (`events`, kind `snapshot`).
 
+pub mod error;
 mod live;
 mod offline;
 
@@ -17,12 +18,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{StorageKind, VmConfig};
-use crate::error::MaqetError;
 use crate::events::CoreEvent;
 use crate::jobs::{Job, JobRegistry, JobState};
 use crate::storage::QemuImg;
 pub use crate::storage::qemu_img::SnapshotInfo;
-use crate::vm::{BusyGuard, Status, Vm};
+use crate::vm::{BusyGuard, Status, Vm, VmError};
+pub use error::SnapshotError;
 
 /// Longest snapshot name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -59,11 +60,11 @@ impl Op {
 
 /// Snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `-`, and not all
 /// digits (`qemu-img` and QEMU read a number as a snapshot id).
-pub fn validate_name(name: &str) -> Result<(), MaqetError> {
+pub fn validate_name(name: &str) -> Result<(), SnapshotError> {
     let rules =
         "use 1 to 64 letters, digits, `.`, `_` or `-`, not starting with `-` and not only digits";
     let bad = |why: &str| {
-        Err(MaqetError::InvalidArgument(format!(
+        Err(SnapshotError::InvalidArgument(format!(
             "invalid snapshot name '{name}': {why}; {rules}"
         )))
     };
@@ -108,27 +109,27 @@ fn qcow2_disks(config: &VmConfig) -> Vec<Disk> {
 /// The disks an operation works on, or why the VM cannot have snapshots: every disk
 /// must be a writable qcow2 (a snapshot that skipped a disk would restore a guest
 /// whose disks disagree).
-fn plan(vm: &str, config: &VmConfig) -> Result<Vec<Disk>, MaqetError> {
+fn plan(vm: &str, config: &VmConfig) -> Result<Vec<Disk>, SnapshotError> {
     let disks: Vec<_> = config
         .storage()
         .iter()
         .filter(|e| e.kind.is_disk())
         .collect();
     if disks.is_empty() {
-        return Err(MaqetError::Storage(format!(
+        return Err(SnapshotError::Storage(format!(
             "VM '{vm}' has no disks in `storage`; snapshots live inside qcow2 disks, so add one (type: qcow2)"
         )));
     }
     for e in &disks {
         if e.kind == StorageKind::Raw {
-            return Err(MaqetError::Storage(format!(
+            return Err(SnapshotError::Storage(format!(
                 "VM '{vm}' cannot have snapshots: disk '{}' ({}) is a raw image, and raw images cannot hold snapshots; convert it (qemu-img convert -O qcow2) or take it out of `storage`",
                 e.name,
                 e.path.display()
             )));
         }
         if e.readonly {
-            return Err(MaqetError::Storage(format!(
+            return Err(SnapshotError::Storage(format!(
                 "VM '{vm}' cannot have snapshots: disk '{}' is read-only, so no snapshot can be written into it; drop `readonly` or take the disk out of `storage`",
                 e.name
             )));
@@ -138,11 +139,11 @@ fn plan(vm: &str, config: &VmConfig) -> Result<Vec<Disk>, MaqetError> {
 }
 
 /// Offline for a VM without QEMU, live for one with, refused in between.
-fn live_mode(vm: &str, op: Op, status: Status) -> Result<bool, MaqetError> {
+fn live_mode(vm: &str, op: Op, status: Status) -> Result<bool, VmError> {
     match status {
         Status::Created | Status::Stopped | Status::Crashed | Status::Failed => Ok(false),
         Status::Running | Status::Paused => Ok(true),
-        Status::Starting | Status::Stopping => Err(MaqetError::InvalidState(format!(
+        Status::Starting | Status::Stopping => Err(VmError::InvalidState(format!(
             "a snapshot {} is not possible while VM '{vm}' is {status}; wait until it is running or stopped",
             op.verb()
         ))),
@@ -164,10 +165,15 @@ fn merge(per_disk: &[Vec<SnapshotInfo>]) -> Vec<SnapshotInfo> {
 }
 
 /// `AlreadyExists` / `NotFound` (listing what exists) before any job starts.
-fn check_name(vm: &str, op: Op, name: &str, existing: &[SnapshotInfo]) -> Result<(), MaqetError> {
+fn check_name(
+    vm: &str,
+    op: Op,
+    name: &str,
+    existing: &[SnapshotInfo],
+) -> Result<(), SnapshotError> {
     let found = existing.iter().any(|s| s.name == name);
     match op {
-        Op::Create { overwrite: false } if found => Err(MaqetError::AlreadyExists(format!(
+        Op::Create { overwrite: false } if found => Err(SnapshotError::AlreadyExists(format!(
             "VM '{vm}' already has a snapshot named '{name}'; choose another name or overwrite it (maqet snapshot create --overwrite; D-Bus option overwrite=true)"
         ))),
         Op::Load | Op::Delete if !found => {
@@ -177,7 +183,7 @@ fn check_name(vm: &str, op: Op, name: &str, existing: &[SnapshotInfo]) -> Result
             } else {
                 format!("its snapshots: {}", names.join(", "))
             };
-            Err(MaqetError::NotFound(format!(
+            Err(SnapshotError::NotFound(format!(
                 "VM '{vm}' has no snapshot named '{name}'; {have}"
             )))
         }
@@ -185,12 +191,12 @@ fn check_name(vm: &str, op: Op, name: &str, existing: &[SnapshotInfo]) -> Result
     }
 }
 
-fn qemu_img(vm: &Vm) -> Result<QemuImg, MaqetError> {
-    QemuImg::find(vm.ctx().path_env.as_deref())
+fn qemu_img(vm: &Vm) -> Result<QemuImg, SnapshotError> {
+    Ok(QemuImg::find(vm.ctx().path_env.as_deref())?)
 }
 
 /// The VM's snapshots (from QEMU while it runs, from the image files otherwise).
-pub async fn list(vm: &Arc<Vm>) -> Result<Vec<SnapshotInfo>, MaqetError> {
+pub async fn list(vm: &Arc<Vm>) -> Result<Vec<SnapshotInfo>, SnapshotError> {
     let disks = qcow2_disks(&vm.stored_config()?);
     if disks.is_empty() {
         return Ok(Vec::new());
@@ -239,7 +245,7 @@ pub async fn start(
     jobs: &JobRegistry,
     op: Op,
     name: &str,
-) -> Result<Arc<Job>, MaqetError> {
+) -> Result<Arc<Job>, SnapshotError> {
     validate_name(name)?;
     let vm_name = vm.name();
     let what = format!("a snapshot {} of '{name}'", op.verb());
@@ -253,7 +259,7 @@ pub async fn start(
         Prepared::Live(p)
     } else {
         if let Some(d) = disks.iter().find(|d| !d.path.exists()) {
-            return Err(MaqetError::Storage(format!(
+            return Err(SnapshotError::Storage(format!(
                 "disk '{}' of VM '{vm_name}' does not exist yet ({}); maqet creates it on the first start, so start the VM once before taking snapshots",
                 d.name,
                 d.path.display()
@@ -369,7 +375,7 @@ mod tests {
             ("42", "snapshot id"),
         ] {
             let err = validate_name(bad).unwrap_err();
-            assert_eq!(err.kind(), "InvalidArgument");
+            assert_eq!(err.kind().as_str(), "InvalidArgument");
             assert!(err.to_string().contains(why), "{bad}: {err}");
         }
     }
@@ -401,12 +407,15 @@ mod tests {
         let have = [snap("a", 1), snap("b", 2)];
         let create = Op::Create { overwrite: false };
         assert_eq!(
-            check_name("web", create, "a", &have).unwrap_err().kind(),
+            check_name("web", create, "a", &have)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "AlreadyExists"
         );
         check_name("web", Op::Create { overwrite: true }, "a", &have).unwrap();
         let err = check_name("web", Op::Load, "zz", &have).unwrap_err();
-        assert_eq!(err.kind(), "NotFound");
+        assert_eq!(err.kind().as_str(), "NotFound");
         assert!(err.to_string().contains("its snapshots: a, b"), "{err}");
         let err = check_name("web", Op::Delete, "zz", &[]).unwrap_err();
         assert!(err.to_string().contains("no snapshots"), "{err}");
@@ -418,7 +427,10 @@ mod tests {
         assert!(!live_mode("v", op, Status::Stopped).unwrap());
         assert!(live_mode("v", op, Status::Paused).unwrap());
         assert_eq!(
-            live_mode("v", op, Status::Starting).unwrap_err().kind(),
+            live_mode("v", op, Status::Starting)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "InvalidState"
         );
     }

@@ -8,8 +8,8 @@
 
 use tokio::sync::watch;
 
+use super::SnapshotError;
 use super::{Disk, Op, Outcome, SnapshotInfo};
-use crate::error::MaqetError;
 use crate::jobs::{Job, JobState};
 use crate::storage::QemuImg;
 use crate::storage::qemu_img::{RunError, SnapshotOp};
@@ -18,7 +18,7 @@ use crate::storage::qemu_img::{RunError, SnapshotOp};
 pub(super) async fn per_disk(
     qemu_img: &QemuImg,
     disks: &[Disk],
-) -> Result<Vec<Vec<SnapshotInfo>>, MaqetError> {
+) -> Result<Vec<Vec<SnapshotInfo>>, SnapshotError> {
     let mut out = Vec::with_capacity(disks.len());
     for d in disks {
         out.push(if d.path.exists() {
@@ -116,7 +116,7 @@ pub(super) async fn run(
 fn ended(e: RunError, note: String) -> Outcome {
     match e {
         RunError::Cancelled => Outcome::new(JobState::Cancelled, format!("cancelled; {note}")),
-        RunError::Failed(e) => Outcome::new(JobState::Failed, format!("{}; {note}", e.message())),
+        RunError::Failed(e) => Outcome::new(JobState::Failed, format!("{}; {note}", e)),
     }
 }
 

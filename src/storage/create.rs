@@ -22,10 +22,10 @@ use std::path::Path;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::error::StorageError;
 use super::qemu_img::{QemuImg, recorded_backing_name};
 use super::{danger, nofollow, space};
 use crate::config::{PathUse, StorageKind};
-use crate::error::MaqetError;
 
 /// What to create.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +44,8 @@ pub enum Outcome {
     AlreadyThere,
 }
 
-fn storage_err(path: &Path, why: impl std::fmt::Display) -> MaqetError {
-    MaqetError::Storage(format!("cannot create {}: {why}", path.display()))
+fn storage_err(path: &Path, why: impl std::fmt::Display) -> StorageError {
+    StorageError::Failed(format!("cannot create {}: {why}", path.display()))
 }
 
 /// Creates `spec.path` as an empty image of its kind, mode 0600.
@@ -53,7 +53,7 @@ pub async fn create_image(
     qemu_img: &QemuImg,
     spec: &NewImage<'_>,
     home: &Path,
-) -> Result<Outcome, MaqetError> {
+) -> Result<Outcome, StorageError> {
     let path = spec.path;
     let size = match (spec.size, spec.backing) {
         (Some(size), _) => Some(size),
@@ -127,9 +127,10 @@ pub async fn create_image(
 /// Creates a missing virtfs share directory (and missing parents, mode 0700), as
 /// maqet 0.0.x did: checked against the dangerous list, walked without following
 /// symlinks. An existing directory is left as is.
-pub fn create_share_dir(path: &Path, home: &Path) -> Result<(), MaqetError> {
-    let fail =
-        |why: String| MaqetError::Storage(format!("cannot create share {}: {why}", path.display()));
+pub fn create_share_dir(path: &Path, home: &Path) -> Result<(), StorageError> {
+    let fail = |why: String| {
+        StorageError::Failed(format!("cannot create share {}: {why}", path.display()))
+    };
     let resolved = danger::check(path, home, PathUse::Storage).map_err(fail)?;
     nofollow::open_dir_chain(&resolved, true).map_err(fail)?;
     Ok(())
@@ -170,7 +171,7 @@ mod tests {
 
     fn qemu_img() -> Option<QemuImg> {
         crate::require::require(
-            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.message()),
+            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.to_string()),
         )
     }
 
@@ -228,7 +229,7 @@ mod tests {
         let err = create_image(&img, &spec, Path::new("/home/u"))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), "Storage");
+        assert_eq!(err.kind().as_str(), "Storage");
         assert!(err.to_string().contains("/etc"), "{err}");
         assert!(!Path::new("/etc/maqet-test-x.qcow2").exists());
     }

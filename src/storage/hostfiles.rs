@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{CWD, FileType, Mode, OFlags};
 
+use super::error::StorageError;
 use super::{danger, nofollow};
 use crate::config::{Access, PassAs, PathUse, VmConfig, escape_commas};
-use crate::error::MaqetError;
 
 /// The first fd number host files get in QEMU (3 and 4 are the QMP and console
 /// sockets).
@@ -125,7 +125,7 @@ impl Builder<'_> {
 /// Opens every host file of `config` and builds QEMU's arguments around the fds.
 /// Fails with `Storage` naming the file when one cannot be opened safely, or when a
 /// qcow2 header names a backing file in a place refused for `home`'s user.
-pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, MaqetError> {
+pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, StorageError> {
     // Images whose backing the config names: QEMU gets that one, not the header's.
     let overridden: Vec<&Path> = config
         .storage()
@@ -149,7 +149,7 @@ pub fn open_for_qemu(config: &VmConfig, home: &Path) -> Result<OpenedFiles, Maqe
     let mut fills = Vec::new();
     let mut chains = vec![String::new(); files.len()];
     for (index, file) in files.iter().enumerate() {
-        let storage = |e: String| MaqetError::Storage(e);
+        let storage = |e: String| StorageError::Failed(e);
         let fd = open_checked(&file.path, file.access).map_err(storage)?;
         if let Some(prefix) = &file.chain {
             chains[index] =
@@ -466,7 +466,7 @@ mod tests {
         std::fs::rename(dir.join("vms"), dir.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("vms")).unwrap();
         let err = open_for_qemu(&config, Path::new("/home/u")).err().unwrap();
-        assert_eq!(err.kind(), "Storage");
+        assert_eq!(err.kind().as_str(), "Storage");
         assert!(err.to_string().contains("symbolic link"), "{err}");
     }
 
@@ -547,7 +547,7 @@ mod tests {
             "arguments: [{drive: {file: evil.qcow2, if: virtio}}]\n",
         ] {
             let err = open_for_qemu(&load(yaml), &home).err().unwrap();
-            assert_eq!(err.kind(), "Storage");
+            assert_eq!(err.kind().as_str(), "Storage");
             assert!(err.to_string().contains("names the backing file"), "{err}");
             assert!(err.to_string().contains(".ssh"), "{err}");
         }

@@ -84,7 +84,7 @@ pub async fn list(
 /// check reads a live image and may report transient leaks), readability for raw
 /// images and shares. A disk maqet will create on the next start is fine.
 pub async fn verify(
-    qemu_img: Result<QemuImg, crate::error::MaqetError>,
+    qemu_img: Result<QemuImg, super::StorageError>,
     entries: &[StorageEntry],
     in_use: bool,
 ) -> Vec<VerifyReport> {
@@ -101,7 +101,7 @@ pub async fn verify(
 }
 
 async fn verify_one(
-    qemu_img: &Result<QemuImg, crate::error::MaqetError>,
+    qemu_img: &Result<QemuImg, super::StorageError>,
     e: &StorageEntry,
     in_use: bool,
 ) -> (bool, String) {

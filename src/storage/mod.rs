@@ -7,6 +7,7 @@
 
 pub mod create;
 pub mod danger;
+pub mod error;
 pub mod firmware;
 pub mod hostfiles;
 pub mod inventory;
@@ -15,4 +16,5 @@ pub mod orphans;
 pub mod qemu_img;
 pub mod space;
 
+pub use error::StorageError;
 pub use qemu_img::QemuImg;

@@ -15,8 +15,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::error::StorageError;
 use crate::config::{escape_commas, find_binary};
-use crate::error::MaqetError;
 
 /// The fd number a new image is handed to `qemu-img create` at (`/proc/self/fd/3`).
 const IMAGE_FD: i32 = 3;
@@ -30,26 +30,13 @@ pub struct QemuImg {
 }
 
 /// Why a `qemu-img` run did not succeed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The caller cancelled; the process was killed and reaped.
+    #[error("cancelled")]
     Cancelled,
-    Failed(MaqetError),
-}
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Cancelled => f.write_str("cancelled"),
-            RunError::Failed(e) => f.write_str(&e.message()),
-        }
-    }
-}
-
-impl From<MaqetError> for RunError {
-    fn from(e: MaqetError) -> Self {
-        RunError::Failed(e)
-    }
+    #[error(transparent)]
+    Failed(#[from] StorageError),
 }
 
 /// What `qemu-img snapshot` does.
@@ -146,11 +133,11 @@ pub struct CheckReport {
 
 impl QemuImg {
     /// Finds `qemu-img` on `path_env`, or says which package ships it.
-    pub fn find(path_env: Option<&OsStr>) -> Result<QemuImg, MaqetError> {
+    pub fn find(path_env: Option<&OsStr>) -> Result<QemuImg, StorageError> {
         find_binary("qemu-img", path_env)
             .map(|program| QemuImg { program })
             .map_err(|e| {
-                MaqetError::Storage(format!(
+                StorageError::Failed(format!(
                     "{}; maqet needs qemu-img for disk images and snapshots: install the `qemu-utils` package (Debian, Ubuntu) or `qemu-img` (Fedora)",
                     e.message.replace("QEMU binary", "the program")
                 ))
@@ -177,19 +164,19 @@ impl QemuImg {
 
     /// Size, allocation and internal snapshots of an image. `-U` lets it read an
     /// image a running QEMU holds.
-    pub async fn info(&self, format: &str, path: &Path) -> Result<ImageInfo, MaqetError> {
+    pub async fn info(&self, format: &str, path: &Path) -> Result<ImageInfo, StorageError> {
         let mut cmd = self.command();
         cmd.args(["info", "-U", "--output=json", "--image-opts"])
             .arg(Self::image_opts(format, path));
         let out = run(cmd, "info", path, None).await.map_err(failed)?;
         let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-            MaqetError::Storage(format!(
+            StorageError::Failed(format!(
                 "qemu-img info {}: unreadable output ({e})",
                 path.display()
             ))
         })?;
         ImageInfo::from_json(&value).map_err(|e| {
-            MaqetError::Storage(format!(
+            StorageError::Failed(format!(
                 "qemu-img info {}: unexpected output ({e})",
                 path.display()
             ))
@@ -197,7 +184,7 @@ impl QemuImg {
     }
 
     /// `qemu-img check` of a qcow2 image (read-only; `-U` while a VM uses it).
-    pub async fn check(&self, path: &Path, in_use: bool) -> Result<CheckReport, MaqetError> {
+    pub async fn check(&self, path: &Path, in_use: bool) -> Result<CheckReport, StorageError> {
         let mut cmd = self.command();
         cmd.args(["check", "--output=json"]);
         if in_use {
@@ -206,7 +193,7 @@ impl QemuImg {
         cmd.arg("--image-opts").arg(Self::image_opts("qcow2", path));
         let out = match spawn_and_wait(cmd, None).await {
             Ok(out) => out,
-            Err(WaitError::Io(e)) => return Err(spawn_error("check", &e)),
+            Err(WaitError::Io(e)) => return Err(spawn_error("check", e)),
             Err(WaitError::Cancelled) => unreachable!("no cancel receiver"),
         };
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -266,7 +253,7 @@ impl QemuImg {
         format: &str,
         size: Option<u64>,
         backing: Option<(&Path, &str)>,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), StorageError> {
         let mut cmd = self.command();
         cmd.args(["create", "-q", "-f", format]);
         if let Some((file, fmt)) = backing {
@@ -293,7 +280,7 @@ impl QemuImg {
         shown: &Path,
         name: &Path,
         format: &str,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), StorageError> {
         let mut cmd = self.command();
         cmd.args(["rebase", "-q", "-u", "-f", "qcow2", "-b"])
             .arg(name)
@@ -319,7 +306,7 @@ pub fn probe_format(path_env: Option<&OsStr>, path: &Path) -> Result<String, Str
     if !meta.is_file() {
         return Err("it is not a regular file".into());
     }
-    let img = QemuImg::find(path_env).map_err(|e| e.message())?;
+    let img = QemuImg::find(path_env).map_err(|e| e.to_string())?;
     let out = std::process::Command::new(&img.program)
         .args(["info", "-U", "--output=json"])
         .arg(path)
@@ -349,15 +336,18 @@ pub fn recorded_backing_name(image: &Path, backing: &Path) -> Option<PathBuf> {
     (plain && !relative.as_os_str().is_empty()).then(|| relative.to_path_buf())
 }
 
-fn failed(e: RunError) -> MaqetError {
+fn failed(e: RunError) -> StorageError {
     match e {
         RunError::Failed(e) => e,
-        RunError::Cancelled => MaqetError::Cancelled("qemu-img was cancelled".into()),
+        RunError::Cancelled => StorageError::Cancelled,
     }
 }
 
-fn spawn_error(what: &str, e: &std::io::Error) -> MaqetError {
-    MaqetError::Storage(format!("cannot run qemu-img {what}: {e}"))
+fn spawn_error(what: &str, e: std::io::Error) -> StorageError {
+    StorageError::Spawn {
+        what: what.to_string(),
+        source: e,
+    }
 }
 
 fn stderr_text(out: &std::process::Output) -> String {
@@ -385,12 +375,12 @@ async fn run(
 ) -> Result<std::process::Output, RunError> {
     let out = spawn_and_wait(cmd, cancel).await.map_err(|e| match e {
         WaitError::Cancelled => RunError::Cancelled,
-        WaitError::Io(e) => RunError::Failed(spawn_error(what, &e)),
+        WaitError::Io(e) => RunError::Failed(spawn_error(what, e)),
     })?;
     if out.status.success() {
         Ok(out)
     } else {
-        Err(RunError::Failed(MaqetError::Storage(format!(
+        Err(RunError::Failed(StorageError::Failed(format!(
             "qemu-img {what} {} failed: {}",
             path.display(),
             stderr_text(&out)
@@ -511,7 +501,7 @@ mod tests {
     #[test]
     fn probing_tells_qcow2_from_raw_and_refuses_what_is_no_file() {
         let Some(_) = crate::require::require(
-            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.message()),
+            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.to_string()),
         ) else {
             return;
         };
@@ -560,7 +550,7 @@ mod tests {
     fn a_missing_qemu_img_names_the_package() {
         let dir = tempfile::tempdir().unwrap();
         let err = QemuImg::find(Some(dir.path().as_os_str())).unwrap_err();
-        assert_eq!(err.kind(), "Storage");
+        assert_eq!(err.kind().as_str(), "Storage");
         assert!(err.to_string().contains("qemu-utils"), "{err}");
     }
 }

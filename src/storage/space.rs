@@ -6,8 +6,8 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 
+use super::error::StorageError;
 use crate::config::{StorageKind, format_size};
-use crate::error::MaqetError;
 
 /// A new qcow2 image starts as its header and first tables (a few hundred KiB); this
 /// leaves room for them and for the first writes.
@@ -37,11 +37,11 @@ pub fn available(fd: impl AsFd) -> std::io::Result<u64> {
 }
 
 /// `Storage` error unless `available` covers `required`.
-pub fn ensure(available: u64, required: u64, what: &str, dir: &Path) -> Result<(), MaqetError> {
+pub fn ensure(available: u64, required: u64, what: &str, dir: &Path) -> Result<(), StorageError> {
     if available >= required {
         return Ok(());
     }
-    Err(MaqetError::Storage(format!(
+    Err(StorageError::Failed(format!(
         "not enough free space in {} for {what}: it needs {} and {} are free; free some space or choose another location",
         dir.display(),
         format_size(required),
@@ -71,7 +71,7 @@ mod tests {
             m.contains("/vms") && m.contains("2.0 GiB") && m.contains("1.0 MiB"),
             "{m}"
         );
-        assert_eq!(err.kind(), "Storage");
+        assert_eq!(err.kind().as_str(), "Storage");
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::VmError;
 use super::{QMP_TIMEOUT, Vm, qmp_error};
 use crate::config::{Forward, Proto, VmConfig};
-use crate::error::MaqetError;
 use crate::qmp::QmpClient;
 
 /// Refuses a start whose forwards name a host port something already holds.
-pub(super) fn check_host_ports(forwards: &[Forward]) -> Result<(), MaqetError> {
+pub(super) fn check_host_ports(forwards: &[Forward]) -> Result<(), VmError> {
     for f in forwards {
         let addr = SocketAddrV4::new(f.bind, f.host);
         let free = match f.proto {
@@ -22,7 +22,7 @@ pub(super) fn check_host_ports(forwards: &[Forward]) -> Result<(), MaqetError> {
             Proto::Udp => UdpSocket::bind(addr).map(drop),
         };
         if let Err(e) = free {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "host port {} ({} on {}) for forward {f} is not available: {e}; choose another `host:` port in `forwards`",
                 f.host,
                 f.proto.as_str(),
@@ -35,16 +35,16 @@ pub(super) fn check_host_ports(forwards: &[Forward]) -> Result<(), MaqetError> {
 
 /// The user-mode netdev forwards go on: the config's forward network, or its only
 /// `-netdev user`.
-fn netdev(config: &VmConfig, vm: &str) -> Result<String, MaqetError> {
+fn netdev(config: &VmConfig, vm: &str) -> Result<String, VmError> {
     if let Some(id) = &config.guest().forward_netdev {
         return Ok(id.clone());
     }
     match crate::config::user_netdevs(&config.qemu_args()).as_slice() {
         [only] => Ok(only.clone()),
-        [] => Err(MaqetError::InvalidState(format!(
+        [] => Err(VmError::InvalidState(format!(
             "VM '{vm}' has no user-mode network to forward on; add `forwards:` (or a `-netdev user`) to its config and restart it"
         ))),
-        several => Err(MaqetError::InvalidState(format!(
+        several => Err(VmError::InvalidState(format!(
             "VM '{vm}' has several user-mode networks ({}); name one with `netdev:` in `forwards:`",
             several.join(", ")
         ))),
@@ -59,7 +59,7 @@ async fn hmp_on(
     qmp: &QmpClient,
     command_line: String,
     ok: fn(&str) -> bool,
-) -> Result<(), MaqetError> {
+) -> Result<(), VmError> {
     let out = qmp
         .execute_timeout(
             "human-monitor-command",
@@ -70,7 +70,7 @@ async fn hmp_on(
         .map_err(|e| qmp_error(vm, e))?;
     match out.as_str().map(str::trim).unwrap_or_default() {
         text if ok(text) => Ok(()),
-        text => Err(MaqetError::InvalidArgument(format!(
+        text => Err(VmError::InvalidArgument(format!(
             "VM '{vm}': QEMU refused `{command_line}`: {text}"
         ))),
     }
@@ -78,11 +78,7 @@ async fn hmp_on(
 
 /// Installs the config's forwards on a QEMU that just started (before the start
 /// succeeds: a forward that cannot be set up fails it).
-pub(super) async fn install(
-    vm: &str,
-    qmp: &QmpClient,
-    config: &VmConfig,
-) -> Result<(), MaqetError> {
+pub(super) async fn install(vm: &str, qmp: &QmpClient, config: &VmConfig) -> Result<(), VmError> {
     let forwards = &config.guest().forwards;
     if forwards.is_empty() {
         return Ok(());
@@ -101,18 +97,18 @@ pub(super) async fn install(
 }
 
 impl Vm {
-    async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), MaqetError> {
+    async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), VmError> {
         hmp_on(&self.name(), &self.qmp()?, command_line, ok).await
     }
 
     /// `VM.AddForward`: a new forward on the running VM (until it stops).
-    pub async fn add_forward(self: &Arc<Self>, spec: &str) -> Result<(), MaqetError> {
-        let f = Forward::parse(spec).map_err(MaqetError::InvalidArgument)?;
+    pub async fn add_forward(self: &Arc<Self>, spec: &str) -> Result<(), VmError> {
+        let f = Forward::parse(spec).map_err(VmError::InvalidArgument)?;
         let _op = self.op_lock.lock().await;
         self.require_process()?;
         let mut current = self.guest_view().forwards;
         if let Some(same) = current.iter().find(|c| c.hostfwd_key() == f.hostfwd_key()) {
-            return Err(MaqetError::AlreadyExists(format!(
+            return Err(VmError::AlreadyExists(format!(
                 "host port {} is already forwarded ({same})",
                 f.host
             )));
@@ -131,8 +127,8 @@ impl Vm {
 
     /// `VM.RemoveForward`: by the same spec (only protocol, bind address and host port
     /// matter).
-    pub async fn remove_forward(self: &Arc<Self>, spec: &str) -> Result<(), MaqetError> {
-        let f = Forward::parse(spec).map_err(MaqetError::InvalidArgument)?;
+    pub async fn remove_forward(self: &Arc<Self>, spec: &str) -> Result<(), VmError> {
+        let f = Forward::parse(spec).map_err(VmError::InvalidArgument)?;
         let _op = self.op_lock.lock().await;
         self.require_process()?;
         let mut current = self.guest_view().forwards;
@@ -140,7 +136,7 @@ impl Vm {
             .iter()
             .position(|c| c.hostfwd_key() == f.hostfwd_key())
         else {
-            return Err(MaqetError::NotFound(format!(
+            return Err(VmError::NotFound(format!(
                 "no forward from {} port {} on {}; `Forwards` lists them",
                 f.proto.as_str(),
                 f.host,
@@ -157,12 +153,12 @@ impl Vm {
         Ok(())
     }
 
-    fn require_process(&self) -> Result<(), MaqetError> {
+    fn require_process(&self) -> Result<(), VmError> {
         let status = self.status();
         if status.has_process() && status != super::Status::Stopping {
             Ok(())
         } else {
-            Err(MaqetError::InvalidState(format!(
+            Err(VmError::InvalidState(format!(
                 "VM '{}' is {status}; forwards change on a running VM (start it first)",
                 self.name()
             )))

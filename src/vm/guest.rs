@@ -17,10 +17,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use super::VmError;
 use super::{Runtime, StopIntent, Vm};
 use crate::agent::{self, Address, AgentClient, AgentError, ExecOutput, GuestInfo, Limits};
 use crate::config::Forward;
-use crate::error::MaqetError;
+use crate::error_kind::ErrorKind;
 use crate::events::CoreEvent;
 
 /// The id of the virtserialport device, as QEMU names it in `VSERPORT_CHANGE`.
@@ -154,7 +155,7 @@ impl Vm {
     }
 
     /// The connected agent, or `InvalidState` saying why there is none.
-    fn agent(&self) -> Result<Arc<AgentClient>, MaqetError> {
+    fn agent(&self) -> Result<Arc<AgentClient>, VmError> {
         if let Some(client) = self.guest.client.lock().clone() {
             return Ok(client);
         }
@@ -170,7 +171,7 @@ impl Vm {
                 "no guest agent answers in VM '{name}' (yet); install and start qemu-guest-agent in the guest"
             ),
         };
-        Err(MaqetError::InvalidState(why))
+        Err(VmError::InvalidState(why))
     }
 
     /// A call failed: an ended or silent agent counts as gone until it answers again.
@@ -187,7 +188,7 @@ impl Vm {
     async fn with_agent<T>(
         self: &Arc<Self>,
         op: impl AsyncFnOnce(&AgentClient) -> Result<T, AgentError>,
-    ) -> Result<T, MaqetError> {
+    ) -> Result<T, VmError> {
         let client = self.agent()?;
         op(&client).await.map_err(|e| {
             self.agent_failed(&e);
@@ -195,7 +196,7 @@ impl Vm {
         })
     }
 
-    pub async fn guest_ping(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn guest_ping(self: &Arc<Self>) -> Result<(), VmError> {
         self.with_agent(async |a| a.ping().await).await
     }
 
@@ -205,14 +206,14 @@ impl Vm {
         argv: &[String],
         stdin: &[u8],
         timeout: Duration,
-    ) -> Result<ExecOutput, MaqetError> {
+    ) -> Result<ExecOutput, VmError> {
         if argv.is_empty() || argv[0].is_empty() {
-            return Err(MaqetError::InvalidArgument(
+            return Err(VmError::InvalidArgument(
                 "Exec needs a command: argv[0] is the program to run".into(),
             ));
         }
         if argv.iter().any(|a| a.contains('\0')) {
-            return Err(MaqetError::InvalidArgument(
+            return Err(VmError::InvalidArgument(
                 "a command-line argument contains a NUL byte".into(),
             ));
         }
@@ -224,7 +225,7 @@ impl Vm {
         self: &Arc<Self>,
         path: &str,
         max: u64,
-    ) -> Result<Vec<u8>, MaqetError> {
+    ) -> Result<Vec<u8>, VmError> {
         check_guest_path(path)?;
         let max = if max == 0 {
             MAX_FILE_BYTES
@@ -242,16 +243,16 @@ impl Vm {
         path: &str,
         data: &[u8],
         mode: u32,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         check_guest_path(path)?;
         if data.len() as u64 > MAX_FILE_BYTES {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "{} bytes is more than WriteFile takes ({MAX_FILE_BYTES}); copy it in parts",
                 data.len()
             )));
         }
         if mode > 0o7777 {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "mode {mode:o} is not a file mode (0 to 7777 octal)"
             )));
         }
@@ -263,7 +264,7 @@ impl Vm {
                 .with_agent(async |a| a.exec(&argv, b"", agent::commands::REQUEST_TIMEOUT).await)
                 .await?;
             if out.exit_code != 0 {
-                return Err(MaqetError::InvalidArgument(format!(
+                return Err(VmError::InvalidArgument(format!(
                     "wrote {path} but chmod {mode:o} failed in the guest: {}",
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
@@ -273,7 +274,7 @@ impl Vm {
     }
 
     /// Reads the guest's addresses again (`Addresses` changes if they did).
-    pub async fn refresh_addresses(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn refresh_addresses(self: &Arc<Self>) -> Result<(), VmError> {
         let addresses = self.with_agent(async |a| a.addresses().await).await?;
         self.update_guest(|v| v.addresses = addresses);
         Ok(())
@@ -342,9 +343,9 @@ impl Vm {
 }
 
 /// Paths the agent is given are the guest's: absolute, no NUL.
-fn check_guest_path(path: &str) -> Result<(), MaqetError> {
+fn check_guest_path(path: &str) -> Result<(), VmError> {
     if !path.starts_with('/') || path.contains('\0') {
-        return Err(MaqetError::InvalidArgument(format!(
+        return Err(VmError::InvalidArgument(format!(
             "guest path {:?} must be absolute (start with /) and contain no NUL byte",
             crate::outbound::escape(path)
         )));
@@ -352,23 +353,34 @@ fn check_guest_path(path: &str) -> Result<(), MaqetError> {
     Ok(())
 }
 
-/// Agent failures as D-Bus errors: a refusal carries the guest's own words.
-fn agent_error(vm: &str, e: AgentError) -> MaqetError {
-    match e {
-        AgentError::Timeout(d) => MaqetError::Timeout(format!(
-            "VM '{vm}': the guest agent did not answer within {} s",
-            d.as_secs()
-        )),
-        AgentError::Command { command, desc, .. } => {
-            MaqetError::InvalidArgument(format!("VM '{vm}': the guest refused {command}: {desc}"))
-        }
-        AgentError::TooLarge(n) => MaqetError::InvalidArgument(format!(
-            "VM '{vm}': the guest's answer is larger than {n} bytes"
-        )),
-        AgentError::Disconnected => MaqetError::InvalidState(format!(
-            "VM '{vm}': the guest agent channel closed (the VM stopped?)"
-        )),
-        other => MaqetError::InvalidState(format!("VM '{vm}': {other}")),
+/// Agent failures as VM errors: a refusal carries the guest's own words.
+fn agent_error(vm: &str, e: AgentError) -> VmError {
+    let (kind, message) = match &e {
+        AgentError::Timeout(d) => (
+            ErrorKind::Timeout,
+            format!(
+                "VM '{vm}': the guest agent did not answer within {} s",
+                d.as_secs()
+            ),
+        ),
+        AgentError::Command { command, desc, .. } => (
+            ErrorKind::InvalidArgument,
+            format!("VM '{vm}': the guest refused {command}: {desc}"),
+        ),
+        AgentError::TooLarge(n) => (
+            ErrorKind::InvalidArgument,
+            format!("VM '{vm}': the guest's answer is larger than {n} bytes"),
+        ),
+        AgentError::Disconnected => (
+            ErrorKind::InvalidState,
+            format!("VM '{vm}': the guest agent channel closed (the VM stopped?)"),
+        ),
+        other => (ErrorKind::InvalidState, format!("VM '{vm}': {other}")),
+    };
+    VmError::Agent {
+        kind,
+        message,
+        source: e,
     }
 }
 

@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+pub mod error;
 mod forward;
 pub mod guest;
 pub mod launch;
@@ -42,12 +43,13 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use crate::config::{self, ConfigSource, VmConfig};
 
-use crate::error::MaqetError;
+use crate::error_kind::ErrorKind;
 use crate::events::{Cause, CoreEvent, EventSink};
 use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::time::now_us;
+pub use error::VmError;
 pub use monitor::DEVICE_DEL_WAIT;
 use process::{ExitInfo, Process};
 pub use status::{Operation, Status};
@@ -101,30 +103,30 @@ impl Ctx {
     }
 
     /// Parses and validates config sources with this service's environment.
-    pub fn load_config(
-        &self,
-        sources: &[ConfigSource],
-        vm_id: &str,
-    ) -> Result<VmConfig, MaqetError> {
+    pub fn load_config(&self, sources: &[ConfigSource], vm_id: &str) -> Result<VmConfig, VmError> {
         self.with_validation(Some(vm_id), |v| config::load(sources, v))
-            .map_err(|e| config_error(&e, ""))
+            .map_err(|e| config_error(e, ""))
     }
 
     /// Re-reads a stored (merged, absolute) config; the binary is checked at start.
-    pub fn load_stored_config(&self, yaml: &str) -> Result<VmConfig, MaqetError> {
+    pub fn load_stored_config(&self, yaml: &str) -> Result<VmConfig, VmError> {
         self.with_validation(None, |v| config::load_stored(yaml, v))
-            .map_err(|e| config_error(&e, "the stored config no longer validates: "))
+            .map_err(|e| config_error(e, "the stored config no longer validates: "))
     }
 }
 
 /// A config whose only problems are dangerous locations is a `Storage` error (the
 /// YAML is fine, the place is not); anything else is `InvalidConfig`.
-fn config_error(e: &config::ConfigError, prefix: &str) -> MaqetError {
-    let message = format!("{prefix}{e}");
-    if e.only_dangerous_locations() {
-        MaqetError::Storage(message)
+fn config_error(e: config::ConfigError, prefix: &str) -> VmError {
+    let kind = if e.only_dangerous_locations() {
+        ErrorKind::Storage
     } else {
-        MaqetError::InvalidConfig(message)
+        ErrorKind::InvalidConfig
+    };
+    VmError::Config {
+        kind,
+        message: format!("{prefix}{e}"),
+        source: e,
     }
 }
 
@@ -145,9 +147,9 @@ pub struct VmInfo {
 }
 
 impl VmInfo {
-    pub fn from_record(rec: VmRecord) -> Result<VmInfo, MaqetError> {
+    pub fn from_record(rec: VmRecord) -> Result<VmInfo, VmError> {
         let status = Status::parse(&rec.status).ok_or_else(|| {
-            MaqetError::Internal(format!(
+            VmError::Internal(format!(
                 "VM {} has unknown status '{}' in the database",
                 rec.name, rec.status
             ))
@@ -336,13 +338,21 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-pub(crate) fn store_error(e: StoreError) -> MaqetError {
-    match e {
-        StoreError::NameTaken(name) => {
-            MaqetError::AlreadyExists(format!("a VM named '{name}' already exists"))
-        }
-        StoreError::NotFound(what) => MaqetError::NotFound(what),
-        other => MaqetError::Storage(other.to_string()),
+/// A database failure as a VM error: a taken name is `AlreadyExists`, a missing row
+/// `NotFound`, anything else `Storage`.
+pub(crate) fn store_error(e: StoreError) -> VmError {
+    let (kind, message) = match &e {
+        StoreError::NameTaken(name) => (
+            ErrorKind::AlreadyExists,
+            format!("a VM named '{name}' already exists"),
+        ),
+        StoreError::NotFound(what) => (ErrorKind::NotFound, what.clone()),
+        other => (ErrorKind::Storage, other.to_string()),
+    };
+    VmError::Store {
+        kind,
+        message,
+        source: e,
     }
 }
 
@@ -369,21 +379,31 @@ async fn connect_monitor(
     }
 }
 
-pub(crate) fn qmp_error(vm: &str, e: QmpError) -> MaqetError {
-    match e {
-        QmpError::Command { class, desc } => MaqetError::Qmp(format!("{class}: {desc}")),
-        QmpError::Timeout(d) => MaqetError::Timeout(format!(
-            "VM '{vm}': QEMU did not answer on its monitor within {} s",
-            d.as_secs()
-        )),
-        QmpError::InvalidArguments(m) => MaqetError::InvalidArgument(m),
-        other => MaqetError::Qmp(format!("VM '{vm}': {other}")),
+/// A monitor failure of VM `vm`: QEMU's own refusal is `Qmp`, no answer in time
+/// `Timeout`, a bad argument `InvalidArgument`, a broken monitor `Qmp`.
+pub(crate) fn qmp_error(vm: &str, e: QmpError) -> VmError {
+    let (kind, message) = match &e {
+        QmpError::Command { class, desc } => (ErrorKind::Qmp, format!("{class}: {desc}")),
+        QmpError::Timeout(d) => (
+            ErrorKind::Timeout,
+            format!(
+                "VM '{vm}': QEMU did not answer on its monitor within {} s",
+                d.as_secs()
+            ),
+        ),
+        QmpError::InvalidArguments(m) => (ErrorKind::InvalidArgument, m.clone()),
+        other => (ErrorKind::Qmp, format!("VM '{vm}': {other}")),
+    };
+    VmError::Monitor {
+        kind,
+        message,
+        source: e,
     }
 }
 
 impl Vm {
     /// Builds the in-memory VM from its database row (no process attached yet).
-    pub fn from_record(ctx: Arc<Ctx>, rec: VmRecord) -> Result<Arc<Vm>, MaqetError> {
+    pub fn from_record(ctx: Arc<Ctx>, rec: VmRecord) -> Result<Arc<Vm>, VmError> {
         let info = VmInfo::from_record(rec)?;
         let (status_tx, _) = watch::channel(info.status);
         Ok(Arc::new(Vm {
@@ -438,7 +458,7 @@ impl Vm {
     }
 
     /// QEMU's log of this VM (every run's output), opened read-only.
-    pub fn open_log(&self) -> Result<std::fs::File, MaqetError> {
+    pub fn open_log(&self) -> Result<std::fs::File, VmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.log_file();
         std::fs::OpenOptions::new()
@@ -446,11 +466,11 @@ impl Vm {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => MaqetError::NotFound(format!(
+                std::io::ErrorKind::NotFound => VmError::NotFound(format!(
                     "VM '{}' has no QEMU log yet: it is written from the first start on",
                     self.name()
                 )),
-                _ => MaqetError::Storage(format!("cannot open {}: {e}", path.display())),
+                _ => VmError::Storage(format!("cannot open {}: {e}", path.display())),
             })
     }
 
@@ -460,7 +480,7 @@ impl Vm {
         &self,
         since_us: u64,
         limit: usize,
-    ) -> Result<Vec<crate::store::EventRecord>, MaqetError> {
+    ) -> Result<Vec<crate::store::EventRecord>, VmError> {
         let since = (since_us > 0).then_some(since_us);
         let id = self.id.clone();
         self.ctx
@@ -475,16 +495,16 @@ impl Vm {
     }
 
     /// The QMP client of the running QEMU, or `InvalidState`.
-    pub fn qmp(&self) -> Result<QmpClient, MaqetError> {
+    pub fn qmp(&self) -> Result<QmpClient, VmError> {
         let status = self.status();
         if !Operation::Monitor.is_allowed(status) {
-            return Err(MaqetError::InvalidState(
+            return Err(VmError::InvalidState(
                 Operation::Monitor.refusal(&self.name(), status),
             ));
         }
         self.runtime()
             .map(|rt| rt.qmp.clone())
-            .ok_or_else(|| MaqetError::InvalidState(format!("VM '{}' has no monitor", self.name())))
+            .ok_or_else(|| VmError::InvalidState(format!("VM '{}' has no monitor", self.name())))
     }
 
     /// Subscribes to the VM's QMP events (name, data).
@@ -508,10 +528,10 @@ impl Vm {
     }
 
     /// `InvalidState` while an exclusive operation (a snapshot job) holds the VM.
-    pub(crate) fn ensure_idle(&self) -> Result<(), MaqetError> {
+    pub(crate) fn ensure_idle(&self) -> Result<(), VmError> {
         match self.busy.lock().as_ref() {
             None => Ok(()),
-            Some(b) => Err(MaqetError::InvalidState(format!(
+            Some(b) => Err(VmError::InvalidState(format!(
                 "VM '{}' is busy with {}; wait for it to finish or cancel it",
                 self.name(),
                 b.what
@@ -530,8 +550,8 @@ impl Vm {
     pub(crate) async fn begin_exclusive(
         self: &Arc<Self>,
         what: String,
-        choose: impl FnOnce(Status) -> Result<bool, MaqetError>,
-    ) -> Result<(BusyGuard, Status), MaqetError> {
+        choose: impl FnOnce(Status) -> Result<bool, VmError>,
+    ) -> Result<(BusyGuard, Status), VmError> {
         let _op = self.op_lock.lock().await;
         self.ensure_idle()?;
         let status = self.status();
@@ -556,7 +576,7 @@ impl Vm {
         }
     }
 
-    fn check(&self, op: Operation) -> Result<Status, MaqetError> {
+    fn check(&self, op: Operation) -> Result<Status, VmError> {
         if op != Operation::Monitor {
             self.ensure_idle()?;
         }
@@ -564,7 +584,7 @@ impl Vm {
         if op.is_allowed(status) {
             Ok(status)
         } else {
-            Err(MaqetError::InvalidState(op.refusal(&name, status)))
+            Err(VmError::InvalidState(op.refusal(&name, status)))
         }
     }
 
@@ -584,7 +604,7 @@ impl Vm {
         reason: &str,
         kept: bool,
         fill: impl FnOnce(&mut Transition<'static>),
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         self.transition_because(status, reason, kept, Cause::Other, fill)
             .await
     }
@@ -598,7 +618,7 @@ impl Vm {
         kept: bool,
         cause: Cause,
         fill: impl FnOnce(&mut Transition<'static>),
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         let _order = self.transitions.lock().await;
         let (previous, name) = self.with_info(|i| (i.status, i.name.clone()));
         let mut t = Transition {
@@ -654,7 +674,7 @@ impl Vm {
     }
 
     /// Parses the stored (merged, absolute) config.
-    pub(crate) fn stored_config(&self) -> Result<VmConfig, MaqetError> {
+    pub(crate) fn stored_config(&self) -> Result<VmConfig, VmError> {
         let yaml = self.with_info(|i| i.config.clone());
         self.ctx.load_stored_config(&yaml)
     }
@@ -662,14 +682,14 @@ impl Vm {
     // ----- operations -----
 
     /// Guest reset (QMP `system_reset`): same process, the guest reboots.
-    pub async fn reset(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn reset(self: &Arc<Self>) -> Result<(), VmError> {
         let _op = self.op_lock.lock().await;
         self.check(Operation::Reset)?;
         self.run_qmp("system_reset", None).await.map(|_| ())
     }
 
     /// Pauses the vCPUs; returns once the VM is `paused`.
-    pub async fn pause(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn pause(self: &Arc<Self>) -> Result<(), VmError> {
         let _op = self.op_lock.lock().await;
         self.check(Operation::Pause)?;
         if let Some(rt) = self.runtime() {
@@ -680,14 +700,14 @@ impl Vm {
     }
 
     /// Resumes the vCPUs; returns once the VM is `running`.
-    pub async fn resume(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn resume(self: &Arc<Self>) -> Result<(), VmError> {
         let _op = self.op_lock.lock().await;
         self.check(Operation::Resume)?;
         self.run_qmp("cont", None).await?;
         self.await_status(&[Status::Running], QMP_TIMEOUT).await
     }
 
-    async fn run_qmp(&self, command: &str, args: Option<Value>) -> Result<Value, MaqetError> {
+    async fn run_qmp(&self, command: &str, args: Option<Value>) -> Result<Value, VmError> {
         let qmp = self.qmp()?;
         qmp.execute_timeout(command, args, QMP_TIMEOUT)
             .await
@@ -709,9 +729,9 @@ impl Vm {
     pub async fn apply(
         self: &Arc<Self>,
         mut new: VmConfig,
-        check: impl FnOnce(&str, &str) -> Result<(), MaqetError>,
+        check: impl FnOnce(&str, &str) -> Result<(), VmError>,
         renamed: impl FnOnce(&str, &str),
-    ) -> Result<Vec<String>, MaqetError> {
+    ) -> Result<Vec<String>, VmError> {
         let _op = self.op_lock.lock().await;
         self.ensure_idle()?;
         let old = self.stored_config()?;

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::VmError;
 use super::{QMP_TIMEOUT, REPLY_LIMIT, Vm, next_qmp_event, qmp_error};
-use crate::error::MaqetError;
+use crate::error_kind::ErrorKind;
 use crate::qmp::classify::Command;
 use crate::qmp::{QmpError, keys};
 
@@ -39,7 +40,7 @@ const SCREENDUMP_PREFIX: &str = "screendump-";
 
 impl Vm {
     /// Sends a classified command and returns QEMU's `return` value.
-    pub async fn execute(&self, cmd: Command) -> Result<Value, MaqetError> {
+    pub async fn execute(&self, cmd: Command) -> Result<Value, VmError> {
         let qmp = self.qmp()?;
         // Tell the supervisor these were asked for, so the exit reads as a stop (not a
         // crash) and the pause as requested (not QEMU's doing).
@@ -60,19 +61,19 @@ impl Vm {
     /// Presses each combo (`ctrl-alt-f2`) in turn, each held `hold_ms` (0: QEMU's
     /// default). Every combo is checked before the first is sent. Returns once QEMU has
     /// released the last key.
-    pub async fn send_keys(&self, combos: &[String], hold_ms: u32) -> Result<(), MaqetError> {
+    pub async fn send_keys(&self, combos: &[String], hold_ms: u32) -> Result<(), VmError> {
         let hold = if hold_ms == 0 {
             DEFAULT_HOLD_MS
         } else {
             hold_ms
         };
         if hold > MAX_HOLD_MS {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "hold time {hold} ms is too long: at most {MAX_HOLD_MS} ms"
             )));
         }
         if combos.is_empty() {
-            return Err(MaqetError::InvalidArgument(
+            return Err(VmError::InvalidArgument(
                 "no keys given: pass one or more key combinations such as ctrl-alt-delete".into(),
             ));
         }
@@ -81,7 +82,7 @@ impl Vm {
             .enumerate()
             .map(|(i, c)| {
                 keys::parse_combo(c).map_err(|e| {
-                    MaqetError::InvalidArgument(format!("key combination {} ('{c}'): {e}", i + 1))
+                    VmError::InvalidArgument(format!("key combination {} ('{c}'): {e}", i + 1))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -90,25 +91,25 @@ impl Vm {
 
     /// Types `text` on a US layout (shift, newline and tab included). Every character is
     /// checked before the first key is sent. Returns once the text has been typed.
-    pub async fn type_text(&self, text: &str) -> Result<(), MaqetError> {
+    pub async fn type_text(&self, text: &str) -> Result<(), VmError> {
         let count = text.chars().count();
         if count > MAX_TYPE_CHARS {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "text of {count} characters is too long: type at most {MAX_TYPE_CHARS} per call \
                  (QEMU drops keys beyond its input queue)"
             )));
         }
         let combos =
-            keys::text_to_combos(text).map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
+            keys::text_to_combos(text).map_err(|e| VmError::InvalidArgument(e.to_string()))?;
         self.press(&combos, TYPE_HOLD_MS).await
     }
 
     /// Sends `send-key` per combo, then waits for QEMU to work through them: it queues
     /// the keys and plays each combo's hold time in turn.
-    async fn press(&self, combos: &[Vec<String>], hold_ms: u32) -> Result<(), MaqetError> {
+    async fn press(&self, combos: &[Vec<String>], hold_ms: u32) -> Result<(), VmError> {
         let typing = Duration::from_millis(u64::from(hold_ms)) * combos.len() as u32;
         if typing > MAX_KEY_TIME {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "{} key presses held {hold_ms} ms each take {} s; one call may take at most {} s",
                 combos.len(),
                 typing.as_secs(),
@@ -131,12 +132,12 @@ impl Vm {
     /// QEMU opens the target by path in its own process, so maqet creates an owner-only
     /// file in the VM's 0700 runtime directory, has QEMU write it, opens it and removes
     /// the name before returning (on every path; stale ones go with the directory).
-    pub async fn screendump(&self) -> Result<File, MaqetError> {
+    pub async fn screendump(&self) -> Result<File, VmError> {
         let qmp = self.qmp()?;
         let dir = self.ctx.paths.vm_runtime_dir(&self.id);
         let target = ScreendumpFile::create(&dir)?;
         let filename = target.path.to_str().ok_or_else(|| {
-            MaqetError::Internal(format!(
+            VmError::Internal(format!(
                 "the runtime directory {} is not UTF-8; QMP cannot name it",
                 dir.display()
             ))
@@ -146,7 +147,7 @@ impl Vm {
             .await
             .map_err(|e| screendump_error(&self.name(), e))?;
         let file = File::open(&target.path).map_err(|e| {
-            MaqetError::Internal(format!("cannot open the screendump QEMU wrote: {e}"))
+            VmError::Internal(format!("cannot open the screendump QEMU wrote: {e}"))
         })?;
         drop(target);
         Ok(file)
@@ -159,28 +160,28 @@ impl Vm {
     /// and QEMU's socket. So maqetd knows the moment a client goes (its end closes) and
     /// the next one is never refused for a client QEMU has not yet seen leave; a second
     /// client while one is attached is refused rather than left queued in silence.
-    pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, MaqetError> {
+    pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, VmError> {
         self.qmp()?;
         let name = self.name();
         let rt = self
             .runtime()
-            .ok_or_else(|| MaqetError::InvalidState(format!("VM '{name}' has no process")))?;
+            .ok_or_else(|| VmError::InvalidState(format!("VM '{name}' has no process")))?;
         let path = self.ctx.paths.console_socket(&self.id);
         if !path.exists() {
-            return Err(MaqetError::NotFound(format!(
+            return Err(VmError::NotFound(format!(
                 "VM '{name}' has no maqet console: its config chooses its own serial port \
                  (-serial, -nographic or an isa-serial device), or it was started by an older \
                  maqet (restart it)"
             )));
         }
         let attached = ConsoleAttached::claim(rt.clone()).ok_or_else(|| {
-            MaqetError::InvalidState(format!(
+            VmError::InvalidState(format!(
                 "the console of VM '{name}' is in use by another client (one at a time); \
                  detach that one first (Ctrl-])"
             ))
         })?;
         let failed = |what: &str, e: std::io::Error| {
-            MaqetError::Internal(format!("console of VM '{name}': {what}: {e}"))
+            VmError::Internal(format!("console of VM '{name}': {what}: {e}"))
         };
         let qemu = tokio::net::UnixStream::connect(&path)
             .await
@@ -197,7 +198,7 @@ impl Vm {
     /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past
     /// [`DEVICE_DEL_WAIT`] the removal is still pending (the guest has not released the
     /// device): that is a `Timeout`, and the event may still come later.
-    pub async fn device_del(&self, id: &str, cmd: Command) -> Result<(), MaqetError> {
+    pub async fn device_del(&self, id: &str, cmd: Command) -> Result<(), VmError> {
         // Subscribe before sending: a device without a guest to ask goes at once.
         let mut events = self.subscribe_qmp();
         self.execute(cmd).await?;
@@ -213,11 +214,11 @@ impl Vm {
         });
         match outcome.await {
             Ok(true) => Ok(()),
-            Ok(false) => Err(MaqetError::InvalidState(format!(
+            Ok(false) => Err(VmError::InvalidState(format!(
                 "VM '{}' stopped before QEMU removed device '{id}'",
                 self.name()
             ))),
-            Err(_) => Err(MaqetError::Timeout(format!(
+            Err(_) => Err(VmError::Timeout(format!(
                 "VM '{}': QEMU accepted the removal of device '{id}' but has not completed it \
                  within {} s; it stays pending until the guest releases the device (PCI \
                  hot-unplug needs a guest OS that handles it). Watch for the DEVICE_DELETED \
@@ -230,15 +231,17 @@ impl Vm {
 }
 
 /// QEMU's answer for a VM without a display, with what to do about it.
-fn screendump_error(vm: &str, e: QmpError) -> MaqetError {
-    match e {
-        QmpError::Command { class, desc } if desc.contains("no console") => {
-            MaqetError::Qmp(format!(
+fn screendump_error(vm: &str, e: QmpError) -> VmError {
+    match &e {
+        QmpError::Command { class, desc } if desc.contains("no console") => VmError::Monitor {
+            kind: ErrorKind::Qmp,
+            message: format!(
                 "{class}: {desc}. VM '{vm}' has no display device: add one to its config \
                  (e.g. `vga: std`) and restart it"
-            ))
-        }
-        other => qmp_error(vm, other),
+            ),
+            source: e,
+        },
+        _ => qmp_error(vm, e),
     }
 }
 
@@ -250,7 +253,7 @@ struct ScreendumpFile {
 impl ScreendumpFile {
     /// Created by maqetd, exclusive and owner-only, so the name cannot be someone
     /// else's file and nobody else can read what QEMU writes into it.
-    fn create(dir: &Path) -> Result<ScreendumpFile, MaqetError> {
+    fn create(dir: &Path) -> Result<ScreendumpFile, VmError> {
         let path = dir.join(format!(
             "{SCREENDUMP_PREFIX}{}.png",
             uuid::Uuid::new_v4().simple()
@@ -261,7 +264,7 @@ impl ScreendumpFile {
             .mode(0o600)
             .open(&path)
             .map_err(|e| {
-                MaqetError::Internal(format!(
+                VmError::Internal(format!(
                     "cannot create a screendump file in {}: {e}",
                     dir.display()
                 ))

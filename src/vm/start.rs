@@ -7,13 +7,13 @@ use super::*;
 impl Vm {
     /// Starts QEMU and returns once its monitor is ready (status `running`, or `paused`
     /// for a config with `-S`).
-    pub async fn start(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn start(self: &Arc<Self>) -> Result<(), VmError> {
         let _op = self.op_lock.lock().await;
         self.check(Operation::Start)?;
         self.start_locked().await
     }
 
-    pub(super) async fn start_locked(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub(super) async fn start_locked(self: &Arc<Self>) -> Result<(), VmError> {
         let name = self.name();
         let config = self.stored_config()?;
         let binary = match config.resolve_binary(self.ctx.path_env.as_deref()) {
@@ -21,16 +21,16 @@ impl Vm {
             Err(why) => {
                 let msg = format!("cannot start VM '{name}': {why}");
                 self.transition(Status::Failed, &msg, false, |_| {}).await?;
-                return Err(MaqetError::QemuFailed(msg));
+                return Err(VmError::QemuFailed(msg));
             }
         };
         forward::check_host_ports(&config.guest().forwards)?;
         self.transition(Status::Starting, "start requested", false, |_| {})
             .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
-            let msg = format!("cannot start VM '{name}': {}", e.message());
+            let msg = format!("cannot start VM '{name}': {e}");
             self.transition(Status::Failed, &msg, false, |_| {}).await?;
-            return Err(MaqetError::Storage(msg));
+            return Err(VmError::Storage(msg));
         }
         // Opened after creation and after the stored paths were checked again: QEMU
         // gets these fds, never the names (docs/storage.md).
@@ -39,14 +39,14 @@ impl Vm {
                 Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
                 Err(e) => Err(e),
             },
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let files = match opened {
             Ok(files) => files,
             Err(e) => {
-                let msg = format!("cannot start VM '{name}': {}", e.message());
+                let msg = format!("cannot start VM '{name}': {e}");
                 self.transition(Status::Failed, &msg, false, |_| {}).await?;
-                return Err(MaqetError::Storage(msg));
+                return Err(VmError::Storage(msg));
             }
         };
         match self.launch(&name, &files, &binary).await {
@@ -78,7 +78,7 @@ impl Vm {
                 })
                 .await?;
                 self.cleanup_runtime_dir();
-                Err(MaqetError::QemuFailed(msg))
+                Err(VmError::QemuFailed(msg))
             }
         }
     }
@@ -87,7 +87,7 @@ impl Vm {
     /// 0600, after a free-space check) and records it as maqet's, and every missing
     /// share directory (not recorded: maqet never deletes a share). An existing file,
     /// or anything else at the path, is used as is.
-    async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), MaqetError> {
+    async fn create_missing_disks(&self, config: &VmConfig) -> Result<(), VmError> {
         for e in config.storage().iter().filter(|e| !e.kind.is_disk()) {
             if std::fs::symlink_metadata(&e.path).is_err() {
                 crate::storage::create::create_share_dir(&e.path, &self.ctx.paths.home)?;
@@ -150,7 +150,7 @@ impl Vm {
         &self,
         config: &VmConfig,
         files: &mut crate::storage::hostfiles::OpenedFiles,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         use crate::storage::firmware;
         let kind = config.firmware();
         if kind == crate::config::Firmware::Bios {
@@ -171,10 +171,10 @@ impl Vm {
             arch,
             machine.as_deref(),
         )
-        .map_err(MaqetError::Storage)?;
+        .map_err(VmError::Storage)?;
         let vars = firmware::vars_path(&paths.vm_data_dir(&self.id), kind);
         if firmware::ensure_vars(&selected.vars_template, &vars, &paths.home)
-            .map_err(MaqetError::Storage)?
+            .map_err(VmError::Storage)?
         {
             let (owner, path) = (self.id.clone(), vars.clone());
             let format = selected.vars_format.clone();
@@ -186,7 +186,7 @@ impl Vm {
                 .map_err(store_error)?;
             tracing::info!(vm = %self.name(), path = %vars.display(), template = %selected.vars_template.display(), "created UEFI variable store");
         }
-        firmware::attach(&selected, &vars, &paths.home, files).map_err(MaqetError::Storage)
+        firmware::attach(&selected, &vars, &paths.home, files).map_err(VmError::Storage)
     }
 
     /// `tpm: true`: starts the VM's swtpm (`vm::tpm`) and adds its device.
@@ -194,13 +194,13 @@ impl Vm {
         &self,
         config: &VmConfig,
         files: &mut crate::storage::hostfiles::OpenedFiles,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         if !config.tpm() {
             return Ok(());
         }
         let swtpm =
             crate::config::find_binary("swtpm", self.ctx.path_env.as_deref()).map_err(|e| {
-                MaqetError::Storage(format!(
+                VmError::Storage(format!(
                     "`tpm: true` needs swtpm: {} (install the swtpm package)",
                     e.message
                 ))
@@ -208,11 +208,11 @@ impl Vm {
         let paths = &self.ctx.paths;
         paths
             .ensure_log_dir()
-            .map_err(|e| MaqetError::Storage(format!("log directory: {e}")))?;
+            .map_err(|e| VmError::Storage(format!("log directory: {e}")))?;
         let state = paths.vm_data_dir(&self.id).join("tpm");
         let log = paths.log_dir().join(format!("{}.swtpm.log", self.id));
         let fd = super::tpm::start(&swtpm, &state, &log)
-            .map_err(|e| MaqetError::Storage(format!("cannot start swtpm: {e}")))?;
+            .map_err(|e| VmError::Storage(format!("cannot start swtpm: {e}")))?;
         let n = files.pass_fd(fd, "swtpm control channel");
         files.args.extend(super::tpm::qemu_args(n));
         Ok(())
@@ -333,10 +333,7 @@ impl Vm {
             let exit = process.wait().await;
             return Err(failure(
                 Some(exit),
-                format!(
-                    "was stopped: its forwards could not be set up ({})",
-                    e.message()
-                ),
+                format!("was stopped: its forwards could not be set up ({})", e),
             ));
         }
         let runtime = Runtime::new(process, qmp, spawned.log_offset);

@@ -17,9 +17,9 @@ impl Vm {
     /// with the VM still `stopping`. A `Stop` while one is running takes over when it
     /// asks for less: its timeout (counted from now) or `force` ends the graceful wait
     /// sooner, never later.
-    pub async fn stop(self: &Arc<Self>, force: bool, timeout: Duration) -> Result<(), MaqetError> {
+    pub async fn stop(self: &Arc<Self>, force: bool, timeout: Duration) -> Result<(), VmError> {
         if timeout > MAX_STOP_TIMEOUT {
-            return Err(MaqetError::InvalidArgument(format!(
+            return Err(VmError::InvalidArgument(format!(
                 "a stop timeout of {} s is above the maximum of {} s; pass a shorter one, or force=true to stop now",
                 timeout.as_secs(),
                 MAX_STOP_TIMEOUT.as_secs()
@@ -30,7 +30,7 @@ impl Vm {
             let _op = self.op_lock.lock().await;
             let status = self.check(Operation::Stop)?;
             let Some(rt) = self.runtime() else {
-                return Err(MaqetError::Internal(format!(
+                return Err(VmError::Internal(format!(
                     "VM '{}' is {status} but maqetd holds no process for it",
                     self.name()
                 )));
@@ -60,12 +60,12 @@ impl Vm {
     /// Restart: a new QEMU process with the current config (so applied changes take
     /// effect). A running VM is told to `quit` (then killed if it does not); a VM that
     /// is not running is started.
-    pub async fn restart(self: &Arc<Self>) -> Result<(), MaqetError> {
+    pub async fn restart(self: &Arc<Self>) -> Result<(), VmError> {
         let _op = self.op_lock.lock().await;
         let status = self.check(Operation::Restart)?;
         if status.has_process() {
             let rt = self.runtime().ok_or_else(|| {
-                MaqetError::Internal(format!("VM '{}' has no process to restart", self.name()))
+                VmError::Internal(format!("VM '{}' has no process to restart", self.name()))
             })?;
             rt.restarting.store(true, Ordering::SeqCst);
             self.transition(Status::Stopping, "restart requested", true, |_| {})

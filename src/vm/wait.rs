@@ -7,11 +7,11 @@ impl Vm {
         &self,
         wanted: &[Status],
         limit: Duration,
-    ) -> Result<(), MaqetError> {
+    ) -> Result<(), VmError> {
         let mut rx = self.status_tx.subscribe();
         match tokio::time::timeout(limit, rx.wait_for(|s| wanted.contains(s))).await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(MaqetError::Timeout(format!(
+            _ => Err(VmError::Timeout(format!(
                 "VM '{}' did not become {} within {} s (it is {})",
                 self.name(),
                 wanted
@@ -27,9 +27,9 @@ impl Vm {
 
     /// Waits for a condition; returns what satisfied it (the status, or the event's
     /// data as JSON).
-    pub async fn wait(&self, cond: &WaitCondition, limit: Duration) -> Result<String, MaqetError> {
+    pub async fn wait(&self, cond: &WaitCondition, limit: Duration) -> Result<String, VmError> {
         let timeout = || {
-            MaqetError::Timeout(format!(
+            VmError::Timeout(format!(
                 "VM '{}': condition not met within {} s (status is {})",
                 self.name(),
                 limit.as_secs(),
@@ -66,9 +66,9 @@ pub enum WaitCondition {
 }
 
 impl WaitCondition {
-    pub fn parse(s: &str) -> Result<WaitCondition, MaqetError> {
+    pub fn parse(s: &str) -> Result<WaitCondition, VmError> {
         let bad = |why: String| {
-            MaqetError::InvalidArgument(format!(
+            VmError::InvalidArgument(format!(
                 "bad wait condition '{s}': {why}; use status=<state>[|<state>…] or event=<QMP event name>, e.g. status=running or event=RESUME"
             ))
         };

@@ -360,12 +360,49 @@ fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String
         }
         Value::Map(entries) => render_suboptions(option, entries, "", true, cx, parts),
         _ => {
-            if let Some(text) = node.scalar_text() {
+            if let Some(text) = unix_backend(option, node, cx) {
+                parts.push(text);
+            } else if let Some(text) = node.scalar_text() {
                 refuse_string_path(option, &text, &node.loc, cx);
                 parts.push(text);
             }
         }
     }
+}
+
+/// A `unix:PATH[,server=on,…]` character-device backend (`{serial: "unix:./s.sock"}`):
+/// QEMU parses what follows `unix:` as suboptions whose implied first key is `path`, so
+/// the path is resolved against the declaring file and checked like a chardev `path=`
+/// (the tree keeps the absolute path). `None` when the value is no such backend.
+fn unix_backend(option: &str, node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let Value::Str(value) = &node.value else {
+        return None;
+    };
+    let rest = value.strip_prefix("unix:")?;
+    if !BACKEND_OPTIONS.contains(&canonical(option)) || value.contains("json:") {
+        return None;
+    }
+    let mut items = split_raw_suboptions(rest).into_iter();
+    let raw_path = items.next().unwrap_or_default().replace(",,", ",");
+    let others: Vec<String> = items.map(str::to_owned).collect();
+    for item in &others {
+        refuse_string_path(option, item, &node.loc, cx);
+    }
+    let mut path_node = Node {
+        value: Value::Str(raw_path),
+        loc: node.loc.clone(),
+    };
+    let Some(path) = cx.resolve_path(&mut path_node, PathUse::Storage) else {
+        // Reported already; the config fails.
+        return Some(String::new());
+    };
+    let path = escape_commas(&path);
+    let text = std::iter::once(format!("unix:{path}"))
+        .chain(others)
+        .collect::<Vec<_>>()
+        .join(",");
+    node.value = Value::Str(text.clone());
+    Some(text)
 }
 
 /// Whether suboptions ask QEMU for read-only access (`readonly=on`, `read-only=on`,
@@ -490,6 +527,7 @@ fn keyval_mapping(option: &str, node: &Node) -> Option<Vec<Entry>> {
         return None;
     };
     let canon = canonical(option);
+    // Backends (`unix:…`, `file:…`) are not suboption lists; see [`unix_backend`].
     let backend_path = BACKEND_OPTIONS.contains(&canon)
         && BACKEND_PATH_PREFIXES.iter().any(|p| value.starts_with(p));
     if canon == "append"

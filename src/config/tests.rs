@@ -1563,6 +1563,36 @@ fn string_form_paths_take_the_mapping_path() {
         23,
         "path `/etc/x.sock` is not allowed",
     );
+    // A `unix:` backend's path (QEMU's implied first key) resolves the same way.
+    let config = load_one(concat!(
+        "arguments:\n",
+        "  - {serial: 'unix:./s,,1.sock,server=on,wait=off'}\n",
+        "  - {monitor: 'unix:/run/user/m.sock'}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-serial",
+            "unix:/vms/web/s,,1.sock,server=on,wait=off",
+            "-monitor",
+            "unix:/run/user/m.sock"
+        ]
+    );
+    assert_round_trip(&config);
+    let d = error_in(
+        "arguments: [{serial: 'unix:../../etc/s.sock,server=on'}]\n",
+        1,
+        22,
+        "path `/etc/s.sock` is not allowed",
+    );
+    assert_eq!(d.kind, DiagnosticKind::DangerousLocation, "{d}");
+    error_in(
+        "arguments: [{serial: 'unix:s.sock,logfile=/etc/x'}]\n",
+        1,
+        22,
+        "`logfile=/etc/x`",
+    );
     // What the mapping form refuses stays refused.
     error_in(
         "arguments: [{drive: 'file=fat:rw:/tmp,if=virtio'}]\n",

@@ -182,7 +182,7 @@ fn rng_random_object_starts() {
 
 /// String-form option values with relative paths, as maqet 0.0.x configs wrote them,
 /// resolve against the config's own directory: the ISO beside it is opened by maqetd
-/// and passed to QEMU, and the chardev socket is created beside it.
+/// and passed to QEMU, and the chardev and `unix:` serial sockets are created beside it.
 #[test]
 fn relative_string_form_drive_and_socket_start() {
     let bus = Bus::start();
@@ -192,7 +192,7 @@ fn relative_string_form_drive_and_socket_start() {
     std::fs::write(&iso, vec![0u8; 64 * 1024]).unwrap();
     let config = dir.join("old.yaml");
     let yaml = format!(
-        "{}  - drive: 'file=./x,,1.iso,media=cdrom'\n  - chardev: 'socket,id=c0,path=./s.sock,server=on,wait=off'\n",
+        "{}  - drive: 'file=./x,,1.iso,media=cdrom'\n  - chardev: 'socket,id=c0,path=./s.sock,server=on,wait=off'\n  - serial: 'unix:./ser.sock,server=on,wait=off'\n",
         tiny_vm_yaml("strings")
     );
     std::fs::write(&config, yaml).unwrap();
@@ -208,14 +208,15 @@ fn relative_string_form_drive_and_socket_start() {
         .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
         .collect();
     assert!(fds.contains(&iso), "QEMU holds no fd of {iso:?}: {fds:?}");
-    let socket = dir.join("s.sock");
     use std::os::unix::fs::FileTypeExt;
-    assert!(
-        std::fs::symlink_metadata(&socket)
-            .unwrap_or_else(|e| panic!("{socket:?}: {e}"))
-            .file_type()
-            .is_socket()
-    );
+    for socket in [dir.join("s.sock"), dir.join("ser.sock")] {
+        assert!(
+            std::fs::symlink_metadata(&socket)
+                .unwrap_or_else(|e| panic!("{socket:?}: {e}"))
+                .file_type()
+                .is_socket()
+        );
+    }
     let out = bus.maqet(&["stop", "--force", "strings"]);
     assert!(out.status.success(), "{}", stderr(&out));
 

@@ -250,7 +250,6 @@ async fn host_paths_in_strings_are_refused() {
         "args: ['-kernel', '/boot/vmlinuz']\n",
         "args: ['-serial', 'file:/etc/x']\n",
         // More `arguments` items (the tiny VM's list ends the YAML).
-        "  - drive: 'file=/etc/shadow,if=virtio'\n",
         "  - serial: 'file:/etc/x'\n",
         "  - drive: {file: 'json:{\"file.filename\": \"/etc/shadow\"}'}\n",
         "  - drive: {if: 'virtio,file=/etc/shadow'}\n",
@@ -265,6 +264,18 @@ async fn host_paths_in_strings_are_refused() {
         let msg = err.to_string();
         assert!(msg.contains("storage:"), "{extra}: {msg}");
     }
+    // A string-form `arguments` value is parsed into its mapping form, so its path
+    // meets the location check like any structured path.
+    let yaml = format!(
+        "{}  - drive: 'file=/etc/shadow,if=virtio'\n",
+        tiny_vm_yaml("strings")
+    );
+    let err = manager.add_vm("", &yaml).await.unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage", "{err}");
+    assert!(
+        err.to_string().contains("`/etc/shadow` is not allowed"),
+        "{err}"
+    );
 }
 
 /// A FIFO or a dangling symlink at a disk path: refused, and the start does not hang.

@@ -180,6 +180,58 @@ fn rng_random_object_starts() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// String-form option values with relative paths, as maqet 0.0.x configs wrote them,
+/// resolve against the config's own directory: the ISO beside it is opened by maqetd
+/// and passed to QEMU, and the chardev and `unix:` serial sockets are created beside it.
+#[test]
+fn relative_string_form_drive_and_socket_start() {
+    let bus = Bus::start();
+    let dir = bus.root().join("vms/strings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let iso = dir.join("x,1.iso");
+    std::fs::write(&iso, vec![0u8; 64 * 1024]).unwrap();
+    let config = dir.join("old.yaml");
+    let yaml = format!(
+        "{}  - drive: 'file=./x,,1.iso,media=cdrom'\n  - chardev: 'socket,id=c0,path=./s.sock,server=on,wait=off'\n  - serial: 'unix:./ser.sock,server=on,wait=off'\n",
+        tiny_vm_yaml("strings")
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let out = bus.maqet(&["add", "-c", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&["start", "strings"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let qemu = bus.marked_processes("qemu");
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", qemu[0]))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(fds.contains(&iso), "QEMU holds no fd of {iso:?}: {fds:?}");
+    use std::os::unix::fs::FileTypeExt;
+    for socket in [dir.join("s.sock"), dir.join("ser.sock")] {
+        assert!(
+            std::fs::symlink_metadata(&socket)
+                .unwrap_or_else(|e| panic!("{socket:?}: {e}"))
+                .file_type()
+                .is_socket()
+        );
+    }
+    let out = bus.maqet(&["stop", "--force", "strings"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // An absolute dangerous path in the same string form is refused at `add`.
+    let bad = dir.join("bad.yaml");
+    let yaml = format!(
+        "{}  - drive: 'file=/etc/shadow,media=cdrom'\n",
+        tiny_vm_yaml("bad")
+    );
+    std::fs::write(&bad, yaml).unwrap();
+    let out = bus.maqet(&["add", "-c", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/etc/shadow"), "{}", stderr(&out));
+}
+
 /// The old CLI spellings `add --vm-config a.yaml b.yaml` and `info VM`.
 #[test]
 fn old_cli_spellings() {

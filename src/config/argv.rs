@@ -273,6 +273,10 @@ fn compile_argument(item: &mut Node, cx: &mut Cx, out: &mut Vec<String>) {
                 };
                 parts.extend(cx.host_file(&mut first.value, usage, access, pass, false));
             } else {
+                if let Some(entries) = keyval_mapping(&option, &first.value) {
+                    // Paths in the string form get the mapping form's treatment.
+                    first.value.value = Value::Map(entries);
+                }
                 let (read_only, not_qcow2, sets_backing) = {
                     let nested: &[Entry] = match &first.value.value {
                         Value::Map(inner) => inner,
@@ -356,12 +360,49 @@ fn positional(option: &str, node: &mut Node, cx: &mut Cx, parts: &mut Vec<String
         }
         Value::Map(entries) => render_suboptions(option, entries, "", true, cx, parts),
         _ => {
-            if let Some(text) = node.scalar_text() {
+            if let Some(text) = unix_backend(option, node, cx) {
+                parts.push(text);
+            } else if let Some(text) = node.scalar_text() {
                 refuse_string_path(option, &text, &node.loc, cx);
                 parts.push(text);
             }
         }
     }
+}
+
+/// A `unix:PATH[,server=on,…]` character-device backend (`{serial: "unix:./s.sock"}`):
+/// QEMU parses what follows `unix:` as suboptions whose implied first key is `path`, so
+/// the path is resolved against the declaring file and checked like a chardev `path=`
+/// (the tree keeps the absolute path). `None` when the value is no such backend.
+fn unix_backend(option: &str, node: &mut Node, cx: &mut Cx) -> Option<String> {
+    let Value::Str(value) = &node.value else {
+        return None;
+    };
+    let rest = value.strip_prefix("unix:")?;
+    if !BACKEND_OPTIONS.contains(&canonical(option)) || value.contains("json:") {
+        return None;
+    }
+    let mut items = split_raw_suboptions(rest).into_iter();
+    let raw_path = items.next().unwrap_or_default().replace(",,", ",");
+    let others: Vec<String> = items.map(str::to_owned).collect();
+    for item in &others {
+        refuse_string_path(option, item, &node.loc, cx);
+    }
+    let mut path_node = Node {
+        value: Value::Str(raw_path),
+        loc: node.loc.clone(),
+    };
+    let Some(path) = cx.resolve_path(&mut path_node, PathUse::Storage) else {
+        // Reported already; the config fails.
+        return Some(String::new());
+    };
+    let path = escape_commas(&path);
+    let text = std::iter::once(format!("unix:{path}"))
+        .chain(others)
+        .collect::<Vec<_>>()
+        .join(",");
+    node.value = Value::Str(text.clone());
+    Some(text)
 }
 
 /// Whether suboptions ask QEMU for read-only access (`readonly=on`, `read-only=on`,
@@ -469,6 +510,83 @@ fn split_suboptions(value: &str) -> Vec<String> {
             parts.last_mut().expect("one part").push(c);
         }
     }
+    parts
+}
+
+/// The mapping a string-form value naming host paths (`{drive: "file=./x.iso,media=cdrom"}`)
+/// stands for, parsed as QEMU parses suboptions: `key=value` items split at unescaped
+/// commas (`,,` is a literal comma), a leading bare word (the chardev backend, the
+/// netdev type) kept as the mapping's bare first entry, and a later bare word a
+/// short-form boolean (`server` is `server=on`, `nowait` is `wait=off`). Path values
+/// are unescaped here (the mapping form escapes them again); other values stay as
+/// written, as mapping values reach QEMU unchanged. `None` leaves the string as it is:
+/// it names no host path, or one maqet cannot follow (`json:`, JSON options, a
+/// chardev backend like `unix:…`), which [`refuse_string_path`] then refuses.
+fn keyval_mapping(option: &str, node: &Node) -> Option<Vec<Entry>> {
+    let Value::Str(value) = &node.value else {
+        return None;
+    };
+    let canon = canonical(option);
+    // Backends (`unix:…`, `file:…`) are not suboption lists; see [`unix_backend`].
+    let backend_path = BACKEND_OPTIONS.contains(&canon)
+        && BACKEND_PATH_PREFIXES.iter().any(|p| value.starts_with(p));
+    if canon == "append"
+        || backend_path
+        || value.contains("json:")
+        || value.trim_start().starts_with('{')
+        || string_path_problem(option, value).is_none()
+    {
+        return None;
+    }
+    let entry = |key: &str, value: Value| Entry {
+        key: key.to_owned(),
+        key_loc: node.loc.clone(),
+        value: Node {
+            value,
+            loc: node.loc.clone(),
+        },
+    };
+    let mut entries = Vec::new();
+    for (i, raw) in split_raw_suboptions(value).into_iter().enumerate() {
+        match raw.split_once('=') {
+            Some((key, v)) => {
+                let is_path = is_path_key(option, key)
+                    && !names_no_file(key.rsplit('.').next().unwrap_or(key), v)
+                    && !is_network_url(v);
+                let v = if is_path {
+                    v.replace(",,", ",")
+                } else {
+                    v.to_owned()
+                };
+                entries.push(entry(key, Value::Str(v)));
+            }
+            None if i == 0 => entries.push(entry(raw, Value::Null)),
+            None => match raw.strip_prefix("no") {
+                Some(flag) => entries.push(entry(flag, Value::Str("off".to_owned()))),
+                None => entries.push(entry(raw, Value::Str("on".to_owned()))),
+            },
+        }
+    }
+    Some(entries)
+}
+
+/// QEMU's suboption list split at unescaped commas, each part as written (`,,` kept).
+fn split_raw_suboptions(value: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    let bytes = value.as_bytes();
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            if bytes.get(i + 1) == Some(&b',') {
+                i += 2;
+                continue;
+            }
+            parts.push(&value[start..i]);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    parts.push(&value[start..]);
     parts
 }
 

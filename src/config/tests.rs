@@ -1492,6 +1492,116 @@ fn golden_host_file_slots() {
     assert_round_trip(&config);
 }
 
+/// A string-form `arguments` value is parsed like QEMU parses suboptions and takes the
+/// mapping form's path: relative paths resolve against the declaring file's directory,
+/// disks are fd-passed, dangerous places refused (issue 13 within issue 11's rule).
+#[test]
+fn string_form_paths_take_the_mapping_path() {
+    let config = load_one(concat!(
+        "arguments:\n",
+        "  - {drive: 'file=./x.iso,media=cdrom'}\n",
+        "  - {chardev: 'socket,id=c0,path=./s.sock,server=on,wait=off'}\n",
+        "  - {drive: 'if=virtio,file=dir/a,,b.img,format=raw,id=d,,1'}\n",
+        "  - {chardev: 'socket,id=c1,path=../m.sock,server,nowait'}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let placeholders = config.launch_args(&|i| format!("<{i}>"), &|_| String::new());
+    assert_eq!(
+        placeholders,
+        [
+            "-drive",
+            "file=<0>,media=cdrom",
+            "-chardev",
+            "socket,id=c0,path=/vms/web/s.sock,server=on,wait=off",
+            "-drive",
+            "if=virtio,file=<1>,format=raw,id=d,,1",
+            "-chardev",
+            "socket,id=c1,path=/vms/m.sock,server=on,wait=off",
+        ]
+    );
+    let files: Vec<_> = config
+        .host_files()
+        .iter()
+        .map(|f| (f.path.to_str().unwrap(), f.access, f.pass))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            ("/vms/web/x.iso", Access::Read, PassAs::FdSet),
+            ("/vms/web/dir/a,b.img", Access::ReadWrite, PassAs::FdSet),
+        ]
+    );
+    // By name, the comma doubled again where QEMU parses suboptions.
+    let argv = config.qemu_args();
+    assert!(
+        argv.contains(&"file=/vms/web/x.iso,media=cdrom".to_owned()),
+        "{argv:?}"
+    );
+    assert!(
+        argv.contains(&"if=virtio,file=/vms/web/dir/a,,b.img,format=raw,id=d,,1".to_owned()),
+        "{argv:?}"
+    );
+    // The stored form is the mapping with absolute paths.
+    assert!(
+        config.to_yaml().contains("/vms/web/s.sock"),
+        "{}",
+        config.to_yaml()
+    );
+    assert_round_trip(&config);
+
+    // Dangerous places are refused in string form exactly as in the mapping form.
+    let d = error_in(
+        "arguments: [{drive: 'file=/etc/shadow,if=virtio'}]\n",
+        1,
+        21,
+        "path `/etc/shadow` is not allowed",
+    );
+    assert_eq!(d.kind, DiagnosticKind::DangerousLocation, "{d}");
+    error_in(
+        "arguments: [{chardev: 'socket,id=c,path=../../../etc/x.sock'}]\n",
+        1,
+        23,
+        "path `/etc/x.sock` is not allowed",
+    );
+    // A `unix:` backend's path (QEMU's implied first key) resolves the same way.
+    let config = load_one(concat!(
+        "arguments:\n",
+        "  - {serial: 'unix:./s,,1.sock,server=on,wait=off'}\n",
+        "  - {monitor: 'unix:/run/user/m.sock'}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-serial",
+            "unix:/vms/web/s,,1.sock,server=on,wait=off",
+            "-monitor",
+            "unix:/run/user/m.sock"
+        ]
+    );
+    assert_round_trip(&config);
+    let d = error_in(
+        "arguments: [{serial: 'unix:../../etc/s.sock,server=on'}]\n",
+        1,
+        22,
+        "path `/etc/s.sock` is not allowed",
+    );
+    assert_eq!(d.kind, DiagnosticKind::DangerousLocation, "{d}");
+    error_in(
+        "arguments: [{serial: 'unix:s.sock,logfile=/etc/x'}]\n",
+        1,
+        22,
+        "`logfile=/etc/x`",
+    );
+    // What the mapping form refuses stays refused.
+    error_in(
+        "arguments: [{drive: 'file=fat:rw:/tmp,if=virtio'}]\n",
+        1,
+        21,
+        "protocol maqet cannot check",
+    );
+}
+
 /// Host paths inside strings cannot be fd-passed or checked: refused, pointing to
 /// structured storage.
 #[test]
@@ -1532,10 +1642,6 @@ fn host_paths_in_strings_are_refused() {
         (
             "args: [-blockdev, '{\"driver\":\"file\",\"filename\":\"/x\"}']\n",
             "a JSON option",
-        ),
-        (
-            "arguments: [{drive: 'file=/etc/shadow,if=virtio'}]\n",
-            "`file=/etc/shadow`",
         ),
         (
             "arguments: [{drive: [if=virtio, file=/etc/shadow]}]\n",
@@ -1917,15 +2023,11 @@ fn legacy_rng_object_mapping_form() {
         argv_of("arguments: [{object: {rng-random: null, filename: /dev/urandom, id: rng0}}]\n"),
         ["-object", "rng-random,filename=/dev/urandom,id=rng0"]
     );
-    // The string form names a host path maqet cannot check: refused, pointing at the
-    // mapping form (docs/configuration.md, "Coming from maqet 0.0.x").
-    let d = error_in(
-        "arguments: [{object: 'rng-random,filename=/dev/urandom,id=rng0'}]\n",
-        1,
-        22,
-        "names a host path inside a string (`filename=/dev/urandom`)",
+    // The string form is parsed into that mapping and checked the same way.
+    assert_eq!(
+        argv_of("arguments: [{object: 'rng-random,filename=/dev/urandom,id=rng0'}]\n"),
+        ["-object", "rng-random,filename=/dev/urandom,id=rng0"]
     );
-    assert!(d.hint.unwrap().contains("`arguments:` mapping"));
 }
 
 #[test]

@@ -180,7 +180,11 @@ impl BareQemu {
 
     /// Waits up to `limit` for an event line `matches` accepts (one read while waiting
     /// for a reply counts too).
-    pub fn wait_event(&mut self, limit: Duration, matches: impl Fn(&str) -> bool) -> io::Result<()> {
+    pub fn wait_event(
+        &mut self,
+        limit: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> io::Result<()> {
         if let Some(i) = self.events.iter().position(|e| matches(e)) {
             self.events.drain(..=i);
             return Ok(());
@@ -193,7 +197,8 @@ impl BareQemu {
                 Err(e) => break Err(e),
             }
         };
-        self.writer.set_read_timeout(Some(Duration::from_secs(20)))?;
+        self.writer
+            .set_read_timeout(Some(Duration::from_secs(20)))?;
         res
     }
 

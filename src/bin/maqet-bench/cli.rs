@@ -69,7 +69,8 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
             .and_then(|_| p.add_tiny("cycle"))
             .and_then(|_| p.timed(p.cmd(&["start", "cli"]), "Python maqet start"));
         if let Err(e) = ready {
-            b.report.peer_missing(PYTHON_MAQET, format!("fails here: {e}"));
+            b.report
+                .peer_missing(PYTHON_MAQET, format!("fails here: {e}"));
             py = None;
         }
     }
@@ -176,7 +177,8 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
                 let r = p
                     .timed(p.cmd(&["start", "cycle"]), "Python maqet start")
                     .and_then(|a| {
-                        Ok(a + p.timed(p.cmd(&["stop", "--force", "cycle"]), "Python maqet stop")?)
+                        Ok(a + p
+                            .timed(p.cmd(&["stop", "--force", "cycle"]), "Python maqet stop")?)
                     });
                 py_ok(&mut py, b, r)
             }
@@ -194,7 +196,12 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
     for (k, kind) in kinds.iter().enumerate() {
         let [mine, floor, virsh, py] = &got[k];
         let words = match *kind {
-            "ls" => ("maqet ls", "busctl --user call … ListVMs", "virsh list --all", "Python maqet ls"),
+            "ls" => (
+                "maqet ls",
+                "busctl --user call … ListVMs",
+                "virsh list --all",
+                "Python maqet ls",
+            ),
             "status" => (
                 "maqet status VM",
                 "busctl --user get-property … Status",
@@ -208,22 +215,71 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
                 "",
             ),
         };
-        r.add("cli", &format!("cli_{kind}"), &format!("maqet: `{}` (median)", words.0), mine.median(), Unit::Us, mine.len());
-        r.add("cli", &format!("busctl_{kind}"), &format!("floor: `{}` (median)", words.1), floor.median(), Unit::Us, floor.len());
+        r.add(
+            "cli",
+            &format!("cli_{kind}"),
+            &format!("maqet: `{}` (median)", words.0),
+            mine.median(),
+            Unit::Us,
+            mine.len(),
+        );
+        r.add(
+            "cli",
+            &format!("busctl_{kind}"),
+            &format!("floor: `{}` (median)", words.1),
+            floor.median(),
+            Unit::Us,
+            floor.len(),
+        );
         if virsh.len() > 0 {
-            r.add("cli", &format!("virsh_{kind}"), &format!("libvirt: `{}` (median)", words.2), virsh.median(), Unit::Us, virsh.len());
+            r.add(
+                "cli",
+                &format!("virsh_{kind}"),
+                &format!("libvirt: `{}` (median)", words.2),
+                virsh.median(),
+                Unit::Us,
+                virsh.len(),
+            );
         }
         if py.len() > 0 {
-            r.add("cli", &format!("py_{kind}"), &format!("Python maqet 0.0.15: `{}` (median)", words.3), py.median(), Unit::Us, py.len());
+            r.add(
+                "cli",
+                &format!("py_{kind}"),
+                &format!("Python maqet 0.0.15: `{}` (median)", words.3),
+                py.median(),
+                Unit::Us,
+                py.len(),
+            );
         }
     }
     let [mine, virsh, py] = &cyc;
-    r.add("cli", "cli_cycle", "maqet: `maqet start` + `maqet stop --force` (median)", mine.median(), Unit::Us, mine.len());
+    r.add(
+        "cli",
+        "cli_cycle",
+        "maqet: `maqet start` + `maqet stop --force` (median)",
+        mine.median(),
+        Unit::Us,
+        mine.len(),
+    );
     if virsh.len() > 0 {
-        r.add("cli", "virsh_cycle", "libvirt: `virsh start` + `virsh destroy` (median)", virsh.median(), Unit::Us, virsh.len());
+        r.add(
+            "cli",
+            "virsh_cycle",
+            "libvirt: `virsh start` + `virsh destroy` (median)",
+            virsh.median(),
+            Unit::Us,
+            virsh.len(),
+        );
     }
     if py.len() > 0 {
-        r.add("cli", "py_cycle", "Python maqet 0.0.15: `start` + `stop --force` (median)", py.median(), Unit::Us, py.len());
+        r.add(
+            "cli",
+            "py_cycle",
+            "Python maqet 0.0.15: `start` + `stop --force` (median)",
+            py.median(),
+            Unit::Us,
+            py.len(),
+        );
     }
     Ok(())
 }

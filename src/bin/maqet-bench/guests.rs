@@ -246,14 +246,19 @@ impl BareGuest {
         self.next_id += 1;
         let id = self.next_id;
         let msg = format!("{{\"execute\":\"guest-sync\",\"arguments\":{{\"id\":{id}}}}}\n");
-        self.agent.get_mut().write_all(msg.as_bytes()).ctx("agent write")?;
-        let want = format!("\"return\": {id}");
+        self.agent
+            .get_mut()
+            .write_all(msg.as_bytes())
+            .ctx("agent write")?;
         let mut line = String::new();
         loop {
             line.clear();
             match self.agent.read_line(&mut line) {
                 Ok(0) => return Err("agent closed".into()),
-                Ok(_) if line.replace("\"return\":", "\"return\": ").contains(&want) => {
+                Ok(_)
+                    if serde_json::from_str::<serde_json::Value>(&line)
+                        .is_ok_and(|v| v["return"].as_u64() == Some(id)) =>
+                {
                     return Ok(());
                 }
                 Ok(_) => {}
@@ -288,7 +293,9 @@ impl BareGuest {
         });
         let reply = self.agent_call(&cmd.to_string())?;
         let v: serde_json::Value = serde_json::from_str(&reply).ctx("guest-exec reply")?;
-        let pid = v["return"]["pid"].as_i64().ok_or("guest-exec gave no pid")?;
+        let pid = v["return"]["pid"]
+            .as_i64()
+            .ok_or("guest-exec gave no pid")?;
         loop {
             let st = self.agent_call(
                 &serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
@@ -376,10 +383,13 @@ async fn snapshot(
         .sender(BUS_NAME)
         .build()
         .ctx("match rule")?;
-    let mut signals = MessageStream::for_match_rule(rule, &s.conn, std::num::NonZeroUsize::new(4096))
+    let mut signals =
+        MessageStream::for_match_rule(rule, &s.conn, std::num::NonZeroUsize::new(4096))
+            .await
+            .ctx("subscribing")?;
+    let snaps: SnapshotsProxy<'_> = proxy_at(&s.conn, path.clone())
         .await
-        .ctx("subscribing")?;
-    let snaps: SnapshotsProxy<'_> = proxy_at(&s.conn, path.clone()).await.ctx("Snapshots proxy")?;
+        .ctx("Snapshots proxy")?;
     let t0 = Instant::now();
     let job = snaps
         .create("bench", HashMap::new())
@@ -396,15 +406,23 @@ async fn snapshot(
             }
             match h.member().map(|m| m.as_str()) {
                 Some("Completed") => {
-                    let (ok, why) = msg.body().deserialize::<(bool, String)>().ctx("Completed")?;
-                    return if ok { Ok(Instant::now()) } else { Err(format!("maqet's snapshot job failed: {why}")) };
+                    let (ok, why) = msg
+                        .body()
+                        .deserialize::<(bool, String)>()
+                        .ctx("Completed")?;
+                    return if ok {
+                        Ok(Instant::now())
+                    } else {
+                        Err(format!("maqet's snapshot job failed: {why}"))
+                    };
                 }
                 Some("PropertiesChanged") => {
                     if let Ok((_, changed, _)) = msg.body().deserialize::<(
                         String,
                         HashMap<String, zbus::OwnedVariant>,
                         Vec<String>,
-                    )>() && let Some(p) = changed.get("Progress").and_then(|v| f64::try_from(v).ok())
+                    )>() && let Some(p) =
+                        changed.get("Progress").and_then(|v| f64::try_from(v).ok())
                         && last != Some(p)
                     {
                         moves += 1;
@@ -439,7 +457,9 @@ async fn snapshot(
         Unit::Us,
         0,
     );
-    r.note_last(format!("job state {state}; with fsfreeze through the agent"));
+    r.note_last(format!(
+        "job state {state}; with fsfreeze through the agent"
+    ));
     r.add(
         "guests",
         "snap_progress_moves",
@@ -468,7 +488,10 @@ async fn idle(
         qcow2(&disk)?;
         let path = s
             .manager
-            .add_vm(&format!("idle{i}"), &yaml(&format!("idle{i}"), img, 256, &disk))
+            .add_vm(
+                &format!("idle{i}"),
+                &yaml(&format!("idle{i}"), img, 256, &disk),
+            )
             .await
             .ctx("AddVM idle guest")?;
         let vm = s.vm(path.clone()).await?;
@@ -487,12 +510,16 @@ async fn idle(
         .sender(BUS_NAME)
         .build()
         .ctx("match rule")?;
-    let mut signals = MessageStream::for_match_rule(rule, &s.conn, std::num::NonZeroUsize::new(65536))
-        .await
-        .ctx("subscribing")?;
+    let mut signals =
+        MessageStream::for_match_rule(rule, &s.conn, std::num::NonZeroUsize::new(65536))
+            .await
+            .ctx("subscribing")?;
     // Let the boots' tails (agent sync, address refresh) pass first.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    while tokio::time::timeout(Duration::from_millis(1), signals.next()).await.is_ok() {}
+    while tokio::time::timeout(Duration::from_millis(1), signals.next())
+        .await
+        .is_ok()
+    {}
     let (t0, c0) = (cpu_ticks(pid)?, ctx_switches(pid)?);
     let window = b.opts.guest_idle;
     let mut events = 0u64;

@@ -48,10 +48,16 @@ pub struct Libvirt {
 
 /// The programs the peer needs, or why it is missing.
 fn programs() -> Result<(), String> {
-    let missing: Vec<&str> = ["virsh", "libvirtd", "libvirt-dbus", "unshare", "dbus-daemon"]
-        .into_iter()
-        .filter(|p| which(p).is_none())
-        .collect();
+    let missing: Vec<&str> = [
+        "virsh",
+        "libvirtd",
+        "libvirt-dbus",
+        "unshare",
+        "dbus-daemon",
+    ]
+    .into_iter()
+    .filter(|p| which(p).is_none())
+    .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -129,10 +135,16 @@ impl Libvirt {
             .stderr(log)
             .spawn()
             .ctx("libvirt-dbus")?;
-        let dbus = zbus::fdo::DBusProxy::new(&peer.conn).await.ctx("DBus proxy")?;
+        let dbus = zbus::fdo::DBusProxy::new(&peer.conn)
+            .await
+            .ctx("DBus proxy")?;
         let name = zbus::names::BusName::try_from("org.libvirt").ctx("name")?;
         let deadline = Instant::now() + TIMEOUT;
-        while !dbus.name_has_owner(name.clone()).await.ctx("NameHasOwner")? {
+        while !dbus
+            .name_has_owner(name.clone())
+            .await
+            .ctx("NameHasOwner")?
+        {
             if Instant::now() > deadline {
                 return Err("libvirt-dbus did not take its bus name".into());
             }
@@ -198,7 +210,7 @@ impl Libvirt {
             .interface(CONNECT)
             .member("DomainEvent")
             .build()
-        .ctx("match rule")?;
+            .ctx("match rule")?;
         MessageStream::for_match_rule(rule, &self.conn, std::num::NonZeroUsize::new(64))
             .await
             .ctx("subscribing to DomainEvent")
@@ -221,7 +233,12 @@ impl Libvirt {
     }
 
     /// Calls `method` and waits for this domain's event `want`; the time to the event.
-    async fn act_until(&self, events: &mut MessageStream, method: &str, want: &[i32]) -> Res<Duration> {
+    async fn act_until(
+        &self,
+        events: &mut MessageStream,
+        method: &str,
+        want: &[i32],
+    ) -> Res<Duration> {
         let t0 = Instant::now();
         let (reply, seen) =
             futures_util::future::join(self.domain_call(method), self.until(events, want)).await;
@@ -234,7 +251,8 @@ impl Libvirt {
             while let Some(msg) = events.next().await {
                 let at = Instant::now();
                 let Ok(msg) = msg else { continue };
-                if let Ok((path, event, _)) = msg.body().deserialize::<(OwnedObjectPath, i32, i32)>()
+                if let Ok((path, event, _)) =
+                    msg.body().deserialize::<(OwnedObjectPath, i32, i32)>()
                     && path.as_str() == self.domain_path
                     && want.contains(&event)
                 {
@@ -304,7 +322,10 @@ pub async fn libvirt(b: &mut Bench<'_>) -> Res<()> {
     let mut get = Samples::default();
     let warmup = (b.opts.calls / 10).max(20);
     for i in 0..warmup + b.opts.calls {
-        let (d, _) = lv.domain_call("GetState").await.ctx("libvirt-dbus GetState")?;
+        let (d, _) = lv
+            .domain_call("GetState")
+            .await
+            .ctx("libvirt-dbus GetState")?;
         if i >= warmup {
             get.push(d);
         }
@@ -471,7 +492,8 @@ fn kill_where(matches: impl Fn(u32) -> bool) {
         if !matches(pid) {
             continue;
         }
-        let Some(fd) = Pid::from_raw(pid as i32).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
+        let Some(fd) =
+            Pid::from_raw(pid as i32).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
         else {
             continue;
         };

@@ -139,7 +139,11 @@ fn bare_at_once(binary: &std::path::Path, args: &[String], s: &Session) -> Res<D
         let t0 = Instant::now();
         let mut up = Vec::new();
         for h in handles {
-            up.push(h.join().map_err(|_| "a spawning thread panicked")?.ctx("bare QEMU")?);
+            up.push(
+                h.join()
+                    .map_err(|_| "a spawning thread panicked")?
+                    .ctx("bare QEMU")?,
+            );
         }
         let total = t0.elapsed();
         for (q, _) in up {

@@ -39,7 +39,8 @@ impl PyMaqet {
         let dir = b.run.root().join("py");
         for d in ["config", "data", "run", "home"] {
             if let Err(e) = std::fs::create_dir_all(dir.join(d)) {
-                b.report.peer_missing(PYTHON_MAQET, format!("its directories: {e}"));
+                b.report
+                    .peer_missing(PYTHON_MAQET, format!("its directories: {e}"));
                 return None;
             }
         }
@@ -72,7 +73,9 @@ impl PyMaqet {
     /// `maqet ARGS` with its directories in the run's, not the user's.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.exe);
-        let (sub, rest) = args.split_first().map_or(("--help", &[][..]), |(s, r)| (*s, r));
+        let (sub, rest) = args
+            .split_first()
+            .map_or(("--help", &[][..]), |(s, r)| (*s, r));
         cmd.arg(sub);
         if sub != "--help" {
             cmd.arg("--maqet-config-dir")
@@ -104,7 +107,10 @@ impl PyMaqet {
         crate::cli::timed_as_is(cmd, what).map_err(|e| {
             let log = std::fs::read_to_string(self.dir.join("output.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(3).collect();
-            format!("{e}{}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
+            format!(
+                "{e}{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )
         })
     }
 
@@ -122,7 +128,13 @@ impl PyMaqet {
         )
         .ctx("Python maqet config")?;
         let out = self
-            .cmd(&["add", "--vm-config", &file.to_string_lossy(), "--name", name])
+            .cmd(&[
+                "add",
+                "--vm-config",
+                &file.to_string_lossy(),
+                "--name",
+                name,
+            ])
             .output()
             .ctx("Python maqet add")?;
         if !out.status.success() {

@@ -214,10 +214,9 @@ impl Report {
         }
         println!("{t}\n");
         let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED)
-            .set_header([
-                "section", "target", "maqet", "floor", "peer", "ratio", "limit", "verdict",
-            ]);
+        t.load_preset(UTF8_FULL_CONDENSED).set_header([
+            "section", "target", "maqet", "floor", "peer", "ratio", "limit", "verdict",
+        ]);
         for g in &self.targets {
             t.add_row([
                 g.section,

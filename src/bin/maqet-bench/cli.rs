@@ -145,8 +145,12 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
                 let g = &mut got[k];
                 g[0].push(d0);
                 g[1].push(d1);
-                d2.map(|d| g[2].push(d));
-                d3.map(|d| g[3].push(d));
+                if let Some(d) = d2 {
+                    g[2].push(d);
+                }
+                if let Some(d) = d3 {
+                    g[3].push(d);
+                }
             }
         }
     }
@@ -186,8 +190,12 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
         };
         if round > 0 {
             cyc[0].push(d0);
-            d1.map(|d| cyc[1].push(d));
-            d2.map(|d| cyc[2].push(d));
+            if let Some(d) = d1 {
+                cyc[1].push(d);
+            }
+            if let Some(d) = d2 {
+                cyc[2].push(d);
+            }
         }
     }
     drop(cycle_vm);

@@ -164,7 +164,7 @@ pub async fn cli(b: &mut Bench<'_>) -> Res<()> {
     }
 
     // The start + forced stop cycle, each tool's whole commands back to back.
-    let cycles = if b.opts.quick { 5 } else { 10 };
+    let cycles = if b.opts.quick { 3 } else { 10 };
     let mut cyc: [Samples; 3] = Default::default();
     for round in 0..=cycles {
         let d0 = timed(m(&["start", "cycle"]), "maqet start")?

@@ -16,7 +16,7 @@ use rustix::process::{
 };
 
 use maqet::config::{self, ConfigSource, ValidationContext};
-use maqet::vm::launch::{management_args, run_with_monitor};
+use maqet::vm::launch::{management_args_with_agent, run_with_fds};
 
 use crate::fixture::{MARKER_VAR, wait_pidfd};
 
@@ -39,6 +39,17 @@ pub fn tiny_vm_yaml(name: &str) -> String {
 
 /// The binary and full command line maqetd would run for the tiny VM.
 pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), String> {
+    command_line_for(&tiny_vm_yaml(name), uuid, name, None)
+}
+
+/// The binary and full command line maqetd would run for the VM `yaml` describes, host
+/// files named by path; `agent`: the fd number of the guest agent's listening socket.
+pub fn command_line_for(
+    yaml: &str,
+    uuid: &str,
+    name: &str,
+    agent: Option<std::os::fd::RawFd>,
+) -> Result<(PathBuf, Vec<String>), String> {
     let home = std::env::temp_dir();
     let path_env = std::env::var_os("PATH");
     let no_policy = |p: &Path, _: config::PathUse| Ok(p.to_path_buf());
@@ -52,13 +63,13 @@ pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), St
     };
     let source = ConfigSource {
         origin: "<bench>".into(),
-        text: tiny_vm_yaml(name),
+        text: yaml.to_string(),
         base_dir: home.clone(),
     };
     let cfg = config::load(&[source], &ctx).map_err(|e| e.to_string())?;
     let binary = cfg.resolve_binary(path_env.as_deref())?;
     // With the serial console maqetd adds to a config without one, as it really runs.
-    let mut args = management_args(uuid, name, true);
+    let mut args = management_args_with_agent(uuid, name, true, agent);
     args.extend(cfg.qemu_args());
     Ok((binary, args))
 }
@@ -69,6 +80,8 @@ pub struct BareQemu {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     line: String,
+    /// Events read while waiting for a reply, for [`BareQemu::wait_event`].
+    events: Vec<String>,
     reaped: bool,
 }
 
@@ -80,6 +93,18 @@ impl BareQemu {
         args: &[String],
         socket: &Path,
         marker: &str,
+    ) -> io::Result<(BareQemu, Duration)> {
+        Self::spawn_ready_with(binary, args, socket, marker, &[])
+    }
+
+    /// [`BareQemu::spawn_ready`], also placing each `(fd, number)` of `files` in QEMU
+    /// (as maqetd places the guest agent's socket).
+    pub fn spawn_ready_with(
+        binary: &Path,
+        args: &[String],
+        socket: &Path,
+        marker: &str,
+        files: &[(std::os::fd::RawFd, std::os::fd::RawFd)],
     ) -> io::Result<(BareQemu, Duration)> {
         let t0 = Instant::now();
         match std::fs::remove_file(socket) {
@@ -96,7 +121,7 @@ impl BareQemu {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .env(MARKER_VAR, marker);
-        run_with_monitor(&mut cmd, &listener, Some(&console));
+        run_with_fds(&mut cmd, &listener, Some(&console), files);
         let child = cmd.spawn()?;
         let pid = Pid::from_raw(child.id() as i32).expect("child pid");
         // Unreaped child: the pidfd names it; `Child` is dropped without reaping.
@@ -112,6 +137,7 @@ impl BareQemu {
             reader: BufReader::new(writer.try_clone()?),
             writer,
             line: String::new(),
+            events: Vec::new(),
             reaped: false,
         };
         q.read_line()?; // greeting
@@ -130,18 +156,51 @@ impl BareQemu {
         Ok(&self.line)
     }
 
-    /// Sends one command and reads up to its reply (skipping events).
+    /// Sends one command and reads up to its reply (keeping events aside).
     fn command(&mut self, msg: &[u8]) -> io::Result<()> {
+        self.execute(msg).map(|_| ())
+    }
+
+    /// Sends one command; its reply line.
+    pub fn execute(&mut self, msg: &[u8]) -> io::Result<String> {
         self.writer.write_all(msg)?;
         loop {
             let line = self.read_line()?;
             if line.starts_with("{\"return\"") {
-                return Ok(());
+                return Ok(line.to_string());
             }
             if line.starts_with("{\"error\"") {
                 return Err(io::Error::other(line.trim().to_string()));
             }
+            if line.starts_with("{\"event\"") {
+                let line = line.to_string();
+                self.events.push(line);
+            }
         }
+    }
+
+    /// Waits up to `limit` for an event line `matches` accepts (one read while waiting
+    /// for a reply counts too).
+    pub fn wait_event(
+        &mut self,
+        limit: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> io::Result<()> {
+        if let Some(i) = self.events.iter().position(|e| matches(e)) {
+            self.events.drain(..=i);
+            return Ok(());
+        }
+        self.writer.set_read_timeout(Some(limit))?;
+        let res = loop {
+            match self.read_line() {
+                Ok(line) if matches(line) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.writer
+            .set_read_timeout(Some(Duration::from_secs(20)))?;
+        res
     }
 
     /// One raw `query-status` round trip.

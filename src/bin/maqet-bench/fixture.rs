@@ -59,6 +59,11 @@ impl Run {
         &self.marker
     }
 
+    /// The `maqet` CLI built beside the maqetd this run activates.
+    pub fn maqet_cli(&self) -> PathBuf {
+        self.maqetd.with_file_name("maqet")
+    }
+
     /// A fresh private session bus whose maqetd starts on the first call (activation).
     pub fn bus(&self) -> io::Result<Bus> {
         let n = self.buses.fetch_add(1, Ordering::Relaxed) + 1;
@@ -137,6 +142,29 @@ impl Run {
     }
 }
 
+/// While it lives, orphans go to init instead of the bench: peers (libvirt, the Python
+/// maqet) daemonise their QEMUs and wait for them to vanish, which a zombie the bench has
+/// not reaped yet never does. Clean-up still finds them by marker or name.
+pub struct OrphansToInit(());
+
+impl OrphansToInit {
+    pub fn new() -> OrphansToInit {
+        set_subreaper(false);
+        OrphansToInit(())
+    }
+}
+
+impl Drop for OrphansToInit {
+    fn drop(&mut self) {
+        set_subreaper(true);
+    }
+}
+
+fn set_subreaper(on: bool) {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, on as libc::c_ulong, 0, 0, 0) };
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         kill_marked(|m| m.starts_with(&self.marker));
@@ -172,6 +200,18 @@ impl Bus {
         &self.marker
     }
 
+    /// A command run as a client of this bus, the way a user in that session runs it.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.stdin(Stdio::null())
+            .env(MARKER_VAR, &self.marker)
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address);
+        for (k, v) in xdg_env(&self.dir) {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
     pub async fn conn(&self) -> zbus::Result<Connection> {
         zbus::connection::Builder::address(self.address.as_str())
             .build()
@@ -199,7 +239,7 @@ impl Drop for Bus {
     }
 }
 
-fn marker_of(pid: u32) -> Option<String> {
+pub fn marker_of(pid: u32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let prefix = format!("{MARKER_VAR}=");
     env.split(|b| *b == 0)

@@ -1,13 +1,19 @@
 //! maqet-bench: measures maqet against its floors (bare QEMU, raw QMP, a bare D-Bus
-//! round trip) in one run on one machine, and reports each target of issue 8 as MET or
-//! MISSED. See docs/benchmarks.md for what each figure means.
+//! round trip, busctl) and its peers (libvirt, the Python maqet) in one run on one
+//! machine, and reports each target of issues 8 and 17 as MET or MISSED. See
+//! docs/benchmarks.md for what each figure means.
 
 mod bare;
+mod cli;
 mod fixture;
+mod guests;
 mod libvirt;
+mod parallel;
+mod pymaqet;
 mod report;
 mod sections;
 mod session;
+mod targets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +21,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use report::{Machine, Report, Target, Unit, Verdict, fmt_value};
+use report::{Machine, Report};
 use sections::{Bench, Opts};
 
 const SECTIONS: &[&str] = &[
@@ -26,6 +32,8 @@ const SECTIONS: &[&str] = &[
     "scale",
     "parallel",
     "libvirt",
+    "cli",
+    "guests",
 ];
 
 /// Measures maqet against bare QEMU, raw QMP and D-Bus floors; prints figures and targets.
@@ -39,7 +47,7 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Run only these sections (comma-separated): start, calls, crash, footprint,
-    /// scale, parallel, libvirt.
+    /// scale, parallel, libvirt, cli, guests.
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<String>,
     /// Samples of each start/stop/crash figure (default 10, quick 3).
@@ -51,6 +59,10 @@ struct Args {
     /// The maqetd to activate (default: the one next to this executable).
     #[arg(long)]
     maqetd: Option<PathBuf>,
+    /// Exit with status 3 when a peer (libvirt, the Python maqet) is missing, instead of
+    /// reporting "peer missing" and carrying on.
+    #[arg(long)]
+    require_peers: bool,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +122,7 @@ async fn bench(args: &Args, run: &fixture::Run) -> ExitCode {
             .unwrap_or(if args.quick { 200 } else { 2000 })
             .max(10),
         idle: Duration::from_secs(10),
+        guest_idle: Duration::from_secs(if args.quick { 10 } else { 60 }),
     };
     let mut b = Bench {
         run,
@@ -134,8 +147,10 @@ async fn bench(args: &Args, run: &fixture::Run) -> ExitCode {
                 "crash" => sections::crash(&mut b).await,
                 "footprint" => sections::footprint(&mut b).await,
                 "scale" => sections::scale(&mut b).await,
-                "parallel" => sections::parallel(&mut b).await,
+                "parallel" => parallel::parallel(&mut b).await,
                 "libvirt" => libvirt::libvirt(&mut b).await,
+                "cli" => cli::cli(&mut b).await,
+                "guests" => guests::guests(&mut b).await,
                 _ => unreachable!("checked against SECTIONS"),
             };
             if let Err(e) = res {
@@ -156,7 +171,7 @@ async fn bench(args: &Args, run: &fixture::Run) -> ExitCode {
         return ExitCode::from(130);
     }
     b.report.machine.load_after = loadavg();
-    b.report.targets = targets(&b.report);
+    b.report.targets = targets::judge(&b.report);
     if args.json {
         match serde_json::to_string_pretty(&b.report) {
             Ok(s) => println!("{s}"),
@@ -167,6 +182,17 @@ async fn bench(args: &Args, run: &fixture::Run) -> ExitCode {
     }
     if failed {
         ExitCode::FAILURE
+    } else if args.require_peers && !b.report.peers_missing.is_empty() {
+        eprintln!(
+            "maqet-bench: peers missing (--require-peers): {}; scripts/setup-deps --bench installs them",
+            b.report
+                .peers_missing
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     }
@@ -210,119 +236,4 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-/// The targets of issue 8, judged from the figures of this run.
-fn targets(r: &Report) -> Vec<Target> {
-    let us = |v: f64| fmt_value(Some(v), Unit::Us);
-    let judge = |key, label, measured: Option<(String, bool)>, limit: &str| {
-        let (measured, verdict) = match measured {
-            Some((m, true)) => (m, Verdict::Met),
-            Some((m, false)) => (m, Verdict::Missed),
-            None => ("n/a".to_string(), Verdict::NotMeasured),
-        };
-        Target {
-            key,
-            label,
-            measured,
-            limit: limit.to_string(),
-            verdict,
-        }
-    };
-    let g = |k: &str| r.get(k);
-    vec![
-        judge(
-            "start",
-            "Start → running",
-            (|| {
-                let (m, f) = (g("start_running")?, g("bare_spawn_ready")?);
-                Some((
-                    format!("{} / {} = {:.2}×", us(m), us(f), m / f),
-                    m <= 1.20 * f,
-                ))
-            })(),
-            "≤ 1.20 × bare QEMU spawn → QMP ready",
-        ),
-        judge(
-            "get",
-            "property Get p50",
-            (|| {
-                let (m, f) = (g("get_status_p50")?, g("ping_p50")?);
-                Some((
-                    format!("{} / {} = {:.2}×", us(m), us(f), m / f),
-                    m <= 1.5 * f,
-                ))
-            })(),
-            "≤ 1.5 × Peer.Ping p50",
-        ),
-        judge(
-            "qmp",
-            "QMP Execute p50",
-            (|| {
-                let (m, p, q) = (g("qmp_execute_p50")?, g("ping_p50")?, g("raw_qmp_p50")?);
-                let limit = p + q + 150.0;
-                Some((
-                    format!(
-                        "{} vs {} + {} + 150 µs = {}",
-                        us(m),
-                        us(p),
-                        us(q),
-                        us(limit)
-                    ),
-                    m <= limit,
-                ))
-            })(),
-            "≤ Peer.Ping p50 + raw QMP p50 + 150 µs",
-        ),
-        judge(
-            "crash",
-            "crash → signal (median)",
-            g("crash_signal").map(|m| (us(m), m <= 50_000.0)),
-            "≤ 50 ms",
-        ),
-        judge(
-            "idle",
-            "idle 10 s, 10 VMs running",
-            (|| {
-                let (t, c) = (g("idle_ticks")?, g("idle_switches")?);
-                Some((
-                    format!("{t:.0} ticks, {c:.0} switches"),
-                    t == 0.0 && c <= 5.0,
-                ))
-            })(),
-            "0 CPU ticks, ≤ 5 context switches",
-        ),
-        judge(
-            "rss_one",
-            "maqetd RSS, one VM running",
-            g("rss_1").map(|v| (fmt_value(Some(v), Unit::Bytes), v <= 16.0 * MIB)),
-            "≤ 16 MiB",
-        ),
-        judge(
-            "rss_per_vm",
-            "maqetd RSS per further VM",
-            g("rss_per_vm").map(|v| (fmt_value(Some(v), Unit::Bytes), v <= 256.0 * 1024.0)),
-            "≤ 256 KiB",
-        ),
-        judge(
-            "listvms",
-            "ListVMs p50, 1,000 VMs",
-            g("listvms_1000_p50").map(|v| (us(v), v <= 8_000.0)),
-            "≤ 8 ms",
-        ),
-        judge(
-            "gmo",
-            "GetManagedObjects p50, 1,000 VMs",
-            g("gmo_1000_p50").map(|v| (us(v), v <= 150_000.0)),
-            "≤ 150 ms",
-        ),
-        judge(
-            "startup",
-            "maqetd start, 10,000 VMs defined",
-            g("startup_10000").map(|v| (us(v), v <= 500_000.0)),
-            "≤ 500 ms activation → first reply",
-        ),
-    ]
 }

@@ -14,6 +14,10 @@ impl Samples {
         self.0.push(d);
     }
 
+    pub fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -64,14 +68,33 @@ pub enum Verdict {
     /// A figure it needs was not measured (section skipped, interface absent).
     #[serde(rename = "NOT MEASURED")]
     NotMeasured,
+    /// The peer it compares with is not installed or cannot run here.
+    #[serde(rename = "PEER MISSING")]
+    PeerMissing,
 }
 
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Met => "MET",
+            Verdict::Missed => "MISSED",
+            Verdict::NotMeasured => "NOT MEASURED",
+            Verdict::PeerMissing => "PEER MISSING",
+        }
+    }
+}
+
+/// One target: maqet's figure, the floor and the peer beside it (empty where the
+/// target has none), their ratio, the limit and the verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     pub key: &'static str,
+    pub section: &'static str,
     pub label: &'static str,
-    /// What was measured, in words with numbers.
-    pub measured: String,
+    pub maqet: String,
+    pub floor: String,
+    pub peer: String,
+    pub ratio: String,
     pub limit: String,
     pub verdict: Verdict,
 }
@@ -83,6 +106,8 @@ pub struct Report {
     pub figures: Vec<Figure>,
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
+    /// Peers (`libvirt`, `python-maqet`) that could not be measured, with why.
+    pub peers_missing: Vec<(String, String)>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -143,6 +168,19 @@ impl Report {
         }
     }
 
+    /// Records a missing peer once, with why; its figures print "peer missing".
+    pub fn peer_missing(&mut self, peer: &str, why: impl Into<String>) {
+        if !self.peers_missing.iter().any(|(p, _)| p == peer) {
+            let why = why.into();
+            self.notes.push(format!("peer missing: {peer}: {why}"));
+            self.peers_missing.push((peer.to_string(), why));
+        }
+    }
+
+    pub fn is_peer_missing(&self, peer: &str) -> bool {
+        self.peers_missing.iter().any(|(p, _)| p == peer)
+    }
+
     pub fn get(&self, key: &str) -> Option<f64> {
         self.figures
             .iter()
@@ -176,15 +214,20 @@ impl Report {
         }
         println!("{t}\n");
         let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED)
-            .set_header(["target", "measured", "limit", "verdict"]);
+        t.load_preset(UTF8_FULL_CONDENSED).set_header([
+            "section", "target", "maqet", "floor", "peer", "ratio", "limit", "verdict",
+        ]);
         for g in &self.targets {
-            let verdict = match g.verdict {
-                Verdict::Met => "MET",
-                Verdict::Missed => "MISSED",
-                Verdict::NotMeasured => "NOT MEASURED",
-            };
-            t.add_row([g.label, &g.measured, &g.limit, verdict]);
+            t.add_row([
+                g.section,
+                g.label,
+                &g.maqet,
+                &g.floor,
+                &g.peer,
+                &g.ratio,
+                &g.limit,
+                g.verdict.word(),
+            ]);
         }
         println!("{t}");
         for n in &self.notes {

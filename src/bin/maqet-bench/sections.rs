@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use maqet::client::{BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, VmProxy};
+use maqet::client::{BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use crate::bare::{self, BareQemu};
@@ -22,6 +22,8 @@ pub struct Opts {
     pub calls: usize,
     /// Idle window.
     pub idle: Duration,
+    /// Idle window with real guests running.
+    pub guest_idle: Duration,
 }
 
 pub struct Bench<'a> {
@@ -520,7 +522,7 @@ pub async fn footprint(b: &mut Bench<'_>) -> Res<()> {
 /// Lets a fresh guest get as far as its firmware takes it before it is stopped or
 /// killed: how long QEMU takes to end grows with the guest memory it has touched, so a
 /// floor QEMU killed younger than maqet's would flatter the floor.
-async fn settle_guest() {
+pub async fn settle_guest() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
@@ -549,7 +551,7 @@ fn thread_count(pid: u32) -> Res<u64> {
 }
 
 /// utime + stime of the whole process (all threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Res<u64> {
+pub fn cpu_ticks(pid: u32) -> Res<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ctx("stat")?;
     let rest = &stat[stat.rfind(')').ok_or("bad stat")? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -564,7 +566,7 @@ fn cpu_ticks(pid: u32) -> Res<u64> {
 
 /// Voluntary + involuntary context switches of every thread (`/proc/<pid>/status`
 /// counts the main thread only).
-fn ctx_switches(pid: u32) -> Res<u64> {
+pub fn ctx_switches(pid: u32) -> Res<u64> {
     let mut sum = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ctx("task dir")? {
         let t = t.ctx("task")?.file_name();
@@ -575,13 +577,14 @@ fn ctx_switches(pid: u32) -> Res<u64> {
     Ok(sum)
 }
 
-/// `ListVMs`, `GetManagedObjects` and `AddVM` at 1,000 (and 10,000) defined VMs, and
-/// maqetd's start-up (activation to first reply) with them.
+/// The growth curve: `ListVMs`, `GetManagedObjects`, maqetd's RSS and its start-up
+/// (activation to first reply) at 100, 1,000 and (not with `--quick`) 10,000 defined
+/// VMs; and `AddVM`'s rate.
 pub async fn scale(b: &mut Bench<'_>) -> Res<()> {
     let s = Session::new(b.run).await?;
     let yaml = bare::tiny_vm_yaml("x");
     let mut add = Samples::default();
-    let t0 = Instant::now();
+    // The growth curve: the same figures at 100, 1,000 and (full run) 10,000 VMs.
     for i in 0..1000 {
         let t = Instant::now();
         s.manager
@@ -589,8 +592,13 @@ pub async fn scale(b: &mut Bench<'_>) -> Res<()> {
             .await
             .ctx("AddVM")?;
         add.push(t.elapsed());
+        if i + 1 == 100 {
+            list_figures(b, &s, 100).await?;
+            startup(b, &s, 100).await?;
+        }
     }
-    let total = t0.elapsed();
+    // The calls only: the 100-VM figures were taken in between.
+    let total = add.total();
     let r = &mut b.report;
     r.add(
         "scale",
@@ -602,7 +610,7 @@ pub async fn scale(b: &mut Bench<'_>) -> Res<()> {
     );
     r.add_pcts("scale", "addvm", "maqet: AddVM", &add);
     list_figures(b, &s, 1000).await?;
-    let mut count = 1000;
+    startup(b, &s, 1000).await?;
     if !b.opts.quick {
         let t0 = Instant::now();
         let results: Vec<_> = futures_util::stream::iter(1000..10_000)
@@ -626,9 +634,9 @@ pub async fn scale(b: &mut Bench<'_>) -> Res<()> {
             9000,
         );
         list_figures(b, &s, 10_000).await?;
-        count = 10_000;
+        startup(b, &s, 10_000).await?;
     }
-    startup(b, &s, count).await
+    Ok(())
 }
 
 async fn list_figures(b: &mut Bench<'_>, s: &Session, count: usize) -> Res<()> {
@@ -723,76 +731,3 @@ async fn startup(b: &mut Bench<'_>, s: &Session, count: usize) -> Res<()> {
 }
 
 const TIMEOUT_NAME: Duration = Duration::from_secs(10);
-
-/// 20 VMs started at once vs 20 × one start.
-pub async fn parallel(b: &mut Bench<'_>) -> Res<()> {
-    let s = Session::new(b.run).await?;
-    let mut vms: Vec<VmProxy<'static>> = Vec::new();
-    let mut watches = Vec::new();
-    for i in 0..20 {
-        let vm = s.add_tiny(&format!("p{i:02}")).await?;
-        watches.push(Watch::new(&vm).await?);
-        vms.push(vm);
-    }
-    let mut single = Samples::default();
-    for i in 0..=b.opts.runs.min(5) {
-        let d = act_until(&mut watches[0], "running", vms[0].start()).await?;
-        act_until(&mut watches[0], "stopped", vms[0].stop(true, 0)).await?;
-        if i > 0 {
-            single.push(d);
-        }
-    }
-    let t0 = Instant::now();
-    let all = futures_util::future::join_all(
-        vms.iter()
-            .zip(watches.iter_mut())
-            .map(|(vm, w)| act_until(w, "running", vm.start())),
-    )
-    .await;
-    let total = t0.elapsed();
-    all.into_iter().collect::<Res<Vec<_>>>()?;
-    let t1 = Instant::now();
-    let stops = futures_util::future::join_all(
-        vms.iter()
-            .zip(watches.iter_mut())
-            .map(|(vm, w)| act_until(w, "stopped", vm.stop(true, 0))),
-    )
-    .await;
-    let stop_total = t1.elapsed();
-    stops.into_iter().collect::<Res<Vec<_>>>()?;
-    let serial = single.median().map(|m| m * 20.0);
-    let r = &mut b.report;
-    r.add(
-        "parallel",
-        "single_start",
-        "maqet: one Start → running (median)",
-        single.median(),
-        Unit::Us,
-        single.len(),
-    );
-    r.add(
-        "parallel",
-        "parallel_20_start",
-        "maqet: 20 Starts at once → all running",
-        Some(total.as_secs_f64() * 1e6),
-        Unit::Us,
-        0,
-    );
-    r.add(
-        "parallel",
-        "parallel_20_ratio",
-        "20 at once / (20 × one start)",
-        ratio(Some(total.as_secs_f64() * 1e6), serial),
-        Unit::Ratio,
-        0,
-    );
-    r.add(
-        "parallel",
-        "parallel_20_stop",
-        "maqet: 20 Stop(force) at once → all stopped",
-        Some(stop_total.as_secs_f64() * 1e6),
-        Unit::Us,
-        0,
-    );
-    Ok(())
-}

@@ -161,6 +161,8 @@ pub trait Vm {
     fn open_log(&self) -> Result<OwnedFd, MaqetError>;
     /// A connected socket to the VM's serial console.
     fn open_console(&self) -> Result<OwnedFd, MaqetError>;
+    /// A socket connected to the VM's SPICE or VNC server (one per SPICE channel).
+    fn open_display(&self) -> Result<OwnedFd, MaqetError>;
     /// `[tcp:|udp:][BIND:]HOST:GUEST`.
     fn add_forward(&self, spec: &str) -> Result<(), MaqetError>;
     fn remove_forward(&self, spec: &str) -> Result<(), MaqetError>;

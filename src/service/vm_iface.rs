@@ -241,6 +241,21 @@ impl VmIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// A socket connected to the VM's SPICE or VNC server (`display: spice | vnc`), for a
+    /// viewer to speak that protocol on; SPICE viewers call it once per channel.
+    /// `InvalidState` when no QEMU runs, `InvalidArgument` when the VM has no display
+    /// server (the message names the key to set).
+    #[zbus(out_args("display"))]
+    async fn open_display(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, MaqetError> {
+        let req = self.req(Action::Console, "OpenDisplay");
+        let work = async { self.vm.open_display().await.map(fd) };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
     /// The lifecycle history, oldest first: (time µs, kind, status, previous status,
     /// reason, detail JSON). Events at or after `since` (0: all), the newest `limit` of
     /// them (0: all). Kinds: `added`, `status`, `applied`, `renamed`, `storage`,

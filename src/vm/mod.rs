@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+mod display;
 mod forward;
 pub mod guest;
 pub mod launch;
@@ -357,7 +358,7 @@ async fn connect_monitor(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let connect = async {
         let stream = tokio::net::UnixStream::connect(socket).await?;
-        QmpClient::connect(stream, tx).await
+        QmpClient::connect_unix(stream, tx).await
     };
     match tokio::time::timeout(MONITOR_READY_TIMEOUT, connect).await {
         Ok(Ok((client, _greeting))) => Ok((client, rx)),

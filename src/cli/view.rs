@@ -1,0 +1,368 @@
+//! `maqet view VM`: the user's viewer (remote-viewer by default) on the VM's SPICE or
+//! VNC display.
+//!
+//! Viewers take an address, not a file descriptor, so maqet bridges: it listens on a
+//! socket in a private (0700) directory of its own, points the viewer at it
+//! (`spice+unix://…`, `vnc+unix://…`) and joins every connection the viewer makes to a
+//! fresh `VM.OpenDisplay` socket (SPICE opens one per channel). With `--host`, each
+//! connection is carried by `ssh HOST maqet display-stdio VM` instead, which opens the
+//! display on the far side: the file descriptor never has to cross ssh.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use tokio::net::{UnixListener, UnixStream};
+
+use super::session::{Session, vm};
+use crate::config::DisplayServer;
+use crate::error::MaqetError;
+
+/// The viewer when none is configured.
+const DEFAULT_VIEWER: &str = "remote-viewer";
+/// Names the viewer command (split on spaces; the address is appended).
+pub const VIEWER_ENV: &str = "MAQET_VIEWER";
+
+/// How each of the viewer's connections reaches the display.
+enum Connector {
+    Local(crate::client::VmProxy<'static>),
+    /// `(program, args)` of the ssh command that relays one connection.
+    Ssh(String, Vec<std::ffi::OsString>),
+}
+
+pub(super) async fn run(s: &Session, name: &str, host: Option<&str>) -> Result<(), MaqetError> {
+    if s.json {
+        return Err(MaqetError::InvalidArgument(
+            "view opens a window: --json does not apply".into(),
+        ));
+    }
+    let viewer = viewer_command()?;
+    let (_, proxy) = vm(s, name).await?;
+    let (server, first, connector) = match host {
+        None => {
+            // Asked first: the service's own refusal (stopped, no display) is the answer.
+            let first: OwnedFd = proxy.open_display().await?.into();
+            let server = display_server(&proxy.config().await?).ok_or_else(|| {
+                MaqetError::InvalidArgument(format!(
+                    "VM '{name}' serves a display from its own QEMU arguments; maqet view opens \
+                     the one `display: spice` (or `display: vnc`) gives it"
+                ))
+            })?;
+            (server, Some(first), Connector::Local(proxy))
+        }
+        Some(host) => {
+            let server = remote_display(&proxy, name, host).await?;
+            let (program, args) = super::remote::ssh_command(
+                host,
+                &format!("maqet display-stdio {}", remote_vm_name(name)?),
+            )?;
+            (server, None, Connector::Ssh(program, args))
+        }
+    };
+    let dir = private_dir()?;
+    let socket = dir.path().join(format!("{}.sock", server.as_str()));
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| io_error(&format!("cannot listen on {}", socket.display()), e))?;
+    let mut child = spawn_viewer(&viewer, name, server, &socket)?;
+    let mut first = first;
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let status = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((conn, _)) = accepted else { continue };
+                let display = match first.take() {
+                    Some(fd) => Display::Fd(fd),
+                    None => match connect(&connector).await {
+                        Ok(d) => d,
+                        Err(e) => {
+                            eprintln!("maqet: cannot open another connection to the display of {name}: {e}");
+                            continue;
+                        }
+                    },
+                };
+                tokio::spawn(relay(conn, display));
+            }
+            status = child.wait() => break Some(status),
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+        }
+    };
+    drop(listener);
+    drop(dir);
+    match status {
+        Some(Ok(st)) if st.success() => Ok(()),
+        Some(Ok(st)) => Err(MaqetError::Internal(format!(
+            "the viewer ({}) exited with {st}",
+            viewer[0]
+        ))),
+        Some(Err(e)) => Err(io_error("waiting for the viewer", e)),
+        // kill_on_drop closes the viewer with us.
+        None => Ok(()),
+    }
+}
+
+/// The viewer command: `MAQET_VIEWER`, else `viewer:` in maqetd.yaml, else remote-viewer;
+/// refused with what to install when it is not on PATH.
+fn viewer_command() -> Result<Vec<String>, MaqetError> {
+    let configured = match std::env::var(VIEWER_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.split_whitespace().map(str::to_owned).collect(),
+        _ => crate::paths::Paths::from_env()
+            .map(|p| crate::settings::Settings::load(&p.settings_file()).0.viewer)
+            .unwrap_or_default(),
+    };
+    let custom = !configured.is_empty();
+    let command = if custom {
+        configured
+    } else {
+        vec![DEFAULT_VIEWER.to_owned()]
+    };
+    if let Err(e) = crate::config::find_binary(&command[0], std::env::var_os("PATH").as_deref()) {
+        let message = if custom {
+            format!(
+                "the display viewer `{}` (from {VIEWER_ENV} or `viewer:` in maqetd.yaml) cannot be run: {}",
+                command[0], e.message
+            )
+        } else {
+            format!(
+                "no display viewer: {DEFAULT_VIEWER} is not installed. Install virt-viewer \
+                 (Debian/Ubuntu: apt install virt-viewer; Fedora: dnf install virt-viewer), or \
+                 name another viewer in {VIEWER_ENV} or `viewer:` in ~/.config/maqet/maqetd.yaml \
+                 (it gets a spice+unix:// or vnc+unix:// address)"
+            )
+        };
+        return Err(MaqetError::NotFound(message));
+    }
+    Ok(command)
+}
+
+fn spawn_viewer(
+    viewer: &[String],
+    name: &str,
+    server: DisplayServer,
+    socket: &Path,
+) -> Result<tokio::process::Child, MaqetError> {
+    let mut cmd = tokio::process::Command::new(&viewer[0]);
+    cmd.args(&viewer[1..]);
+    if viewer[0] == DEFAULT_VIEWER {
+        cmd.arg(format!("--title={name} (maqet)"));
+    }
+    cmd.arg(format!("{}+unix://{}", server.as_str(), socket.display()))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd.spawn()
+        .map_err(|e| io_error(&format!("cannot run the viewer {}", viewer[0]), e))
+}
+
+/// `display:` of a VM's merged config, when it is one of maqet's servers.
+fn display_server(config_yaml: &str) -> Option<DisplayServer> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(config_yaml).ok()?;
+    DisplayServer::parse(doc.get("display")?.as_str()?)
+}
+
+/// Over ssh the display cannot be asked for up front (no fd crosses), so the same
+/// refusals are worked out from the VM's status and config.
+async fn remote_display(
+    proxy: &crate::client::VmProxy<'static>,
+    name: &str,
+    host: &str,
+) -> Result<DisplayServer, MaqetError> {
+    let status = proxy.status().await?;
+    if !matches!(status.as_str(), "running" | "paused") {
+        return Err(MaqetError::InvalidState(format!(
+            "VM '{name}' on {host} is {status}: start it first (maqet --host {host} start {name})"
+        )));
+    }
+    display_server(&proxy.config().await?).ok_or_else(|| {
+        MaqetError::InvalidArgument(format!(
+            "VM '{name}' on {host} has no SPICE or VNC display: set `display: spice` (or \
+             `display: vnc`) in its config (maqet apply) and restart it"
+        ))
+    })
+}
+
+/// The VM's name as a word of the remote shell command: only characters that need no
+/// quoting (every VM name and UUID qualifies).
+fn remote_vm_name(name: &str) -> Result<&str, MaqetError> {
+    let plain = !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if plain {
+        Ok(name)
+    } else {
+        Err(MaqetError::InvalidArgument(format!(
+            "invalid VM name '{name}': use the VM's name or UUID"
+        )))
+    }
+}
+
+/// One connection to the display.
+enum Display {
+    Fd(OwnedFd),
+    Ssh(tokio::process::Child),
+}
+
+async fn connect(connector: &Connector) -> Result<Display, MaqetError> {
+    match connector {
+        Connector::Local(proxy) => Ok(Display::Fd(proxy.open_display().await?.into())),
+        Connector::Ssh(program, args) => {
+            let child = tokio::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| io_error(&format!("cannot run {program}"), e))?;
+            Ok(Display::Ssh(child))
+        }
+    }
+}
+
+/// Copies bytes both ways between a viewer connection and the display until either
+/// side closes.
+async fn relay(viewer: UnixStream, display: Display) {
+    let (mut from_viewer, mut to_viewer) = viewer.into_split();
+    match display {
+        Display::Fd(fd) => {
+            let Ok(display) = to_tokio(fd) else { return };
+            let (mut from_display, mut to_display) = display.into_split();
+            join_copies(
+                &mut from_viewer,
+                &mut to_display,
+                &mut from_display,
+                &mut to_viewer,
+            )
+            .await;
+        }
+        Display::Ssh(mut child) => {
+            let (Some(mut to_display), Some(mut from_display)) =
+                (child.stdin.take(), child.stdout.take())
+            else {
+                return;
+            };
+            join_copies(
+                &mut from_viewer,
+                &mut to_display,
+                &mut from_display,
+                &mut to_viewer,
+            )
+            .await;
+        }
+    }
+}
+
+/// Runs both directions until one ends (its reader closed or a write failed).
+async fn join_copies<A, B, C, D>(a_in: &mut A, a_out: &mut B, b_in: &mut C, b_out: &mut D)
+where
+    A: tokio::io::AsyncRead + Unpin,
+    B: tokio::io::AsyncWrite + Unpin,
+    C: tokio::io::AsyncRead + Unpin,
+    D: tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        _ = tokio::io::copy(a_in, a_out) => {}
+        _ = tokio::io::copy(b_in, b_out) => {}
+    }
+}
+
+fn to_tokio(fd: OwnedFd) -> std::io::Result<UnixStream> {
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket.set_nonblocking(true)?;
+    UnixStream::from_std(socket)
+}
+
+/// `maqet display-stdio VM` (run by `maqet --host … view` through ssh): this machine's
+/// display of the VM on standard input and output, for one connection.
+pub(super) async fn stdio(s: &Session, name: &str) -> Result<(), MaqetError> {
+    s.need_fd_passing("display-stdio")?;
+    let (_, proxy) = vm(s, name).await?;
+    let fd: OwnedFd = proxy.open_display().await?.into();
+    let display = std::os::unix::net::UnixStream::from(fd);
+    let to_display = display
+        .try_clone()
+        .map_err(|e| io_error("cannot use the display socket", e))?;
+    // Blocking copies on threads of their own: stdin and stdout are whatever ssh gave us.
+    std::thread::spawn(move || {
+        let mut to_display = to_display;
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_display);
+        // The viewer's side closed: so does ours, and QEMU closes its end in turn.
+        let _ = to_display.shutdown(std::net::Shutdown::Write);
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut display = display;
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::copy(&mut display, &mut out);
+        let _ = std::io::Write::flush(&mut out);
+    })
+    .await
+    .map_err(|e| MaqetError::Internal(format!("display relay: {e}")))?;
+    Ok(())
+}
+
+/// A directory only this user can enter, removed when dropped: under
+/// `$XDG_RUNTIME_DIR` (a tmpfs of the user's own), else the temp directory.
+fn private_dir() -> Result<TempDir, MaqetError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let path = base.join(format!("maqet-view-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .map_err(|e| io_error(&format!("cannot create {}", path.display()), e))?;
+    Ok(TempDir(path))
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn signal(
+    kind: tokio::signal::unix::SignalKind,
+) -> Result<tokio::signal::unix::Signal, MaqetError> {
+    tokio::signal::unix::signal(kind).map_err(|e| io_error("cannot watch signals", e))
+}
+
+fn io_error(what: &str, e: std::io::Error) -> MaqetError {
+    MaqetError::Internal(format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_display_key_names_the_protocol() {
+        assert_eq!(
+            display_server("name: a\ndisplay: spice\n"),
+            Some(DisplayServer::Spice)
+        );
+        assert_eq!(display_server("display: vnc\n"), Some(DisplayServer::Vnc));
+        assert_eq!(display_server("display: gtk\n"), None);
+        assert_eq!(display_server("memory: 1\n"), None);
+        assert_eq!(display_server(": not yaml ["), None);
+    }
+
+    #[test]
+    fn only_plain_names_reach_the_remote_shell() {
+        assert!(remote_vm_name("web-1.test_x").is_ok());
+        assert!(remote_vm_name("a;rm -rf ~").is_err());
+        assert!(remote_vm_name("$(id)").is_err());
+        assert!(remote_vm_name("-oProxyCommand").is_err());
+        assert!(remote_vm_name("").is_err());
+    }
+}

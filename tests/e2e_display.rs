@@ -1,0 +1,334 @@
+//! End-to-end: `display: spice | vnc` and `VM.OpenDisplay` (docs/desktop.md, "Seeing the
+//! VM"), and `maqet view` with a real remote-viewer under Xvfb. Real QEMU, private bus.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+
+use common::require::{program, require};
+use common::{Bus, TIMEOUT, error_name, tiny_vm_yaml};
+use futures_util::StreamExt;
+use maqet::client::qmp_proxy;
+
+/// The tiny VM with maqet's display server instead of `display: none`; `-nodefaults`
+/// leaves it without a graphics device, so maqet adds one.
+fn display_vm_yaml(name: &str, server: &str) -> String {
+    tiny_vm_yaml(name).replace("display: none", &format!("display: {server}"))
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect()
+}
+
+fn read_exact_within(socket: &mut UnixStream, n: usize) -> Vec<u8> {
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = vec![0u8; n];
+    socket.read_exact(&mut buf).expect("the display answers");
+    buf
+}
+
+/// The fd OpenDisplay returns speaks VNC at once: the RFB banner, then (no password on
+/// maqet's server) the security handshake offers "None". Each call is a new client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_display_hands_over_a_connected_vnc_client() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "vnc", &display_vm_yaml("vnc", "vnc")).await;
+    vm.start().await.unwrap();
+
+    // QEMU got the server on a socket in the VM's private runtime directory, and a screen.
+    let args = cmdline(vm.pid().await.unwrap());
+    let at = args.iter().position(|a| a == "-vnc").expect("-vnc");
+    let socket = args[at + 1].strip_prefix("unix:").expect("a unix socket");
+    assert!(socket.starts_with(bus.root().to_str().unwrap()), "{socket}");
+    assert!(socket.ends_with("/display.sock"), "{socket}");
+    let dir = std::path::Path::new(socket).parent().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert!(args.windows(2).any(|w| w == ["-vga", "std"]), "{args:?}");
+    assert!(
+        args.windows(2).any(|w| w == ["-display", "none"]),
+        "{args:?}"
+    );
+
+    for _ in 0..2 {
+        let fd: OwnedFd = vm.open_display().await.unwrap().into();
+        let mut socket = UnixStream::from(fd);
+        assert_eq!(read_exact_within(&mut socket, 12), b"RFB 003.008\n");
+        socket.write_all(b"RFB 003.008\n").unwrap();
+        // RFB 3.8: number of security types, then the types; 1 = None.
+        let count = read_exact_within(&mut socket, 1)[0];
+        assert!(count >= 1);
+        let types = read_exact_within(&mut socket, count.into());
+        assert_eq!(types, [1], "maqet's VNC server asks for no password");
+    }
+    // The screen maqet added is a real one.
+    let png: OwnedFd = vm.screendump().await.unwrap().into();
+    let mut magic = [0u8; 8];
+    std::fs::File::from(png).read_exact(&mut magic).unwrap();
+    assert_eq!(&magic, b"\x89PNG\r\n\x1a\n");
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// SPICE: the fd is a SPICE link; a main-channel link request is answered with a link
+/// reply (magic `REDQ`), and QEMU reports the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_display_hands_over_a_spice_link() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus
+        .add(&conn, "spice", &display_vm_yaml("spice", "spice"))
+        .await;
+    vm.start().await.unwrap();
+    let fd: OwnedFd = vm.open_display().await.unwrap().into();
+    let mut socket = UnixStream::from(fd);
+    // SpiceLinkHeader (magic, major 2, minor 2, size 18) and SpiceLinkMess for the main
+    // channel (connection 0, type 1, id 0, no capabilities, caps offset 18).
+    let mut link = b"REDQ".to_vec();
+    for v in [2u32, 2, 18, 0] {
+        link.extend(v.to_le_bytes());
+    }
+    link.extend([1u8, 0]);
+    for v in [0u32, 0, 18] {
+        link.extend(v.to_le_bytes());
+    }
+    socket.write_all(&link).unwrap();
+    let reply = read_exact_within(&mut socket, 16);
+    assert_eq!(&reply[..4], b"REDQ");
+    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()), 2);
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// The refusals say what to do: `InvalidState` when stopped, `InvalidArgument` naming
+/// the key for a VM without a display server; busctl users get the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_display_refuses_with_the_key_to_set() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let plain = bus.add(&conn, "plain", &tiny_vm_yaml("plain")).await;
+    let shown = bus
+        .add(&conn, "shown", &display_vm_yaml("shown", "vnc"))
+        .await;
+
+    let e = shown.open_display().await.unwrap_err();
+    assert_eq!(error_name(&e), "org.maqet.Maqet1.Error.InvalidState", "{e}");
+
+    plain.start().await.unwrap();
+    let e = plain.open_display().await.unwrap_err();
+    assert_eq!(
+        error_name(&e),
+        "org.maqet.Maqet1.Error.InvalidArgument",
+        "{e}"
+    );
+    assert!(e.to_string().contains("display: spice"), "{e}");
+
+    let out = bus.busctl(&[
+        "call",
+        "org.maqet.Maqet1",
+        plain.inner().path().as_str(),
+        "org.maqet.Maqet1.VM",
+        "OpenDisplay",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("display: spice"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    // The CLI says the same, before looking for a viewer window.
+    let out = bus
+        .maqet_command(&["view", "plain"])
+        .env("MAQET_VIEWER", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("display: spice"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    // A config applied while running: the message says to restart.
+    let applied = display_vm_yaml("plain", "spice");
+    plain.apply(&applied).await.unwrap();
+    let e = plain.open_display().await.unwrap_err();
+    assert!(e.to_string().contains("restart"), "{e}");
+    plain.stop(true, 0).await.unwrap();
+}
+
+/// Without a viewer installed, `maqet view` names what to install.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_without_a_viewer_says_what_to_install() {
+    let bus = Bus::start();
+    let empty = tempfile::tempdir().unwrap();
+    let out = bus
+        .maqet_command(&["view", "nothing"])
+        .env("PATH", empty.path())
+        .env_remove("MAQET_VIEWER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("virt-viewer") && err.contains("MAQET_VIEWER"),
+        "{err}"
+    );
+    let out = bus
+        .maqet_command(&["view", "nothing"])
+        .env("MAQET_VIEWER", "no-such-viewer --flag")
+        .output()
+        .unwrap();
+    assert!(
+        common::stderr(&out).contains("no-such-viewer"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+/// An X server of its own (Xvfb picks a free display and says which when ready).
+struct Xvfb {
+    child: std::process::Child,
+    display: String,
+}
+
+impl Xvfb {
+    fn start() -> Xvfb {
+        let mut child = Command::new("Xvfb")
+            .args([
+                "-displayfd",
+                "1",
+                "-screen",
+                "0",
+                "1024x768x24",
+                "-nolisten",
+                "tcp",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Xvfb {
+            child,
+            display: format!(":{}", line.trim()),
+        }
+    }
+}
+
+impl Drop for Xvfb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `maqet view` with a real remote-viewer on Xvfb: its window appears with the VM's
+/// name, SPICE connects (QEMU's SPICE_INITIALIZED event, a client in query-spice), and
+/// ending maqet view closes the viewer and removes its private socket directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_opens_remote_viewer_connected_over_spice() {
+    let Some(_) = require(program("Xvfb", "xvfb")) else {
+        return;
+    };
+    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
+        return;
+    };
+    let Some(_) = require(program("xdotool", "xdotool")) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus
+        .add(&conn, "seen", &display_vm_yaml("seen", "spice"))
+        .await;
+    vm.start().await.unwrap();
+    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let mut events = qmp.receive_event().await.unwrap();
+    let x = Xvfb::start();
+
+    let mut view = bus.maqet_command(&["view", "seen"]);
+    view.env("DISPLAY", &x.display)
+        .env_remove("MAQET_VIEWER")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut view = view.spawn().unwrap();
+
+    // The main channel and then the display channel come up.
+    let mut channels = Vec::new();
+    while !channels.contains(&2) {
+        let sig = tokio::time::timeout(TIMEOUT, events.next())
+            .await
+            .expect("SPICE_INITIALIZED")
+            .unwrap();
+        let args = sig.args().unwrap();
+        if *args.name() == "SPICE_INITIALIZED" {
+            let data: serde_json::Value = serde_json::from_str(args.data_json()).unwrap();
+            channels.push(data["client"]["channel-type"].as_i64().unwrap());
+        }
+    }
+    assert!(channels.contains(&1), "{channels:?}");
+    let spice: serde_json::Value =
+        serde_json::from_str(&qmp.execute("query-spice", "{}", false).await.unwrap()).unwrap();
+    assert!(
+        spice["channels"].as_array().is_some_and(|c| !c.is_empty()),
+        "{spice}"
+    );
+
+    // The viewer's window, titled after the VM.
+    let found = Command::new("timeout")
+        .args([
+            "60",
+            "xdotool",
+            "search",
+            "--sync",
+            "--name",
+            "seen \\(maqet\\)",
+        ])
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "no viewer window: {found:?}");
+
+    let viewers = |pid: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    let children = viewers(view.id());
+    assert_eq!(children.len(), 1, "one viewer process");
+    let private: Vec<_> = std::fs::read_dir(bus.root().join("run"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("maqet-view-"))
+        .collect();
+    assert_eq!(private.len(), 1);
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(view.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = view.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    common::process_gone(children[0]).await;
+    assert!(!private[0].path().exists());
+    vm.stop(true, 0).await.unwrap();
+}

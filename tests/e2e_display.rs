@@ -241,6 +241,16 @@ impl Drop for Xvfb {
 /// ending maqet view closes the viewer and removes its private socket directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_opens_remote_viewer_connected_over_spice() {
+    view_connects("spice").await;
+}
+
+/// The same over VNC (QEMU's VNC_INITIALIZED event, a client in query-vnc).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_opens_remote_viewer_connected_over_vnc() {
+    view_connects("vnc").await;
+}
+
+async fn view_connects(server: &str) {
     let Some(_) = require(program("Xvfb", "xvfb")) else {
         return;
     };
@@ -253,7 +263,7 @@ async fn view_opens_remote_viewer_connected_over_spice() {
     let bus = Bus::start();
     let conn = bus.conn().await;
     let vm = bus
-        .add(&conn, "seen", &display_vm_yaml("seen", "spice"))
+        .add(&conn, "seen", &display_vm_yaml("seen", server))
         .await;
     vm.start().await.unwrap();
     let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
@@ -269,26 +279,29 @@ async fn view_opens_remote_viewer_connected_over_spice() {
         .stderr(Stdio::piped());
     let mut view = view.spawn().unwrap();
 
-    // The main channel and then the display channel come up.
-    let mut channels = Vec::new();
-    while !channels.contains(&2) {
-        let sig = tokio::time::timeout(TIMEOUT, events.next())
-            .await
-            .expect("SPICE_INITIALIZED")
-            .unwrap();
-        let args = sig.args().unwrap();
-        if *args.name() == "SPICE_INITIALIZED" {
-            let data: serde_json::Value = serde_json::from_str(args.data_json()).unwrap();
+    if server == "spice" {
+        // The main channel and then the display channel come up.
+        let mut channels = Vec::new();
+        while !channels.contains(&2) {
+            let data = next_event(&mut events, "SPICE_INITIALIZED").await;
             channels.push(data["client"]["channel-type"].as_i64().unwrap());
         }
+        assert!(channels.contains(&1), "{channels:?}");
+        let spice: serde_json::Value =
+            serde_json::from_str(&qmp.execute("query-spice", "{}", false).await.unwrap()).unwrap();
+        assert!(
+            spice["channels"].as_array().is_some_and(|c| !c.is_empty()),
+            "{spice}"
+        );
+    } else {
+        next_event(&mut events, "VNC_INITIALIZED").await;
+        let vnc: serde_json::Value =
+            serde_json::from_str(&qmp.execute("query-vnc", "{}", false).await.unwrap()).unwrap();
+        assert!(
+            vnc["clients"].as_array().is_some_and(|c| c.len() == 1),
+            "{vnc}"
+        );
     }
-    assert!(channels.contains(&1), "{channels:?}");
-    let spice: serde_json::Value =
-        serde_json::from_str(&qmp.execute("query-spice", "{}", false).await.unwrap()).unwrap();
-    assert!(
-        spice["channels"].as_array().is_some_and(|c| !c.is_empty()),
-        "{spice}"
-    );
 
     // The viewer's window, titled after the VM.
     let found = Command::new("timeout")
@@ -305,14 +318,11 @@ async fn view_opens_remote_viewer_connected_over_spice() {
         .unwrap();
     assert!(found.status.success(), "no viewer window: {found:?}");
 
-    let viewers = |pid: u32| -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect()
-    };
-    let children = viewers(view.id());
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", view.id()))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse::<u32>().unwrap())
+        .collect::<Vec<_>>();
     assert_eq!(children.len(), 1, "one viewer process");
     let private: Vec<_> = std::fs::read_dir(bus.root().join("run"))
         .unwrap()
@@ -320,6 +330,9 @@ async fn view_opens_remote_viewer_connected_over_spice() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("maqet-view-"))
         .collect();
     assert_eq!(private.len(), 1);
+    if server == "vnc" {
+        stranger_is_refused(children[0]).await;
+    }
 
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(view.id() as i32).unwrap(),
@@ -331,4 +344,54 @@ async fn view_opens_remote_viewer_connected_over_spice() {
     common::process_gone(children[0]).await;
     assert!(!private[0].path().exists());
     vm.stop(true, 0).await.unwrap();
+}
+
+/// The data of the next QMP event called `name`.
+async fn next_event(
+    events: &mut (impl futures_util::Stream<Item = maqet::client::Event> + Unpin),
+    name: &str,
+) -> serde_json::Value {
+    loop {
+        let sig = tokio::time::timeout(TIMEOUT, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {name} event"))
+            .unwrap();
+        let args = sig.args().unwrap();
+        if *args.name() == name {
+            return serde_json::from_str(args.data_json()).unwrap();
+        }
+    }
+}
+
+/// The VNC bridge listens on a loopback port: a connection from another user's socket
+/// is closed without a byte of the display.
+async fn stranger_is_refused(viewer: u32) {
+    if require(common::require::root("connecting as another user")).is_none() {
+        return;
+    }
+    let args = std::fs::read(format!("/proc/{viewer}/cmdline")).unwrap();
+    let address =
+        String::from_utf8_lossy(args.split(|b| *b == 0).rfind(|w| !w.is_empty()).unwrap())
+            .into_owned();
+    let port = address.rsplit(':').next().unwrap().to_owned();
+    assert!(address.starts_with("vnc://127.0.0.1:"), "{address}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "bash",
+                "-c",
+            ])
+            .arg(format!(
+                "exec 3<>/dev/tcp/127.0.0.1/{port} && head -c 12 <&3"
+            ))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "a stranger read {:?}", out.stdout);
 }

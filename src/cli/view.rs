@@ -1,10 +1,13 @@
 //! `maqet view VM`: the user's viewer (remote-viewer by default) on the VM's SPICE or
 //! VNC display.
 //!
-//! Viewers take an address, not a file descriptor, so maqet bridges: it listens on a
-//! socket in a private (0700) directory of its own, points the viewer at it
-//! (`spice+unix://…`, `vnc+unix://…`) and joins every connection the viewer makes to a
-//! fresh `VM.OpenDisplay` socket (SPICE opens one per channel). With `--host`, each
+//! Viewers take an address, not a file descriptor, so maqet bridges: it listens, points
+//! the viewer at its address and joins every connection the viewer makes to a fresh
+//! `VM.OpenDisplay` socket (SPICE opens one per channel). SPICE gets a unix socket in a
+//! private (0700) directory (`spice+unix://…`). remote-viewer cannot open VNC on a unix
+//! socket, so VNC gets a loopback TCP port (`vnc://127.0.0.1:N`) that accepts only
+//! connections from this user's own sockets (checked in `/proc/net/tcp`); anyone else's
+//! is closed unanswered. With `--host`, each
 //! connection is carried by `ssh HOST maqet display-stdio VM` instead, which opens the
 //! display on the far side: the file descriptor never has to cross ssh.
 
@@ -59,17 +62,15 @@ pub(super) async fn run(s: &Session, name: &str, host: Option<&str>) -> Result<(
         }
     };
     let dir = private_dir()?;
-    let socket = dir.path().join(format!("{}.sock", server.as_str()));
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| io_error(&format!("cannot listen on {}", socket.display()), e))?;
-    let mut child = spawn_viewer(&viewer, name, server, &socket)?;
+    let listener = Listener::bind(server, dir.path()).await?;
+    let mut child = spawn_viewer(&viewer, name, &listener.address()?)?;
     let mut first = first;
     let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let status = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((conn, _)) = accepted else { continue };
+                let Some(conn) = accepted else { continue };
                 let display = match first.take() {
                     Some(fd) => Display::Fd(fd),
                     None => match connect(&connector).await {
@@ -127,7 +128,7 @@ fn viewer_command() -> Result<Vec<String>, MaqetError> {
                 "no display viewer: {DEFAULT_VIEWER} is not installed. Install virt-viewer \
                  (Debian/Ubuntu: apt install virt-viewer; Fedora: dnf install virt-viewer), or \
                  name another viewer in {VIEWER_ENV} or `viewer:` in ~/.config/maqet/maqetd.yaml \
-                 (it gets a spice+unix:// or vnc+unix:// address)"
+                 (it gets a spice+unix:// or vnc://127.0.0.1 address)"
             )
         };
         return Err(MaqetError::NotFound(message));
@@ -135,18 +136,101 @@ fn viewer_command() -> Result<Vec<String>, MaqetError> {
     Ok(command)
 }
 
+/// Where the viewer connects.
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    /// Loopback only, and only this user's connections are served.
+    Tcp(tokio::net::TcpListener),
+}
+
+/// A viewer connection.
+type Conn = Box<dyn AsyncStream>;
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+impl Listener {
+    async fn bind(server: DisplayServer, dir: &Path) -> Result<Listener, MaqetError> {
+        match server {
+            DisplayServer::Spice => {
+                let socket = dir.join("spice.sock");
+                let listener = UnixListener::bind(&socket)
+                    .map_err(|e| io_error(&format!("cannot listen on {}", socket.display()), e))?;
+                Ok(Listener::Unix(listener, socket))
+            }
+            DisplayServer::Vnc => tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .map(Listener::Tcp)
+                .map_err(|e| io_error("cannot listen on a loopback port", e)),
+        }
+    }
+
+    fn address(&self) -> Result<String, MaqetError> {
+        match self {
+            Listener::Unix(_, path) => Ok(format!("spice+unix://{}", path.display())),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("vnc://{a}"))
+                .map_err(|e| io_error("loopback port", e)),
+        }
+    }
+
+    /// The next connection worth serving (`None`: refused or failed, keep going).
+    async fn accept(&self) -> Option<Conn> {
+        match self {
+            Listener::Unix(l, _) => l.accept().await.ok().map(|(c, _)| Box::new(c) as Conn),
+            Listener::Tcp(l) => {
+                let (conn, peer) = l.accept().await.ok()?;
+                let local = conn.local_addr().ok()?;
+                let me = rustix::process::getuid().as_raw();
+                match tcp_peer_uid(&std::fs::read_to_string("/proc/net/tcp").ok()?, peer, local) {
+                    Some(uid) if uid == me => Some(Box::new(conn)),
+                    other => {
+                        eprintln!(
+                            "maqet: refused a display connection from {peer} (owner uid {other:?}, not {me})"
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The uid owning the socket at `peer` connected to `local`, from `/proc/net/tcp`'s text
+/// (hex `ADDR:PORT` columns, the address in the kernel's byte order).
+fn tcp_peer_uid(
+    table: &str,
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+) -> Option<u32> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        )),
+        std::net::SocketAddr::V6(_) => None,
+    };
+    let (peer, local) = (hex(peer)?, hex(local)?);
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.len() > 7 && cols[1] == peer && cols[2] == local)
+            .then(|| cols[7].parse().ok())
+            .flatten()
+    })
+}
+
 fn spawn_viewer(
     viewer: &[String],
     name: &str,
-    server: DisplayServer,
-    socket: &Path,
+    address: &str,
 ) -> Result<tokio::process::Child, MaqetError> {
     let mut cmd = tokio::process::Command::new(&viewer[0]);
     cmd.args(&viewer[1..]);
     if viewer[0] == DEFAULT_VIEWER {
         cmd.arg(format!("--title={name} (maqet)"));
     }
-    cmd.arg(format!("{}+unix://{}", server.as_str(), socket.display()))
+    cmd.arg(address)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     cmd.spawn()
@@ -221,8 +305,8 @@ async fn connect(connector: &Connector) -> Result<Display, MaqetError> {
 
 /// Copies bytes both ways between a viewer connection and the display until either
 /// side closes.
-async fn relay(viewer: UnixStream, display: Display) {
-    let (mut from_viewer, mut to_viewer) = viewer.into_split();
+async fn relay(viewer: Conn, display: Display) {
+    let (mut from_viewer, mut to_viewer) = tokio::io::split(viewer);
     match display {
         Display::Fd(fd) => {
             let Ok(display) = to_tokio(fd) else { return };
@@ -355,6 +439,19 @@ mod tests {
         assert_eq!(display_server("display: gtk\n"), None);
         assert_eq!(display_server("memory: 1\n"), None);
         assert_eq!(display_server(": not yaml ["), None);
+    }
+
+    #[test]
+    fn the_peer_uid_comes_from_the_matching_row() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:A000 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1\n\
+   1: 0100007F:B000 0100007F:A000 01 00000000:00000000 00:00000000 00000000  1001        0 2 1\n\
+   2: 0100007F:A000 0100007F:B000 01 00000000:00000000 00:00000000 00000000  1000        0 3 1\n";
+        let listener: std::net::SocketAddr = "127.0.0.1:40960".parse().unwrap();
+        let peer: std::net::SocketAddr = "127.0.0.1:45056".parse().unwrap();
+        assert_eq!(tcp_peer_uid(table, peer, listener), Some(1001));
+        let stranger: std::net::SocketAddr = "127.0.0.1:45057".parse().unwrap();
+        assert_eq!(tcp_peer_uid(table, stranger, listener), None);
     }
 
     #[test]

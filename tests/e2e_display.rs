@@ -395,3 +395,93 @@ async fn stranger_is_refused(viewer: u32) {
     assert!(out.status.success(), "{out:?}");
     assert!(out.stdout.is_empty(), "a stranger read {:?}", out.stdout);
 }
+
+/// A stand-in for ssh that runs the remote command here, on the test's bus, with the
+/// freshly built `maqet` first on PATH (the far side's maqet).
+fn fake_ssh(dir: &std::path::Path, bus_address: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = std::path::Path::new(common::maqet_bin()).parent().unwrap();
+    let script = dir.join("fake-ssh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift 2\n\
+             export DBUS_SESSION_BUS_ADDRESS='{bus_address}'\n\
+             PATH='{}':\"$PATH\" exec /bin/sh -c \"$*\"\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script.display().to_string()
+}
+
+/// `maqet --host H view VM`: the display is opened on H by `maqet display-stdio` and
+/// carried over ssh, one ssh per SPICE channel; the refusals come first, in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_over_host_forwards_each_channel_through_ssh() {
+    let Some(_) = require(program("Xvfb", "xvfb")) else {
+        return;
+    };
+    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
+        return;
+    };
+    let Some(_) = require(program("systemd-stdio-bridge", "systemd")) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ssh = fake_ssh(dir.path(), &bus.address);
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--host", "far"];
+        all.extend(args);
+        let mut cmd = bus.maqet_command(&all);
+        cmd.env("MAQET_SSH", &ssh)
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .env_remove("MAQET_VIEWER");
+        cmd
+    };
+    let vm = bus
+        .add(&conn, "seen", &display_vm_yaml("seen", "spice"))
+        .await;
+    let plain = bus.add(&conn, "plain", &tiny_vm_yaml("plain")).await;
+
+    let out = remote(&["view", "seen"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("start it first"),
+        "{}",
+        common::stderr(&out)
+    );
+    plain.start().await.unwrap();
+    let out = remote(&["view", "plain"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("display: spice"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    vm.start().await.unwrap();
+    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let mut events = qmp.receive_event().await.unwrap();
+    let x = Xvfb::start();
+    let mut view = remote(&["view", "seen"]);
+    view.env("DISPLAY", &x.display).stdout(Stdio::null());
+    let mut view = view.spawn().unwrap();
+    let mut channels = Vec::new();
+    while !(channels.contains(&1) && channels.contains(&2)) {
+        let data = next_event(&mut events, "SPICE_INITIALIZED").await;
+        channels.push(data["client"]["channel-type"].as_i64().unwrap());
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(view.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(view.wait().unwrap().success());
+    vm.stop(true, 0).await.unwrap();
+}

@@ -369,19 +369,36 @@ pub(super) async fn stdio(s: &Session, name: &str) -> Result<(), MaqetError> {
     // Blocking copies on threads of their own: stdin and stdout are whatever ssh gave us.
     std::thread::spawn(move || {
         let mut to_display = to_display;
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_display);
+        pump(&mut std::io::stdin().lock(), &mut to_display);
         // The viewer's side closed: so does ours, and QEMU closes its end in turn.
         let _ = to_display.shutdown(std::net::Shutdown::Write);
     });
     tokio::task::spawn_blocking(move || {
         let mut display = display;
-        let mut out = std::io::stdout().lock();
-        let _ = std::io::copy(&mut display, &mut out);
-        let _ = std::io::Write::flush(&mut out);
+        pump(&mut display, &mut std::io::stdout().lock());
     })
     .await
     .map_err(|e| MaqetError::Internal(format!("display relay: {e}")))?;
     Ok(())
+}
+
+/// Copies until end of input or a failed write. A plain read/write loop, not
+/// `std::io::copy`: that splices pipe to socket, holding the pipe's lock while it waits,
+/// so the other end closing the pipe hung in the kernel (Linux 6.18).
+fn pump(from: &mut impl std::io::Read, to: &mut impl std::io::Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// A directory only this user can enter, removed when dropped: under

@@ -485,3 +485,102 @@ async fn view_over_host_forwards_each_channel_through_ssh() {
     assert!(view.wait().unwrap().success());
     vm.stop(true, 0).await.unwrap();
 }
+
+/// Sends WM_DELETE_WINDOW to `window`, as a window manager's close button does (Xvfb has
+/// no window manager; python3's ctypes on libX11, so no extra package).
+const CLOSE_WINDOW_PY: &str = r#"
+import ctypes, sys
+x = ctypes.cdll.LoadLibrary("libX11.so.6")
+x.XOpenDisplay.restype = ctypes.c_void_p
+x.XOpenDisplay.argtypes = [ctypes.c_char_p]
+x.XInternAtom.restype = ctypes.c_ulong
+x.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+class ClientMessage(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
+                ("display", ctypes.c_void_p), ("window", ctypes.c_ulong),
+                ("message_type", ctypes.c_ulong), ("format", ctypes.c_int), ("l", ctypes.c_long * 5)]
+class Event(ctypes.Union):
+    _fields_ = [("xclient", ClientMessage), ("pad", ctypes.c_long * 24)]
+x.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long, ctypes.POINTER(Event)]
+x.XFlush.argtypes = [ctypes.c_void_p]
+d = x.XOpenDisplay(None)
+assert d, "no display"
+for w in sys.argv[1:]:
+    ev = Event()
+    ev.xclient.type = 33
+    ev.xclient.window = int(w)
+    ev.xclient.message_type = x.XInternAtom(d, b"WM_PROTOCOLS", 0)
+    ev.xclient.format = 32
+    ev.xclient.l[0] = x.XInternAtom(d, b"WM_DELETE_WINDOW", 0)
+    x.XSendEvent(d, int(w), 0, 0, ctypes.byref(ev))
+x.XFlush(d)
+"#;
+
+/// `display: gtk`: `maqet start` passes this session's DISPLAY, so QEMU's window opens
+/// here although maqetd has no DISPLAY at all; closing the window is recorded as the
+/// user's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gtk_window_opens_on_the_callers_display_and_closing_it_is_recorded() {
+    let Some(_) = require(program("Xvfb", "xvfb")) else {
+        return;
+    };
+    let Some(_) = require(program("xdotool", "xdotool")) else {
+        return;
+    };
+    let Some(_) = require(program("python3", "python3")) else {
+        return;
+    };
+    let gtk = std::path::Path::new("/usr/lib/x86_64-linux-gnu/qemu/ui-gtk.so").exists();
+    let Some(_) = require(gtk.then_some(()).ok_or_else(|| {
+        "QEMU's GTK display is not installed (Debian: apt-get install qemu-system-gui)".to_owned()
+    })) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "win", &display_vm_yaml("win", "gtk")).await;
+    let x = Xvfb::start();
+    let out = bus
+        .maqet_command(&["start", "win"])
+        .env("DISPLAY", &x.display)
+        .env("XDG_SESSION_TYPE", "x11")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let pid = vm.pid().await.unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    assert!(environ.contains(&format!("DISPLAY={}", x.display).as_bytes()));
+    assert!(environ.contains(&b"XDG_SESSION_TYPE=x11".as_slice()));
+
+    let found = Command::new("timeout")
+        .args([
+            "60",
+            "xdotool",
+            "search",
+            "--sync",
+            "--name",
+            "QEMU \\(win\\)",
+        ])
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "no QEMU window: {found:?}");
+    let windows: Vec<String> = String::from_utf8_lossy(&found.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+
+    let mut watch = common::StatusWatch::new(&vm).await;
+    let sent = Command::new("python3")
+        .arg("-c")
+        .arg(CLOSE_WINDOW_PY)
+        .args(&windows)
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let (_, _, reason) = watch.until("stopped").await;
+    assert_eq!(reason, "window closed by the user");
+}

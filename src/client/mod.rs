@@ -143,6 +143,11 @@ pub trait Manager {
 )]
 pub trait Vm {
     fn start(&self) -> Result<(), MaqetError>;
+    /// `Start` with options: `environment` (a{ss}) = the caller's graphical session.
+    fn start_with_options(
+        &self,
+        options: std::collections::HashMap<&str, zbus::zvariant::Variant<'_>>,
+    ) -> Result<(), MaqetError>;
     fn stop(&self, force: bool, timeout_sec: u32) -> Result<(), MaqetError>;
     fn restart(&self) -> Result<(), MaqetError>;
     fn reset(&self) -> Result<(), MaqetError>;

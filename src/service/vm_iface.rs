@@ -1,11 +1,12 @@
 //! `org.maqet.Maqet1.VM`: one object per VM. Authorize through the gate, convert, forward.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, interface};
+use zbus::{Connection, OwnedVariant, interface};
 
 use super::Shared;
 use crate::access::{Action, Request};
@@ -49,6 +50,31 @@ impl VmIface {
     }
 }
 
+/// `StartWithOptions`' options: only `environment`, an a{ss}.
+fn graphical_env(
+    mut options: HashMap<String, OwnedVariant>,
+) -> Result<Option<HashMap<String, String>>, MaqetError> {
+    let env = options.remove("environment");
+    if let Some(key) = options.keys().next() {
+        return Err(MaqetError::InvalidArgument(format!(
+            "unknown start option '{key}'; known options: environment"
+        )));
+    }
+    match env {
+        None => Ok(None),
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| HashMap::<String, String>::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                MaqetError::InvalidArgument(
+                    "option 'environment' must be a string dictionary (D-Bus type a{ss})".into(),
+                )
+            }),
+    }
+}
+
 /// A file or socket handed to the caller (`h`).
 fn fd(f: impl Into<std::os::fd::OwnedFd>) -> zbus::OwnedFd {
     zbus::OwnedFd::from(f.into())
@@ -67,6 +93,35 @@ impl VmIface {
             .gate
             .call(conn, &hdr, req, self.vm.start())
             .await
+    }
+
+    /// `Start` with options. `environment` (a{ss}): the caller's `DISPLAY`,
+    /// `WAYLAND_DISPLAY`, `XAUTHORITY`, `XDG_SESSION_TYPE`, so QEMU's own window
+    /// (`display: gtk`, `sdl`) opens on the caller's session; kept for later starts.
+    async fn start_with_options(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let env = graphical_env(options);
+        let names = match &env {
+            Ok(Some(vars)) => vars.keys().cloned().collect::<Vec<_>>().join(","),
+            Ok(None) => "none".to_owned(),
+            Err(_) => "invalid options".to_owned(),
+        };
+        // Audited as a start: it is one (the variables' names, never their values).
+        let req = self
+            .req(Action::Lifecycle, "Start")
+            .with_args(format!("environment: {names}"));
+        let work = async {
+            let env = match env? {
+                Some(vars) => crate::vm::window::GraphicalEnv::from_vars(vars)?,
+                None => crate::vm::window::GraphicalEnv::default(),
+            };
+            self.vm.start_with_env(env).await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
     }
 
     /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s, at

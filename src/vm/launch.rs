@@ -150,6 +150,8 @@ pub struct LaunchSpec<'a> {
     pub agent_socket: Option<&'a Path>,
     /// The display server's options (`display: spice | vnc`, see `vm::display`).
     pub display_args: &'a [String],
+    /// Where QEMU's own window opens (`vm::window`).
+    pub graphical_env: &'a super::window::GraphicalEnv,
     pub log_file: &'a Path,
     /// Host files opened for QEMU: `(fd, number in QEMU)`, and what each one is (for
     /// the log). `user_args` name them by number.
@@ -188,6 +190,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
+    spec.graphical_env.apply(&mut cmd);
     run_with_fds(&mut cmd, &listener, console.as_ref(), &files);
     let child = cmd.spawn()?;
     let pid = child.id();

@@ -24,6 +24,7 @@ mod stop;
 mod supervisor;
 mod tpm;
 mod wait;
+pub mod window;
 
 use start::qmp_run_state;
 pub use wait::WaitCondition;
@@ -293,6 +294,8 @@ pub struct Vm {
     guest: guest::GuestLink,
     /// The event consumer has handled this VM's `VmAdded` / `VmRemoved`.
     announced: Notify,
+    /// The graphical session of whoever last started it (`window`).
+    graphical_env: Mutex<window::GraphicalEnv>,
 }
 
 /// An exclusive operation that holds the VM beyond one call.
@@ -396,6 +399,7 @@ impl Vm {
             busy: Mutex::new(None),
             guest: guest::GuestLink::default(),
             announced: Notify::new(),
+            graphical_env: Mutex::new(window::GraphicalEnv::default()),
         }))
     }
 

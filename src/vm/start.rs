@@ -13,6 +13,20 @@ impl Vm {
         self.start_locked().await
     }
 
+    /// [`Vm::start`] with QEMU's window on the caller's graphical session; kept for
+    /// later starts of this VM that carry none (`window`).
+    pub async fn start_with_env(
+        self: &Arc<Self>,
+        env: super::window::GraphicalEnv,
+    ) -> Result<(), MaqetError> {
+        let _op = self.op_lock.lock().await;
+        self.check(Operation::Start)?;
+        if env.is_set() {
+            *self.graphical_env.lock() = env;
+        }
+        self.start_locked().await
+    }
+
     pub(super) async fn start_locked(self: &Arc<Self>) -> Result<(), MaqetError> {
         let name = self.name();
         let config = self.stored_config()?;
@@ -257,6 +271,7 @@ impl Vm {
             None => Vec::new(),
         };
         let log_file = paths.vm_log(&self.id);
+        let graphical_env = self.graphical_env.lock().clone();
         let args = &files.args;
         let placements = files.placements();
         let spawned = launch::spawn(&launch::LaunchSpec {
@@ -268,6 +283,7 @@ impl Vm {
             console_socket: launch::wants_console(args).then_some(console.as_path()),
             agent_socket: wants_agent.then_some(agent.as_path()),
             display_args: &display_args,
+            graphical_env: &graphical_env,
             log_file: &log_file,
             files: &placements,
             file_notes: &files.notes,

@@ -584,3 +584,30 @@ async fn a_gtk_window_opens_on_the_callers_display_and_closing_it_is_recorded() 
     let (_, _, reason) = watch.until("stopped").await;
     assert_eq!(reason, "window closed by the user");
 }
+
+/// `maqet doctor` compares maqetd's graphical environment with the caller's: a
+/// different screen is reported as stale, with the command that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_a_stale_graphical_environment() {
+    let bus = Bus::start();
+    let out = bus
+        .maqet_command(&["--json", "doctor"])
+        .env("DISPLAY", ":42")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["check"] == "display-env")
+        .unwrap_or_else(|| panic!("no display-env row: {rows}"));
+    assert_eq!(row["status"], "warning", "{row}");
+    let message = row["message"].as_str().unwrap();
+    assert!(
+        message.contains("this session has DISPLAY=:42"),
+        "{message}"
+    );
+    assert!(row["hint"].as_str().unwrap().contains("import-environment"));
+}

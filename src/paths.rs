@@ -111,6 +111,11 @@ impl Paths {
         self.vm_runtime_dir(vm_id).join("agent.sock")
     }
 
+    /// The SPICE or VNC server QEMU listens on (`display: spice | vnc`).
+    pub fn display_socket(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join("display.sock")
+    }
+
     /// Directory of QEMU logs.
     pub fn log_dir(&self) -> PathBuf {
         self.state_dir.join("logs")

@@ -16,6 +16,9 @@ pub struct Settings {
     pub idle_exit_sec: u64,
     /// Desktop notifications (docs/desktop.md).
     pub notifications: Notifications,
+    /// `maqet view`'s viewer command (the display's address is appended); empty:
+    /// remote-viewer. `MAQET_VIEWER` overrides it.
+    pub viewer: Vec<String>,
 }
 
 impl Default for Settings {
@@ -23,6 +26,7 @@ impl Default for Settings {
         Settings {
             idle_exit_sec: 60,
             notifications: Notifications::default(),
+            viewer: Vec::new(),
         }
     }
 }

@@ -73,6 +73,9 @@ pub async fn run(json: bool, fix: bool, host: Option<&str>) -> Result<ExitCode, 
                 )),
                 Err(_) => {}
             }
+            if host.is_none() {
+                rows.extend(graphical_env_row(s).await);
+            }
             for (check, status, message, hint) in s.manager.doctor(fix).await? {
                 rows.push(Row {
                     check,
@@ -104,4 +107,94 @@ pub async fn run(json: bool, fix: bool, host: Option<&str>) -> Result<ExitCode, 
     } else {
         ExitCode::Ok
     })
+}
+
+/// Whether maqetd's own graphical variables (what QEMU windows get when a start carries
+/// none: `Restart`, a notification's button, busctl) still name this session's screen.
+/// Read from `/proc/<maqetd>/environ`: maqetd never changes its environment.
+async fn graphical_env_row(s: &Session) -> Option<Row> {
+    let mine = graphical_vars(std::env::vars());
+    if mine.is_empty() {
+        // No graphical session here (a text console, ssh): nothing to compare.
+        return None;
+    }
+    let dbus = zbus::fdo::DBusProxy::new(&s.conn).await.ok()?;
+    let name = zbus::names::BusName::try_from(crate::client::BUS_NAME).ok()?;
+    let pid = dbus.get_connection_unix_process_id(name).await.ok()?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let service = graphical_vars(environ.split(|b| *b == 0).filter_map(|entry| {
+        let entry = String::from_utf8_lossy(entry);
+        let (k, v) = entry.split_once('=')?;
+        Some((k.to_owned(), v.to_owned()))
+    }));
+    Some(compare_graphical(&service, &mine))
+}
+
+fn graphical_vars(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut found: Vec<_> = vars
+        .filter(|(k, _)| crate::vm::window::GRAPHICAL_VARS.contains(&k.as_str()))
+        .collect();
+    found.sort();
+    found
+}
+
+fn compare_graphical(service: &[(String, String)], mine: &[(String, String)]) -> Row {
+    let show = |vars: &[(String, String)]| {
+        if vars.is_empty() {
+            return "none".to_owned();
+        }
+        vars.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if service == mine {
+        return row(
+            "display-env",
+            "ok",
+            format!("maqetd's graphical session is this one ({})", show(mine)),
+            "",
+        );
+    }
+    row(
+        "display-env",
+        "warning",
+        format!(
+            "maqetd's graphical environment is stale: it has {}, this session has {}. \
+             `maqet start` passes this session's, but a Restart, a notification's button or a \
+             plain D-Bus Start opens QEMU windows (display: gtk/sdl) where maqetd's points",
+            show(service),
+            show(mine)
+        ),
+        "systemctl --user import-environment DISPLAY WAYLAND_DISPLAY XAUTHORITY XDG_SESSION_TYPE \
+         (or dbus-update-activation-environment --all), then let maqetd restart (it exits when \
+         idle) or: systemctl --user restart maqetd",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        graphical_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn a_service_on_another_screen_is_stale() {
+        let mine = vars(&[
+            ("DISPLAY", ":1"),
+            ("HOME", "/h"),
+            ("XDG_SESSION_TYPE", "x11"),
+        ]);
+        assert_eq!(mine.len(), 2);
+        let same = compare_graphical(&mine, &mine);
+        assert_eq!(same.status, "ok");
+        let stale = compare_graphical(&vars(&[("DISPLAY", ":0")]), &mine);
+        assert_eq!(stale.status, "warning");
+        assert!(stale.message.contains("DISPLAY=:0"), "{}", stale.message);
+        assert!(stale.hint.contains("import-environment"));
+        let none = compare_graphical(&[], &mine);
+        assert!(none.message.contains("it has none"), "{}", none.message);
+    }
 }

@@ -29,6 +29,7 @@ mod setup;
 mod snapshot;
 mod storage;
 mod version;
+mod view;
 mod vm;
 
 use std::path::PathBuf;
@@ -312,6 +313,15 @@ pub enum Command {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
     },
+    /// Open a viewer (remote-viewer, or MAQET_VIEWER) on a VM's display
+    /// (`display: spice` or `display: vnc` in its config).
+    View {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+    },
+    /// The VM's display on stdin/stdout (what `maqet --host H view` runs on H).
+    #[command(hide = true)]
+    DisplayStdio { vm: String },
     /// Run a command in the guest through its agent (`guest_agent: true`): its stdout,
     /// stderr and exit code become maqet's; piped stdin is passed on.
     Exec {
@@ -395,6 +405,8 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
     match command {
         Command::Logs { vm, follow, lines } => logs::run(&s, &vm, follow, lines).await,
         Command::Console { vm } => console::run(&s, &vm).await,
+        Command::View { vm } => view::run(&s, &vm, host).await,
+        Command::DisplayStdio { vm } => view::stdio(&s, &vm).await,
         Command::Exec {
             vm,
             timeout,

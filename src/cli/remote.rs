@@ -25,6 +25,20 @@ exec systemd-stdio-bridge --bus-path=\"${DBUS_SESSION_BUS_ADDRESS:-unix:path=${X
 
 /// The ssh command line: `MAQET_SSH` (split on spaces) or plain `ssh`, then ours.
 fn ssh_argv(host: &str, ssh: Option<&str>) -> Result<(String, Vec<OsString>), MaqetError> {
+    ssh_argv_running(host, ssh, REMOTE_COMMAND)
+}
+
+/// `(program, args)` running `command` (a shell command line) on `host`, as
+/// [`connect`] does: `MAQET_SSH` or `ssh`, no terminal.
+pub fn ssh_command(host: &str, command: &str) -> Result<(String, Vec<OsString>), MaqetError> {
+    ssh_argv_running(host, std::env::var("MAQET_SSH").ok().as_deref(), command)
+}
+
+fn ssh_argv_running(
+    host: &str,
+    ssh: Option<&str>,
+    command: &str,
+) -> Result<(String, Vec<OsString>), MaqetError> {
     if host.is_empty() || host.starts_with('-') || host.chars().any(char::is_whitespace) {
         return Err(MaqetError::InvalidArgument(format!(
             "bad --host '{host}': give [USER@]MACHINE (ssh options go in MAQET_SSH)"
@@ -36,7 +50,7 @@ fn ssh_argv(host: &str, ssh: Option<&str>) -> Result<(String, Vec<OsString>), Ma
         .ok_or_else(|| MaqetError::InvalidArgument("MAQET_SSH is empty".into()))?;
     let mut args: Vec<OsString> = words.map(OsString::from).collect();
     // No terminal: the channel carries D-Bus bytes, not a session.
-    args.extend(["-T", "--", host, REMOTE_COMMAND].map(OsString::from));
+    args.extend(["-T", "--", host, command].map(OsString::from));
     Ok((program, args))
 }
 

@@ -140,7 +140,7 @@ pub(super) async fn start(
         )),
     };
     let (_, proxy) = vm(s, name).await?;
-    proxy.start().await?;
+    start_here(s, &proxy).await?;
     if let Some(condition) = condition {
         wait_chunked(&proxy, condition, Duration::from_secs(timeout.into())).await?;
     }
@@ -150,7 +150,7 @@ pub(super) async fn start(
 pub(super) async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {
     let (_, proxy) = vm(s, name).await?;
     match op {
-        "start" => proxy.start().await?,
+        "start" => start_here(s, &proxy).await?,
         "restart" => proxy.restart().await?,
         "reset" => proxy.reset().await?,
         "pause" => proxy.pause().await?,
@@ -508,4 +508,23 @@ pub(super) async fn events(s: &Session, only: Option<&str>) -> Result<(), MaqetE
         }
     }
     Ok(())
+}
+
+/// `Start`, with this session's graphical variables when there are any (so a
+/// `display: gtk` window opens here, docs/desktop.md); never over `--host`, where they
+/// name this machine's screen, not that one's.
+async fn start_here(
+    s: &Session,
+    proxy: &crate::client::VmProxy<'static>,
+) -> Result<(), MaqetError> {
+    let env: std::collections::HashMap<String, String> = crate::vm::window::GRAPHICAL_VARS
+        .iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect();
+    if s.remote || env.is_empty() {
+        return proxy.start().await;
+    }
+    let options =
+        std::collections::HashMap::from([("environment", zbus::zvariant::Variant::from(env))]);
+    proxy.start_with_options(options).await
 }

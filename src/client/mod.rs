@@ -147,6 +147,11 @@ pub trait Manager {
 )]
 pub trait Vm {
     fn start(&self) -> Result<(), MaqetError>;
+    /// `Start` with options: `environment` (a{ss}) = the caller's graphical session.
+    fn start_with_options(
+        &self,
+        options: std::collections::HashMap<&str, zbus::zvariant::Variant<'_>>,
+    ) -> Result<(), MaqetError>;
     fn stop(&self, force: bool, timeout_sec: u32) -> Result<(), MaqetError>;
     fn restart(&self) -> Result<(), MaqetError>;
     fn reset(&self) -> Result<(), MaqetError>;
@@ -165,6 +170,8 @@ pub trait Vm {
     fn open_log(&self) -> Result<OwnedFd, MaqetError>;
     /// A connected socket to the VM's serial console.
     fn open_console(&self) -> Result<OwnedFd, MaqetError>;
+    /// A socket connected to the VM's SPICE or VNC server (one per SPICE channel).
+    fn open_display(&self) -> Result<OwnedFd, MaqetError>;
     /// `[tcp:|udp:][BIND:]HOST:GUEST`.
     fn add_forward(&self, spec: &str) -> Result<(), MaqetError>;
     fn remove_forward(&self, spec: &str) -> Result<(), MaqetError>;

@@ -22,6 +22,7 @@
 
 mod argv;
 mod diag;
+mod display;
 mod guest;
 mod hostfile;
 mod merge;
@@ -41,6 +42,7 @@ use std::sync::Arc;
 
 pub(crate) use argv::escape_commas;
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub use display::DisplayServer;
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
@@ -198,6 +200,16 @@ pub struct VmConfig {
     guest: GuestKeys,
     firmware: Firmware,
     tpm: bool,
+    display: Option<DisplayConfig>,
+}
+
+/// `display: spice | vnc`: the server maqetd adds at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DisplayConfig {
+    pub server: DisplayServer,
+    /// The config names no graphics device (`vga:`, `-vga`, a graphics `-device`), so
+    /// maqet adds one: a display server without a screen would show nothing.
+    pub add_graphics_device: bool,
 }
 
 /// The `firmware:` key: what the VM boots from. UEFI images are found through QEMU's
@@ -293,6 +305,11 @@ impl VmConfig {
     /// `tpm: true`: maqetd gives the VM an emulated TPM 2.0.
     pub fn tpm(&self) -> bool {
         self.tpm
+    }
+
+    /// `display: spice | vnc`: the display server maqetd gives QEMU, if any.
+    pub fn display(&self) -> Option<DisplayConfig> {
+        self.display
     }
 
     /// The machine type the arguments choose (`-machine q35,smm=on` → `q35`), or

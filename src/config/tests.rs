@@ -2149,3 +2149,77 @@ fn firmware_is_kept_and_claims_bios() {
         "{err}"
     );
 }
+
+/// `display: spice | vnc` asks for maqet's display server: no `-display` word, the rest
+/// of the argv as it was; every other `display:` value is `-display <value>` as always.
+#[test]
+fn display_servers_leave_the_argv_alone_and_claim_display() {
+    use super::{DisplayConfig, DisplayServer};
+    for (yaml, expected) in GOLDEN {
+        let config = load_one(yaml).unwrap();
+        assert_eq!(config.display(), None, "{yaml}");
+        if yaml.contains("display") {
+            continue;
+        }
+        for server in ["spice", "vnc"] {
+            let with = format!("{yaml}\ndisplay: {server}\n");
+            let config = load_one(&with).unwrap_or_else(|e| panic!("{with}\n{e}"));
+            assert_eq!(config.qemu_args(), *expected, "argv of:\n{with}");
+            assert_eq!(
+                config.display().map(|d| d.server.as_str()),
+                Some(server),
+                "{with}"
+            );
+            assert_round_trip(&config);
+        }
+    }
+    for other in ["gtk", "sdl", "none", "spice-app", "vnc=:1"] {
+        let config = load_one(&format!("display: {other}\n")).unwrap();
+        assert_eq!(config.qemu_args(), ["-display", other]);
+        assert_eq!(config.display(), None);
+    }
+    let spice = load_one("display: spice\nmemory: 64\n").unwrap();
+    assert_eq!(
+        spice.display(),
+        Some(DisplayConfig {
+            server: DisplayServer::Spice,
+            add_graphics_device: true
+        })
+    );
+    // A graphics device named anywhere is kept, and maqet adds none.
+    for has_one in [
+        "display: vnc\nvga: qxl\n",
+        "display: vnc\nvga: none\n",
+        "display: spice\narguments: [{device: {virtio-vga: null, id: v0}}]\n",
+        "display: spice\nargs: [-device, qxl-vga]\n",
+    ] {
+        let config = load_one(has_one).unwrap();
+        assert!(!config.display().unwrap().add_graphics_device, "{has_one}");
+    }
+    // `display: spice` is still the one `-display`.
+    error_in(
+        "display: spice\narguments: [{display: gtk}]\n",
+        2,
+        14,
+        "`-display` is already set",
+    );
+}
+
+#[test]
+fn a_display_server_with_a_second_one_of_its_kind_is_refused() {
+    let d = error_in(
+        "display: spice\nargs: [-spice, 'port=5930']\n",
+        1,
+        10,
+        "start another one with `-spice`",
+    );
+    assert!(d.hint.as_deref().unwrap().contains("remove `-spice`"));
+    error_in(
+        "display: vnc\narguments: [{vnc: ':1'}]\n",
+        1,
+        10,
+        "with `-vnc`",
+    );
+    // The other kind is the user's business.
+    load_one("display: vnc\nargs: [-spice, 'port=5930']\n").unwrap();
+}

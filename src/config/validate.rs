@@ -8,13 +8,14 @@ use std::path::PathBuf;
 
 use super::argv::{SINGLE_INSTANCE, canonical, compile_args, compile_arguments, reserved_reason};
 use super::diag::{Diags, suggest, unknown_hint};
+use super::display::{self, DisplayServer};
 use super::guest::{self, GuestKeys};
 use super::hostfile::{Access, HostFile, Markers, PassAs};
 use super::paths::{find_binary, is_path_like, resolve_host_path};
 use super::size::{int_value, parse_size_with_unit};
 use super::storage::{compile_storage, storage_argv};
 use super::yaml::{Entry, Loc, Node, Value};
-use super::{Firmware, PathUse, ValidationContext, VmConfig, validate_vm_name};
+use super::{DisplayConfig, Firmware, PathUse, ValidationContext, VmConfig, validate_vm_name};
 
 /// Valid top-level keys, in the order normalized YAML lists them.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
@@ -283,10 +284,11 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
     if let Some(e) = &mut slots[slot("cpu")] {
         top_level_option(e, "smp", cpu, cx, &mut argv);
     }
-    for (key, option) in [("display", "display"), ("vga", "vga")] {
-        if let Some(e) = &mut slots[slot(key)] {
-            top_level_option(e, option, plain_string, cx, &mut argv);
-        }
+    let display_server = slots[slot("display")]
+        .as_mut()
+        .and_then(|e| display(e, cx, &mut argv));
+    if let Some(e) = &mut slots[slot("vga")] {
+        top_level_option(e, "vga", plain_string, cx, &mut argv);
     }
     let firmware = slots[slot("firmware")]
         .as_mut()
@@ -307,6 +309,13 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         compile_args(items, cx, &mut argv);
     }
     let guest = guest_keys(&mut slots, fallback, cx, &mut argv);
+    let display = display_server.map(|(server, loc)| {
+        display::check_no_second_server(server, &argv, &loc, cx);
+        DisplayConfig {
+            server,
+            add_graphics_device: !display::has_graphics_device(&argv),
+        }
+    });
 
     VmConfig {
         doc: slots.into_iter().flatten().collect(),
@@ -319,6 +328,26 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         firmware,
         tpm,
         guest,
+        display,
+    }
+}
+
+/// `display:`: `spice` / `vnc` ask for maqet's display server (no `-display` word: the
+/// server is added at start, `vm::display`); any other value is `-display <value>`.
+/// Either way it claims `-display`. Returns the server and where the key was written.
+fn display(entry: &mut Entry, cx: &mut Cx, argv: &mut Vec<String>) -> Option<(DisplayServer, Loc)> {
+    let server = match &entry.value.value {
+        Value::Str(s) => DisplayServer::parse(s),
+        _ => None,
+    };
+    match server {
+        Some(server) => cx
+            .register_option("display", &entry.key_loc, "display")
+            .then(|| (server, entry.value.loc.clone())),
+        None => {
+            top_level_option(entry, "display", plain_string, cx, argv);
+            None
+        }
     }
 }
 

@@ -6,14 +6,21 @@
 //! The connection ends at EOF, on an I/O or framing error, or when the last
 //! [`QmpClient`] handle is dropped; then every pending command fails with
 //! [`QmpError::Disconnected`] and the event channel closes.
+//!
+//! Over a unix socket ([`QmpClient::connect_unix`]) a command can carry a file
+//! descriptor (`getfd`): the writer sends that message with `sendmsg` and SCM_RIGHTS on a
+//! duplicate of the socket, in its turn, so the fd arrives with its own command.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -38,8 +45,16 @@ pub struct QmpClient {
 /// writer task to close the connection.
 struct Inner {
     shared: Arc<Shared>,
-    outgoing: mpsc::UnboundedSender<Vec<u8>>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
     next_id: AtomicU64,
+    /// Whether the writer can pass file descriptors (a unix socket).
+    passes_fds: bool,
+}
+
+/// One whole message for the writer, with the fd it carries, if any.
+struct Outgoing {
+    bytes: Vec<u8>,
+    fd: Option<OwnedFd>,
 }
 
 /// Shared by the handles and both I/O tasks.
@@ -77,7 +92,17 @@ impl QmpClient {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        Self::connect_with_limit(stream, events, wire::MAX_LINE_BYTES).await
+        Self::connect_with_limit(stream, events, wire::MAX_LINE_BYTES, None).await
+    }
+
+    /// [`connect`](Self::connect) on a unix socket, which can also pass file descriptors
+    /// ([`execute_with_fd`](Self::execute_with_fd)).
+    pub async fn connect_unix(
+        stream: tokio::net::UnixStream,
+        events: mpsc::UnboundedSender<QmpEvent>,
+    ) -> Result<(QmpClient, Greeting), QmpError> {
+        let fd_socket = stream.as_fd().try_clone_to_owned()?;
+        Self::connect_with_limit(stream, events, wire::MAX_LINE_BYTES, Some(fd_socket)).await
     }
 
     /// `connect` with a custom line cap, so tests can exercise it cheaply.
@@ -85,6 +110,7 @@ impl QmpClient {
         stream: S,
         events: mpsc::UnboundedSender<QmpEvent>,
         max_line: usize,
+        fd_socket: Option<OwnedFd>,
     ) -> Result<(QmpClient, Greeting), QmpError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -135,14 +161,17 @@ impl QmpClient {
             closed,
             stray: LogLimiter::new(),
         });
+        let fd_socket = fd_socket.map(crate::fdio::writable).transpose()?;
+        let passes_fds = fd_socket.is_some();
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(reader, line, max_line, events, shared.clone()));
-        tokio::spawn(write_loop(writer, outgoing_rx, shared.clone()));
+        tokio::spawn(write_loop(writer, fd_socket, outgoing_rx, shared.clone()));
         let client = QmpClient {
             inner: Arc::new(Inner {
                 shared,
                 outgoing,
                 next_id: AtomicU64::new(0),
+                passes_fds,
             }),
         };
         Ok((client, greeting))
@@ -158,6 +187,31 @@ impl QmpClient {
         &self,
         command: &str,
         arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.send(command, arguments, None).await
+    }
+
+    /// [`execute`](Self::execute), passing `fd` to QEMU with the command (for `getfd`,
+    /// `add-fd`). Only on a connection made by [`connect_unix`](Self::connect_unix).
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: OwnedFd,
+    ) -> Result<Value, QmpError> {
+        if !self.inner.passes_fds {
+            return Err(QmpError::InvalidArguments(format!(
+                "'{command}' passes a file descriptor, and this QMP connection is not a unix socket"
+            )));
+        }
+        self.send(command, arguments, Some(fd)).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
     ) -> Result<Value, QmpError> {
         let mut request = Map::new();
         request.insert("execute".into(), command.into());
@@ -181,7 +235,10 @@ impl QmpClient {
         tracing::debug!(command, id, "QMP command");
         self.inner
             .outgoing
-            .send(wire::encode(&Value::Object(request)))
+            .send(Outgoing {
+                bytes: wire::encode(&Value::Object(request)),
+                fd,
+            })
             .map_err(|_| QmpError::Disconnected)?;
         reply.await.unwrap_or(Err(QmpError::Disconnected))
     }
@@ -364,7 +421,8 @@ fn route(line: &[u8], events: &mpsc::UnboundedSender<QmpEvent>, shared: &Shared)
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    fd_socket: Option<AsyncFd<OwnedFd>>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
     let mut closed = shared.closed.subscribe();
@@ -382,7 +440,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let written = tokio::select! {
             biased;
             _ = closed.wait_for(|closed| *closed) => return,
-            written = write_message(&mut writer, &message) => written,
+            written = write_outgoing(&mut writer, fd_socket.as_ref(), message) => written,
         };
         if let Err(err) = written {
             tracing::warn!(%err, "QMP write failed");
@@ -390,4 +448,38 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
     }
+}
+
+/// Writes one message; one carrying an fd goes out with `sendmsg` on the socket's
+/// duplicate (the writer half buffers nothing, so the order on the wire is kept).
+async fn write_outgoing<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    fd_socket: Option<&AsyncFd<OwnedFd>>,
+    message: Outgoing,
+) -> Result<(), QmpError> {
+    let (Some(fd), Some(socket)) = (message.fd, fd_socket) else {
+        return write_message(writer, &message.bytes).await;
+    };
+    let sent = loop {
+        let mut ready = socket.writable().await?;
+        match ready.try_io(|s| send_with_fd(s.get_ref(), &message.bytes, &fd)) {
+            Ok(sent) => break sent?,
+            Err(_would_block) => continue,
+        }
+    };
+    // The fd went with the first byte; a short send leaves the rest to the plain path.
+    if sent < message.bytes.len() {
+        write_message(writer, &message.bytes[sent..]).await?;
+    }
+    Ok(())
+}
+
+fn send_with_fd(socket: &OwnedFd, bytes: &[u8], fd: &OwnedFd) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd.as_fd()];
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let iov = [io::IoSlice::new(bytes)];
+    Ok(sendmsg(socket, &iov, &mut control, SendFlags::NOSIGNAL)?)
 }

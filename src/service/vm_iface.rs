@@ -1,11 +1,12 @@
 //! `org.maqet.Maqet1.VM`: one object per VM. Authorize through the gate, convert, forward.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, interface};
+use zbus::{Connection, OwnedVariant, interface};
 
 use super::Shared;
 use crate::access::{Action, Request};
@@ -49,6 +50,31 @@ impl VmIface {
     }
 }
 
+/// `StartWithOptions`' options: only `environment`, an a{ss}.
+fn graphical_env(
+    mut options: HashMap<String, OwnedVariant>,
+) -> Result<Option<HashMap<String, String>>, MaqetError> {
+    let env = options.remove("environment");
+    if let Some(key) = options.keys().next() {
+        return Err(MaqetError::InvalidArgument(format!(
+            "unknown start option '{key}'; known options: environment"
+        )));
+    }
+    match env {
+        None => Ok(None),
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| HashMap::<String, String>::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                MaqetError::InvalidArgument(
+                    "option 'environment' must be a string dictionary (D-Bus type a{ss})".into(),
+                )
+            }),
+    }
+}
+
 /// A file or socket handed to the caller (`h`).
 fn fd(f: impl Into<std::os::fd::OwnedFd>) -> zbus::OwnedFd {
     zbus::OwnedFd::from(f.into())
@@ -66,6 +92,39 @@ impl VmIface {
         self.shared
             .gate
             .call(conn, &hdr, req, self.vm.start())
+            .await
+    }
+
+    /// `Start` with options. `environment` (a{ss}): the caller's `DISPLAY`,
+    /// `WAYLAND_DISPLAY`, `XAUTHORITY`, `XDG_SESSION_TYPE`, so QEMU's own window
+    /// (`display: gtk`, `sdl`) opens on the caller's session; kept for later starts.
+    async fn start_with_options(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let env = graphical_env(options);
+        let names = match &env {
+            Ok(Some(vars)) => vars.keys().cloned().collect::<Vec<_>>().join(","),
+            Ok(None) => "none".to_owned(),
+            Err(_) => "invalid options".to_owned(),
+        };
+        // Audited as a start: it is one (the variables' names, never their values).
+        let req = self
+            .req(Action::Lifecycle, "Start")
+            .with_args(format!("environment: {names}"));
+        let work = async {
+            let env: Result<_, MaqetError> = env;
+            let env = match env? {
+                Some(vars) => crate::vm::window::GraphicalEnv::from_vars(vars)?,
+                None => crate::vm::window::GraphicalEnv::default(),
+            };
+            Ok(self.vm.start_with_env(env).await?)
+        };
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
             .await
     }
 
@@ -238,6 +297,21 @@ impl VmIface {
     ) -> Result<zbus::OwnedFd, MaqetError> {
         let req = self.req(Action::Console, "OpenConsole");
         let work = async { self.vm.open_console().await.map(fd) };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
+    /// A socket connected to the VM's SPICE or VNC server (`display: spice | vnc`), for a
+    /// viewer to speak that protocol on; SPICE viewers call it once per channel.
+    /// `InvalidState` when no QEMU runs, `InvalidArgument` when the VM has no display
+    /// server (the message names the key to set).
+    #[zbus(out_args("display"))]
+    async fn open_display(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, MaqetError> {
+        let req = self.req(Action::Console, "OpenDisplay");
+        let work = async { self.vm.open_display().await.map(fd) };
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 

@@ -148,6 +148,10 @@ pub struct LaunchSpec<'a> {
     pub console_socket: Option<&'a Path>,
     /// Where the guest agent's channel listens (`guest_agent: true`).
     pub agent_socket: Option<&'a Path>,
+    /// The display server's options (`display: spice | vnc`, see `vm::display`).
+    pub display_args: &'a [String],
+    /// Where QEMU's own window opens (`vm::window`).
+    pub graphical_env: &'a super::window::GraphicalEnv,
     pub log_file: &'a Path,
     /// Host files opened for QEMU: `(fd, number in QEMU)`, and what each one is (for
     /// the log). `user_args` name them by number.
@@ -186,6 +190,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         // Session-bus activation variables mean nothing to QEMU.
         .env_remove("DBUS_STARTER_ADDRESS")
         .env_remove("DBUS_STARTER_BUS_TYPE");
+    spec.graphical_env.apply(&mut cmd);
     run_with_fds(&mut cmd, &listener, console.as_ref(), &files);
     let child = cmd.spawn()?;
     let pid = child.id();
@@ -203,7 +208,10 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
 
 fn spec_management_args(spec: &LaunchSpec<'_>) -> Vec<String> {
     let agent = spec.agent_socket.map(|_| agent_fd(spec.files));
-    management_args_with_agent(spec.uuid, spec.name, spec.console_socket.is_some(), agent)
+    let mut args =
+        management_args_with_agent(spec.uuid, spec.name, spec.console_socket.is_some(), agent);
+    args.extend_from_slice(spec.display_args);
+    args
 }
 
 /// Binds a listening socket at `path`, replacing a stale one from a dead QEMU (the

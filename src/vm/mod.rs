@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+mod display;
 pub mod error;
 mod forward;
 pub mod guest;
@@ -24,6 +25,7 @@ mod stop;
 mod supervisor;
 mod tpm;
 mod wait;
+pub mod window;
 
 use start::qmp_run_state;
 pub use wait::WaitCondition;
@@ -297,6 +299,8 @@ pub struct Vm {
     guest: guest::GuestLink,
     /// The event consumer has handled this VM's `VmAdded` / `VmRemoved`.
     announced: Notify,
+    /// The graphical session of whoever last started it (`window`).
+    graphical_env: Mutex<window::GraphicalEnv>,
 }
 
 /// An exclusive operation that holds the VM beyond one call.
@@ -370,7 +374,7 @@ async fn connect_monitor(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let connect = async {
         let stream = tokio::net::UnixStream::connect(socket).await?;
-        QmpClient::connect(stream, tx).await
+        QmpClient::connect_unix(stream, tx).await
     };
     match tokio::time::timeout(MONITOR_READY_TIMEOUT, connect).await {
         Ok(Ok((client, _greeting))) => Ok((client, rx)),
@@ -418,6 +422,7 @@ impl Vm {
             busy: Mutex::new(None),
             guest: guest::GuestLink::default(),
             announced: Notify::new(),
+            graphical_env: Mutex::new(window::GraphicalEnv::default()),
         }))
     }
 

@@ -13,6 +13,20 @@ impl Vm {
         self.start_locked().await
     }
 
+    /// [`Vm::start`] with QEMU's window on the caller's graphical session; kept for
+    /// later starts of this VM that carry none (`window`).
+    pub async fn start_with_env(
+        self: &Arc<Self>,
+        env: super::window::GraphicalEnv,
+    ) -> Result<(), VmError> {
+        let _op = self.op_lock.lock().await;
+        self.check(Operation::Start)?;
+        if env.is_set() {
+            *self.graphical_env.lock() = env;
+        }
+        self.start_locked().await
+    }
+
     pub(super) async fn start_locked(self: &Arc<Self>) -> Result<(), VmError> {
         let name = self.name();
         let config = self.stored_config()?;
@@ -245,8 +259,19 @@ impl Vm {
         let socket = paths.qmp_socket(&self.id);
         let console = paths.console_socket(&self.id);
         let agent = paths.agent_socket(&self.id);
-        let wants_agent = self.stored_config().is_ok_and(|c| c.guest().guest_agent);
+        let stored = self.stored_config().ok();
+        let wants_agent = stored.as_ref().is_some_and(|c| c.guest().guest_agent);
+        let display_socket = paths.display_socket(&self.id);
+        let display_args = match stored.as_ref().and_then(|c| c.display()) {
+            Some(display) => {
+                // QEMU binds this path itself; a stale one from a dead QEMU goes first.
+                let _ = std::fs::remove_file(&display_socket);
+                super::display::qemu_args(display, &display_socket)
+            }
+            None => Vec::new(),
+        };
         let log_file = paths.vm_log(&self.id);
+        let graphical_env = self.graphical_env.lock().clone();
         let args = &files.args;
         let placements = files.placements();
         let spawned = launch::spawn(&launch::LaunchSpec {
@@ -257,6 +282,8 @@ impl Vm {
             qmp_socket: &socket,
             console_socket: launch::wants_console(args).then_some(console.as_path()),
             agent_socket: wants_agent.then_some(agent.as_path()),
+            display_args: &display_args,
+            graphical_env: &graphical_env,
             log_file: &log_file,
             files: &placements,
             file_notes: &files.notes,

@@ -98,7 +98,10 @@ async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
     let intent = *rt.intent.lock();
     let shutdown = rt.shutdown.lock().clone();
     let restarting = rt.restarting.load(Ordering::SeqCst);
-    let (status, mut reason, cause) = classify(exit, intent, shutdown.as_ref(), restarting);
+    let window = vm
+        .stored_config()
+        .is_ok_and(|c| super::window::opens_window(&c.qemu_args()));
+    let (status, mut reason, cause) = classify(exit, intent, shutdown.as_ref(), restarting, window);
     if status == Status::Crashed && matches!(exit, ExitInfo::Code(c) if c != 0) {
         let tail = launch::log_tail(&vm.log_file(), rt.log_offset);
         if let Some(last) = tail.lines().last() {
@@ -121,11 +124,13 @@ async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
 
 /// Tells a stop from a crash: what we asked for, what QEMU announced, how it ended.
 /// The cause says whether the guest did it on its own (a power-off nobody asked for).
+/// `window`: QEMU had a window of its own (`display: gtk|sdl`).
 fn classify(
     exit: ExitInfo,
     intent: StopIntent,
     shutdown: Option<&ShutdownEvent>,
     restarting: bool,
+    window: bool,
 ) -> (Status, String, Cause) {
     if restarting {
         return (Status::Stopped, "restarting".into(), Cause::Restart);
@@ -153,7 +158,7 @@ fn classify(
         };
         return (status, reason, cause);
     }
-    let (status, reason) = classify_host(exit, intent, shutdown);
+    let (status, reason) = classify_host(exit, intent, shutdown, window);
     (status, reason, Cause::Other)
 }
 
@@ -162,6 +167,7 @@ fn classify_host(
     exit: ExitInfo,
     intent: StopIntent,
     shutdown: Option<&ShutdownEvent>,
+    window: bool,
 ) -> (Status, String) {
     match intent {
         StopIntent::Powerdown | StopIntent::AgentShutdown | StopIntent::Quit => {
@@ -179,6 +185,15 @@ fn classify_host(
         StopIntent::None => {}
     }
     match shutdown.map(|s| s.reason.as_str()) {
+        // The user closed QEMU's own window: `host-ui` (SDL; GTK since QEMU 8), or
+        // `host-qmp-quit` from QEMU 7.2's GTK window, whose close button and built-in
+        // monitor are the only quitters besides maqet's own monitor.
+        Some("host-ui") => {
+            return (Status::Stopped, "window closed by the user".into());
+        }
+        Some("host-qmp-quit") if window => {
+            return (Status::Stopped, "window closed by the user".into());
+        }
         Some("host-qmp-quit") => {
             return (
                 Status::Stopped,
@@ -224,14 +239,14 @@ mod tests {
 
     #[test]
     fn a_kill_from_outside_is_a_crash() {
-        let (s, r, _) = classify(ExitInfo::Signal(9), StopIntent::None, None, false);
+        let (s, r, _) = classify(ExitInfo::Signal(9), StopIntent::None, None, false, false);
         assert_eq!(s, Status::Crashed);
         assert!(r.contains("SIGKILL"), "{r}");
     }
 
     #[test]
     fn our_kill_is_a_stop() {
-        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::Kill, None, false);
+        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::Kill, None, false, false);
         assert_eq!((s, cause), (Status::Stopped, Cause::Other));
     }
 
@@ -242,6 +257,7 @@ mod tests {
             StopIntent::None,
             Some(&sd(true, "guest-shutdown")),
             false,
+            false,
         );
         assert_eq!(
             (s, r.as_str(), cause),
@@ -251,6 +267,7 @@ mod tests {
             ExitInfo::Code(0),
             StopIntent::Powerdown,
             Some(&sd(true, "guest-shutdown")),
+            false,
             false,
         );
         assert!(r.contains("ACPI"), "{r}");
@@ -265,19 +282,63 @@ mod tests {
     fn quit_is_a_stop_and_outside_signals_are_crashes() {
         let quit = sd(false, "host-qmp-quit");
         assert_eq!(
-            classify(ExitInfo::Code(0), StopIntent::Quit, Some(&quit), false).0,
+            classify(
+                ExitInfo::Code(0),
+                StopIntent::Quit,
+                Some(&quit),
+                false,
+                false
+            )
+            .0,
             Status::Stopped
         );
         let sig = sd(false, "host-signal");
         assert_eq!(
-            classify(ExitInfo::Code(0), StopIntent::None, Some(&sig), false).0,
+            classify(
+                ExitInfo::Code(0),
+                StopIntent::None,
+                Some(&sig),
+                false,
+                false
+            )
+            .0,
             Status::Crashed
         );
         assert_eq!(
-            classify(ExitInfo::Code(1), StopIntent::None, None, false).0,
+            classify(ExitInfo::Code(1), StopIntent::None, None, false, false).0,
             Status::Crashed
         );
-        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::None, None, true);
+        let (s, _, cause) = classify(ExitInfo::Signal(9), StopIntent::None, None, true, false);
         assert_eq!((s, cause), (Status::Stopped, Cause::Restart));
+    }
+
+    #[test]
+    fn a_closed_window_is_the_users_stop() {
+        let ui = sd(false, "host-ui");
+        assert_eq!(
+            classify(ExitInfo::Code(0), StopIntent::None, Some(&ui), false, false),
+            (
+                Status::Stopped,
+                "window closed by the user".to_owned(),
+                Cause::Other
+            )
+        );
+        let quit = sd(false, "host-qmp-quit");
+        let (_, r, _) = classify(
+            ExitInfo::Code(0),
+            StopIntent::None,
+            Some(&quit),
+            false,
+            true,
+        );
+        assert_eq!(r, "window closed by the user");
+        let (_, r, _) = classify(
+            ExitInfo::Code(0),
+            StopIntent::None,
+            Some(&quit),
+            false,
+            false,
+        );
+        assert!(r.contains("monitor maqet does not control"), "{r}");
     }
 }

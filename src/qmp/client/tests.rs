@@ -82,7 +82,7 @@ async fn connected_with_limit(
     let (events, events_rx) = mpsc::unbounded_channel();
     let (connected, ()) = within(async {
         tokio::join!(
-            QmpClient::connect_with_limit(ours, events, max_line),
+            QmpClient::connect_with_limit(ours, events, max_line, None),
             fake.handshake()
         )
     })

@@ -41,6 +41,9 @@ impl SnapshotsIface {
             .with_args(format!("name={name:?} op={op:?}"));
         let work = async {
             let job = snapshot::start(&self.vm, self.shared.manager.jobs(), op, name).await?;
+            // Its starter following it to the end sees the outcome (no notification).
+            let caller = hdr.sender().map(|s| s.as_str());
+            self.shared.witnesses.job_started(job.id(), caller);
             job_iface::publish(conn, &self.shared, job).await
         };
         self.shared.gate.call(conn, hdr, req, work).await

@@ -63,10 +63,16 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), MaqetError> {
         let req = self.req(Action::Lifecycle, "Start");
-        self.shared
+        // The caller hears how it went: a failure is not notified on the desktop too.
+        let witnesses = &self.shared.witnesses;
+        witnesses.start_called(self.vm.id());
+        let result = self
+            .shared
             .gate
             .call(conn, &hdr, req, self.vm.start())
-            .await
+            .await;
+        witnesses.start_answered(self.vm.id(), &result);
+        result
     }
 
     /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s, at

@@ -70,6 +70,7 @@ impl Vm {
             }
             Err(failure) => {
                 let msg = failure.message;
+                launch::log_run_end(&self.log_file(), Status::Failed.as_str(), &msg);
                 self.transition(Status::Failed, &msg, true, |t| {
                     t.pid = Some(None);
                     t.pid_start_time = Some(None);

@@ -5,6 +5,7 @@
 //! VMs, re-adopt surviving QEMUs, serve the manager and every VM object, serve the
 //! ObjectManager, and request the bus name last.
 
+mod docstrings;
 mod guest_iface;
 mod host;
 mod idle;
@@ -14,6 +15,7 @@ mod krunner;
 mod manager_iface;
 mod object_manager;
 mod properties;
+mod properties_iface;
 mod pump;
 mod qmp_iface;
 mod search_provider;

@@ -123,6 +123,7 @@ impl VmIface {
             .await
     }
 
+    /// Pauses the guest's CPUs (QMP `stop`); the QEMU process stays.
     async fn pause(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -135,6 +136,7 @@ impl VmIface {
             .await
     }
 
+    /// Resumes a paused guest (QMP `cont`).
     async fn resume(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -337,6 +339,7 @@ impl VmIface {
         Ok(self.vm.guest_view().forward_specs().outbound())
     }
 
+    /// The VM's UUID, the last element of this object's path; never changes.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn id(
         &self,
@@ -346,6 +349,8 @@ impl VmIface {
         self.read(conn, hdr, |i| i.id.clone()).await
     }
 
+    /// The VM's name, unique among the user's VMs, as `maqet` commands take it. The
+    /// object path is the UUID, so tools show this to say which VM an object is.
     #[zbus(property)]
     async fn name(
         &self,
@@ -355,6 +360,8 @@ impl VmIface {
         self.read(conn, hdr, |i| i.name.clone()).await
     }
 
+    /// `created`, `starting`, `running`, `paused`, `stopping`, `stopped`, `crashed` or
+    /// `failed`.
     #[zbus(property)]
     async fn status(
         &self,
@@ -365,6 +372,7 @@ impl VmIface {
             .await
     }
 
+    /// Why the VM has its status, in words (`QEMU was killed by signal 9 (SIGKILL)`).
     #[zbus(property)]
     async fn status_reason(
         &self,
@@ -394,6 +402,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.config.clone()).await
     }
 
+    /// When the VM was defined, in µs since the epoch.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn created_at(
         &self,
@@ -403,6 +412,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.created_at).await
     }
 
+    /// When QEMU last started, in µs since the epoch; 0 never.
     #[zbus(property)]
     async fn started_at(
         &self,
@@ -412,6 +422,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.started_at).await
     }
 
+    /// When QEMU last ended, in µs since the epoch; 0 never.
     #[zbus(property)]
     async fn stopped_at(
         &self,

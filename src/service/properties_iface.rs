@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use zbus::message::Header;
 use zbus::object_server::{Interface, SignalEmitter};
-use zbus::{Connection, ObjectServer, OwnedVariant, Variant, fdo, interface};
+use zbus::{BoxDBusError, Connection, ObjectServer, OwnedVariant, Variant, fdo, interface};
 
 use super::docstrings::property_access;
 use super::{
@@ -28,7 +28,7 @@ enum Asked<'a> {
 
 enum Answer {
     Xml(String),
-    Value(Option<fdo::Result<OwnedVariant>>),
+    Value(Option<Result<OwnedVariant, BoxDBusError>>),
     All(fdo::Result<HashMap<String, OwnedVariant>>),
 }
 
@@ -86,12 +86,8 @@ impl Call<'_> {
                 iface.introspect_to_writer(&mut xml, 0);
                 Answer::Xml(xml)
             }
-            Asked::Get(prop) => Answer::Value(
-                iface
-                    .get(prop, server, conn, hdr, em)
-                    .await
-                    .map(|r| r.map_err(|e| fdo::Error::Failed(e.to_string()))),
-            ),
+            // The getter's own error (the gate's `AccessDenied`) goes back as it is.
+            Asked::Get(prop) => Answer::Value(iface.get(prop, server, conn, hdr, em).await),
             Asked::GetAll => Answer::All(iface.get_all(server, conn, hdr, em).await),
         })
     }
@@ -140,7 +136,7 @@ impl PropertiesIface {
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
-    ) -> fdo::Result<OwnedVariant> {
+    ) -> Result<OwnedVariant, BoxDBusError> {
         let call = Call {
             server,
             conn,
@@ -153,7 +149,8 @@ impl PropertiesIface {
             Some(Answer::Value(Some(value))) => value,
             _ => Err(fdo::Error::UnknownProperty(format!(
                 "no property '{property_name}' on this object"
-            ))),
+            ))
+            .into()),
         }
     }
 

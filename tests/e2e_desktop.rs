@@ -460,8 +460,10 @@ async fn console_round_trip_through_the_guests_serial_port() {
     let err = collect(child.stderr.take().unwrap());
     let mut seen = Vec::new();
     read_until(&err, &mut seen, "Ctrl-] detaches");
-    // The banner went out before anyone attached (and was dropped); the echo proves
-    // both directions.
+    // The banner went out at boot, before anyone attached: maqetd kept it.
+    let mut seen = Vec::new();
+    read_until(&out, &mut seen, "maqet console guest");
+    // The echo proves both directions.
     seen.clear();
     stdin.write_all(b"maqet-ping-42").unwrap();
     stdin.flush().unwrap();
@@ -492,6 +494,22 @@ async fn console_round_trip_through_the_guests_serial_port() {
     // The end of input detaches too.
     drop(stdin);
     assert!(again.wait().unwrap().success());
+    // Piped input: the guest's answer (the echo) is shown before the end of input
+    // detaches; the banner was shown to the first client, so it is not repeated.
+    let mut piped = bus.maqet_command(&["console", "serial"]);
+    piped.stdin(std::process::Stdio::piped());
+    let mut piped = piped.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    piped
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-question")
+        .unwrap();
+    let piped = piped.wait_with_output().unwrap();
+    assert!(piped.status.success());
+    let text = common::stdout(&piped);
+    assert!(text.contains("piped-question"), "{text:?}");
+    assert!(!text.contains("maqet console guest"), "{text:?}");
 
     let own = format!("{}args: [-serial, none]\n", tiny_vm_yaml("own-serial"));
     let own = bus.add(&conn, "", &own).await;

@@ -64,7 +64,9 @@ impl Vm {
                     t.exit_status = Some(-1);
                 })
                 .await?;
-                supervisor::spawn(self.clone(), runtime, events);
+                supervisor::spawn(self.clone(), runtime.clone(), events);
+                // Keep the serial output from the first byte (a VM without maqet's console has none).
+                let _ = self.keep_console(&runtime).await;
                 self.set_forwards(config.guest().forwards.clone());
                 Ok(())
             }

@@ -22,6 +22,9 @@ pub struct Witnesses {
     starts: Mutex<HashMap<String, u32>>,
     /// Per job: the unique bus name of the caller that started it.
     jobs: Mutex<HashMap<u64, String>>,
+    /// Per VM id: the caller of a job start still under way (its job may end before
+    /// the start returns its id).
+    job_calls: Mutex<HashMap<String, String>>,
 }
 
 impl Witnesses {
@@ -56,10 +59,21 @@ impl Witnesses {
         true
     }
 
-    /// The job `job` was started by the connection `caller`.
-    pub fn job_started(&self, job: u64, caller: Option<&str>) {
+    /// The connection `caller` is starting a job on the VM `vm_id`; then
+    /// [`Witnesses::job_started`] with its id (or `None` if none started).
+    pub fn job_called(&self, vm_id: &str, caller: Option<&str>) {
         if let Some(caller) = caller {
-            self.jobs.lock().insert(job, caller.to_string());
+            self.job_calls
+                .lock()
+                .insert(vm_id.to_string(), caller.to_string());
+        }
+    }
+
+    /// The job start on `vm_id` returned: `job` is the job it started, if any.
+    pub fn job_started(&self, vm_id: &str, job: Option<u64>) {
+        let caller = self.job_calls.lock().remove(vm_id);
+        if let (Some(job), Some(caller)) = (job, caller) {
+            self.jobs.lock().insert(job, caller);
         }
     }
 
@@ -69,8 +83,12 @@ impl Witnesses {
             CoreEvent::StatusChanged { info, .. } if info.status == Status::Failed => {
                 self.take_start(&info.id)
             }
-            CoreEvent::JobFinished { job, .. } => {
-                let Some(caller) = self.jobs.lock().remove(job) else {
+            CoreEvent::JobFinished { job, vm, .. } => {
+                let caller = self.jobs.lock().remove(job);
+                // A job that ended before its start returned: its caller is the one
+                // still waiting for that answer.
+                let caller = caller.or_else(|| self.job_calls.lock().get(vm.id()).cloned());
+                let Some(caller) = caller else {
                     return false;
                 };
                 // Still connected: a client following the job (`maqet snapshot`) sees

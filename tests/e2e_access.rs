@@ -687,7 +687,16 @@ async fn a_stranger_learns_nothing_about_vms() {
         &("org.maqet.Maqet1.VM", "Config"),
     ))
     .await;
-    for msg in [&managed, &known, &start, &config, &job_vm] {
+    // The same with an empty interface name (as qdbus asks).
+    let name = refusal(stranger.call_method(
+        Some("org.maqet.Maqet1"),
+        path.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("", "Name"),
+    ))
+    .await;
+    for msg in [&managed, &known, &start, &config, &name, &job_vm] {
         assert!(
             msg.contains("AccessDenied") && !msg.contains("secretvm") && !msg.contains(&id),
             "{msg}"

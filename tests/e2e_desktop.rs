@@ -31,6 +31,46 @@ fn kill9(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
+/// Calls KRunner's `Run(id, "start")` as Plasma would: a start nobody watches in a
+/// terminal (the shell shows no D-Bus error), so a failure is notified.
+async fn start_from_krunner(conn: &zbus::Connection, id: &str) {
+    let _ = conn
+        .call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1/krunner",
+            Some("org.kde.krunner1"),
+            "Run",
+            &(id, "start"),
+        )
+        .await;
+}
+
+/// The last line of a VM's QEMU log that says how a run ended.
+fn run_end(bus: &Bus, id: &str) -> String {
+    // The state directory's layout belongs to the fixture: find the log.
+    let found = walk(bus.root(), &format!("{id}.log")).expect("the VM's QEMU log");
+    let log = std::fs::read_to_string(found).unwrap();
+    log.lines()
+        .rfind(|l| l.starts_with("=== maqet: run ended at "))
+        .unwrap_or_else(|| panic!("no run end in the log:\n{log}"))
+        .to_string()
+}
+
+fn walk(dir: &Path, file: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.file_name().is_some_and(|n| n == file) {
+            return Some(p);
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(found) = walk(&p, file)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_is_notified_and_its_buttons_work_through_the_gate() {
     // "Show log" runs this opener, which reports the file it was given.
@@ -52,49 +92,100 @@ async fn a_crash_is_notified_and_its_buttons_work_through_the_gate() {
     let (_, _, reason) = watch.until("crashed").await;
     let n = server.next().await;
     assert_eq!(n.summary, "VM 'crashy' crashed", "{n:?}");
+    assert_eq!(n.replaces_id, 0);
     assert!(n.body.contains("SIGKILL"), "body carries the reason: {n:?}");
+    assert!(
+        !n.body.contains("crashy"),
+        "the body does not repeat the title: {n:?}"
+    );
     assert!(reason.contains("SIGKILL"));
-    assert_eq!(n.action_keys(), ["start", "log"]);
+    // The keys carry the verb and the VM: a later maqetd can act on them.
+    assert_eq!(
+        n.action_keys(),
+        [format!("start:{id}"), format!("log:{id}")]
+    );
     assert_eq!(n.app_name, "maqet");
     assert_eq!(n.app_icon, "org.maqet.Maqet");
     assert_eq!(
         n.hint_str("desktop-entry").as_deref(),
         Some("org.maqet.Maqet")
     );
+    // "Show log" answers the notification's question: the log says how the run ended.
+    let end = run_end(&bus, &id);
+    assert!(
+        end.ends_with(": crashed: QEMU was killed by signal 9 (SIGKILL)"),
+        "{end}"
+    );
 
     // "Show log": the opener gets the VM's QEMU log.
-    server.click(n.id, "log").await;
+    server.click(n.id, &format!("log:{id}")).await;
     let got = opened.recv_timeout(TIMEOUT).expect("the log opener ran");
     assert!(got.ends_with(&format!("logs/{id}.log")), "{got}");
 
     // "Start again": the VM runs again (the audit, checked below, names the server as
-    // the caller).
-    server.click(n.id, "start").await;
+    // the caller), and the crash card, no longer true, is withdrawn.
+    server.click(n.id, &format!("start:{id}")).await;
     watch.until("running").await;
-    server.dismiss(n.id).await;
-    // A stop the user asked for is not news; the next notification is the failed start
-    // below, so none came in between (the notifier keeps the core's order).
+    assert_eq!(
+        server.next_close().await,
+        n.id,
+        "the crash card is withdrawn"
+    );
+    // A stop the user asked for is not news, nor a start that failed in front of its
+    // caller (this test's own call); the next notification is the failed start below
+    // that nobody watched, so none came in between (the notifier keeps the core's
+    // order).
     let out = bus.maqet(&["stop", "crashy", "--force"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     let bad = format!("{}args: [-no-such-option]\n", tiny_vm_yaml("broken"));
     let broken = bus.add(&conn, "", &bad).await;
+    let broken_id = broken.id().await.unwrap();
     assert!(broken.start().await.is_err());
+    let out = bus.maqet(&["start", "broken"]);
+    assert!(!out.status.success());
+    start_from_krunner(&conn, &broken_id).await;
     let n = server.next().await;
     assert_eq!(n.summary, "VM 'broken' failed to start", "{n:?}");
-    assert!(n.body.contains("no-such-option"), "{n:?}");
-    assert_eq!(n.action_keys(), ["log"]);
+    // The card leads with QEMU's own words, and does not repeat the title.
+    let first = n.body.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("qemu-system-") && first.contains("no-such-option"),
+        "{n:?}"
+    );
+    assert!(!n.body.contains("broken"), "{n:?}");
+    assert_eq!(n.action_keys(), [format!("log:{broken_id}")]);
+    // Failing again replaces the card instead of adding one.
+    start_from_krunner(&conn, &broken_id).await;
+    let again = server.next().await;
+    assert_eq!(again.summary, "VM 'broken' failed to start");
+    assert_eq!((again.replaces_id, again.id), (n.id, n.id), "{again:?}");
+    assert!(run_end(&bus, &broken_id).contains(": failed: "));
 
     // A guest that powers itself off is news, without buttons.
     let img = guest::write_image(bus.root(), Behaviour::PowerOffAtOnce);
     let off = bus
         .add(&conn, "", &guest::vm_yaml("lights-out", &img))
         .await;
+    let off_id = off.id().await.unwrap();
     let mut off_watch = StatusWatch::new(&off).await;
     off.start().await.unwrap();
     off_watch.until("stopped").await;
     let n = server.next().await;
     assert_eq!(n.summary, "VM 'lights-out' powered off", "{n:?}");
+    assert!(
+        n.body.is_empty(),
+        "\"guest powered off\" only repeats the title: {n:?}"
+    );
     assert!(n.actions.is_empty());
+    assert!(run_end(&bus, &off_id).ends_with(": stopped: guest powered off"));
+    // Removing a VM withdraws what was said about it.
+    bus.manager(&conn)
+        .await
+        .remove_vm("lights-out", false, false)
+        .await
+        .unwrap();
+    assert_eq!(server.next_close().await, n.id);
+    assert!(server.closes_so_far().is_empty());
 
     // The audit rows of both clicks: written when each action's call ended, which was
     // long before this (a stop, another VM's failed start and a boot ago).
@@ -139,6 +230,91 @@ async fn a_crash_is_notified_and_its_buttons_work_through_the_gate() {
             .any(|l| l.contains("crashy") && l.contains("Start") && l.contains("notification")),
         "{table}"
     );
+}
+
+/// A button outlives the maqetd that sent it: the key names the VM and the verb, the
+/// gate decides as always; a button whose VM is gone says so. A snapshot the CLI
+/// followed to its end is not notified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buttons_work_after_maqetd_restarts_and_a_gone_vm_says_so() {
+    let bus = Bus::start();
+    let mut server = FakeNotifications::start(&bus, &["actions", "body"]).await;
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("phoenix")).await;
+    let id = vm.id().await.unwrap();
+    let mut watch = StatusWatch::new(&vm).await;
+    vm.start().await.unwrap();
+    watch.until("running").await;
+    kill9(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'phoenix' crashed");
+
+    // maqetd goes away (as after an idle exit); the next call activates a new one.
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    common::process_gone(daemon).await;
+    let ls = bus.maqet(&["ls"]);
+    assert!(ls.status.success(), "{}", common::stderr(&ls));
+    assert_ne!(bus.marked_processes("maqetd"), [daemon]);
+
+    // The old notification's button still starts the VM, through the gate.
+    server.click(n.id, &format!("start:{id}")).await;
+    let fresh = bus.conn().await;
+    let vm = bus.vm(&fresh, vm.inner().path().to_owned().into()).await;
+    assert_eq!(vm.wait("status=running", 60).await.unwrap(), "running");
+
+    // A snapshot the CLI created and showed is not news.
+    let disk = bus.root().join("snap.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let yaml = format!(
+        "{}storage:\n  - {{type: qcow2, file: '{}'}}\n",
+        tiny_vm_yaml("ghost"),
+        disk.display()
+    );
+    let ghost = bus.add(&fresh, "", &yaml).await;
+    let ghost_id = ghost.id().await.unwrap();
+    let out = bus.maqet(&["snapshot", "create", "ghost", "base", "--no-progress"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    // A crash is: the next notification (none came for the snapshot in between).
+    let mut watch = StatusWatch::new(&ghost).await;
+    ghost.start().await.unwrap();
+    watch.until("running").await;
+    kill9(ghost.pid().await.unwrap());
+    watch.until("crashed").await;
+    let m = server.next().await;
+    assert_eq!(m.summary, "VM 'ghost' crashed", "{m:?}");
+
+    // Removing the VM withdraws its card; a click that still arrives says it is gone.
+    bus.manager(&fresh)
+        .await
+        .remove_vm("ghost", false, false)
+        .await
+        .unwrap();
+    assert_eq!(server.next_close().await, m.id);
+    server.click(m.id, &format!("start:{ghost_id}")).await;
+    let gone = server.next().await;
+    assert_eq!(gone.summary, "This VM no longer exists", "{gone:?}");
+    assert!(!gone.body.is_empty() && gone.actions.is_empty());
+
+    // The click's audit row: written when its call ended, long before this (a snapshot,
+    // a boot and a crash ago).
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    let caller: String = db
+        .query_row(
+            "SELECT caller_name FROM audit WHERE method = 'Start' AND outcome = 'ok' \
+             AND arguments LIKE '%notification%'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the click is audited");
+    assert_eq!(caller, server.conn.unique_name().unwrap().as_str());
+    vm.stop(true, 0).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,8 +463,10 @@ async fn console_round_trip_through_the_guests_serial_port() {
     let err = collect(child.stderr.take().unwrap());
     let mut seen = Vec::new();
     read_until(&err, &mut seen, "Ctrl-] detaches");
-    // The banner went out before anyone attached (and was dropped); the echo proves
-    // both directions.
+    // The banner went out at boot, before anyone attached: maqetd kept it.
+    let mut seen = Vec::new();
+    read_until(&out, &mut seen, "maqet console guest");
+    // The echo proves both directions.
     seen.clear();
     stdin.write_all(b"maqet-ping-42").unwrap();
     stdin.flush().unwrap();
@@ -319,6 +497,22 @@ async fn console_round_trip_through_the_guests_serial_port() {
     // The end of input detaches too.
     drop(stdin);
     assert!(again.wait().unwrap().success());
+    // Piped input: the guest's answer (the echo) is shown before the end of input
+    // detaches; the banner was shown to the first client, so it is not repeated.
+    let mut piped = bus.maqet_command(&["console", "serial"]);
+    piped.stdin(std::process::Stdio::piped());
+    let mut piped = piped.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    piped
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-question")
+        .unwrap();
+    let piped = piped.wait_with_output().unwrap();
+    assert!(piped.status.success());
+    let text = common::stdout(&piped);
+    assert!(text.contains("piped-question"), "{text:?}");
+    assert!(!text.contains("maqet console guest"), "{text:?}");
 
     let own = format!("{}args: [-serial, none]\n", tiny_vm_yaml("own-serial"));
     let own = bus.add(&conn, "", &own).await;

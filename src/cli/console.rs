@@ -4,7 +4,9 @@
 //! A terminal is put in raw mode (every key goes to the guest, Ctrl-C included) and
 //! restored on every way out: the detach key, the console closing (the VM stopped),
 //! SIGTERM/SIGHUP, an error, a panic. Ctrl-] detaches, as in telnet. Without a terminal
-//! (a pipe) bytes are copied as they are, and the end of input also detaches.
+//! (a pipe) bytes are copied as they are, and the end of input also detaches, once the
+//! guest has answered: after [`ANSWER_QUIET`] without output (waiting at most
+//! [`ANSWER_WAIT`] for the first byte).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,6 +20,10 @@ use crate::error::MaqetError;
 
 /// Ctrl-] (GS), telnet's escape.
 pub const DETACH_KEY: u8 = 0x1d;
+/// After the end of piped input: how long the guest has to start answering…
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// …and how long a pause in its output ends the answer.
+const ANSWER_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(super) async fn run(s: &Session, name: &str) -> Result<(), MaqetError> {
     if s.json {
@@ -44,6 +50,8 @@ async fn attach(socket: tokio::net::UnixStream, name: &str) -> Result<(), MaqetE
     let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut buf = [0u8; 4096];
+    // Set once the input ended: detach when the guest's answer is over.
+    let mut answer_by: Option<tokio::time::Instant> = None;
     let why = loop {
         tokio::select! {
             n = from_vm.read(&mut buf) => {
@@ -51,13 +59,20 @@ async fn attach(socket: tokio::net::UnixStream, name: &str) -> Result<(), MaqetE
                 if n == 0 {
                     break "the console closed (the VM stopped?)";
                 }
+                if answer_by.is_some() {
+                    answer_by = Some(tokio::time::Instant::now() + ANSWER_QUIET);
+                }
                 let mut out = std::io::stdout().lock();
                 out.write_all(&buf[..n])
                     .and_then(|()| out.flush())
                     .map_err(|e| io_error("writing to the terminal", e))?;
             }
-            chunk = keys.recv() => {
-                let Some(chunk) = chunk else { break "end of input" };
+            _ = sleep_until_some(answer_by) => break "end of input",
+            chunk = keys.recv(), if answer_by.is_none() => {
+                let Some(chunk) = chunk else {
+                    answer_by = Some(tokio::time::Instant::now() + ANSWER_WAIT);
+                    continue;
+                };
                 let (send, detach) = match chunk.iter().position(|b| *b == DETACH_KEY) {
                     Some(i) => (&chunk[..i], true),
                     None => (&chunk[..], false),
@@ -77,6 +92,13 @@ async fn attach(socket: tokio::net::UnixStream, name: &str) -> Result<(), MaqetE
     drop(raw);
     eprintln!("\r\nmaqet: {why} ({name})");
     Ok(())
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn signal(

@@ -127,6 +127,19 @@ impl JobEnd {
     }
 }
 
+/// A bar for a job that reports progress, else a spinner with the elapsed time.
+const BAR_TEMPLATE: &str = "{bar:40} {percent:>3}% {wide_msg}";
+const SPINNER_TEMPLATE: &str = "{spinner} {elapsed:>4} {wide_msg}";
+
+fn progress_style(determinate: bool) -> ProgressStyle {
+    let template = if determinate {
+        BAR_TEMPLATE
+    } else {
+        SPINNER_TEMPLATE
+    };
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
 /// Follows a job to its end. Subscribes to its signals first, then reads its state,
 /// so an end that happens in between is not missed. Ctrl-C asks the job to cancel.
 pub(super) async fn follow(
@@ -142,15 +155,21 @@ pub(super) async fn follow(
         .build()
         .await?;
     let mut changes = props.receive_properties_changed().await?;
+    // A spinner with the elapsed time until the job reports real progress (QEMU's
+    // jobs do; a disk-only snapshot of one disk has none to report): never a bar
+    // stuck at 0 %.
     let bar = show_progress.then(|| {
         let bar = ProgressBar::new(BAR_STEPS);
-        if let Ok(style) = ProgressStyle::with_template("{bar:40} {percent:>3}% {wide_msg}") {
-            bar.set_style(style);
-        }
+        bar.set_style(progress_style(false));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
         bar
     });
+    let determinate = std::cell::Cell::new(false);
     let show = |progress: f64, message: &str| {
         if let Some(bar) = &bar {
+            if progress > 0.0 && !determinate.replace(true) {
+                bar.set_style(progress_style(true));
+            }
             bar.set_position((progress * BAR_STEPS as f64) as u64);
             bar.set_message(message.to_owned());
         }
@@ -226,4 +245,16 @@ async fn list(s: &Session, vm: &str) -> Result<(), MaqetError> {
         println!("{t}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_and_the_spinner_templates_are_valid() {
+        for t in [BAR_TEMPLATE, SPINNER_TEMPLATE] {
+            assert!(ProgressStyle::with_template(t).is_ok(), "{t}");
+        }
+    }
 }

@@ -11,6 +11,7 @@
 
 pub mod notice;
 pub mod server;
+pub mod witness;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -30,10 +31,10 @@ use crate::manager::Manager;
 use crate::outbound::escape;
 use crate::settings::Notifications;
 use crate::vm::Vm;
-use notice::{ACTION_LOG, ACTION_START, Notice};
+use notice::{ACTION_LOG, ACTION_START, Kind, Notice};
 use server::{APP_ID, APP_NAME, NotificationsProxy, escape_markup};
 
-/// Notifications with buttons maqetd remembers at most (servers that never send
+/// Notifications maqetd remembers at most (servers that never send
 /// `NotificationClosed` must not grow this without bound).
 const MAX_OPEN: usize = 64;
 /// How long "Show log" waits for its opener to report success before leaving it be
@@ -49,38 +50,62 @@ pub struct Deps {
     pub activity: Option<Arc<dyn ActivityObserver>>,
 }
 
+/// What the task does next, in the core's order.
+enum Order {
+    Show(Notice),
+    /// Close the VM's notifications of these kinds: their situation has ended.
+    Withdraw(String, &'static [Kind]),
+}
+
 /// The pump's handle: decides at once and queues, never waits.
 pub struct Notifier {
-    queue: Option<(mpsc::UnboundedSender<Notice>, Notifications)>,
+    queue: Option<(mpsc::UnboundedSender<Order>, Notifications)>,
 }
 
 impl Notifier {
-    /// Starts the notifier task (nothing at all when notifications are off).
-    pub fn start(deps: Deps, settings: Notifications) -> Notifier {
+    /// Starts the notifier task (nothing at all when notifications are off). Returns
+    /// once it listens for clicks, so a button of a notification an earlier maqetd
+    /// sent works from the first moment this one owns its name.
+    pub async fn start(deps: Deps, settings: Notifications) -> Notifier {
         if !settings.enabled {
             return Notifier { queue: None };
         }
+        let server = match NotificationsProxy::new(&deps.conn).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up desktop notifications");
+                return Notifier { queue: None };
+            }
+        };
+        // Subscribed once; zbus follows the server's name to whichever process owns it.
+        let invoked = server.receive_action_invoked().await.ok();
+        let closed = server.receive_notification_closed().await.ok();
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Task {
             deps: Arc::new(deps),
             settings: settings.clone(),
-            open: BTreeMap::new(),
+            shown: BTreeMap::new(),
             warned: false,
             feedback: tx.clone(),
         };
-        tokio::spawn(task.run(rx));
+        tokio::spawn(task.run(server, invoked, closed, rx));
         Notifier {
             queue: Some((tx, settings)),
         }
     }
 
-    /// Queues the notification `ev` deserves, if any.
-    pub fn observe(&self, ev: &CoreEvent) {
+    /// Queues what `ev` means for the notifications: withdrawing those it made untrue,
+    /// and the one it deserves, if any. `seen`: its outcome was seen by whoever caused
+    /// it ([`witness::Witnesses::saw`]).
+    pub fn observe(&self, ev: &CoreEvent, seen: bool) {
         let Some((tx, settings)) = &self.queue else {
             return;
         };
-        if let Some(n) = notice::for_event(ev, settings) {
-            let _ = tx.send(n);
+        if let Some((vm_id, kinds)) = notice::withdrawn_by(ev) {
+            let _ = tx.send(Order::Withdraw(vm_id, kinds));
+        }
+        if let Some(n) = notice::for_event(ev, settings, seen) {
+            let _ = tx.send(Order::Show(n));
         }
     }
 }
@@ -97,45 +122,45 @@ impl Drop for Hold {
     }
 }
 
-/// A notification of ours with buttons, still on the screen as far as we know.
-struct Open {
+/// A notification of ours, still on the screen as far as we know.
+struct Shown {
     vm_id: String,
-    keys: Vec<&'static str>,
+    kind: Kind,
+    /// While it has buttons: keeps maqetd from its idle exit.
     hold: Option<Hold>,
 }
 
 struct Task {
     deps: Arc<Deps>,
     settings: Notifications,
-    /// By server id (ids grow, so the first is the oldest).
-    open: BTreeMap<u32, Open>,
+    /// By server id (ids grow, so the first is the oldest); at most one per VM and kind.
+    shown: BTreeMap<u32, Shown>,
     /// The "no notification server" warning was logged since the last success.
     warned: bool,
     /// For feedback on failed actions.
-    feedback: mpsc::UnboundedSender<Notice>,
+    feedback: mpsc::UnboundedSender<Order>,
 }
 
+type Signals<T> = Option<T>;
+
 impl Task {
-    async fn run(mut self, mut notices: mpsc::UnboundedReceiver<Notice>) {
-        let server = match NotificationsProxy::new(&self.deps.conn).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot set up desktop notifications");
-                return;
-            }
-        };
-        // Subscribed once; zbus follows the server's name to whichever process owns it.
-        let mut invoked = server.receive_action_invoked().await.ok();
-        let mut closed = server.receive_notification_closed().await.ok();
+    async fn run(
+        mut self,
+        server: NotificationsProxy<'static>,
+        mut invoked: Signals<server::ActionInvokedStream>,
+        mut closed: Signals<server::NotificationClosedStream>,
+        mut orders: mpsc::UnboundedReceiver<Order>,
+    ) {
         loop {
             let expiry = self
-                .open
+                .shown
                 .values()
                 .filter_map(|o| o.hold.as_ref().map(|h| h.until))
                 .min();
             tokio::select! {
-                n = notices.recv() => match n {
-                    Some(n) => self.send(&server, n).await,
+                o = orders.recv() => match o {
+                    Some(Order::Show(n)) => self.send(&server, n).await,
+                    Some(Order::Withdraw(vm_id, kinds)) => self.withdraw(&server, &vm_id, kinds).await,
                     None => break,
                 },
                 Some(sig) = next_or_pending(&mut invoked) => {
@@ -145,10 +170,35 @@ impl Task {
                 }
                 Some(sig) = next_or_pending(&mut closed) => {
                     if let Ok(args) = sig.args() {
-                        self.open.remove(&args.id);
+                        self.shown.remove(&args.id);
                     }
                 }
                 _ = sleep_until_some(expiry) => self.release_expired(),
+            }
+        }
+    }
+
+    /// The id of the VM's notification of this kind on the screen, if any.
+    fn shown_id(&self, vm_id: &str, kind: Kind) -> Option<u32> {
+        self.shown
+            .iter()
+            .find(|(_, s)| s.vm_id == vm_id && s.kind == kind)
+            .map(|(id, _)| *id)
+    }
+
+    async fn withdraw(&mut self, server: &NotificationsProxy<'_>, vm_id: &str, kinds: &[Kind]) {
+        let ids: Vec<u32> = self
+            .shown
+            .iter()
+            .filter(|(_, s)| s.vm_id == vm_id && kinds.contains(&s.kind))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.shown.remove(&id);
+            if let Err(e) = server.close_notification(id).await {
+                tracing::debug!(id, error = %e, "cannot withdraw a notification");
+            } else {
+                tracing::info!(vm = %vm_id, id, "desktop notification withdrawn");
             }
         }
     }
@@ -160,8 +210,16 @@ impl Task {
         };
         let has = |cap: &str| caps.iter().any(|c| c == cap);
         let with_actions = self.settings.actions && has("actions") && !n.actions.is_empty();
+        let keys: Vec<String> = n
+            .actions
+            .iter()
+            .map(|(verb, _)| notice::action_key(verb, &n.vm_id))
+            .collect();
         let actions: Vec<&str> = if with_actions {
-            n.actions.iter().flat_map(|(k, l)| [*k, *l]).collect()
+            keys.iter()
+                .zip(&n.actions)
+                .flat_map(|(k, (_, label))| [k.as_str(), *label])
+                .collect()
         } else {
             Vec::new()
         };
@@ -176,41 +234,52 @@ impl Task {
         let mut hints = HashMap::new();
         hints.insert("desktop-entry", Variant::from(APP_ID));
         hints.insert("urgency", Variant::from(n.urgency as u8));
+        // One notification per VM and kind: a new one takes the old one's place.
+        let replaces = self.shown_id(&n.vm_id, n.kind);
         let sent = server
-            .notify(APP_NAME, 0, APP_ID, &summary, &body, &actions, hints, -1)
+            .notify(
+                APP_NAME,
+                replaces.unwrap_or(0),
+                APP_ID,
+                &summary,
+                &body,
+                &actions,
+                hints,
+                -1,
+            )
             .await;
         let id = match sent {
             Ok(id) => id,
             Err(e) => return self.unavailable(&e),
         };
         self.warned = false;
-        tracing::info!(vm = %n.vm_name, kind = ?n.kind, id, "desktop notification: {}", n.summary);
-        if with_actions {
-            let keep = Duration::from_secs(self.settings.action_keep_alive_sec);
-            let hold = self
-                .deps
-                .activity
-                .clone()
-                .filter(|_| !keep.is_zero())
-                .map(|activity| {
-                    activity.call_started();
-                    Hold {
-                        activity,
-                        until: Instant::now() + keep,
-                    }
-                });
-            let keys = n.actions.iter().map(|a| a.0).collect();
-            self.open.insert(
-                id,
-                Open {
-                    vm_id: n.vm_id,
-                    keys,
-                    hold,
-                },
-            );
-            while self.open.len() > MAX_OPEN {
-                self.open.pop_first();
-            }
+        tracing::info!(vm = %n.vm_name, kind = ?n.kind, id, replaces, "desktop notification: {}", n.summary);
+        if let Some(old) = replaces {
+            self.shown.remove(&old);
+        }
+        let keep = Duration::from_secs(self.settings.action_keep_alive_sec);
+        let hold = self
+            .deps
+            .activity
+            .clone()
+            .filter(|_| with_actions && !keep.is_zero())
+            .map(|activity| {
+                activity.call_started();
+                Hold {
+                    activity,
+                    until: Instant::now() + keep,
+                }
+            });
+        self.shown.insert(
+            id,
+            Shown {
+                vm_id: n.vm_id,
+                kind: n.kind,
+                hold,
+            },
+        );
+        while self.shown.len() > MAX_OPEN {
+            self.shown.pop_first();
         }
     }
 
@@ -226,25 +295,27 @@ impl Task {
 
     fn release_expired(&mut self) {
         let now = Instant::now();
-        for o in self.open.values_mut() {
+        for o in self.shown.values_mut() {
             if o.hold.as_ref().is_some_and(|h| h.until <= now) {
                 o.hold = None;
             }
         }
     }
 
-    /// A button of ours was clicked: run it through the gate, on its own task.
+    /// A button of ours was clicked: run it through the gate, on its own task. The key
+    /// says what to do to which VM, so a notification an earlier maqetd sent works too.
     fn invoked(&mut self, msg: &Message, id: u32, key: &str) {
-        // Other applications' notifications and keys we never offered (`default`).
-        let Some(open) = self.open.get_mut(&id) else {
+        // Other applications' keys, and `default` (a click on the notification itself).
+        let Some((key, vm_id)) = notice::parse_action_key(key) else {
             return;
         };
-        let Some(&key) = open.keys.iter().find(|k| **k == key) else {
-            return;
-        };
-        // The button did what it was there for: idle exit need not wait any longer.
-        open.hold = None;
-        let Some(vm) = self.deps.manager.get(&open.vm_id) else {
+        if let Some(shown) = self.shown.get_mut(&id) {
+            // The button did what it was there for: idle exit need not wait any longer.
+            shown.hold = None;
+        }
+        let Some(vm) = self.deps.manager.get(vm_id) else {
+            tracing::info!(vm = %vm_id, action = key, "notification button of a VM that no longer exists");
+            let _ = self.feedback.send(Order::Show(notice::vm_gone(vm_id)));
             return;
         };
         tokio::spawn(act(
@@ -261,7 +332,7 @@ impl Task {
 /// Carries out one action as the notification server's caller.
 async fn act(
     deps: Arc<Deps>,
-    feedback: mpsc::UnboundedSender<Notice>,
+    feedback: mpsc::UnboundedSender<Order>,
     msg: Message,
     vm: Arc<Vm>,
     key: &'static str,
@@ -297,7 +368,8 @@ async fn act(
         tracing::warn!(vm = %name, action = key, caller = ?hdr.sender().map(|s| s.as_str()), error = %e, "notification action failed");
         // A start that failed in QEMU has its own "failed to start" notification.
         if !matches!(e, MaqetError::QemuFailed(_) | MaqetError::Storage(_)) {
-            let _ = feedback.send(notice::action_failed(vm.id(), &name, &what, &e.message()));
+            let n = notice::action_failed(vm.id(), &name, &what, &e.message());
+            let _ = feedback.send(Order::Show(n));
         }
     }
 }

@@ -6,9 +6,25 @@ use crate::jobs::JobState;
 use crate::settings::Notifications;
 use crate::vm::Status;
 
-/// Action keys (the spec's `action_key`): stable, documented in docs/desktop.md.
+/// Action verbs. The key sent is `<verb>:<VM id>` (the spec's `action_key`): it
+/// carries all a click needs, so a button still works after maqetd restarted or idled
+/// out; documented in docs/desktop.md.
 pub const ACTION_START: &str = "start";
 pub const ACTION_LOG: &str = "log";
+const VERBS: [&str; 2] = [ACTION_START, ACTION_LOG];
+
+/// The action key of `verb` for the VM `vm_id`.
+pub fn action_key(verb: &str, vm_id: &str) -> String {
+    format!("{verb}:{vm_id}")
+}
+
+/// The verb and VM id of one of our action keys (`None`: not ours).
+pub fn parse_action_key(key: &str) -> Option<(&'static str, &str)> {
+    let (verb, vm_id) = key.split_once(':')?;
+    let verb = VERBS.into_iter().find(|v| *v == verb)?;
+    let uuid_like = vm_id.len() == 36 && vm_id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit());
+    uuid_like.then_some((verb, vm_id))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -21,6 +37,40 @@ pub enum Kind {
     SnapshotFailed,
     /// A notification's own action could not be carried out (feedback for the click).
     ActionFailed,
+}
+
+/// What ends each kind's situation when the VM runs again: its card is withdrawn.
+const ENDED_BY_A_RUN: &[Kind] = &[
+    Kind::Crashed,
+    Kind::PoweredOff,
+    Kind::StartFailed,
+    Kind::Stopped,
+    Kind::ActionFailed,
+];
+const ALL_KINDS: &[Kind] = &[
+    Kind::Crashed,
+    Kind::PoweredOff,
+    Kind::StartFailed,
+    Kind::Started,
+    Kind::Stopped,
+    Kind::SnapshotFinished,
+    Kind::SnapshotFailed,
+    Kind::ActionFailed,
+];
+
+/// The notifications of a VM an event makes untrue (VM id, kinds): a VM that runs
+/// again has not crashed any more; a removed VM has nothing left to say.
+pub fn withdrawn_by(ev: &CoreEvent) -> Option<(String, &'static [Kind])> {
+    match ev {
+        CoreEvent::StatusChanged { info, previous, .. }
+            if matches!(info.status, Status::Running | Status::Paused)
+                && *previous == Status::Starting =>
+        {
+            Some((info.id.clone(), ENDED_BY_A_RUN))
+        }
+        CoreEvent::VmRemoved { vm, .. } => Some((vm.id().to_string(), ALL_KINDS)),
+        _ => None,
+    }
 }
 
 impl Kind {
@@ -56,14 +106,17 @@ pub struct Notice {
     pub summary: String,
     /// Plain text (escaped for servers that read markup when sent).
     pub body: String,
-    /// (key, label), offered where the server advertises `actions`.
+    /// (verb, label), offered where the server advertises `actions` (the key sent is
+    /// [`action_key`]).
     pub actions: Vec<(&'static str, &'static str)>,
     pub urgency: Urgency,
 }
 
-/// The notification an event deserves under these settings, if any.
-pub fn for_event(ev: &CoreEvent, s: &Notifications) -> Option<Notice> {
-    if !s.enabled {
+/// The notification an event deserves under these settings, if any. `seen`: the
+/// person who caused it saw the outcome (a failed start answered to its caller, a
+/// snapshot its starter followed to the end): nothing to tell them.
+pub fn for_event(ev: &CoreEvent, s: &Notifications, seen: bool) -> Option<Notice> {
+    if !s.enabled || seen {
         return None;
     }
     let notice = match ev {
@@ -123,14 +176,78 @@ fn about_status(kind: Kind, vm_id: &str, name: &str, reason: &str) -> Notice {
         Kind::Started => (format!("VM '{name}' started"), vec![], Urgency::Low),
         _ => (format!("VM '{name}' stopped"), vec![], Urgency::Low),
     };
+    let body = match kind {
+        Kind::StartFailed | Kind::Crashed => failure_body(name, reason),
+        _ => reason.to_string(),
+    };
     Notice {
         kind,
         vm_id: vm_id.to_string(),
         vm_name: name.to_string(),
+        body: without_repetition(&summary, name, &body),
         summary,
-        body: reason.to_string(),
         actions,
         urgency,
+    }
+}
+
+/// A failure's body: QEMU's own error first (its warnings last), then maqet's account
+/// without the VM's name, which the summary already gives.
+fn failure_body(name: &str, reason: &str) -> String {
+    let (mut errors, mut warnings, mut account) = (Vec::new(), Vec::new(), Vec::new());
+    let mut full_log = None;
+    for line in reason.lines() {
+        let mut line = line.trim();
+        if let Some(at) = line.rfind(" (full log: ") {
+            full_log = Some(line[at + 1..].to_string());
+            line = line[..at].trim_end();
+        }
+        // maqet's words, then (after ": ") the first line QEMU wrote.
+        let (ours, qemu) = match line.find("qemu-") {
+            Some(0) => ("", line),
+            Some(at) if line[..at].ends_with(": ") => (line[..at - 2].trim(), &line[at..]),
+            _ => (line, ""),
+        };
+        if !ours.is_empty() {
+            account.push(ours.to_string());
+        }
+        if qemu.contains("warning:") {
+            warnings.push(qemu);
+        } else if !qemu.is_empty() {
+            errors.push(qemu);
+        }
+    }
+    let account = account
+        .join(" ")
+        .replace(&format!("cannot start VM '{name}': "), "")
+        .replace(&format!("QEMU for VM '{name}' "), "QEMU ");
+    let mut out: Vec<String> = errors.into_iter().map(str::to_string).collect();
+    out.extend((!account.is_empty()).then_some(account));
+    out.extend(warnings.into_iter().map(str::to_string));
+    out.extend(full_log);
+    out.join("\n")
+}
+
+/// The body, or nothing where it would only say what the summary says (every word of
+/// it is in the summary but for who did it: "guest powered off" under "VM 'web'
+/// powered off").
+fn without_repetition(summary: &str, name: &str, body: &str) -> String {
+    const WHO: [&str; 6] = ["the", "guest", "vm", "qemu", "was", "by"];
+    let words = |s: &str| -> Vec<String> {
+        s.replace(&format!("VM '{name}'"), "")
+            .replace(['\'', ':', '.', ','], " ")
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let said = words(summary);
+    let repeats = words(body)
+        .iter()
+        .all(|w| WHO.contains(&w.as_str()) || said.contains(w));
+    if repeats {
+        String::new()
+    } else {
+        body.to_string()
     }
 }
 
@@ -164,8 +281,8 @@ fn about_job(
         kind,
         vm_id: vm_id.to_string(),
         vm_name: name.to_string(),
+        body: without_repetition(&summary, name, message),
         summary,
-        body: message.to_string(),
         actions: vec![],
         urgency: Urgency::Normal,
     })
@@ -179,6 +296,19 @@ pub fn action_failed(vm_id: &str, vm_name: &str, what: &str, why: &str) -> Notic
         vm_name: vm_name.to_string(),
         summary: what.to_string(),
         body: why.to_string(),
+        actions: vec![],
+        urgency: Urgency::Normal,
+    }
+}
+
+/// The answer to a button whose VM no longer exists.
+pub fn vm_gone(vm_id: &str) -> Notice {
+    Notice {
+        kind: Kind::ActionFailed,
+        vm_id: vm_id.to_string(),
+        vm_name: String::new(),
+        summary: "This VM no longer exists".into(),
+        body: "It was removed after the notification was shown.".into(),
         actions: vec![],
         urgency: Urgency::Normal,
     }
@@ -245,6 +375,76 @@ mod tests {
         let keys: Vec<_> = n.actions.iter().map(|a| a.0).collect();
         assert_eq!(keys, [ACTION_START, ACTION_LOG]);
         assert_eq!(n.urgency, Urgency::Critical);
+    }
+
+    #[test]
+    fn action_keys_carry_the_verb_and_the_vm() {
+        let id = "0b7c3f4e-1d2a-4c5b-9e8f-123456789abc";
+        assert_eq!(action_key(ACTION_START, id), format!("start:{id}"));
+        assert_eq!(
+            parse_action_key(&action_key(ACTION_LOG, id)),
+            Some((ACTION_LOG, id))
+        );
+        for other in [
+            "default",
+            "start",
+            "start:",
+            "start:../x",
+            "reboot:{id}",
+            &format!("start:{id}x"),
+        ] {
+            assert_eq!(parse_action_key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_failed_start_leads_with_qemus_error_and_does_not_repeat_the_title() {
+        let reason = "QEMU for VM 'web' exited with status 1 during start-up: qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\nqemu-system-x86_64: -no-such-option: invalid option (full log: /x/web.log)";
+        let n = about_status(Kind::StartFailed, "id", "web", reason);
+        let lines: Vec<&str> = n.body.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "qemu-system-x86_64: -no-such-option: invalid option",
+                "QEMU exited with status 1 during start-up",
+                "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]",
+                "(full log: /x/web.log)",
+            ]
+        );
+        let n = about_status(
+            Kind::StartFailed,
+            "id",
+            "web",
+            "cannot start VM 'web': no QEMU binary found",
+        );
+        assert_eq!(n.body, "no QEMU binary found");
+        assert!(!n.body.contains("web"));
+    }
+
+    #[test]
+    fn a_body_that_says_what_the_summary_says_is_left_out() {
+        let n = about_job(
+            "id",
+            "web",
+            "snapshot-create",
+            "base",
+            JobState::Completed,
+            "snapshot 'base' created",
+        )
+        .unwrap();
+        assert_eq!(n.body, "");
+        let n = about_status(Kind::PoweredOff, "id", "web", "guest powered off");
+        assert_eq!(n.body, "");
+        let n = about_job(
+            "id",
+            "web",
+            "snapshot-create",
+            "base",
+            JobState::Failed,
+            "disk 'hd0' is read-only",
+        )
+        .unwrap();
+        assert_eq!(n.body, "disk 'hd0' is read-only");
     }
 
     #[test]

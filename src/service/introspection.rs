@@ -6,9 +6,13 @@
 //! whoever asks. So maqetd replaces that interface on `/`, `/org`, `/org/maqet`, the
 //! manager and the `vm` and `job` nodes with this one, which writes the node's own
 //! interfaces (as zbus would) and its children as plain `<node name="…"/>` entries
-//! (as GDBus does; clients introspect a child to learn more), leaving out what the
-//! caller may not observe. VM and job nodes keep zbus's answer: it lists nothing but
-//! their interfaces, and reading anything there goes through the gate.
+//! (as GDBus does; clients introspect a child to learn more, so the root's answer does
+//! not grow with the number of VMs), leaving out what the caller may not observe. The
+//! leaves (VM, job, search provider and KRunner objects) get the same interface, which
+//! lists their interfaces to anyone (reading anything there goes through the gate).
+//! Every answer carries the members' documentation as `org.gtk.GDBus.DocString`
+//! annotations ([`super::docstrings`]). Each node also gets maqet's
+//! `org.freedesktop.DBus.Properties` ([`super::properties_iface`]).
 //!
 //! zbus drops a node that has no children and only the standard interfaces, and makes a
 //! fresh one (with its own `Introspectable`) when a child appears again. The `vm` and
@@ -24,22 +28,34 @@ use zbus::names::InterfaceName;
 use zbus::object_server::Interface;
 use zbus::{Connection, ObjectServer, interface};
 
-use super::{ManagerIface, ObjectManagerIface, Shared, VmIface};
+use super::properties_iface::PropertiesIface;
+use super::{
+    GuestIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface, ObjectManagerIface, QmpIface,
+    SEARCH_PROVIDER_PATH, SearchProviderIface, Shared, SnapshotsIface, StorageIface, VmIface,
+    docstrings,
+};
 use crate::client::{MANAGER_PATH, vm_path};
 
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
+const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 const VMS_PATH: &str = "/org/maqet/Maqet1/vm";
 const JOBS_PATH: &str = "/org/maqet/Maqet1/job";
 
-/// The guarded nodes, from the root down.
+/// The guarded nodes, from the root down, and the kinds of leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Node {
+pub enum Node {
     Root,
     Org,
     Maqet,
     Manager,
     Vms,
     Jobs,
+    SearchProvider,
+    KRunner,
+    /// A VM's object (any of them: the path comes with the call).
+    Vm,
+    /// A job's object.
+    Job,
 }
 
 impl Node {
@@ -60,6 +76,10 @@ impl Node {
             Node::Manager => MANAGER_PATH,
             Node::Vms => VMS_PATH,
             Node::Jobs => JOBS_PATH,
+            Node::SearchProvider => SEARCH_PROVIDER_PATH,
+            Node::KRunner => KRUNNER_PATH,
+            // Served per object by [`document`], never through this.
+            Node::Vm | Node::Job => "/",
         }
     }
 }
@@ -104,25 +124,42 @@ impl GuardedIntrospection {
         let mut xml = String::from(
             "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
         );
+        let path = hdr.path().map(|p| p.to_string()).unwrap_or_default();
         // Interfaces in name order, as zbus lists them.
         self.introspect_to_writer(&mut xml, 2);
         if self.node == Node::Manager {
-            let om = server
-                .interface::<_, ObjectManagerIface>(MANAGER_PATH)
-                .await?;
-            om.get().await.introspect_to_writer(&mut xml, 2);
+            write_iface::<ObjectManagerIface>(server, &path, &mut xml).await?;
         }
         PeerXml.introspect_to_writer(&mut xml, 2);
         zbus::fdo::Properties.introspect_to_writer(&mut xml, 2);
-        if self.node == Node::Manager {
-            let m = server.interface::<_, ManagerIface>(MANAGER_PATH).await?;
-            m.get().await.introspect_to_writer(&mut xml, 2);
+        match self.node {
+            Node::Manager => write_iface::<ManagerIface>(server, &path, &mut xml).await?,
+            Node::SearchProvider => {
+                write_iface::<SearchProviderIface>(server, &path, &mut xml).await?
+            }
+            Node::KRunner => write_iface::<KRunnerIface>(server, &path, &mut xml).await?,
+            Node::Vm => {
+                write_iface::<GuestIface>(server, &path, &mut xml).await?;
+                write_iface::<QmpIface>(server, &path, &mut xml).await?;
+                write_iface::<SnapshotsIface>(server, &path, &mut xml).await?;
+                write_iface::<StorageIface>(server, &path, &mut xml).await?;
+                write_iface::<VmIface>(server, &path, &mut xml).await?;
+            }
+            Node::Job => write_iface::<JobIface>(server, &path, &mut xml).await?,
+            _ => {}
         }
         let children: Vec<String> = match self.node {
             Node::Root => vec!["org".into()],
             Node::Org => vec!["maqet".into()],
             Node::Maqet => vec!["Maqet1".into()],
-            Node::Manager if may_observe(None) => vec!["job".into(), "vm".into()],
+            Node::Manager if may_observe(None) => {
+                vec![
+                    "SearchProvider".into(),
+                    "job".into(),
+                    "krunner".into(),
+                    "vm".into(),
+                ]
+            }
             Node::Vms => {
                 let mut ids = Vec::new();
                 for vm in self.shared.manager.list() {
@@ -148,18 +185,64 @@ impl GuardedIntrospection {
                 })
                 .map(|(n, _)| n.to_string())
                 .collect(),
-            Node::Manager => Vec::new(),
+            Node::Manager | Node::SearchProvider | Node::KRunner | Node::Vm | Node::Job => {
+                Vec::new()
+            }
         };
         for child in children {
             let _ = writeln!(xml, "  <node name=\"{child}\"/>");
         }
         xml.push_str("</node>\n");
-        Ok(xml)
+        Ok(docstrings::annotate(&xml))
     }
 }
 
-/// Puts the guard in place of zbus's `Introspectable` on every guarded node (before
-/// the service takes its bus name, so no caller ever sees zbus's answer there).
+/// Writes the XML of the interface `I` served at `path`.
+async fn write_iface<I: Interface>(
+    server: &ObjectServer,
+    path: &str,
+    xml: &mut String,
+) -> zbus::fdo::Result<()> {
+    let iface = server.interface::<_, I>(path).await?;
+    iface.get().await.introspect_to_writer(xml, 2);
+    Ok(())
+}
+
+/// Gives the object at `path` maqet's `Introspectable` (documented, per caller) and
+/// `Properties` (qdbus's empty interface name, `PropertyReadOnly`) in place of zbus's.
+pub async fn document(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    path: &str,
+    node: Node,
+) -> zbus::Result<()> {
+    let server = conn.object_server();
+    for (name, replacement) in [(INTROSPECTABLE, true), (PROPERTIES, false)] {
+        server
+            .remove_named(path, InterfaceName::from_static_str_unchecked(name))
+            .await?;
+        let refused = if replacement {
+            let guard = GuardedIntrospection {
+                shared: shared.clone(),
+                node,
+            };
+            server.at(path, guard).await?.is_some()
+        } else {
+            server.at(path, PropertiesIface).await?.is_some()
+        };
+        if refused {
+            return Err(zbus::Error::InterfaceExists(
+                InterfaceName::from_static_str_unchecked(name),
+                zbus::ObjectPath::try_from(path.to_string())?,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Puts the guard in place of zbus's `Introspectable` on every guarded node and every
+/// object (before the service takes its bus name, so no caller ever sees zbus's
+/// answer).
 pub async fn install(conn: &Connection, shared: &Arc<Shared>) -> zbus::Result<()> {
     let server = conn.object_server();
     for node in [Node::Vms, Node::Jobs] {
@@ -183,6 +266,19 @@ pub async fn install(conn: &Connection, shared: &Arc<Shared>) -> zbus::Result<()
                 node.path().try_into()?,
             ));
         }
+    }
+    server
+        .remove_named(
+            MANAGER_PATH,
+            InterfaceName::from_static_str_unchecked(PROPERTIES),
+        )
+        .await?;
+    let _ = server.at(MANAGER_PATH, PropertiesIface).await?;
+    for node in [Node::SearchProvider, Node::KRunner] {
+        document(conn, shared, node.path(), node).await?;
+    }
+    for vm in shared.manager.list() {
+        document(conn, shared, &vm_path(vm.id()), Node::Vm).await?;
     }
     Ok(())
 }

@@ -169,6 +169,7 @@ pub async fn publish(
         job: job.clone(),
     };
     conn.object_server().at(&path, iface).await?;
+    super::introspection::document(conn, shared, &path, super::introspection::Node::Job).await?;
     shared
         .retired_jobs
         .served

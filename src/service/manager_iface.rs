@@ -346,6 +346,7 @@ impl ManagerIface {
         env!("CARGO_PKG_VERSION").to_string()
     }
 
+    /// Whether /dev/kvm can be used here (false: VMs fall back to TCG, much slower).
     #[zbus(property(emits_changed_signal = "false"), name = "KvmAvailable")]
     async fn kvm_available(
         &self,
@@ -355,6 +356,7 @@ impl ManagerIface {
         self.host_fact(conn, hdr, |s| s.host.kvm_available).await
     }
 
+    /// Whether polkit answers on the system bus (policy rules of `auth` need it).
     #[zbus(property(emits_changed_signal = "false"))]
     async fn polkit_available(
         &self,
@@ -378,6 +380,7 @@ impl ManagerIface {
         .await
     }
 
+    /// A VM was defined: its object path and name.
     #[zbus(signal, name = "VMAdded")]
     pub async fn vm_added(
         emitter: &SignalEmitter<'_>,
@@ -385,6 +388,7 @@ impl ManagerIface {
         name: &str,
     ) -> zbus::Result<()>;
 
+    /// A VM was removed: its former object path and name.
     #[zbus(signal, name = "VMRemoved")]
     pub async fn vm_removed(
         emitter: &SignalEmitter<'_>,

@@ -5,6 +5,7 @@
 //! VMs, re-adopt surviving QEMUs, serve the manager and every VM object, serve the
 //! ObjectManager, and request the bus name last.
 
+mod docstrings;
 mod errors;
 mod guest_iface;
 mod host;
@@ -15,6 +16,7 @@ mod krunner;
 mod manager_iface;
 mod object_manager;
 mod properties;
+mod properties_iface;
 mod pump;
 mod qmp_iface;
 mod search_provider;
@@ -61,6 +63,8 @@ pub struct Shared {
     pub host: host::HostInfo,
     /// Finished job objects still on the bus.
     pub retired_jobs: job_iface::Retired,
+    /// Outcomes their callers saw (no desktop notification for those).
+    pub witnesses: notify::witness::Witnesses,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -129,6 +133,7 @@ pub async fn serve(
         gate: gate.clone(),
         host: host::HostInfo::probe(),
         retired_jobs: job_iface::Retired::default(),
+        witnesses: Default::default(),
     });
     let mut builder = builder.serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()));
     let vms = manager.list();
@@ -157,6 +162,18 @@ pub async fn serve(
         .await
         .map_err(|e| MaqetError::Internal(format!("cannot guard introspection: {e}")))?;
     gate.watch_bus(&conn).await;
+    // Listening for notification clicks before the name is ours: a click on an earlier
+    // maqetd's notification may be what activates this one.
+    let notifier = Notifier::start(
+        notify::Deps {
+            conn: conn.clone(),
+            gate: gate.clone(),
+            manager: manager.clone(),
+            activity: Some(idle.clone()),
+        },
+        settings.notifications.clone(),
+    )
+    .await;
     let mut flags = RequestNameFlags::DO_NOT_QUEUE | RequestNameFlags::ALLOW_REPLACEMENT;
     if opts.replace {
         flags |= RequestNameFlags::REPLACE_EXISTING;
@@ -169,15 +186,6 @@ pub async fn serve(
             )),
             other => MaqetError::Internal(format!("cannot own {BUS_NAME} ({other})")),
         })?;
-    let notifier = Notifier::start(
-        notify::Deps {
-            conn: conn.clone(),
-            gate: gate.clone(),
-            manager: manager.clone(),
-            activity: Some(idle.clone()),
-        },
-        settings.notifications.clone(),
-    );
     let pump = tokio::spawn(pump::run(
         conn.clone(),
         shared.clone(),

@@ -44,6 +44,9 @@ pub async fn run(
         ) {
             idle.vms_changed();
         }
+        // Asked before the signals go out: a client that leaves once it hears the
+        // outcome was still there to see it.
+        let seen = shared.witnesses.saw(&conn, &ev).await;
         let result = match &ev {
             CoreEvent::VmAdded { vm, info } => added(&conn, &shared, vm, info).await,
             CoreEvent::VmRemoved { vm, name } => removed(&conn, &shared, vm, name).await,
@@ -58,7 +61,7 @@ pub async fn run(
             vm.mark_announced();
         }
         // Queues and returns: a slow notification server never holds up a signal.
-        notifier.observe(&ev);
+        notifier.observe(&ev, seen);
     }
 }
 

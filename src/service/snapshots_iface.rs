@@ -39,9 +39,13 @@ impl SnapshotsIface {
         let req = Request::new(action, method)
             .on_vm(&self.vm)
             .with_args(format!("name={name:?} op={op:?}"));
+        let witnesses = &self.shared.witnesses;
         let work = async {
-            let job = snapshot::start(&self.vm, self.shared.manager.jobs(), op, name).await?;
-            job_iface::publish(conn, &self.shared, job).await
+            // Its starter following it to the end sees the outcome (no notification).
+            witnesses.job_called(self.vm.id(), hdr.sender().map(|s| s.as_str()));
+            let job = snapshot::start(&self.vm, self.shared.manager.jobs(), op, name).await;
+            witnesses.job_started(self.vm.id(), job.as_ref().ok().map(|j| j.id()));
+            job_iface::publish(conn, &self.shared, job?).await
         };
         self.shared.gate.call(conn, hdr, req, work).await
     }

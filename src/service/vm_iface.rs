@@ -89,10 +89,16 @@ impl VmIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), MaqetError> {
         let req = self.req(Action::Lifecycle, "Start");
-        self.shared
+        // The caller hears how it went: a failure is not notified on the desktop too.
+        let witnesses = &self.shared.witnesses;
+        witnesses.start_called(self.vm.id());
+        let result = self
+            .shared
             .gate
             .call(conn, &hdr, req, self.vm.start())
-            .await
+            .await;
+        witnesses.start_answered(self.vm.id(), &result);
+        result
     }
 
     /// `Start` with options. `environment` (a{ss}): the caller's `DISPLAY`,
@@ -122,10 +128,16 @@ impl VmIface {
             };
             Ok(self.vm.start_with_env(env).await?)
         };
-        self.shared
+        // As `Start`: the caller hears how it went.
+        let witnesses = &self.shared.witnesses;
+        witnesses.start_called(self.vm.id());
+        let result = self
+            .shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)
-            .await
+            .await;
+        witnesses.start_answered(self.vm.id(), &result);
+        result
     }
 
     /// ACPI power-down, then quit, SIGTERM, SIGKILL after `timeout_sec` (0 = 30 s, at
@@ -176,6 +188,7 @@ impl VmIface {
             .await
     }
 
+    /// Pauses the guest's CPUs (QMP `stop`); the QEMU process stays.
     async fn pause(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -188,6 +201,7 @@ impl VmIface {
             .await
     }
 
+    /// Resumes a paused guest (QMP `cont`).
     async fn resume(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -408,6 +422,7 @@ impl VmIface {
         Ok(self.vm.guest_view().forward_specs().outbound())
     }
 
+    /// The VM's UUID, the last element of this object's path; never changes.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn id(
         &self,
@@ -417,6 +432,8 @@ impl VmIface {
         self.read(conn, hdr, |i| i.id.clone()).await
     }
 
+    /// The VM's name, unique among the user's VMs, as `maqet` commands take it. The
+    /// object path is the UUID, so tools show this to say which VM an object is.
     #[zbus(property)]
     async fn name(
         &self,
@@ -426,6 +443,8 @@ impl VmIface {
         self.read(conn, hdr, |i| i.name.clone()).await
     }
 
+    /// `created`, `starting`, `running`, `paused`, `stopping`, `stopped`, `crashed` or
+    /// `failed`.
     #[zbus(property)]
     async fn status(
         &self,
@@ -436,6 +455,7 @@ impl VmIface {
             .await
     }
 
+    /// Why the VM has its status, in words (`QEMU was killed by signal 9 (SIGKILL)`).
     #[zbus(property)]
     async fn status_reason(
         &self,
@@ -465,6 +485,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.config.clone()).await
     }
 
+    /// When the VM was defined, in µs since the epoch.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn created_at(
         &self,
@@ -474,6 +495,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.created_at).await
     }
 
+    /// When QEMU last started, in µs since the epoch; 0 never.
     #[zbus(property)]
     async fn started_at(
         &self,
@@ -483,6 +505,7 @@ impl VmIface {
         self.read(conn, hdr, |i| i.started_at).await
     }
 
+    /// When QEMU last ended, in µs since the epoch; 0 never.
     #[zbus(property)]
     async fn stopped_at(
         &self,

@@ -57,6 +57,7 @@ pub async fn publish(
     server
         .at(&path, GuestIface::new(shared.clone(), vm.clone()))
         .await?;
+    super::introspection::document(conn, shared, &path, super::introspection::Node::Vm).await?;
     Ok(path)
 }
 

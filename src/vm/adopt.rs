@@ -83,7 +83,9 @@ impl Vm {
                 }
             })
             .await;
-        supervisor::spawn(self.clone(), runtime, rx);
+        supervisor::spawn(self.clone(), runtime.clone(), rx);
+        // Keep the serial output from the first byte (a VM without maqet's console has none).
+        let _ = self.keep_console(&runtime).await;
         // The configured forwards are still in QEMU; ones added at run time before the
         // restart stay in place but are no longer listed (maqetd kept them in memory).
         if let Ok(config) = self.stored_config() {

@@ -257,6 +257,24 @@ fn open_log(spec: &LaunchSpec<'_>) -> io::Result<(File, u64)> {
     Ok((log, offset))
 }
 
+/// Appends how a run ended to the QEMU log (`=== maqet: run ended at 14:03:12 CET:
+/// crashed: QEMU was killed by signal 9 (SIGKILL)`), so the log that "Show log" opens
+/// answers what the notification asked. Best effort: a log that cannot be written
+/// does not change how the run ended.
+pub fn log_run_end(log_file: &Path, status: &str, reason: &str) {
+    let Ok(mut log) = OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log_file)
+    else {
+        return;
+    };
+    let when = crate::time::format_local_us(crate::time::now_us());
+    // One line: a reason with QEMU's output in it is folded.
+    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    let _ = writeln!(log, "=== maqet: run ended at {when}: {status}: {reason}");
+}
+
 /// The end of what QEMU wrote since `offset` (its words for why it failed).
 pub fn log_tail(log_file: &Path, offset: u64) -> String {
     let Ok(mut f) = File::open(log_file) else {
@@ -318,6 +336,26 @@ mod tests {
         assert!(!wants_console(&args(&["-nographic"])));
         assert!(!wants_console(&args(&["-device", "isa-serial,chardev=s0"])));
         assert!(wants_console(&args(&["-device", "virtio-serial-pci"])));
+    }
+
+    #[test]
+    fn the_end_of_a_run_is_one_line_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.log");
+        fs::write(&p, "=== maqet: starting VM x\n").unwrap();
+        log_run_end(&p, "crashed", "QEMU exited with status 1:\nqemu: oops");
+        let text = fs::read_to_string(&p).unwrap();
+        let last = text.lines().last().unwrap();
+        assert!(last.starts_with("=== maqet: run ended at "), "{last}");
+        assert!(
+            last.ends_with(": crashed: QEMU exited with status 1: qemu: oops"),
+            "{last}"
+        );
+        log_run_end(&dir.path().join("absent.log"), "stopped", "x");
+        assert!(
+            !dir.path().join("absent.log").exists(),
+            "never creates a log"
+        );
     }
 
     #[test]

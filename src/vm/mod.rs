@@ -12,6 +12,7 @@
 //! (monitor calls still work), so a job and a lifecycle operation never interleave.
 
 mod adopt;
+mod console;
 mod display;
 pub mod error;
 mod forward;
@@ -249,6 +250,10 @@ struct Runtime {
     stop_deadline: watch::Sender<Option<tokio::time::Instant>>,
     /// A client is attached to the serial console (see `monitor::open_console`).
     console_attached: AtomicBool,
+    /// Hands clients to the console's keeper ([`console`]), once it runs.
+    console_keeper: Mutex<
+        Option<tokio::sync::mpsc::UnboundedSender<console::Client<monitor::ConsoleAttached>>>,
+    >,
 }
 
 impl Runtime {
@@ -265,6 +270,7 @@ impl Runtime {
             exited,
             stop_deadline: watch::channel(None).0,
             console_attached: AtomicBool::new(false),
+            console_keeper: Mutex::new(None),
         })
     }
 

@@ -156,16 +156,57 @@ impl Vm {
     /// A connection to the VM's serial console (the socket maqet gave the first serial
     /// port, see [`super::launch`]) for one client at a time.
     ///
-    /// The caller gets one end of a socket pair and maqetd relays between the other end
-    /// and QEMU's socket. So maqetd knows the moment a client goes (its end closes) and
-    /// the next one is never refused for a client QEMU has not yet seen leave; a second
-    /// client while one is attached is refused rather than left queued in silence.
+    /// The caller gets one end of a socket pair; the other end goes to the console's
+    /// keeper ([`super::console`]), which first sends what the guest printed while
+    /// nobody was attached, then relays. So maqetd knows the moment a client goes (its
+    /// end closes), and a second client while one is attached is refused rather than
+    /// left queued in silence.
     pub async fn open_console(&self) -> Result<std::os::unix::net::UnixStream, VmError> {
         self.qmp()?;
         let name = self.name();
         let rt = self
             .runtime()
             .ok_or_else(|| VmError::InvalidState(format!("VM '{name}' has no process")))?;
+        let keeper = self.keep_console(&rt).await?;
+        let attached = ConsoleAttached::claim(rt.clone()).ok_or_else(|| {
+            VmError::InvalidState(format!(
+                "the console of VM '{name}' is in use by another client (one at a time); \
+                 detach that one first (Ctrl-])"
+            ))
+        })?;
+        let failed = |e: std::io::Error| {
+            VmError::Internal(format!("console of VM '{name}': socket pair: {e}"))
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
+        ours.set_nonblocking(true).map_err(failed)?;
+        let ours = tokio::net::UnixStream::from_std(ours).map_err(failed)?;
+        keeper
+            .send(super::console::Client::new(ours, attached))
+            .map_err(|_| {
+                VmError::InvalidState(format!(
+                    "the console of VM '{name}' closed (the VM stopped?)"
+                ))
+            })?;
+        Ok(theirs)
+    }
+
+    /// The console's keeper of this run, connected to QEMU's console socket now if it
+    /// is not yet (a run maqetd started or re-adopted connects at once, so output is
+    /// kept from the first byte).
+    pub(super) async fn keep_console(
+        &self,
+        rt: &std::sync::Arc<super::Runtime>,
+    ) -> Result<tokio::sync::mpsc::UnboundedSender<super::console::Client<ConsoleAttached>>, VmError>
+    {
+        if let Some(tx) = rt
+            .console_keeper
+            .lock()
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+        {
+            return Ok(tx.clone());
+        }
+        let name = self.name();
         let path = self.ctx.paths.console_socket(&self.id);
         if !path.exists() {
             return Err(VmError::NotFound(format!(
@@ -174,25 +215,21 @@ impl Vm {
                  maqet (restart it)"
             )));
         }
-        let attached = ConsoleAttached::claim(rt.clone()).ok_or_else(|| {
-            VmError::InvalidState(format!(
-                "the console of VM '{name}' is in use by another client (one at a time); \
-                 detach that one first (Ctrl-])"
+        let qemu = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+            VmError::Internal(format!(
+                "console of VM '{name}': cannot connect to {}: {e}",
+                path.display()
             ))
         })?;
-        let failed = |what: &str, e: std::io::Error| {
-            VmError::Internal(format!("console of VM '{name}': {what}: {e}"))
-        };
-        let qemu = tokio::net::UnixStream::connect(&path)
-            .await
-            .map_err(|e| failed(&format!("cannot connect to {}", path.display()), e))?;
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| failed("socket pair", e))?;
-        ours.set_nonblocking(true)
-            .map_err(|e| failed("socket pair", e))?;
-        let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| failed("socket pair", e))?;
-        tokio::spawn(relay(ours, qemu, attached));
-        Ok(theirs)
+        let mut slot = rt.console_keeper.lock();
+        // Another call may have connected meanwhile: keep the first keeper.
+        if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(super::console::keep(qemu, rx));
+        *slot = Some(tx.clone());
+        Ok(tx)
     }
 
     /// Hot-unplugs a device and waits for QEMU's `DEVICE_DELETED`. Past
@@ -280,7 +317,7 @@ impl Drop for ScreendumpFile {
 }
 
 /// Marks a QEMU's console as attached until dropped.
-struct ConsoleAttached(std::sync::Arc<super::Runtime>);
+pub(super) struct ConsoleAttached(std::sync::Arc<super::Runtime>);
 
 impl ConsoleAttached {
     fn claim(rt: std::sync::Arc<super::Runtime>) -> Option<ConsoleAttached> {
@@ -292,39 +329,4 @@ impl Drop for ConsoleAttached {
     fn drop(&mut self) {
         self.0.console_attached.store(false, Ordering::SeqCst);
     }
-}
-
-/// Copies bytes both ways until either side closes (the client detached, or QEMU
-/// exited); then both connections close and the console is free again.
-async fn relay(
-    client: tokio::net::UnixStream,
-    qemu: tokio::net::UnixStream,
-    attached: ConsoleAttached,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut qemu_rx, mut qemu_tx) = qemu.into_split();
-    let to_qemu = async {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = client_rx.read(&mut buf).await {
-            if n == 0 || qemu_tx.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    let to_client = async {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = qemu_rx.read(&mut buf).await {
-            if n == 0 || client_tx.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::select! {
-        _ = to_qemu => {}
-        _ = to_client => {}
-    }
-    // Both connections close before the console counts as free.
-    drop((client_rx, client_tx, qemu_rx, qemu_tx));
-    drop(attached);
 }

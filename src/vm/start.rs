@@ -78,12 +78,15 @@ impl Vm {
                     t.exit_status = Some(-1);
                 })
                 .await?;
-                supervisor::spawn(self.clone(), runtime, events);
+                supervisor::spawn(self.clone(), runtime.clone(), events);
+                // Keep the serial output from the first byte (a VM without maqet's console has none).
+                let _ = self.keep_console(&runtime).await;
                 self.set_forwards(config.guest().forwards.clone());
                 Ok(())
             }
             Err(failure) => {
                 let msg = failure.message;
+                launch::log_run_end(&self.log_file(), Status::Failed.as_str(), &msg);
                 self.transition(Status::Failed, &msg, true, |t| {
                     t.pid = Some(None);
                     t.pid_start_time = Some(None);

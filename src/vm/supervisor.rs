@@ -109,6 +109,7 @@ async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
             reason.push_str(last);
         }
     }
+    launch::log_run_end(&vm.log_file(), status.as_str(), &reason);
     *vm.runtime.lock() = None;
     let _ = vm
         .transition_because(status, &reason, true, cause, |t| {

@@ -1,6 +1,6 @@
 //! A notification server for tests: owns `org.freedesktop.Notifications` on the
-//! private bus, advertises `actions`, records every `Notify`, and lets the test click
-//! (emit `ActionInvoked`) and dismiss (`NotificationClosed`).
+//! private bus, advertises `actions`, records every `Notify` and `CloseNotification`,
+//! and lets the test click (emit `ActionInvoked`) and dismiss (`NotificationClosed`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +18,8 @@ const PATH: &str = "/org/freedesktop/Notifications";
 #[derive(Debug, Clone)]
 pub struct Received {
     pub id: u32,
+    /// The `replaces_id` argument (0: a new notification).
+    pub replaces_id: u32,
     pub app_name: String,
     pub app_icon: String,
     pub summary: String,
@@ -45,6 +47,7 @@ struct Server {
     next: AtomicU32,
     capabilities: Vec<String>,
     tx: mpsc::UnboundedSender<Received>,
+    closes: mpsc::UnboundedSender<u32>,
 }
 
 #[interface(name = "org.freedesktop.Notifications")]
@@ -57,7 +60,7 @@ impl Server {
     fn notify(
         &self,
         app_name: String,
-        _replaces_id: u32,
+        replaces_id: u32,
         app_icon: String,
         summary: String,
         body: String,
@@ -66,9 +69,14 @@ impl Server {
         _expire_timeout: i32,
         #[zbus(header)] hdr: zbus::message::Header<'_>,
     ) -> u32 {
-        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        // The spec: a replacement keeps the id it replaces.
+        let id = match replaces_id {
+            0 => self.next.fetch_add(1, Ordering::SeqCst),
+            old => old,
+        };
         let _ = self.tx.send(Received {
             id,
+            replaces_id,
             app_name,
             app_icon,
             summary,
@@ -80,7 +88,9 @@ impl Server {
         id
     }
 
-    fn close_notification(&self, _id: u32) {}
+    fn close_notification(&self, id: u32) {
+        let _ = self.closes.send(id);
+    }
 
     fn get_server_information(&self) -> (String, String, String, String) {
         (
@@ -105,16 +115,19 @@ impl Server {
 pub struct FakeNotifications {
     pub conn: Connection,
     rx: mpsc::UnboundedReceiver<Received>,
+    closes: mpsc::UnboundedReceiver<u32>,
 }
 
 impl FakeNotifications {
     /// Serves on `bus` with these capabilities (e.g. `["actions", "body"]`).
     pub async fn start(bus: &Bus, capabilities: &[&str]) -> FakeNotifications {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (close_tx, closes) = mpsc::unbounded_channel();
         let server = Server {
             next: AtomicU32::new(1),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             tx,
+            closes: close_tx,
         };
         let conn = zbus::connection::Builder::address(bus.address.as_str())
             .serve_at(PATH, server)
@@ -122,7 +135,20 @@ impl FakeNotifications {
             .build()
             .await
             .expect("serve the test notification server");
-        FakeNotifications { conn, rx }
+        FakeNotifications { conn, rx, closes }
+    }
+
+    /// The id of the next `CloseNotification` call, within [`TIMEOUT`].
+    pub async fn next_close(&mut self) -> u32 {
+        tokio::time::timeout(TIMEOUT, self.closes.recv())
+            .await
+            .expect("no CloseNotification within the timeout")
+            .expect("notification server gone")
+    }
+
+    /// `CloseNotification` calls received so far and not yet taken.
+    pub fn closes_so_far(&mut self) -> Vec<u32> {
+        std::iter::from_fn(|| self.closes.try_recv().ok()).collect()
     }
 
     /// The next notification received, within [`TIMEOUT`].

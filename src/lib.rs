@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod fdio;
 pub mod host;
+pub mod images;
 pub mod jobs;
 pub mod lines;
 pub mod log_limit;

@@ -19,6 +19,7 @@ mod console;
 mod doctor;
 mod exit;
 mod guest;
+mod image;
 mod logs;
 mod output;
 mod qmp;
@@ -257,6 +258,11 @@ pub enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// The image store: import, ls, rm.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
     /// A VM's disks and shares: ls, verify.
     Storage {
         #[command(subcommand)]
@@ -380,6 +386,7 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             });
         }
         Command::Snapshot { command } => snapshot::run(&s, command).await,
+        Command::Image { command } => image::run(&s, command).await,
         Command::Add {
             name,
             configs,

@@ -24,7 +24,7 @@ use zbus::names::InterfaceName;
 use zbus::object_server::Interface;
 use zbus::{Connection, ObjectServer, interface};
 
-use super::{ManagerIface, ObjectManagerIface, Shared, VmIface};
+use super::{ImagesIface, ManagerIface, ObjectManagerIface, Shared, VmIface};
 use crate::client::{MANAGER_PATH, vm_path};
 
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
@@ -107,6 +107,8 @@ impl GuardedIntrospection {
         // Interfaces in name order, as zbus lists them.
         self.introspect_to_writer(&mut xml, 2);
         if self.node == Node::Manager {
+            let images = server.interface::<_, ImagesIface>(MANAGER_PATH).await?;
+            images.get().await.introspect_to_writer(&mut xml, 2);
             let om = server
                 .interface::<_, ObjectManagerIface>(MANAGER_PATH)
                 .await?;

@@ -104,11 +104,24 @@ impl Vm {
                     qemu_img.insert(crate::storage::QemuImg::find(self.ctx.path_env.as_deref())?)
                 }
             };
-            let backing = e.backing_file.as_deref().zip(e.backing_format.as_deref());
+            // `from: IMAGE`: an overlay on the stored image, named relative to the disk.
+            let overlay = match &e.from {
+                Some(image) => {
+                    Some(crate::images::overlay(&self.ctx, image, &e.path, e.size).await?)
+                }
+                None => None,
+            };
+            let (backing, size) = match &overlay {
+                Some(o) => (Some((o.backing.as_path(), "qcow2")), Some(o.size)),
+                None => (
+                    e.backing_file.as_deref().zip(e.backing_format.as_deref()),
+                    e.size,
+                ),
+            };
             let spec = crate::storage::create::NewImage {
                 path: &e.path,
                 kind: e.kind,
-                size: e.size,
+                size,
                 backing,
             };
             let outcome =
@@ -130,7 +143,7 @@ impl Vm {
                 e.name,
                 e.path.display()
             );
-            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": e.size });
+            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": size, "from": e.from });
             let recorded = self
                 .ctx
                 .store

@@ -258,6 +258,16 @@ pub enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// Define a new VM as a clone of a stopped one: linked (qcow2 overlays on its
+    /// disks, which it then keeps stopped) or, with --full, with copied disks.
+    Clone {
+        #[arg(add = crate::cli::complete::vm())]
+        source: String,
+        new_name: String,
+        /// Copy the disks instead of linking to them.
+        #[arg(long)]
+        full: bool,
+    },
     /// The image store: import, ls, rm.
     Image {
         #[command(subcommand)]
@@ -387,6 +397,11 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
         }
         Command::Snapshot { command } => snapshot::run(&s, command).await,
         Command::Image { command } => image::run(&s, command).await,
+        Command::Clone {
+            source,
+            new_name,
+            full,
+        } => vm::clone(&s, &source, &new_name, full).await,
         Command::Add {
             name,
             configs,

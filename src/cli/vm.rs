@@ -124,6 +124,28 @@ pub(super) async fn stop(
     report(s, name).await
 }
 
+pub(super) async fn clone(
+    s: &Session,
+    source: &str,
+    new_name: &str,
+    full: bool,
+) -> Result<(), MaqetError> {
+    let mut options = std::collections::HashMap::new();
+    if full {
+        options.insert("full", zbus::Variant::from(true));
+    }
+    let path = s.manager.clone_vm(source, new_name, options).await?;
+    let kind = if full { "full" } else { "linked" };
+    if s.json {
+        print_json(
+            &json!({ "source": source, "vm": new_name, "path": path.as_str(), "mode": kind }),
+        );
+    } else {
+        println!("cloned {source} as {new_name} ({kind})");
+    }
+    Ok(())
+}
+
 pub(super) async fn remove(
     s: &Session,
     name: &str,

@@ -108,6 +108,15 @@ pub trait Manager {
         files: &[zbus::Fd<'_>],
     ) -> Result<OwnedObjectPath, MaqetError>;
 
+    /// Options: `full` (b).
+    #[zbus(name = "CloneVM")]
+    fn clone_vm(
+        &self,
+        source: &str,
+        new_name: &str,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<OwnedObjectPath, MaqetError>;
+
     #[zbus(name = "RemoveVM")]
     fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;
 

@@ -420,70 +420,96 @@ impl QemuImg {
         cmd.args(["convert", "-p", "-f", format, "-O", "qcow2"])
             .arg(format!("/proc/self/fd/{IMAGE_FD}"))
             .arg(target);
-        if *cancel.borrow() {
+        convert_with_progress(cmd, progress, cancel).await
+    }
+
+    /// `qemu-img convert` of a VM's own disk (format stated, its backing chain
+    /// flattened) into a new file of the same format at `target`.
+    pub async fn copy_disk(
+        &self,
+        source: &Path,
+        format: &str,
+        target: &Path,
+    ) -> Result<(), MaqetError> {
+        let mut cmd = self.command();
+        cmd.args(["convert", "-p", "-f", format, "-O", format])
+            .arg(source)
+            .arg(target);
+        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
+            .await
+            .map_err(failed)
+    }
+}
+
+/// Runs a `qemu-img convert -p`, turning its progress lines into calls of `progress`.
+async fn convert_with_progress(
+    mut cmd: Command,
+    progress: Box<dyn Fn(f64) + Send + Sync>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    if *cancel.borrow() {
+        return Err(RunError::Cancelled);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RunError::Failed(spawn_error("convert", &e)))?;
+    let (stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let reader = tokio::spawn(async move {
+        let mut err = Vec::new();
+        let progress_lines = async {
+            let Some(mut out) = stdout else { return };
+            let (mut buf, mut chunk) = (Vec::new(), [0u8; 512]);
+            while let Ok(n) = out.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
+                    let piece: Vec<u8> = buf.drain(..=end).collect();
+                    if let Some(p) = parse_progress(&String::from_utf8_lossy(&piece)) {
+                        progress(p);
+                    }
+                }
+                // Never more than one unfinished line.
+                buf.truncate(256);
+            }
+        };
+        let errors = async {
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(progress_lines, errors);
+        err
+    });
+    let cancelled = async {
+        if cancel.wait_for(|c| *c).await.is_ok() {
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(|e| RunError::Failed(spawn_error("convert", &e)))?,
+        () = cancelled => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            reader.abort();
             return Err(RunError::Cancelled);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RunError::Failed(spawn_error("convert", &e)))?;
-        let (stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
-        let reader = tokio::spawn(async move {
-            let mut err = Vec::new();
-            let progress_lines = async {
-                let Some(mut out) = stdout else { return };
-                let (mut buf, mut chunk) = (Vec::new(), [0u8; 512]);
-                while let Ok(n) = out.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
-                        let piece: Vec<u8> = buf.drain(..=end).collect();
-                        if let Some(p) = parse_progress(&String::from_utf8_lossy(&piece)) {
-                            progress(p);
-                        }
-                    }
-                    // Never more than one unfinished line.
-                    buf.truncate(256);
-                }
-            };
-            let errors = async {
-                if let Some(s) = stderr.as_mut() {
-                    let _ = s.read_to_end(&mut err).await;
-                }
-            };
-            tokio::join!(progress_lines, errors);
-            err
-        });
-        let cancelled = async {
-            if cancel.wait_for(|c| *c).await.is_ok() {
-                return;
-            }
-            std::future::pending::<()>().await
-        };
-        let status = tokio::select! {
-            status = child.wait() => status.map_err(|e| RunError::Failed(spawn_error("convert", &e)))?,
-            () = cancelled => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                reader.abort();
-                return Err(RunError::Cancelled);
-            }
-        };
-        let stderr = reader.await.unwrap_or_default();
-        if status.success() {
-            return Ok(());
-        }
-        let out = std::process::Output {
-            status,
-            stdout: Vec::new(),
-            stderr,
-        };
-        Err(RunError::Failed(MaqetError::Storage(format!(
-            "qemu-img convert failed: {}",
-            stderr_text(&out)
-        ))))
+    };
+    let stderr = reader.await.unwrap_or_default();
+    if status.success() {
+        return Ok(());
     }
+    let out = std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    };
+    Err(RunError::Failed(MaqetError::Storage(format!(
+        "qemu-img convert failed: {}",
+        stderr_text(&out)
+    ))))
 }
 
 fn failed(e: RunError) -> MaqetError {

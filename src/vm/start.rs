@@ -25,6 +25,7 @@ impl Vm {
             }
         };
         forward::check_host_ports(&config.guest().forwards)?;
+        self.refuse_if_base_of_linked_clones(&config).await?;
         self.transition(Status::Starting, "start requested", false, |_| {})
             .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
@@ -81,6 +82,46 @@ impl Vm {
                 Err(MaqetError::QemuFailed(msg))
             }
         }
+    }
+
+    /// A linked clone's disks are overlays on this VM's disks: writing them would
+    /// change the clones' disks under them, so this VM no longer starts
+    /// (docs/storage.md, "Clones").
+    async fn refuse_if_base_of_linked_clones(&self, config: &VmConfig) -> Result<(), MaqetError> {
+        let mine: Vec<std::path::PathBuf> = config
+            .storage()
+            .iter()
+            .filter(|e| e.kind.is_disk() && !e.readonly)
+            .map(|e| e.path.clone())
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let records = self
+            .ctx
+            .store
+            .read(|db| db.load_vms())
+            .await
+            .map_err(store_error)?;
+        let mut clones = Vec::new();
+        for rec in records.iter().filter(|r| r.id != self.id) {
+            let Ok(other) = self.ctx.load_stored_config(&rec.config) else {
+                continue;
+            };
+            for e in other.storage() {
+                if e.backing_file.as_ref().is_some_and(|b| mine.contains(b)) {
+                    clones.push(format!("{} (disk '{}')", rec.name, e.name));
+                }
+            }
+        }
+        if clones.is_empty() {
+            return Ok(());
+        }
+        let name = self.name();
+        Err(MaqetError::InvalidState(format!(
+            "VM '{name}' is the base of linked clone {}: starting it would change their disks under them; remove the clones (maqet rm --delete-storage) to use it again, and clone with --full for copies that stay independent",
+            clones.join(", ")
+        )))
     }
 
     /// Creates every declared disk image that does not exist yet (race-free, mode

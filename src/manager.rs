@@ -19,7 +19,9 @@ use crate::time::now_us;
 use crate::vm::{Ctx, Operation, Status, Vm, store_error};
 
 mod clone;
+mod export;
 pub use clone::CloneMode;
+pub use export::EXPORT_CONFIG;
 
 #[derive(Default)]
 struct Registry {

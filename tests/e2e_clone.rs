@@ -200,3 +200,53 @@ async fn a_full_clone_is_standalone_and_a_failed_clone_leaves_nothing() {
     );
     assert!(manager.find_vm("plain2").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_vm_moves_as_a_directory_and_boots_without_its_source() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let src = booting_vm(&bus, &conn, "src").await;
+    boots(&src).await;
+    let out_dir = bus.root().join("moved");
+
+    src.start().await.unwrap();
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "running: {}", stderr(&out));
+    src.stop(true, 10).await.unwrap();
+
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut files: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["config.yaml", "root.qcow2"]);
+    let info = qemu_img_info(&out_dir.join("root.qcow2"));
+    assert!(info.get("backing-filename").is_none(), "flattened: {info}");
+    let config = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
+    assert!(config.contains("file: root.qcow2"), "{config}");
+    // Never over an earlier export.
+    let before = std::fs::read(out_dir.join("config.yaml")).unwrap();
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(std::fs::read(out_dir.join("config.yaml")).unwrap(), before);
+    assert!(out_dir.join("root.qcow2").exists());
+
+    // The source and its image go; the export still defines a VM that boots.
+    manager.remove_vm("src", false, true).await.unwrap();
+    let out = bus.maqet(&["image", "rm", "guest"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&[
+        "add",
+        "--from-export",
+        out_dir.to_str().unwrap(),
+        "--name",
+        "moved",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let moved = bus.vm(&conn, manager.find_vm("moved").await.unwrap()).await;
+    boots(&moved).await;
+}

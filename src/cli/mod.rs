@@ -97,6 +97,10 @@ pub enum Command {
         /// More config files (same as -c).
         #[arg(value_name = "FILE")]
         files: Vec<String>,
+        /// A directory `maqet export` wrote: its config.yaml comes first (its disks are
+        /// used where they are).
+        #[arg(long, value_name = "DIR")]
+        from_export: Option<PathBuf>,
     },
     /// Start a VM; returns once QEMU's monitor is ready.
     Start {
@@ -268,6 +272,13 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Write a stopped VM into an empty directory (config.yaml and copies of its
+    /// disks) to move it to another machine (`maqet add --from-export DIR` there).
+    Export {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+        dir: PathBuf,
+    },
     /// The image store: import, ls, rm.
     Image {
         #[command(subcommand)]
@@ -397,6 +408,7 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
         }
         Command::Snapshot { command } => snapshot::run(&s, command).await,
         Command::Image { command } => image::run(&s, command).await,
+        Command::Export { vm, dir } => vm::export(&s, &vm, &dir).await,
         Command::Clone {
             source,
             new_name,
@@ -406,11 +418,17 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             name,
             configs,
             files,
+            from_export,
         } => {
+            let exported = from_export.map(|d| {
+                d.join(crate::manager::EXPORT_CONFIG)
+                    .to_string_lossy()
+                    .into_owned()
+            });
             vm::add(
                 &s,
                 name.unwrap_or_default(),
-                configs.into_iter().chain(files).collect(),
+                exported.into_iter().chain(configs).chain(files).collect(),
             )
             .await
         }

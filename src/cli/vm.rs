@@ -124,6 +124,38 @@ pub(super) async fn stop(
     report(s, name).await
 }
 
+pub(super) async fn export(
+    s: &Session,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<(), MaqetError> {
+    if s.remote {
+        return Err(MaqetError::InvalidArgument(
+            "an export writes through an open directory, which cannot cross --host: run maqet export on that machine".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        MaqetError::InvalidArgument(format!("cannot create {}: {e}", dir.display()))
+    })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| MaqetError::InvalidArgument(format!("cannot open {}: {e}", dir.display())))?;
+    let files = s.manager.export_vm(name, zbus::Fd::from(&opened)).await?;
+    if s.json {
+        print_json(&json!({ "vm": name, "dir": dir, "files": files }));
+    } else {
+        println!("exported {name} to {}: {}", dir.display(), files.join(", "));
+        println!(
+            "define it elsewhere with: maqet add --from-export {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub(super) async fn clone(
     s: &Session,
     source: &str,

@@ -117,6 +117,9 @@ pub trait Manager {
         options: HashMap<&str, zbus::Variant<'_>>,
     ) -> Result<OwnedObjectPath, MaqetError>;
 
+    #[zbus(name = "ExportVM")]
+    fn export_vm(&self, vm: &str, directory: zbus::Fd<'_>) -> Result<Vec<String>, MaqetError>;
+
     #[zbus(name = "RemoveVM")]
     fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;
 

@@ -193,7 +193,7 @@ impl Manager {
 }
 
 /// The `storage` entry named `name` in a stored config.
-fn storage_entry<'a>(
+pub(super) fn storage_entry<'a>(
     doc: &'a mut Value,
     name: &str,
 ) -> Result<&'a mut serde_yaml::Mapping, MaqetError> {

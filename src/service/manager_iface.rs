@@ -220,6 +220,32 @@ impl ManagerIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Writes the stopped VM `vm` (name or id) into the empty directory open at
+    /// `directory`: `config.yaml` and a standalone copy of each disk, named relative
+    /// to it (define it elsewhere with `AddVMFromFds` of that config). Returns the
+    /// files written; on failure none is left.
+    #[zbus(name = "ExportVM", out_args("files"))]
+    async fn export_vm(
+        &self,
+        vm: &str,
+        directory: zbus::OwnedFd,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<String>, MaqetError> {
+        let target = self.shared.manager.find(vm);
+        let mut req = Request::new(Action::Manage, "ExportVM").with_args(format!("vm={vm:?}"));
+        if let Ok(t) = &target {
+            req = req.on_vm(t);
+        }
+        let work = async {
+            self.shared
+                .manager
+                .export_vm(&target?, std::os::fd::OwnedFd::from(directory))
+                .await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
     /// The object path of a VM, by name or id.
     #[zbus(name = "FindVM", out_args("vm"))]
     async fn find_vm(

@@ -441,6 +441,26 @@ impl QemuImg {
     }
 }
 
+impl QemuImg {
+    /// `qemu-img convert` of a VM's disk (chain flattened) into a new file `name` in
+    /// the directory open at `dir` (qemu-img reaches it as `/proc/self/fd/3/<name>`).
+    pub async fn copy_disk_into(
+        &self,
+        source: &Path,
+        format: &str,
+        dir: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<(), MaqetError> {
+        let mut cmd = self.command_with_fd(dir);
+        cmd.args(["convert", "-p", "-f", format, "-O", format])
+            .arg(source)
+            .arg(format!("/proc/self/fd/{IMAGE_FD}/{name}"));
+        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
+            .await
+            .map_err(failed)
+    }
+}
+
 /// Runs a `qemu-img convert -p`, turning its progress lines into calls of `progress`.
 async fn convert_with_progress(
     mut cmd: Command,

@@ -13,6 +13,7 @@ pub mod error_kind;
 pub mod events;
 pub mod fdio;
 pub mod host;
+pub mod images;
 pub mod jobs;
 pub mod lines;
 pub mod log_limit;

@@ -21,6 +21,11 @@ use crate::store::VmRecord;
 use crate::time::now_us;
 use crate::vm::{Ctx, Operation, Status, Vm, VmError, store_error};
 
+mod clone;
+mod export;
+pub use clone::CloneMode;
+pub use export::EXPORT_CONFIG;
+
 #[derive(Default)]
 struct Registry {
     by_id: HashMap<String, Arc<Vm>>,
@@ -200,12 +205,19 @@ impl Manager {
 
     /// Defines a VM. `name` empty: the config's `name`, else a generated one.
     /// `sources` with an empty `base_dir` resolve against the VM's own data directory.
-    pub async fn add(
+    pub async fn add(&self, name: &str, sources: Vec<ConfigSource>) -> Result<Arc<Vm>, ManagerError> {
+        self.add_with_id(uuid::Uuid::new_v4().to_string(), name, sources)
+            .await
+    }
+
+    /// [`Manager::add`] with the new VM's id chosen by the caller (a clone prepares
+    /// its disks in the VM's data directory first).
+    pub(crate) async fn add_with_id(
         &self,
+        id: String,
         name: &str,
         mut sources: Vec<ConfigSource>,
     ) -> Result<Arc<Vm>, ManagerError> {
-        let id = uuid::Uuid::new_v4().to_string();
         for s in &mut sources {
             if s.base_dir.as_os_str().is_empty() {
                 s.base_dir = self.ctx.paths.vm_data_dir(&id);

@@ -85,6 +85,11 @@ impl Paths {
         self.data_dir.join("vms").join(vm_id)
     }
 
+    /// The image store (`maqet image import|ls|rm`): one file per image.
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
     /// Removes a VM's data directory if nothing is left in it (after its disks were
     /// deleted): files the user put there are never touched.
     pub fn remove_vm_data_dir_if_empty(&self, vm_id: &str) {

@@ -17,6 +17,7 @@ use zbus::fdo::IntrospectableProxy;
 fn contract(vm_path: &str, job_path: &str) -> Vec<(String, &'static str)> {
     vec![
         ("/org/maqet/Maqet1".into(), "org.maqet.Maqet1.Manager"),
+        ("/org/maqet/Maqet1".into(), "org.maqet.Maqet1.Images"),
         (vm_path.into(), "org.maqet.Maqet1.VM"),
         (vm_path.into(), "org.maqet.Maqet1.QMP"),
         (vm_path.into(), "org.maqet.Maqet1.Snapshots"),

@@ -22,10 +22,12 @@ pub enum Action {
     GuestExec,
     /// Reading and writing guest files through its agent.
     GuestFiles,
+    /// Importing and removing images in the image store.
+    Images,
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::Observe,
         Action::Manage,
         Action::Lifecycle,
@@ -39,6 +41,7 @@ impl Action {
         Action::SnapshotDelete,
         Action::GuestExec,
         Action::GuestFiles,
+        Action::Images,
     ];
 
     pub fn id(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Action {
             Action::SnapshotDelete => "org.maqet.snapshot.delete",
             Action::GuestExec => "org.maqet.guest.exec",
             Action::GuestFiles => "org.maqet.guest.files",
+            Action::Images => "org.maqet.image.manage",
         }
     }
 

@@ -20,6 +20,7 @@ mod doctor;
 mod exit;
 mod guest;
 mod legacy;
+mod image;
 mod logs;
 mod output;
 mod qmp;
@@ -105,8 +106,12 @@ pub enum Command {
         files: Vec<String>,
         /// Define a VM with an empty config (QEMU's defaults, no disks) to fill in later
         /// with `maqet apply`; its name is --name or the one argument.
-        #[arg(long, conflicts_with = "configs")]
+        #[arg(long, conflicts_with_all = ["configs", "from_export"])]
         empty: bool,
+        /// A directory `maqet export` wrote: its config.yaml comes first (its disks are
+        /// used where they are).
+        #[arg(long, value_name = "DIR")]
+        from_export: Option<PathBuf>,
     },
     /// Start a VM; returns once QEMU's monitor is ready.
     Start {
@@ -285,6 +290,28 @@ pub enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// Define a new VM as a clone of a stopped one: linked (qcow2 overlays on its
+    /// disks, which it then keeps stopped) or, with --full, with copied disks.
+    Clone {
+        #[arg(add = crate::cli::complete::vm())]
+        source: String,
+        new_name: String,
+        /// Copy the disks instead of linking to them.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Write a stopped VM into an empty directory (config.yaml and copies of its
+    /// disks) to move it to another machine (`maqet add --from-export DIR` there).
+    Export {
+        #[arg(add = crate::cli::complete::vm())]
+        vm: String,
+        dir: PathBuf,
+    },
+    /// The image store: import, ls, rm.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
     /// A VM's disks and shares: ls, verify.
     Storage {
         #[command(subcommand)]
@@ -426,19 +453,32 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             });
         }
         Command::Snapshot { command } => snapshot::run(&s, command).await,
+        Command::Image { command } => image::run(&s, command).await,
+        Command::Export { vm, dir } => vm::export(&s, &vm, &dir).await,
+        Command::Clone {
+            source,
+            new_name,
+            full,
+        } => vm::clone(&s, &source, &new_name, full).await,
         Command::Add {
             name,
             configs,
             files,
             empty,
+            from_export,
         } => {
             if empty {
                 return vm::add_empty(&s, name, files).await.map(|()| ExitCode::Ok);
             }
+            let exported = from_export.map(|d| {
+                d.join(crate::manager::EXPORT_CONFIG)
+                    .to_string_lossy()
+                    .into_owned()
+            });
             vm::add(
                 &s,
                 name.unwrap_or_default(),
-                configs.into_iter().chain(files).collect(),
+                exported.into_iter().chain(configs).chain(files).collect(),
             )
             .await
         }

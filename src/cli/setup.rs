@@ -39,8 +39,9 @@ macro_rules! interfaces {
 }
 /// maqet's own interfaces (the shells' interfaces in `dbus-interfaces/` come with the
 /// shells).
-const INTERFACES: [(&str, &str); 7] = interfaces!(
+const INTERFACES: [(&str, &str); 8] = interfaces!(
     "org.maqet.Maqet1.Manager.xml",
+    "org.maqet.Maqet1.Images.xml",
     "org.maqet.Maqet1.VM.xml",
     "org.maqet.Maqet1.QMP.xml",
     "org.maqet.Maqet1.Snapshots.xml",

@@ -118,7 +118,7 @@ pub(super) struct JobEnd {
 
 impl JobEnd {
     /// A failed job exits like a QEMU failure (8), a cancelled one as a failure (1).
-    fn into_result(self) -> Result<(), MaqetError> {
+    pub(super) fn into_result(self) -> Result<(), MaqetError> {
         match self.state.as_str() {
             "completed" => Ok(()),
             "cancelled" => Err(MaqetError::Cancelled(self.message)),

@@ -262,6 +262,60 @@ pub(super) async fn remove_all(
     })
 }
 
+pub(super) async fn export(
+    s: &Session,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<(), MaqetError> {
+    if s.remote {
+        return Err(MaqetError::InvalidArgument(
+            "an export writes through an open directory, which cannot cross --host: run maqet export on that machine".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        MaqetError::InvalidArgument(format!("cannot create {}: {e}", dir.display()))
+    })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| MaqetError::InvalidArgument(format!("cannot open {}: {e}", dir.display())))?;
+    let files = s.manager.export_vm(name, zbus::Fd::from(&opened)).await?;
+    if s.json {
+        print_json(&json!({ "vm": name, "dir": dir, "files": files }));
+    } else {
+        println!("exported {name} to {}: {}", dir.display(), files.join(", "));
+        println!(
+            "define it elsewhere with: maqet add --from-export {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn clone(
+    s: &Session,
+    source: &str,
+    new_name: &str,
+    full: bool,
+) -> Result<(), MaqetError> {
+    let mut options = std::collections::HashMap::new();
+    if full {
+        options.insert("full", zbus::Variant::from(true));
+    }
+    let path = s.manager.clone_vm(source, new_name, options).await?;
+    let kind = if full { "full" } else { "linked" };
+    if s.json {
+        print_json(
+            &json!({ "source": source, "vm": new_name, "path": path.as_str(), "mode": kind }),
+        );
+    } else {
+        println!("cloned {source} as {new_name} ({kind})");
+    }
+    Ok(())
+}
+
 pub(super) async fn remove(
     s: &Session,
     name: &str,

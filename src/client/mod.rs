@@ -85,6 +85,10 @@ pub type HistoryRow = (u64, String, String, String, String, String);
 /// One row of `Storage.Verify`: name, ok, message.
 pub type VerifyRow = (String, bool, String);
 
+/// One row of `Images.List`: name, format, virtual size, file size, SHA-256, import
+/// date (µs), file path.
+pub type ImageRow = (String, String, u64, u64, String, u64, String);
+
 #[proxy(
     interface = "org.maqet.Maqet1.Manager",
     default_service = "org.maqet.Maqet1",
@@ -103,6 +107,18 @@ pub trait Manager {
         name: &str,
         files: &[zbus::Fd<'_>],
     ) -> Result<OwnedObjectPath, MaqetError>;
+
+    /// Options: `full` (b).
+    #[zbus(name = "CloneVM")]
+    fn clone_vm(
+        &self,
+        source: &str,
+        new_name: &str,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<OwnedObjectPath, MaqetError>;
+
+    #[zbus(name = "ExportVM")]
+    fn export_vm(&self, vm: &str, directory: zbus::Fd<'_>) -> Result<Vec<String>, MaqetError>;
 
     #[zbus(name = "RemoveVM")]
     fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;
@@ -256,6 +272,23 @@ pub trait Snapshots {
 pub trait Storage {
     fn list(&self) -> Result<Vec<StorageRow>, MaqetError>;
     fn verify(&self) -> Result<Vec<VerifyRow>, MaqetError>;
+}
+
+#[proxy(
+    interface = "org.maqet.Maqet1.Images",
+    default_service = "org.maqet.Maqet1",
+    default_path = "/org/maqet/Maqet1"
+)]
+pub trait Images {
+    /// Options: `format` (s).
+    fn import(
+        &self,
+        file: zbus::Fd<'_>,
+        name: &str,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<OwnedObjectPath, MaqetError>;
+    fn list(&self) -> Result<Vec<ImageRow>, MaqetError>;
+    fn remove(&self, name: &str) -> Result<(), MaqetError>;
 }
 
 /// `(exit code, stdout, stderr)` of `Guest.Exec`.

@@ -21,6 +21,8 @@ const STORAGE_KEYS: &[&str] = &[
     "interface",
     "backing_file",
     "backing_format",
+    // A stored image (`maqet image ls`) this disk is a qcow2 overlay on.
+    "from",
     "options",
     // maqet 0.0.x wrote these beside `options`; they are moved into it.
     "readonly",
@@ -96,6 +98,9 @@ pub struct StorageEntry {
     pub interface: Interface,
     pub backing_file: Option<PathBuf>,
     pub backing_format: Option<String>,
+    /// `from:`: the stored image this disk starts as (a qcow2 overlay made on first
+    /// start, its backing named relative to the disk).
+    pub from: Option<String>,
     pub readonly: bool,
     /// Virtfs only (defaults: the name, `mapped-xattr`).
     pub mount_tag: Option<String>,
@@ -236,10 +241,38 @@ fn compile_entry(
         }
     };
 
+    let from = position(entries, "from").and_then(|i| {
+        let node = &entries[i].value;
+        let Value::Str(image) = &node.value else {
+            let message = format!(
+                "`from` names a stored image (maqet image ls), found {}",
+                node.kind_name()
+            );
+            cx.diags.error(&node.loc, message);
+            return None;
+        };
+        match crate::images::validate_name(image) {
+            Ok(()) => Some(image.clone()),
+            Err(e) => {
+                cx.diags.error(&node.loc, e.to_string());
+                None
+            }
+        }
+    });
+    if let (Some(i), Some(_)) = (position(entries, "from"), position(entries, "backing_file")) {
+        cx.diags.error_hint(
+            &entries[i].key_loc,
+            "`from` and `backing_file` both name what the disk starts from",
+            "keep one: `from` for a stored image, `backing_file` for any other file",
+        );
+    }
     // A new disk without `size` (and nothing to take it from) gets 10G, as in 0.0.x.
     let size = match position(entries, "size") {
         Some(i) => storage_size(&entries[i].value, cx),
-        None if kind.is_disk() && position(entries, "backing_file").is_none() => {
+        None if kind.is_disk()
+            && position(entries, "backing_file").is_none()
+            && position(entries, "from").is_none() =>
+        {
             Some(DEFAULT_DISK_SIZE)
         }
         None => None,
@@ -287,6 +320,7 @@ fn compile_entry(
         interface,
         backing_file,
         backing_format,
+        from,
         readonly: options.readonly,
         mount_tag: (kind == StorageKind::Virtfs)
             .then(|| options.mount_tag.unwrap_or_else(|| name.clone())),
@@ -446,6 +480,9 @@ fn misplaced_key(kind: StorageKind, key: &str) -> Option<&'static str> {
         }
         (StorageKind::Raw | StorageKind::Virtfs, "backing_file" | "backing_format") => {
             Some("backing images only apply to `type: qcow2`")
+        }
+        (StorageKind::Raw | StorageKind::Virtfs, "from") => {
+            Some("`from` makes a qcow2 overlay on a stored image: use `type: qcow2`")
         }
         _ => None,
     }

@@ -18,6 +18,8 @@ pub enum ManagerError {
     #[error("{0}")]
     InvalidState(String),
     #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
     Storage(String),
     #[error("{0}")]
     Internal(String),
@@ -37,12 +39,19 @@ impl ManagerError {
             ManagerError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             ManagerError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             ManagerError::InvalidState(_) => ErrorKind::InvalidState,
+            ManagerError::InvalidConfig(_) => ErrorKind::InvalidConfig,
             ManagerError::Storage(_) => ErrorKind::Storage,
             ManagerError::Internal(_) => ErrorKind::Internal,
             ManagerError::Read(ReadError::File(_)) => ErrorKind::InvalidArgument,
             ManagerError::Read(ReadError::Text(_)) => ErrorKind::InvalidConfig,
             ManagerError::Vm(e) => e.kind(),
         }
+    }
+}
+
+impl From<crate::storage::StorageError> for ManagerError {
+    fn from(e: crate::storage::StorageError) -> ManagerError {
+        ManagerError::Vm(VmError::from(e))
     }
 }
 

@@ -18,6 +18,10 @@ const INTERFACE_DOCS: &[(&str, &str)] = &[
         "maqet's VM manager: defines, finds and removes VMs; one object, /org/maqet/Maqet1. Every VM is an object below /org/maqet/Maqet1/vm/, named by its UUID; its Name property says which VM it is.",
     ),
     (
+        "org.maqet.Maqet1.Images",
+        "maqet's image store: imports disk images and ISOs (as jobs), lists them, removes those no VM uses. VM disks name a stored image with `from:`.",
+    ),
+    (
         "org.maqet.Maqet1.VM",
         "One VM: its name, status and config, and its lifecycle (Start, Stop, Restart, Pause, Resume). The object path is the VM's UUID and stays when the VM is renamed; the Name property is the name.",
     ),
@@ -39,7 +43,7 @@ const INTERFACE_DOCS: &[(&str, &str)] = &[
     ),
     (
         "org.maqet.Maqet1.Job",
-        "A long operation on a VM (a snapshot): its progress and end. The object stays a while after the job finished.",
+        "A long operation (a snapshot, an image import): its progress and end. The object stays a while after the job finished.",
     ),
     (
         "org.gnome.Shell.SearchProvider2",

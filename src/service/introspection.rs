@@ -30,7 +30,7 @@ use zbus::{Connection, ObjectServer, interface};
 
 use super::properties_iface::PropertiesIface;
 use super::{
-    GuestIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface, ObjectManagerIface, QmpIface,
+    GuestIface, ImagesIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface, ObjectManagerIface, QmpIface,
     SEARCH_PROVIDER_PATH, SearchProviderIface, Shared, SnapshotsIface, StorageIface, VmIface,
     docstrings,
 };
@@ -133,7 +133,10 @@ impl GuardedIntrospection {
         PeerXml.introspect_to_writer(&mut xml, 2);
         zbus::fdo::Properties.introspect_to_writer(&mut xml, 2);
         match self.node {
-            Node::Manager => write_iface::<ManagerIface>(server, &path, &mut xml).await?,
+            Node::Manager => {
+                write_iface::<ImagesIface>(server, &path, &mut xml).await?;
+                write_iface::<ManagerIface>(server, &path, &mut xml).await?
+            }
             Node::SearchProvider => {
                 write_iface::<SearchProviderIface>(server, &path, &mut xml).await?
             }

@@ -55,6 +55,7 @@ fn action_of(job: &Job) -> Action {
     match job.operation() {
         "snapshot-load" => Action::SnapshotLoad,
         "snapshot-delete" => Action::SnapshotDelete,
+        crate::images::import::OPERATION => Action::Images,
         _ => Action::SnapshotCreate,
     }
 }
@@ -106,14 +107,19 @@ impl JobIface {
             .await
     }
 
-    /// The VM the job works on.
+    /// The VM the job works on (`/` for none, e.g. an image import).
     #[zbus(property(emits_changed_signal = "const"), name = "VM")]
     async fn vm(
         &self,
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
-        self.read(conn, hdr, |job| vm_path(job.vm_id())).await
+        // "/" for a job on no VM (an image import).
+        self.read(conn, hdr, |job| match job.vm_id() {
+            "" => OwnedObjectPath::try_from("/").expect("a valid path"),
+            id => vm_path(id),
+        })
+        .await
     }
 
     /// 0..1.

@@ -49,6 +49,32 @@ impl ManagerIface {
     }
 }
 
+/// `CloneVM`'s `options`: only `full` (b).
+fn clone_mode(
+    options: &std::collections::HashMap<String, zbus::OwnedVariant>,
+) -> Result<crate::manager::CloneMode, MaqetError> {
+    if let Some(key) = options.keys().find(|k| k.as_str() != "full") {
+        return Err(MaqetError::InvalidArgument(format!(
+            "unknown clone option '{key}'; known options: full"
+        )));
+    }
+    let full = match options.get("full") {
+        None => false,
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| bool::try_from(v).ok())
+            .ok_or_else(|| {
+                MaqetError::InvalidArgument("option 'full' must be a boolean (D-Bus type b)".into())
+            })?,
+    };
+    Ok(if full {
+        crate::manager::CloneMode::Full
+    } else {
+        crate::manager::CloneMode::Linked
+    })
+}
+
 /// How long AddVM/RemoveVM wait for the event pump to (un)serve the VM's objects.
 const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -171,6 +197,68 @@ impl ManagerIface {
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)
             .await
+    }
+
+    /// Defines `new_name` as a clone of the stopped VM `source` (name or id): new
+    /// UUID, fresh UEFI variables and TPM state, no shared writable file. `options`:
+    /// `full` (b): copy the disks (standalone) instead of making qcow2 overlays on
+    /// them (linked: the source then stays stopped while the clone exists).
+    #[zbus(name = "CloneVM", out_args("vm"))]
+    async fn clone_vm(
+        &self,
+        source: &str,
+        new_name: &str,
+        options: std::collections::HashMap<String, zbus::OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, MaqetError> {
+        let target = self.shared.manager.find(source);
+        let mut req = Request::new(Action::Manage, "CloneVM").with_args(format!(
+            "source={source:?} new_name={new_name:?} options={:?}",
+            options.keys()
+        ));
+        if let Ok(t) = &target {
+            req = req.on_vm(t);
+        }
+        let work = async {
+            let mode = clone_mode(&options)?;
+            let vm = self
+                .shared
+                .manager
+                .clone_vm(&target?, new_name, mode)
+                .await?;
+            Ok(Self::published(&vm).await)
+        };
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
+    }
+
+    /// Writes the stopped VM `vm` (name or id) into the empty directory open at
+    /// `directory`: `config.yaml` and a standalone copy of each disk, named relative
+    /// to it (define it elsewhere with `AddVMFromFds` of that config). Returns the
+    /// files written; on failure none is left.
+    #[zbus(name = "ExportVM", out_args("files"))]
+    async fn export_vm(
+        &self,
+        vm: &str,
+        directory: zbus::OwnedFd,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<String>, MaqetError> {
+        let target = self.shared.manager.find(vm);
+        let mut req = Request::new(Action::Manage, "ExportVM").with_args(format!("vm={vm:?}"));
+        if let Ok(t) = &target {
+            req = req.on_vm(t);
+        }
+        let work = async {
+            self.shared
+                .manager
+                .export_vm(&target?, std::os::fd::OwnedFd::from(directory))
+                .await
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
     }
 
     /// The object path of a VM, by name or id.

@@ -10,6 +10,7 @@ mod errors;
 mod guest_iface;
 mod host;
 mod idle;
+mod images_iface;
 mod introspection;
 mod job_iface;
 mod krunner;
@@ -45,6 +46,7 @@ use crate::vm::Ctx;
 use idle::Idle;
 
 pub use guest_iface::GuestIface;
+pub use images_iface::ImagesIface;
 pub use job_iface::JobIface;
 pub use krunner::{KRUNNER_PATH, KRunnerIface};
 pub use manager_iface::ManagerIface;
@@ -135,7 +137,10 @@ pub async fn serve(
         retired_jobs: job_iface::Retired::default(),
         witnesses: Default::default(),
     });
-    let mut builder = builder.serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()));
+    crate::images::remove_partial_imports(manager.ctx());
+    let mut builder = builder
+        .serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()))
+        .serve_at(MANAGER_PATH, ImagesIface::new(shared.clone()));
     let vms = manager.list();
     for vm in &vms {
         builder = vm_objects::serve_on(builder, &shared, vm);

@@ -257,6 +257,12 @@ impl QemuImg {
         let mut cmd = self.command();
         cmd.args(["create", "-q", "-f", format]);
         if let Some((file, fmt)) = backing {
+            // A relative backing name is relative to the image's directory, which
+            // qemu-img cannot see through /proc/self/fd: it is recorded unchecked (-u),
+            // and maqetd opens and checks the chain itself at start.
+            if file.is_relative() {
+                cmd.arg("-u");
+            }
             cmd.arg("-b").arg(file).args(["-F", fmt]);
         }
         cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"));
@@ -294,6 +300,246 @@ impl QemuImg {
         run(cmd, "rebase", shown, None).await.map_err(failed)?;
         Ok(())
     }
+}
+
+/// What `qemu-img info` says about a file offered for import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probed {
+    pub format: String,
+    pub virtual_size: u64,
+    /// Why the image reaches beyond itself (a backing file, an external data file,
+    /// extents in other files), if it does.
+    pub external: Option<String>,
+}
+
+impl Probed {
+    pub fn from_json(v: &serde_json::Value) -> Result<Probed, String> {
+        let format = v["format"].as_str().ok_or("no format")?.to_owned();
+        let virtual_size = v["virtual-size"].as_u64().ok_or("no virtual-size")?;
+        let own = v["filename"].as_str().unwrap_or_default();
+        let data = &v["format-specific"]["data"];
+        let external = if let Some(b) = v["backing-filename"].as_str() {
+            Some(format!("it has a backing file ({b})"))
+        } else if let Some(d) = data["data-file"].as_str() {
+            Some(format!("it keeps its data in another file ({d})"))
+        } else {
+            data["extents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["filename"].as_str())
+                .find(|f| *f != own)
+                .map(|f| format!("it has an extent in another file ({f})"))
+        };
+        Ok(Probed {
+            format,
+            virtual_size,
+            external,
+        })
+    }
+}
+
+/// `(12.50/100%)` in `qemu-img convert -p` output → 0.125.
+pub fn parse_progress(piece: &str) -> Option<f64> {
+    let inner = piece.trim().strip_prefix('(')?.strip_suffix(")")?;
+    let (done, total) = inner.split_once('/')?;
+    let total: f64 = total.strip_suffix('%')?.parse().ok()?;
+    let done: f64 = done.parse().ok()?;
+    (total > 0.0).then(|| (done / total).clamp(0.0, 1.0))
+}
+
+impl QemuImg {
+    /// A command with `fd` placed at `/proc/self/fd/3` in the child.
+    fn command_with_fd(&self, fd: BorrowedFd<'_>) -> Command {
+        let mut cmd = self.command();
+        let fd = fd.as_raw_fd();
+        // SAFETY: place_fd only calls dup2/fcntl, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || crate::child::place_fd(fd, IMAGE_FD));
+        }
+        cmd
+    }
+
+    /// `qemu-img info` of the file open at `fd` (a caller's file: read through the fd,
+    /// never by a name). `format` None: qemu-img recognises it.
+    pub async fn probe_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        format: Option<&str>,
+        shown: &Path,
+    ) -> Result<Probed, StorageError> {
+        let mut cmd = self.command_with_fd(fd);
+        cmd.args(["info", "--output=json"]);
+        if let Some(f) = format {
+            cmd.args(["-f", f]);
+        }
+        cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"));
+        let out = run(cmd, "info", shown, None).await.map_err(failed)?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Probed::from_json(&value).map_err(|e| {
+            StorageError::Failed(format!(
+                "qemu-img info {}: unexpected output ({e})",
+                shown.display()
+            ))
+        })
+    }
+
+    /// `qemu-img check` of the file at `fd`: `Err` with what is wrong when it is corrupt
+    /// or truncated; formats without a check pass.
+    pub async fn check_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        format: &str,
+        shown: &Path,
+    ) -> Result<(), StorageError> {
+        let mut cmd = self.command_with_fd(fd);
+        cmd.args(["check", "-q", "-f", format])
+            .arg(format!("/proc/self/fd/{IMAGE_FD}"));
+        let out = match spawn_and_wait(cmd, None).await {
+            Ok(out) => out,
+            Err(WaitError::Io(e)) => return Err(spawn_error("check", e)),
+            Err(WaitError::Cancelled) => unreachable!("no cancel receiver"),
+        };
+        // qemu-img(1): 0 clean, 3 leaks only, 63 the format has no check.
+        match out.status.code() {
+            Some(0 | 3 | 63) => Ok(()),
+            Some(2) => Err(StorageError::Failed(format!(
+                "{} is a damaged {format} image (qemu-img check found corruption; a truncated download looks like this): download or copy it again",
+                shown.display()
+            ))),
+            _ => Err(StorageError::Failed(format!(
+                "{} cannot be checked as a {format} image: {}",
+                shown.display(),
+                stderr_text(&out)
+            ))),
+        }
+    }
+
+    /// `qemu-img convert -p` of the file at `fd` into a new qcow2 file at `target`,
+    /// reporting progress (0..1) as it goes; killed (and reaped) when `cancel` turns
+    /// true.
+    pub async fn convert_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        format: &str,
+        target: &Path,
+        progress: Box<dyn Fn(f64) + Send + Sync>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let mut cmd = self.command_with_fd(fd);
+        cmd.args(["convert", "-p", "-f", format, "-O", "qcow2"])
+            .arg(format!("/proc/self/fd/{IMAGE_FD}"))
+            .arg(target);
+        convert_with_progress(cmd, progress, cancel).await
+    }
+
+    /// `qemu-img convert` of a VM's own disk (format stated, its backing chain
+    /// flattened) into a new file of the same format at `target`.
+    pub async fn copy_disk(
+        &self,
+        source: &Path,
+        format: &str,
+        target: &Path,
+    ) -> Result<(), StorageError> {
+        let mut cmd = self.command();
+        cmd.args(["convert", "-p", "-f", format, "-O", format])
+            .arg(source)
+            .arg(target);
+        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
+            .await
+            .map_err(failed)
+    }
+}
+
+impl QemuImg {
+    /// `qemu-img convert` of a VM's disk (chain flattened) into a new file `name` in
+    /// the directory open at `dir` (qemu-img reaches it as `/proc/self/fd/3/<name>`).
+    pub async fn copy_disk_into(
+        &self,
+        source: &Path,
+        format: &str,
+        dir: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<(), StorageError> {
+        let mut cmd = self.command_with_fd(dir);
+        cmd.args(["convert", "-p", "-f", format, "-O", format])
+            .arg(source)
+            .arg(format!("/proc/self/fd/{IMAGE_FD}/{name}"));
+        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
+            .await
+            .map_err(failed)
+    }
+}
+
+/// Runs a `qemu-img convert -p`, turning its progress lines into calls of `progress`.
+async fn convert_with_progress(
+    mut cmd: Command,
+    progress: Box<dyn Fn(f64) + Send + Sync>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    if *cancel.borrow() {
+        return Err(RunError::Cancelled);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RunError::Failed(spawn_error("convert", e)))?;
+    let (stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let reader = tokio::spawn(async move {
+        let mut err = Vec::new();
+        let progress_lines = async {
+            let Some(mut out) = stdout else { return };
+            let (mut buf, mut chunk) = (Vec::new(), [0u8; 512]);
+            while let Ok(n) = out.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
+                    let piece: Vec<u8> = buf.drain(..=end).collect();
+                    if let Some(p) = parse_progress(&String::from_utf8_lossy(&piece)) {
+                        progress(p);
+                    }
+                }
+                // Never more than one unfinished line.
+                buf.truncate(256);
+            }
+        };
+        let errors = async {
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(progress_lines, errors);
+        err
+    });
+    let cancelled = async {
+        if cancel.wait_for(|c| *c).await.is_ok() {
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(|e| RunError::Failed(spawn_error("convert", e)))?,
+        () = cancelled => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            reader.abort();
+            return Err(RunError::Cancelled);
+        }
+    };
+    let stderr = reader.await.unwrap_or_default();
+    if status.success() {
+        return Ok(());
+    }
+    let out = std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    };
+    Err(RunError::Failed(StorageError::Failed(format!(
+        "qemu-img convert failed: {}",
+        stderr_text(&out)
+    ))))
 }
 
 /// The format `qemu-img info` detects for the backing image `path`, for a storage
@@ -473,6 +719,24 @@ mod tests {
         );
         let bare = serde_json::json!({"virtual-size": 1, "format": "raw"});
         assert!(ImageInfo::from_json(&bare).unwrap().snapshots.is_empty());
+    }
+
+    #[test]
+    fn convert_progress_and_foreign_parts() {
+        assert_eq!(parse_progress("    (12.50/100%)\r"), Some(0.125));
+        assert_eq!(parse_progress("(100.00/100%)"), Some(1.0));
+        assert_eq!(parse_progress("garbage"), None);
+        assert_eq!(parse_progress("(1/0%)"), None);
+        let vmdk = serde_json::json!({"format": "vmdk", "virtual-size": 1, "filename": "/proc/self/fd/3",
+            "format-specific": {"type": "vmdk", "data": {"extents": [{"filename": "/etc/shadow"}]}}});
+        let p = Probed::from_json(&vmdk).unwrap();
+        assert!(p.external.unwrap().contains("/etc/shadow"));
+        let backed =
+            serde_json::json!({"format": "qcow2", "virtual-size": 1, "backing-filename": "b.img"});
+        assert!(Probed::from_json(&backed).unwrap().external.is_some());
+        let plain = serde_json::json!({"format": "qcow2", "virtual-size": 5, "filename": "x",
+            "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}});
+        assert_eq!(Probed::from_json(&plain).unwrap().external, None);
     }
 
     #[test]

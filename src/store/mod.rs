@@ -24,6 +24,7 @@
 
 pub mod call_audit;
 mod error;
+mod images;
 mod open;
 mod owner;
 mod schema;
@@ -40,6 +41,7 @@ use rusqlite::{Connection, OptionalExtension, Row, ffi, params};
 use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
+pub use images::ImageRecord;
 pub use open::StoreOptions;
 pub use owner::{Health, LAZY_DELAY, MAX_KEPT, Store};
 pub use schema::SCHEMA_VERSION;

@@ -87,6 +87,21 @@ CREATE TABLE storage_files (
     PRIMARY KEY (vm_id, path)
 ) STRICT, WITHOUT ROWID;
 "#,
+    // 2: the image store ($XDG_DATA_HOME/maqet/images/).
+    r#"
+-- One row per stored image; `file` is its name inside the store directory, so the
+-- store can move with the data directory.
+CREATE TABLE images (
+    name         TEXT PRIMARY KEY NOT NULL CHECK (name <> ''),
+    file         TEXT NOT NULL UNIQUE CHECK (file <> '' AND instr(file, '/') = 0),
+    format       TEXT NOT NULL CHECK (format IN ('qcow2', 'iso')),
+    virtual_size INTEGER NOT NULL CHECK (virtual_size >= 0),
+    file_size    INTEGER NOT NULL CHECK (file_size >= 0),
+    sha256       TEXT NOT NULL CHECK (length(sha256) = 64),
+    source       TEXT NOT NULL DEFAULT '',
+    imported_at  INTEGER NOT NULL CHECK (imported_at >= 0)
+) STRICT;
+"#,
 ];
 
 /// What `migrate` did.

@@ -39,6 +39,7 @@ impl Vm {
             }
         };
         forward::check_host_ports(&config.guest().forwards)?;
+        self.refuse_if_base_of_linked_clones(&config).await?;
         self.transition(Status::Starting, "start requested", false, |_| {})
             .await?;
         if let Err(e) = self.create_missing_disks(&config).await {
@@ -100,6 +101,46 @@ impl Vm {
         }
     }
 
+    /// A linked clone's disks are overlays on this VM's disks: writing them would
+    /// change the clones' disks under them, so this VM no longer starts
+    /// (docs/storage.md, "Clones").
+    async fn refuse_if_base_of_linked_clones(&self, config: &VmConfig) -> Result<(), VmError> {
+        let mine: Vec<std::path::PathBuf> = config
+            .storage()
+            .iter()
+            .filter(|e| e.kind.is_disk() && !e.readonly)
+            .map(|e| e.path.clone())
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let records = self
+            .ctx
+            .store
+            .read(|db| db.load_vms())
+            .await
+            .map_err(store_error)?;
+        let mut clones = Vec::new();
+        for rec in records.iter().filter(|r| r.id != self.id) {
+            let Ok(other) = self.ctx.load_stored_config(&rec.config) else {
+                continue;
+            };
+            for e in other.storage() {
+                if e.backing_file.as_ref().is_some_and(|b| mine.contains(b)) {
+                    clones.push(format!("{} (disk '{}')", rec.name, e.name));
+                }
+            }
+        }
+        if clones.is_empty() {
+            return Ok(());
+        }
+        let name = self.name();
+        Err(VmError::InvalidState(format!(
+            "VM '{name}' is the base of linked clone {}: starting it would change their disks under them; remove the clones (maqet rm --delete-storage) to use it again, and clone with --full for copies that stay independent",
+            clones.join(", ")
+        )))
+    }
+
     /// Creates every declared disk image that does not exist yet (race-free, mode
     /// 0600, after a free-space check) and records it as maqet's, and every missing
     /// share directory (not recorded: maqet never deletes a share). An existing file,
@@ -121,11 +162,24 @@ impl Vm {
                     qemu_img.insert(crate::storage::QemuImg::find(self.ctx.path_env.as_deref())?)
                 }
             };
-            let backing = e.backing_file.as_deref().zip(e.backing_format.as_deref());
+            // `from: IMAGE`: an overlay on the stored image, named relative to the disk.
+            let overlay = match &e.from {
+                Some(image) => {
+                    Some(crate::images::overlay(&self.ctx, image, &e.path, e.size).await?)
+                }
+                None => None,
+            };
+            let (backing, size) = match &overlay {
+                Some(o) => (Some((o.backing.as_path(), "qcow2")), Some(o.size)),
+                None => (
+                    e.backing_file.as_deref().zip(e.backing_format.as_deref()),
+                    e.size,
+                ),
+            };
             let spec = crate::storage::create::NewImage {
                 path: &e.path,
                 kind: e.kind,
-                size: e.size,
+                size,
                 backing,
             };
             let outcome =
@@ -147,7 +201,7 @@ impl Vm {
                 e.name,
                 e.path.display()
             );
-            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": e.size });
+            let detail = serde_json::json!({ "disk": e.name, "path": e.path, "format": e.kind.as_str(), "size": size, "from": e.from });
             let recorded = self
                 .ctx
                 .store

@@ -1,0 +1,252 @@
+//! End-to-end: `CloneVM` (linked and full) with real qemu-img and QEMU on a private,
+//! D-Bus-activating bus: the clones boot, share no writable file with their source,
+//! and a refused or failed clone leaves no VM and no file behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::guest::{Behaviour, write_image};
+use common::{Bus, error_name, stderr, stdout};
+use maqet::client::{ImagesProxy, JobProxy, MANAGER_PATH, VmProxy, proxy_at};
+use zbus::Connection;
+use zbus::zvariant::Variant;
+
+fn qemu_img_info(path: &Path) -> serde_json::Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+/// Imports the tiny guest as image `guest` and adds VM `name` whose disk starts as it.
+async fn booting_vm(bus: &Bus, conn: &Connection, name: &str) -> VmProxy<'static> {
+    let raw = write_image(bus.root(), Behaviour::AcpiAware);
+    let images: ImagesProxy = proxy_at(conn, MANAGER_PATH.try_into().unwrap())
+        .await
+        .unwrap();
+    let f = std::fs::File::open(&raw).unwrap();
+    let job = images
+        .import(zbus::Fd::from(&f), "guest", HashMap::new())
+        .await
+        .unwrap();
+    let job: JobProxy = proxy_at(conn, job).await.unwrap();
+    let mut states = job.receive_state_changed().await;
+    while job.state().await.unwrap() == "running" {
+        use futures_util::StreamExt;
+        tokio::time::timeout(common::TIMEOUT, states.next())
+            .await
+            .expect("the import ends");
+    }
+    assert_eq!(job.state().await.unwrap(), "completed");
+    let yaml = format!(
+        "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 64\narguments:\n  - nodefaults\n  - machine: pc\n  - accel: {}\nstorage:\n  - {{name: root, from: guest, interface: ide}}\n",
+        common::accel()
+    );
+    bus.add(conn, "", &yaml).await
+}
+
+fn disk_of(bus: &Bus, id: &str) -> PathBuf {
+    bus.root()
+        .join("data/maqet/vms")
+        .join(id)
+        .join("root.qcow2")
+}
+
+async fn boots(vm: &VmProxy<'_>) {
+    vm.start().await.unwrap();
+    vm.wait("event=RTC_CHANGE", 60).await.unwrap();
+    vm.stop(true, 10).await.unwrap();
+}
+
+fn vm_dirs(bus: &Bus) -> usize {
+    std::fs::read_dir(bus.root().join("data/maqet/vms"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_linked_clone_boots_on_overlays_and_keeps_its_source_stopped() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let src = booting_vm(&bus, &conn, "src").await;
+    boots(&src).await; // makes the source's disk
+    let src_id = src.id().await.unwrap();
+    let src_disk = disk_of(&bus, &src_id);
+
+    // Running: refused, nothing made.
+    src.start().await.unwrap();
+    let err = manager
+        .clone_vm("src", "copy", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_name(&err),
+        "org.maqet.Maqet1.Error.InvalidState",
+        "{err}"
+    );
+    assert!(err.to_string().contains("maqet stop src"), "{err}");
+    src.stop(true, 10).await.unwrap();
+    // A taken name, and an unknown option.
+    let err = manager
+        .clone_vm("src", "src", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.AlreadyExists");
+    let mut odd = HashMap::new();
+    odd.insert("fast", Variant::from(true));
+    let err = manager.clone_vm("src", "copy", odd).await.unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.InvalidArgument");
+    assert_eq!(manager.list_vms().await.unwrap().len(), 1);
+
+    let out = bus.maqet(&["clone", "src", "copy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let copy = bus.vm(&conn, manager.find_vm("copy").await.unwrap()).await;
+    let copy_id = copy.id().await.unwrap();
+    assert_ne!(copy_id, src_id, "a clone has its own UUID");
+    let copy_disk = disk_of(&bus, &copy_id);
+    let info = qemu_img_info(&copy_disk);
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        src_disk.to_str(),
+        "the clone's disk is an overlay on the source's: {info}"
+    );
+    boots(&copy).await;
+
+    // The source is the clone's base now: it no longer starts.
+    let err = src.start().await.unwrap_err();
+    assert_eq!(
+        error_name(&err),
+        "org.maqet.Maqet1.Error.InvalidState",
+        "{err}"
+    );
+    assert!(err.to_string().contains("copy (disk 'root')"), "{err}");
+    assert_eq!(src.status().await.unwrap(), "stopped");
+
+    // Removing the clone with its storage frees the source.
+    manager.remove_vm("copy", false, true).await.unwrap();
+    assert!(!copy_disk.exists());
+    assert!(
+        !copy_disk.parent().unwrap().exists(),
+        "nothing of the clone is left"
+    );
+    boots(&src).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_clone_is_standalone_and_a_failed_clone_leaves_nothing() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let src = booting_vm(&bus, &conn, "src").await;
+    boots(&src).await;
+
+    let out = bus.maqet(&["clone", "--full", "src", "twin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let twin = bus.vm(&conn, manager.find_vm("twin").await.unwrap()).await;
+    let twin_disk = disk_of(&bus, &twin.id().await.unwrap());
+    let info = qemu_img_info(&twin_disk);
+    assert!(
+        info.get("backing-filename").is_none(),
+        "a full copy is flattened: {info}"
+    );
+    // Both run at once: no shared writable file (QEMU's image locks would refuse).
+    src.start().await.unwrap();
+    twin.start().await.unwrap();
+    twin.wait("event=RTC_CHANGE", 60).await.unwrap();
+    src.stop(true, 10).await.unwrap();
+    twin.stop(true, 10).await.unwrap();
+
+    // A disk maqet cannot copy (a damaged qcow2): the clone fails as a whole.
+    let dirs = vm_dirs(&bus);
+    let bad = bus.root().join("bad.qcow2");
+    let mut bytes = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+    bytes.resize(1 << 16, 0xee);
+    std::fs::write(&bad, &bytes).unwrap();
+    let yaml = format!(
+        "{}storage:\n  - {{name: root, type: qcow2, file: '{}'}}\n",
+        common::tiny_vm_yaml("broken"),
+        bad.display()
+    );
+    bus.add(&conn, "", &yaml).await;
+    let mut full = HashMap::new();
+    full.insert("full", Variant::from(true));
+    let err = manager
+        .clone_vm("broken", "broken2", full)
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage", "{err}");
+    assert!(
+        manager.find_vm("broken2").await.is_err(),
+        "no half clone is defined"
+    );
+    assert_eq!(vm_dirs(&bus), dirs, "no half clone is on disk");
+
+    // A writable disk outside `storage` would be shared: refused.
+    let raw = write_image(bus.root(), Behaviour::AcpiAware);
+    bus.add(&conn, "", &common::guest::vm_yaml("plain", &raw))
+        .await;
+    let out = bus.maqet(&["clone", "plain", "plain2"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("outside `storage`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(manager.find_vm("plain2").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_vm_moves_as_a_directory_and_boots_without_its_source() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let src = booting_vm(&bus, &conn, "src").await;
+    boots(&src).await;
+    let out_dir = bus.root().join("moved");
+
+    src.start().await.unwrap();
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "running: {}", stderr(&out));
+    src.stop(true, 10).await.unwrap();
+
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut files: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["config.yaml", "root.qcow2"]);
+    let info = qemu_img_info(&out_dir.join("root.qcow2"));
+    assert!(info.get("backing-filename").is_none(), "flattened: {info}");
+    let config = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
+    assert!(config.contains("file: root.qcow2"), "{config}");
+    // Never over an earlier export.
+    let before = std::fs::read(out_dir.join("config.yaml")).unwrap();
+    let out = bus.maqet(&["export", "src", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(std::fs::read(out_dir.join("config.yaml")).unwrap(), before);
+    assert!(out_dir.join("root.qcow2").exists());
+
+    // The source and its image go; the export still defines a VM that boots.
+    manager.remove_vm("src", false, true).await.unwrap();
+    let out = bus.maqet(&["image", "rm", "guest"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bus.maqet(&[
+        "add",
+        "--from-export",
+        out_dir.to_str().unwrap(),
+        "--name",
+        "moved",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let moved = bus.vm(&conn, manager.find_vm("moved").await.unwrap()).await;
+    boots(&moved).await;
+}

@@ -26,6 +26,7 @@ mod guest;
 mod hostfile;
 mod merge;
 mod paths;
+mod session;
 mod size;
 pub mod source;
 mod storage;
@@ -44,6 +45,7 @@ pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
+pub use session::{LogoutAction, RestartPolicy, SessionKeys, SleepAction};
 pub use size::{format_size, parse_size};
 pub use storage::{Interface, StorageEntry, StorageKind};
 
@@ -191,6 +193,7 @@ pub struct VmConfig {
     guest: GuestKeys,
     firmware: Firmware,
     tpm: bool,
+    session: SessionKeys,
 }
 
 /// The `firmware:` key: what the VM boots from. UEFI images are found through QEMU's
@@ -277,6 +280,11 @@ impl VmConfig {
     /// `guest_agent`, `forwards` (and their netdev), `ssh_user`.
     pub fn guest(&self) -> &GuestKeys {
         &self.guest
+    }
+
+    /// `autostart`, `restart`, `on_sleep`, `on_logout`, scope limits.
+    pub fn session(&self) -> &SessionKeys {
+        &self.session
     }
 
     pub fn firmware(&self) -> Firmware {

@@ -319,6 +319,10 @@ pub enum Command {
         /// The maqetd to run (default: the one next to this maqet).
         #[arg(long, value_name = "PATH", conflicts_with = "uninstall")]
         maqetd: Option<PathBuf>,
+        /// Start maqetd at login (enables the unit for default.target), so VMs with
+        /// `autostart: true` come up without a call.
+        #[arg(long, conflicts_with = "uninstall")]
+        autostart: bool,
     },
     /// Print a shell completion script (bash, zsh and fish complete VM names by asking
     /// maqetd); `maqet setup --user` installs them.
@@ -343,13 +347,14 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             user: _,
             uninstall,
             maqetd,
+            autostart,
         } => {
             if host.is_some() {
                 return Err(MaqetError::InvalidArgument(
                     "setup installs on this machine; run it on the other one (ssh HOST maqet setup --user)".into(),
                 ));
             }
-            return setup::run(cli.json, uninstall, maqetd).await;
+            return setup::run(cli.json, uninstall, maqetd, autostart).await;
         }
         Command::Completions { shell } => {
             return write_stdout(&completion_script(shell)?).map(|()| ExitCode::Ok);

@@ -130,12 +130,11 @@ pub(crate) fn boolean(node: &Node, key: &str, diags: &mut Diags) -> bool {
 }
 
 pub(crate) fn autostart_delay(node: &Node, diags: &mut Diags) -> u32 {
-    match &node.value {
-        Value::Int(text) => match text.parse::<u32>() {
-            Ok(s) if s <= MAX_AUTOSTART_DELAY => return s,
-            _ => {}
-        },
-        _ => {}
+    if let Value::Int(text) = &node.value
+        && let Ok(s) = text.parse::<u32>()
+        && s <= MAX_AUTOSTART_DELAY
+    {
+        return s;
     }
     let found = node
         .scalar_text()

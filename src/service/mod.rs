@@ -36,6 +36,7 @@ use crate::events::EventSink;
 use crate::manager::Manager;
 use crate::notify::{self, Notifier};
 use crate::paths::Paths;
+use crate::session::restart::Restarter;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::vm::Ctx;
@@ -183,7 +184,9 @@ pub async fn serve(
         events,
         idle.clone(),
         notifier,
+        Restarter::new(Some(idle.clone())),
     ));
+    crate::session::autostart::spawn(manager.clone(), Some(idle.clone()));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
     let lost_name = async {

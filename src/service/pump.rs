@@ -22,6 +22,7 @@ use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
+use crate::session::restart::Restarter;
 use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::vm::{Vm, VmInfo};
 
@@ -34,6 +35,7 @@ pub async fn run(
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
+    restarter: Restarter,
 ) {
     while let Some(ev) = events.recv().await {
         if matches!(
@@ -59,6 +61,8 @@ pub async fn run(
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);
+        // A crash under a restart policy schedules its restart (after its signal).
+        restarter.observe(&ev);
     }
 }
 

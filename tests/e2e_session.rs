@@ -1,0 +1,242 @@
+//! End-to-end: session life (docs/lifecycle.md, "Session life") on a private bus with
+//! real QEMU: restart on crash with back-off and a limit, autostart once per session.
+
+mod common;
+
+use common::{Bus, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
+use futures_util::StreamExt;
+use maqet::client::VmProxy;
+
+fn kill(pid: u32) {
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
+/// change queued, none coalesced).
+struct Reasons(zbus::fdo::PropertiesChangedStream);
+
+impl Reasons {
+    async fn new(vm: &VmProxy<'_>) -> Reasons {
+        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
+            .destination("org.maqet.Maqet1")
+            .path(vm.inner().path().clone())
+            .build()
+            .await
+            .unwrap();
+        Reasons(props.receive_properties_changed().await.unwrap())
+    }
+
+    /// The next `StatusReason` starting with `prefix`.
+    async fn until(&mut self, prefix: &str) -> String {
+        let wait = async {
+            while let Some(sig) = self.0.next().await {
+                let args = sig.args().unwrap();
+                if let Some(v) = args.changed_properties().get("StatusReason") {
+                    let r: String = v.try_clone().unwrap().try_into().unwrap();
+                    if r.starts_with(prefix) {
+                        return r;
+                    }
+                }
+            }
+            panic!("signal stream ended");
+        };
+        tokio::time::timeout(TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_with_restart_on_crash_comes_back_until_the_limit() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let yaml = format!("{}restart: on-crash\n", tiny_vm_yaml("phoenix"));
+    let vm = bus.add(&conn, "", &yaml).await;
+    let plain = bus.add(&conn, "", &tiny_vm_yaml("mortal")).await;
+
+    // `ls --json` shows the policy.
+    let ls: serde_json::Value =
+        serde_json::from_str(&stdout(&bus.maqet(&["--json", "ls"]))).unwrap();
+    let by_name = |n: &str| {
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("phoenix")["restart"], "on-crash");
+    assert_eq!(by_name("phoenix")["autostart"], false);
+    assert_eq!(by_name("mortal")["restart"], "no");
+
+    vm.start().await.unwrap();
+    for crash in 1..=4 {
+        let pid = vm.pid().await.unwrap();
+        assert!(pid > 0);
+        let mut watch = StatusWatch::new(&vm).await;
+        let mut reasons = Reasons::new(&vm).await;
+        kill(pid);
+        let (_, _, reason) = watch.until("crashed").await;
+        assert!(reason.contains("SIGKILL"), "{reason}");
+        let backoff = reasons.until("restarting (").await;
+        assert!(
+            backoff.starts_with(&format!(
+                "restarting ({crash}/5) in {} s: ",
+                1 << (crash - 1)
+            )),
+            "{backoff}"
+        );
+        assert!(backoff.contains("SIGKILL"), "{backoff}");
+        if crash == 4 {
+            // An 8 s back-off: the status table says what is going on.
+            let table = stdout(&bus.maqet(&["ls"]));
+            assert!(table.contains("restarting (4/5)"), "{table}");
+        }
+        let (_, prev, _) = watch.until("running").await;
+        assert_eq!(prev, "starting");
+        assert_ne!(vm.pid().await.unwrap(), pid, "a new QEMU");
+    }
+    // The fifth crash within ten minutes: maqet stops trying and says why.
+    let mut watch = StatusWatch::new(&vm).await;
+    let mut reasons = Reasons::new(&vm).await;
+    kill(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    let reason = reasons.until("gave up restarting").await;
+    assert!(
+        reason.contains("5 crashes") && reason.contains("maqet start phoenix"),
+        "{reason}"
+    );
+    assert_eq!(vm.status().await.unwrap(), "crashed");
+    assert_eq!(vm.pid().await.unwrap(), 0);
+    let table = stdout(&bus.maqet(&["ls"]));
+    assert!(!table.contains("restarting"), "{table}");
+
+    // Without a policy a crash stays a crash (its reason has no back-off).
+    plain.start().await.unwrap();
+    let mut watch = StatusWatch::new(&plain).await;
+    kill(plain.pid().await.unwrap());
+    let (_, _, reason) = watch.until("crashed").await;
+    assert!(!reason.starts_with("restarting"), "{reason}");
+
+    // A person's start gets a fresh budget.
+    let mut watch = StatusWatch::new(&vm).await;
+    let mut reasons = Reasons::new(&vm).await;
+    vm.start().await.unwrap();
+    kill(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    reasons.until("restarting (1/5)").await;
+    watch.until("running").await;
+    vm.stop(true, 0).await.unwrap();
+    // A stop someone asked for is not restarted.
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+}
+
+/// Stops the running maqetd (SIGTERM) and waits until its name is gone.
+async fn stop_maqetd(bus: &Bus, conn: &zbus::Connection) {
+    let daemons = bus.marked_processes("maqetd");
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let mut gone = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .unwrap()
+        .receive_name_owner_changed_with_args(&[(0, "org.maqet.Maqet1"), (2, "")])
+        .await
+        .unwrap();
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+    tokio::time::timeout(TIMEOUT, gone.next()).await.unwrap();
+    common::process_gone(daemons[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostart_vms_come_up_once_per_session_in_order() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let first = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}autostart: true\n", tiny_vm_yaml("a-first")),
+        )
+        .await;
+    let second = bus
+        .add(
+            &conn,
+            "",
+            &format!(
+                "{}autostart: true\nautostart_delay: 1\n",
+                tiny_vm_yaml("b-second")
+            ),
+        )
+        .await;
+    let manual = bus.add(&conn, "", &tiny_vm_yaml("c-manual")).await;
+    // The maqetd that defined them started with this session: it had nothing to start.
+    assert_eq!(first.status().await.unwrap(), "created");
+
+    // A new login session: its runtime directory is new (no marker).
+    stop_maqetd(&bus, &conn).await;
+    std::fs::remove_file(bus.root().join("run/maqet/autostart-done")).unwrap();
+    // Any call activates maqetd, which starts the autostart VMs by itself.
+    assert_eq!(first.wait("status=running", 20).await.unwrap(), "running");
+    assert_eq!(second.wait("status=running", 20).await.unwrap(), "running");
+    assert_eq!(manual.status().await.unwrap(), "created");
+    // In name order, each after the one before it ran: b-second after a-first.
+    assert!(second.started_at().await.unwrap() > first.started_at().await.unwrap());
+    let ls: serde_json::Value =
+        serde_json::from_str(&stdout(&bus.maqet(&["--json", "ls"]))).unwrap();
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "a-first" && v["autostart"] == true)
+    );
+
+    // The person stops one; maqetd leaving and coming back in the same session does
+    // not start it again.
+    first.stop(true, 0).await.unwrap();
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(manual.status().await.unwrap(), "created");
+    assert_eq!(first.status().await.unwrap(), "stopped");
+    assert_eq!(second.status().await.unwrap(), "running");
+    second.stop(true, 0).await.unwrap();
+}
+
+/// `maqet setup --user --autostart` enables the unit for login; `--uninstall` undoes it.
+#[test]
+fn setup_autostart_links_the_unit_into_default_target() {
+    let bus = Bus::start_unactivated();
+    let out = bus.maqet(&["--json", "setup", "--user", "--autostart"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["autostart"], true);
+    let units = bus.root().join("config/systemd/user");
+    let link = units.join("default.target.wants/maqetd.service");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        units.join("maqetd.service")
+    );
+    let unit = std::fs::read_to_string(units.join("maqetd.service")).unwrap();
+    assert!(
+        unit.contains("[Install]\nWantedBy=default.target\n"),
+        "{unit}"
+    );
+    // Again: idempotent.
+    assert!(
+        bus.maqet(&["setup", "--user", "--autostart"])
+            .status
+            .success()
+    );
+    let out = bus.maqet(&["--json", "setup", "--user", "--uninstall"]);
+    assert!(out.status.success());
+    assert!(link.symlink_metadata().is_err(), "the login link is gone");
+
+    // Something that is not our link is not replaced.
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::fs::write(&link, "not a link").unwrap();
+    let out = bus.maqet(&["setup", "--user", "--autostart"]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("not a symlink"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&link).unwrap(), "not a link");
+}

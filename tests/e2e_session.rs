@@ -240,3 +240,117 @@ fn setup_autostart_links_the_unit_into_default_target() {
     );
     assert_eq!(std::fs::read_to_string(&link).unwrap(), "not a link");
 }
+
+/// A bus whose maqetd finds the logind stand-in on its system bus.
+fn bus_with(logind: &common::logind::Logind) -> Bus {
+    Bus::start_with_options(&common::BusOptions {
+        system_bus: Some(&logind.address),
+        ..common::BusOptions::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_pauses_running_vms_under_a_delay_inhibitor_and_wake_resumes_them() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let sleepy = bus.add(&conn, "", &tiny_vm_yaml("sleepy")).await;
+    let awake = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}on_sleep: none\n", tiny_vm_yaml("awake")),
+        )
+        .await;
+    // No VM runs: no inhibitor.
+    logind.until_held("sleep", 0).await;
+    sleepy.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    awake.start().await.unwrap();
+    // Still one: the lock is per service, not per VM.
+    logind.until_held("sleep", 1).await;
+    logind.until_held("shutdown", 0).await;
+
+    let mut watch = StatusWatch::new(&sleepy).await;
+    logind.prepare_for_sleep(true).await;
+    watch.until("paused").await;
+    // Done with its work, maqetd lets the machine sleep.
+    logind.until_held("sleep", 0).await;
+    assert_eq!(awake.status().await.unwrap(), "running");
+
+    logind.prepare_for_sleep(false).await;
+    watch.until("running").await;
+    logind.until_held("sleep", 1).await;
+    assert_eq!(awake.status().await.unwrap(), "running");
+
+    sleepy.stop(true, 0).await.unwrap();
+    logind.until_held("sleep", 1).await;
+    awake.stop(true, 0).await.unwrap();
+    logind.until_held("sleep", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sleep_save_snapshots_and_quits_then_restores_on_wake() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let yaml = format!(
+        "{}on_sleep: save\nstorage:\n  - {{name: disk, type: qcow2, size: 16M}}\n",
+        tiny_vm_yaml("saver")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    let first_pid = vm.pid().await.unwrap();
+
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_sleep(true).await;
+    watch.until("stopped").await;
+    logind.until_held("sleep", 0).await;
+    let snaps = stdout(&bus.maqet(&["snapshot", "ls", "saver"]));
+    assert!(snaps.contains("maqet-sleep"), "{snaps}");
+
+    let mut reasons = Reasons::new(&vm).await;
+    logind.prepare_for_sleep(false).await;
+    watch.until("running").await;
+    reasons.until("restored from snapshot 'maqet-sleep'").await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_ne!(vm.pid().await.unwrap(), first_pid, "a new QEMU, restored");
+    // The restore is a snapshot load, recorded in the VM's history.
+    let logs = stdout(&bus.maqet(&["logs", "saver", "-n", "0"]));
+    let loaded = logs
+        .lines()
+        .any(|l| l.contains("maqet-sleep") && l.contains("load"));
+    assert!(loaded, "{logs}");
+    logind.until_held("sleep", 1).await;
+    vm.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_end_stops_vms_with_on_logout_stop_and_keeps_the_rest() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let kept = bus.add(&conn, "", &tiny_vm_yaml("kept")).await;
+    kept.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    // Only a VM with something to do at logout needs the shutdown lock.
+    logind.until_held("shutdown", 0).await;
+    let stopper = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}on_logout: stop\n", tiny_vm_yaml("stopper")),
+        )
+        .await;
+    stopper.start().await.unwrap();
+    logind.until_held("shutdown", 1).await;
+
+    let mut watch = StatusWatch::new(&stopper).await;
+    logind.prepare_for_shutdown(true).await;
+    let (_, _, reason) = watch.until("stopped").await;
+    assert!(reason.contains("stopped by request"), "{reason}");
+    logind.until_held("shutdown", 0).await;
+    assert_eq!(kept.status().await.unwrap(), "running");
+    kept.stop(true, 0).await.unwrap();
+}

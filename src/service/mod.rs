@@ -36,7 +36,7 @@ use crate::events::EventSink;
 use crate::manager::Manager;
 use crate::notify::{self, Notifier};
 use crate::paths::Paths;
-use crate::session::restart::Restarter;
+use crate::session::SessionLife;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::vm::Ctx;
@@ -184,9 +184,8 @@ pub async fn serve(
         events,
         idle.clone(),
         notifier,
-        Restarter::new(Some(idle.clone())),
+        SessionLife::start(manager.clone(), Some(idle.clone())),
     ));
-    crate::session::autostart::spawn(manager.clone(), Some(idle.clone()));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
     let lost_name = async {

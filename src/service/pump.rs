@@ -22,7 +22,7 @@ use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
-use crate::session::restart::Restarter;
+use crate::session::SessionLife;
 use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::vm::{Vm, VmInfo};
 
@@ -35,7 +35,7 @@ pub async fn run(
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
-    restarter: Restarter,
+    session: SessionLife,
 ) {
     while let Some(ev) = events.recv().await {
         if matches!(
@@ -61,8 +61,9 @@ pub async fn run(
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev);
-        // A crash under a restart policy schedules its restart (after its signal).
-        restarter.observe(&ev);
+        // A crash under a restart policy schedules its restart; logind's locks follow
+        // the running VMs.
+        session.observe(&ev);
     }
 }
 

@@ -4,11 +4,41 @@
 //! manager. Each part is optional; none is needed for a VM to run.
 
 pub mod autostart;
+pub mod logind;
 pub mod restart;
 
 use std::sync::Arc;
 
 use crate::access::ActivityObserver;
+use crate::events::CoreEvent;
+use crate::manager::Manager;
+
+/// The signal pump's handle on session life: sees every core event after its signal.
+pub struct SessionLife {
+    restarter: restart::Restarter,
+    logind: Arc<logind::Logind>,
+}
+
+impl SessionLife {
+    /// Starts what runs on its own: logind's watch, this session's autostart.
+    pub fn start(
+        manager: Arc<Manager>,
+        activity: Option<Arc<dyn ActivityObserver>>,
+    ) -> SessionLife {
+        autostart::spawn(manager.clone(), activity.clone());
+        SessionLife {
+            restarter: restart::Restarter::new(activity),
+            logind: logind::Logind::spawn(manager),
+        }
+    }
+
+    pub fn observe(&self, ev: &CoreEvent) {
+        if let CoreEvent::StatusChanged { .. } = ev {
+            self.logind.vms_changed();
+        }
+        self.restarter.observe(ev);
+    }
+}
 
 /// Keeps maqetd from exiting idle while a session task (a back-off, an autostart) waits.
 pub(crate) struct Busy(Option<Arc<dyn ActivityObserver>>);

@@ -698,11 +698,11 @@ impl Vm {
         }
     }
 
-    /// Rewrites the reason of a VM without a process while it is still `status` (the
-    /// restart back-off says what it waits for). False when the VM moved on.
+    /// Rewrites the reason of a VM while it is still `status` (the restart back-off
+    /// says what it waits for; a wake says it restored the VM). False when the VM moved on.
     pub(crate) async fn explain(self: &Arc<Self>, status: Status, reason: &str) -> bool {
         let _op = self.op_lock.lock().await;
-        if self.status() != status || status.has_process() {
+        if self.status() != status {
             return false;
         }
         self.transition(status, reason, false, |_| {}).await.is_ok()

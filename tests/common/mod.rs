@@ -8,6 +8,7 @@
 
 pub mod guest;
 pub mod linux_guest;
+pub mod logind;
 pub mod notifications;
 pub mod require;
 

@@ -354,3 +354,76 @@ async fn session_end_stops_vms_with_on_logout_stop_and_keeps_the_rest() {
     assert_eq!(kept.status().await.unwrap(), "running");
     kept.stop(true, 0).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_qemu_runs_in_its_own_scope_when_a_user_manager_exists() {
+    use common::systemd::{Call, UserManager};
+    let bus = Bus::start();
+    let mut systemd = UserManager::start(&bus).await;
+    let conn = bus.conn().await;
+    let yaml = format!(
+        "{}memory_max: 256M\ncpu_quota: 50%\non_logout: stop\n",
+        tiny_vm_yaml("scoped")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    let pid = vm.pid().await.unwrap();
+    let id = vm.id().await.unwrap();
+    let Call::StartTransientUnit(unit) = systemd.next().await else {
+        panic!("expected StartTransientUnit")
+    };
+    assert_eq!(unit.name, format!("maqet-vm-scoped-{}.scope", &id[..8]));
+    assert_eq!(unit.mode, "fail");
+    let prop = |k: &str| {
+        unit.properties
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k}"))
+            .try_clone()
+            .unwrap()
+    };
+    assert_eq!(Vec::<u32>::try_from(prop("PIDs")).unwrap(), vec![pid]);
+    assert_eq!(String::try_from(prop("Slice")).unwrap(), "maqet.slice");
+    assert_eq!(u64::try_from(prop("MemoryMax")).unwrap(), 256 << 20);
+    assert_eq!(u64::try_from(prop("CPUQuotaPerSecUSec")).unwrap(), 500_000);
+
+    // doctor: the user manager was found; logind (no system bus here) was not.
+    let out = bus.maqet(&["--json", "doctor"]);
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let row = |check: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["check"] == check)
+            .unwrap_or_else(|| panic!("no {check} row: {rows:#}"))
+            .clone()
+    };
+    assert_eq!(row("user manager")["status"], "ok", "{rows:#}");
+    assert_eq!(row("logind")["status"], "warning", "{rows:#}");
+    assert!(
+        row("logind")["message"]
+            .as_str()
+            .unwrap()
+            .contains("no system bus"),
+        "{rows:#}"
+    );
+
+    // A new maqetd re-finds the scope of the QEMU it re-adopts (and makes no new one).
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    match systemd.next().await {
+        Call::GetUnitByPid(p) => assert_eq!(p, pid),
+        other => panic!("expected GetUnitByPID, got {other:?}"),
+    }
+
+    // maqetd stopped by a stopping user manager: the session ends, on_logout: stop.
+    systemd.set_state("stopping");
+    let mut watch = StatusWatch::new(&vm).await;
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    watch.until("stopped").await;
+    common::process_gone(daemon).await;
+    assert!(
+        systemd.calls.try_recv().is_err(),
+        "no further scope was made"
+    );
+}

@@ -178,13 +178,14 @@ pub async fn serve(
         },
         settings.notifications.clone(),
     );
+    let session = SessionLife::start(conn.clone(), manager.clone(), Some(idle.clone()));
     let pump = tokio::spawn(pump::run(
         conn.clone(),
         shared.clone(),
         events,
         idle.clone(),
         notifier,
-        SessionLife::start(manager.clone(), Some(idle.clone())),
+        session.clone(),
     ));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
@@ -214,7 +215,10 @@ pub async fn serve(
     tokio::select! {
         _ = conn.closed() => tracing::info!("session bus connection closed; exiting"),
         _ = idle_exit => tracing::info!("idle (no VM running, no calls); exiting until the next call activates maqetd"),
-        _ = term.recv() => tracing::info!("SIGTERM; exiting (running VMs keep running)"),
+        _ = term.recv() => {
+            session.service_stopping().await;
+            tracing::info!("SIGTERM; exiting (running VMs keep running unless on_logout says otherwise)");
+        }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting (running VMs keep running)"),
         _ = lost_name => tracing::info!("another maqetd took over {BUS_NAME}; exiting"),
     }

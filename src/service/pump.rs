@@ -35,7 +35,7 @@ pub async fn run(
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
-    session: SessionLife,
+    session: Arc<SessionLife>,
 ) {
     while let Some(ev) = events.recv().await {
         if matches!(

@@ -63,12 +63,15 @@ impl Logind {
                 Ok(p) => p,
                 Err(why) => {
                     tracing::info!("no sleep or shutdown handling: {why}");
+                    super::found_logind(Err(why));
                     return;
                 }
             };
+            super::found_logind(Ok(()));
             if let Err(e) = task.run(&proxy, &manager).await {
                 tracing::warn!(error = %e, "lost logind; sleep and shutdown are no longer handled");
             }
+            super::found_logind(Err("the connection to logind ended".into()));
         });
         me
     }
@@ -262,7 +265,7 @@ async fn after_wake(manager: &Manager, asleep: Asleep) {
     }
 }
 
-async fn before_logout(manager: &Arc<Manager>) {
+pub(super) async fn before_logout(manager: &Arc<Manager>) {
     let mut tasks = Vec::new();
     for vm in manager.list() {
         if !vm.status().has_process() {
@@ -273,7 +276,7 @@ async fn before_logout(manager: &Arc<Manager>) {
         tasks.push(tokio::spawn(async move {
             let done = match action {
                 LogoutAction::Keep => return,
-                LogoutAction::Stop => vm.stop(false, STOP_TIMEOUT).await,
+                LogoutAction::Stop => stop_to_the_end(&vm).await,
                 LogoutAction::Save => save_and_quit(&manager, &vm, LOGOUT_SNAPSHOT).await,
             };
             if let Err(e) = done {
@@ -284,6 +287,17 @@ async fn before_logout(manager: &Arc<Manager>) {
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// A graceful stop, waited for to its end: `Stop` answers after 20 s while the
+/// escalation goes on, and maqetd may be about to exit.
+async fn stop_to_the_end(vm: &Arc<Vm>) -> Result<(), crate::error::MaqetError> {
+    vm.stop(false, STOP_TIMEOUT).await?;
+    let ended = crate::vm::WaitCondition::parse("status=stopped|crashed|failed")?;
+    // The escalation after the graceful wait takes at most 10 s more.
+    vm.wait(&ended, STOP_TIMEOUT + Duration::from_secs(15))
+        .await
+        .map(|_| ())
 }
 
 /// Runs a snapshot job to its end.

@@ -11,6 +11,7 @@ pub mod linux_guest;
 pub mod logind;
 pub mod notifications;
 pub mod require;
+pub mod systemd;
 
 #[allow(unused_imports)] // each test binary uses its own part of the fixture
 pub use require::{program, require, root};

@@ -427,3 +427,27 @@ async fn each_qemu_runs_in_its_own_scope_when_a_user_manager_exists() {
         "no further scope was made"
     );
 }
+
+/// The user unit, as `setup --user --autostart` installs it, passes `systemd-analyze
+/// verify` (the man page check is off: `setup` installs the page where `man` may not look).
+#[test]
+fn the_installed_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = common::require(common::program("systemd-analyze", "systemd")) else {
+        return;
+    };
+    let bus = Bus::start_unactivated();
+    let out = bus.maqet(&["setup", "--user", "--autostart"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let unit = bus.root().join("config/systemd/user/maqetd.service");
+    let out = std::process::Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        common::stderr(&out)
+    );
+}

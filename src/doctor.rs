@@ -60,6 +60,7 @@ pub async fn run(
         database(manager, refusal).await,
         policy(manager, policy_problem),
     ];
+    out.extend(session_services());
     out.push(runtime_dir(manager, fix));
     if refusal.is_none() {
         out.extend(processes(manager, fix).await);
@@ -80,6 +81,23 @@ fn binaries(manager: &Manager) -> Finding {
     } else {
         finding("qemu", Health::Ok, found.join(", "), "")
     }
+}
+
+/// logind and the systemd user manager: optional, so their absence is a warning that
+/// says what does not happen without them.
+fn session_services() -> [Finding; 2] {
+    let p = crate::session::presence();
+    let logind = match p.logind {
+        Some(Ok(())) => finding("logind", Health::Ok, "found on the system bus: VMs are paused or saved before sleep (on_sleep) and handled at session end (on_logout)".into(), ""),
+        Some(Err(why)) => finding("logind", Health::Warning, format!("not found ({why}): on_sleep and on_logout do nothing"), "normal in containers and CI; on a desktop, check that systemd-logind runs and DBUS_SYSTEM_BUS_ADDRESS (if set) is right"),
+        None => finding("logind", Health::Warning, "still looking for logind".into(), "ask again in a moment"),
+    };
+    let manager = match p.user_manager {
+        Some(Ok(())) => finding("user manager", Health::Ok, "systemd --user found: each VM runs in its own scope (maqet-vm-<name>-<id>.scope in maqet.slice)".into(), ""),
+        Some(Err(why)) => finding("user manager", Health::Warning, format!("not found ({why}): VMs run without scopes, so memory_max and cpu_quota do nothing"), "normal in containers and CI; on a desktop, log in through a systemd session"),
+        None => finding("user manager", Health::Warning, "not looked for yet (it is looked for at the first VM start)".into(), "start a VM, then ask again"),
+    };
+    [logind, manager]
 }
 
 fn kvm() -> Finding {

@@ -24,6 +24,7 @@ pub mod outbound;
 pub mod paths;
 pub mod qmp;
 pub mod service;
+pub mod session;
 pub mod settings;
 pub mod snapshot;
 pub mod storage;

@@ -205,7 +205,11 @@ impl Manager {
 
     /// Defines a VM. `name` empty: the config's `name`, else a generated one.
     /// `sources` with an empty `base_dir` resolve against the VM's own data directory.
-    pub async fn add(&self, name: &str, sources: Vec<ConfigSource>) -> Result<Arc<Vm>, ManagerError> {
+    pub async fn add(
+        &self,
+        name: &str,
+        sources: Vec<ConfigSource>,
+    ) -> Result<Arc<Vm>, ManagerError> {
         self.add_with_id(uuid::Uuid::new_v4().to_string(), name, sources)
             .await
     }

@@ -218,6 +218,13 @@ impl UserInstall {
         self.config_home.join("systemd/user/maqetd.service")
     }
 
+    /// The link that makes the user manager start maqetd at login (what
+    /// `systemctl --user enable maqetd` makes from the unit's `WantedBy=default.target`).
+    pub fn autostart_link(&self) -> PathBuf {
+        self.config_home
+            .join("systemd/user/default.target.wants/maqetd.service")
+    }
+
     /// The session bus's activation file for `org.maqet.Maqet1`.
     pub fn dbus_service(&self) -> PathBuf {
         self.data_home

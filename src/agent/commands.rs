@@ -260,6 +260,14 @@ impl AgentClient {
         .await
     }
 
+    /// `guest-set-time` without a time: the guest sets its clock from the (virtual)
+    /// hardware clock, which follows the host's (after a pause or a sleep).
+    pub async fn set_time_from_rtc(&self) -> Result<(), AgentError> {
+        self.execute("guest-set-time", None, REQUEST_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// Freezes the guest's filesystems; returns how many.
     pub async fn fsfreeze(&self) -> Result<u64, AgentError> {
         let n = self

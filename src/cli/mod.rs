@@ -19,8 +19,8 @@ mod console;
 mod doctor;
 mod exit;
 mod guest;
-mod legacy;
 mod image;
+mod legacy;
 mod logs;
 mod output;
 mod qmp;
@@ -390,6 +390,10 @@ pub enum Command {
         /// The maqetd to run (default: the one next to this maqet).
         #[arg(long, value_name = "PATH", conflicts_with = "uninstall")]
         maqetd: Option<PathBuf>,
+        /// Start maqetd at login (enables the unit for default.target), so VMs with
+        /// `autostart: true` come up without a call.
+        #[arg(long, conflicts_with = "uninstall")]
+        autostart: bool,
     },
     /// Print a shell completion script (bash, zsh and fish complete VM names by asking
     /// maqetd); `maqet setup --user` installs them.
@@ -414,13 +418,14 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             user: _,
             uninstall,
             maqetd,
+            autostart,
         } => {
             if host.is_some() {
                 return Err(MaqetError::InvalidArgument(
                     "setup installs on this machine; run it on the other one (ssh HOST maqet setup --user)".into(),
                 ));
             }
-            return setup::run(cli.json, uninstall, maqetd).await;
+            return setup::run(cli.json, uninstall, maqetd, autostart).await;
         }
         Command::Completions { shell } => {
             return write_stdout(&completion_script(shell)?).map(|()| ExitCode::Ok);

@@ -52,8 +52,25 @@ pub struct VmView {
     pub started_at: u64,
     pub stopped_at: u64,
     pub exit_status: i32,
+    /// `autostart:` and `restart:` from the config (docs/lifecycle.md).
+    pub autostart: bool,
+    pub restart: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub config: String,
+}
+
+/// `autostart` and `restart` as the merged config says (their defaults when absent).
+fn session_keys(config: &str) -> (bool, String) {
+    let doc = serde_yaml::from_str::<serde_yaml::Value>(config).unwrap_or_default();
+    let autostart = doc
+        .get("autostart")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let restart = doc
+        .get("restart")
+        .and_then(|v| v.as_str())
+        .unwrap_or(crate::config::RestartPolicy::No.as_str());
+    (autostart, restart.to_string())
 }
 
 fn prop<T>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T>
@@ -65,6 +82,8 @@ where
 
 impl VmView {
     pub fn from_properties(props: &HashMap<String, OwnedVariant>) -> VmView {
+        let config: String = prop(props, "Config").unwrap_or_default();
+        let (autostart, restart) = session_keys(&config);
         VmView {
             id: prop(props, "Id").unwrap_or_default(),
             name: prop(props, "Name").unwrap_or_default(),
@@ -75,8 +94,15 @@ impl VmView {
             started_at: prop(props, "StartedAt").unwrap_or_default(),
             stopped_at: prop(props, "StoppedAt").unwrap_or_default(),
             exit_status: prop(props, "ExitStatus").unwrap_or(-1),
-            config: prop(props, "Config").unwrap_or_default(),
+            autostart,
+            restart,
+            config,
         }
+    }
+
+    /// The status column: `restarting (2/5)` while a crashed VM waits for its restart.
+    pub fn shown_status(&self) -> String {
+        crate::session::restart::shown_status(&self.status, &self.status_reason)
     }
 
     fn has_process(&self) -> bool {
@@ -170,6 +196,7 @@ fn status_cell(status: &str, colour: bool) -> Cell {
         "running" => cell.fg(Color::Green),
         "paused" | "starting" | "stopping" => cell.fg(Color::Yellow),
         "crashed" | "failed" => cell.fg(Color::Red),
+        s if s.starts_with("restarting") => cell.fg(Color::Yellow),
         _ => cell,
     }
 }
@@ -182,7 +209,7 @@ pub fn vm_table(vms: &[VmView]) -> String {
     for vm in vms {
         t.add_row([
             Cell::new(&vm.name),
-            status_cell(&vm.status, colour),
+            status_cell(&vm.shown_status(), colour),
             Cell::new(vm.pid_text()),
             Cell::new(vm.uptime()),
             Cell::new(&vm.id),
@@ -194,15 +221,17 @@ pub fn vm_table(vms: &[VmView]) -> String {
 pub fn vm_details(vm: &VmView) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
-    let rows: [(&str, String); 9] = [
+    let rows: [(&str, String); 11] = [
         ("Name", vm.name.clone()),
         ("Id", vm.id.clone()),
-        ("Status", vm.status.clone()),
+        ("Status", vm.shown_status()),
         ("Reason", vm.status_reason.clone()),
         ("Pid", vm.pid_text()),
         ("Uptime", vm.uptime()),
         ("Created", format_local_us(vm.created_at)),
         ("Started", format_local_us(vm.started_at)),
+        ("Autostart", if vm.autostart { "yes" } else { "no" }.into()),
+        ("Restart", vm.restart.clone()),
         (
             "Stopped",
             if vm.stopped_at == 0 {

@@ -95,6 +95,7 @@ pub async fn run(
     json: bool,
     uninstall: bool,
     maqetd: Option<PathBuf>,
+    autostart: bool,
 ) -> Result<ExitCode, MaqetError> {
     let at = UserInstall::from_env().map_err(|e| MaqetError::InvalidArgument(e.to_string()))?;
     let (action, maqetd_text, touched) = if uninstall {
@@ -105,6 +106,9 @@ pub async fn run(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_error("remove", &path, e)),
             }
+        }
+        if disable_autostart(&at)? {
+            removed.push(at.autostart_link());
         }
         ("removed", None, removed)
     } else {
@@ -117,6 +121,10 @@ pub async fn run(
             write_file(&path, &content)?;
             written.push(path);
         }
+        if autostart {
+            enable_autostart(&at)?;
+            written.push(at.autostart_link());
+        }
         ("installed", Some(maqetd), written)
     };
     let systemd = reload_systemd().await;
@@ -126,6 +134,7 @@ pub async fn run(
             "action": action,
             "maqetd": maqetd_text,
             "files": touched,
+            "autostart": at.autostart_link().symlink_metadata().is_ok(),
             "systemd_user": systemd,
             "session_bus": bus,
         }));
@@ -204,6 +213,34 @@ fn write_file(path: &Path, content: &[u8]) -> Result<(), MaqetError> {
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> MaqetError {
     MaqetError::Storage(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// `--autostart`: what `systemctl --user enable maqetd` does with the unit's
+/// `WantedBy=default.target`, done directly so it works before the user manager runs.
+fn enable_autostart(at: &UserInstall) -> Result<(), MaqetError> {
+    let link = at.autostart_link();
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    }
+    match std::fs::read_link(&link) {
+        Ok(target) if target == at.systemd_unit() => return Ok(()),
+        Ok(_) => std::fs::remove_file(&link).map_err(|e| io_error("replace", &link, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Something that is not a link: not ours to replace.
+        Err(e) => return Err(io_error("replace (it is not a symlink)", &link, e)),
+    }
+    std::os::unix::fs::symlink(at.systemd_unit(), &link).map_err(|e| io_error("create", &link, e))
+}
+
+/// Removes the login link if it is one (true when it was there).
+fn disable_autostart(at: &UserInstall) -> Result<bool, MaqetError> {
+    let link = at.autostart_link();
+    match std::fs::read_link(&link) {
+        Ok(_) => std::fs::remove_file(&link)
+            .map(|()| true)
+            .map_err(|e| io_error("remove", &link, e)),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Tells a running systemd user manager about the unit (absent: nothing to tell).

@@ -27,6 +27,7 @@ mod guest;
 mod hostfile;
 mod merge;
 mod paths;
+mod session;
 mod size;
 pub mod source;
 mod storage;
@@ -46,6 +47,7 @@ pub use display::DisplayServer;
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};
 pub(crate) use paths::find_binary;
+pub use session::{LogoutAction, RestartPolicy, SessionKeys, SleepAction};
 pub use size::{format_size, parse_size};
 pub use storage::{Interface, StorageEntry, StorageKind};
 
@@ -201,6 +203,7 @@ pub struct VmConfig {
     firmware: Firmware,
     tpm: bool,
     display: Option<DisplayConfig>,
+    session: SessionKeys,
 }
 
 /// `display: spice | vnc`: the server maqetd adds at start.
@@ -296,6 +299,11 @@ impl VmConfig {
     /// `guest_agent`, `forwards` (and their netdev), `ssh_user`.
     pub fn guest(&self) -> &GuestKeys {
         &self.guest
+    }
+
+    /// `autostart`, `restart`, `on_sleep`, `on_logout`, scope limits.
+    pub fn session(&self) -> &SessionKeys {
+        &self.session
     }
 
     pub fn firmware(&self) -> Firmware {

@@ -1020,7 +1020,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user, autostart, autostart_delay, restart, on_sleep, on_logout, memory_max, cpu_quota)"
     );
 }
 
@@ -2222,4 +2222,51 @@ fn a_display_server_with_a_second_one_of_its_kind_is_refused() {
     );
     // The other kind is the user's business.
     load_one("display: vnc\nargs: [-spice, 'port=5930']\n").unwrap();
+}
+
+#[test]
+fn session_keys_parse_and_leave_the_argv_alone() {
+    let plain = load_one("memory: 256\n").unwrap();
+    assert_eq!(plain.session(), &SessionKeys::default());
+    let yaml = "memory: 256\nautostart: true\nautostart_delay: 5\nrestart: on-crash\non_sleep: save\non_logout: stop\nmemory_max: 1G\ncpu_quota: 150%\n";
+    let c = load_one(yaml).unwrap();
+    assert_eq!(c.qemu_args(), plain.qemu_args());
+    let s = c.session();
+    assert!(s.autostart);
+    assert_eq!(s.autostart_delay, 5);
+    assert_eq!(s.restart, RestartPolicy::OnCrash);
+    assert_eq!(s.on_sleep, SleepAction::Save);
+    assert_eq!(s.on_logout, LogoutAction::Stop);
+    assert_eq!(s.memory_max, Some(1 << 30));
+    assert_eq!(s.cpu_quota, Some(150));
+    assert_round_trip(&c);
+}
+
+#[test]
+fn session_keys_refuse_bad_values_with_the_choices() {
+    error_in(
+        "restart: sometimes\n",
+        1,
+        10,
+        "invalid `restart` `sometimes`",
+    );
+    error_in("restart: false\n", 1, 10, "invalid `restart`");
+    error_in("on_sleep: hibernate\n", 1, 11, "invalid `on_sleep`");
+    error_in("on_logout: 1\n", 1, 12, "invalid `on_logout`");
+    error_in(
+        "autostart: yes\n",
+        1,
+        12,
+        "`autostart` must be true or false",
+    );
+    error_in("autostart_delay: -1\n", 1, 18, "invalid `autostart_delay`");
+    error_in(
+        "autostart_delay: 99999\n",
+        1,
+        18,
+        "invalid `autostart_delay`",
+    );
+    error_in("memory_max: 10\n", 1, 13, "invalid `memory_max`");
+    error_in("cpu_quota: 0%\n", 1, 12, "invalid `cpu_quota`");
+    error_in("cpu_quota: \"\\0\"\n", 1, 12, "NUL");
 }

@@ -12,6 +12,7 @@ use super::display::{self, DisplayServer};
 use super::guest::{self, GuestKeys};
 use super::hostfile::{Access, HostFile, Markers, PassAs};
 use super::paths::{find_binary, is_path_like, resolve_host_path};
+use super::session::{self, LogoutAction, RestartPolicy, SessionKeys, SleepAction};
 use super::size::{int_value, parse_size_with_unit};
 use super::storage::{compile_storage, storage_argv};
 use super::yaml::{Entry, Loc, Node, Value};
@@ -33,6 +34,13 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "guest_agent",
     "forwards",
     "ssh_user",
+    "autostart",
+    "autostart_delay",
+    "restart",
+    "on_sleep",
+    "on_logout",
+    "memory_max",
+    "cpu_quota",
 ];
 
 const SMP_KEYS: &[&str] = &[
@@ -316,6 +324,7 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
             add_graphics_device: !display::has_graphics_device(&argv),
         }
     });
+    let session = session_keys(&slots, cx);
 
     VmConfig {
         doc: slots.into_iter().flatten().collect(),
@@ -329,6 +338,7 @@ pub(crate) fn compile(root: Option<Node>, fallback: &Loc, cx: &mut Cx) -> VmConf
         tpm,
         guest,
         display,
+        session,
     }
 }
 
@@ -349,6 +359,37 @@ fn display(entry: &mut Entry, cx: &mut Cx, argv: &mut Vec<String>) -> Option<(Di
             None
         }
     }
+}
+
+/// `autostart`, `restart`, `on_sleep`, … : read by maqetd, never on the command line.
+fn session_keys(slots: &Slots, cx: &mut Cx) -> SessionKeys {
+    let node = |key: &str| slots[slot(key)].as_ref().map(|e| &e.value);
+    let d = &mut *cx.diags;
+    let mut keys = SessionKeys::default();
+    if let Some(n) = node("autostart") {
+        keys.autostart = session::boolean(n, "autostart", d);
+    }
+    if let Some(n) = node("autostart_delay") {
+        keys.autostart_delay = session::autostart_delay(n, d);
+    }
+    if let Some(n) = node("restart") {
+        let choices = "`no` (the default), `on-crash` or `always`";
+        keys.restart =
+            session::keyword(n, "restart", RestartPolicy::parse, choices, d).unwrap_or_default();
+    }
+    if let Some(n) = node("on_sleep") {
+        let choices = "`pause` (the default), `save` or `none`";
+        keys.on_sleep =
+            session::keyword(n, "on_sleep", SleepAction::parse, choices, d).unwrap_or_default();
+    }
+    if let Some(n) = node("on_logout") {
+        let choices = "`keep` (the default), `stop` or `save`";
+        keys.on_logout =
+            session::keyword(n, "on_logout", LogoutAction::parse, choices, d).unwrap_or_default();
+    }
+    keys.memory_max = node("memory_max").and_then(|n| session::memory_max(n, d));
+    keys.cpu_quota = node("cpu_quota").and_then(|n| session::cpu_quota(n, d));
+    keys
 }
 
 /// `guest_agent`, `forwards`, `ssh_user`; a forward network maqet provides goes last

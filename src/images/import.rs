@@ -18,13 +18,13 @@ use std::sync::Arc;
 use rustix::fs::{FileType, Mode, OFlags};
 
 use super::{PARTIAL_PREFIX, validate_name};
-use crate::storage::StorageError;
-use crate::vm::VmError;
 use crate::jobs::{Job, JobState};
 use crate::manager::Manager;
 use crate::storage::QemuImg;
+use crate::storage::StorageError;
 use crate::storage::qemu_img::RunError;
 use crate::store::ImageRecord;
+use crate::vm::VmError;
 use crate::vm::{Ctx, store_error};
 
 /// Formats `qemu-img` may read on import.

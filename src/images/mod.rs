@@ -10,9 +10,9 @@ pub mod import;
 
 use std::path::{Path, PathBuf};
 
-use crate::vm::VmError;
 use crate::manager::Manager;
 use crate::store::ImageRecord;
+use crate::vm::VmError;
 use crate::vm::{Ctx, store_error};
 
 /// Longest image name.
@@ -238,7 +238,10 @@ mod tests {
             validate_name(ok).unwrap();
         }
         for bad in ["", ".hidden", "-x", "a/b", "a b", "é", &"x".repeat(65)] {
-            assert_eq!(validate_name(bad).unwrap_err().kind(), crate::error_kind::ErrorKind::InvalidArgument);
+            assert_eq!(
+                validate_name(bad).unwrap_err().kind(),
+                crate::error_kind::ErrorKind::InvalidArgument
+            );
         }
         assert_eq!(name_from_file(Path::new("/d/debian 12.qcow2")), "debian-12");
         assert_eq!(name_from_file(Path::new("/d/.x.iso")), "x");

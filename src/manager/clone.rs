@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use serde_yaml::Value;
 
+use super::ManagerError;
 use super::{INLINE_ORIGIN, Manager};
 use crate::config::Access;
 use crate::config::{self, ConfigSource, StorageKind};
-use super::ManagerError;
 use crate::storage::QemuImg;
 use crate::vm::{Status, Vm, store_error};
 

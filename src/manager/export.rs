@@ -62,8 +62,9 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let config = vm.stored_config()?;
         let yaml = vm.with_info(|i| i.config.clone());
-        let mut doc: Value = serde_yaml::from_str(&yaml)
-            .map_err(|e| ManagerError::Internal(format!("the stored config does not parse: {e}")))?;
+        let mut doc: Value = serde_yaml::from_str(&yaml).map_err(|e| {
+            ManagerError::Internal(format!("the stored config does not parse: {e}"))
+        })?;
         // Claimed first, so an export never overwrites an earlier one.
         let config_file = create_excl(dir, EXPORT_CONFIG)?;
         written.push(EXPORT_CONFIG.to_owned());
@@ -97,8 +98,9 @@ impl Manager {
                 entry.remove(key);
             }
         }
-        let text = serde_yaml::to_string(&doc)
-            .map_err(|e| ManagerError::Internal(format!("cannot write the exported config: {e}")))?;
+        let text = serde_yaml::to_string(&doc).map_err(|e| {
+            ManagerError::Internal(format!("cannot write the exported config: {e}"))
+        })?;
         let mut out = std::fs::File::from(config_file);
         use std::io::Write;
         out.write_all(text.as_bytes())

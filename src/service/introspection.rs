@@ -30,9 +30,9 @@ use zbus::{Connection, ObjectServer, interface};
 
 use super::properties_iface::PropertiesIface;
 use super::{
-    GuestIface, ImagesIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface, ObjectManagerIface, QmpIface,
-    SEARCH_PROVIDER_PATH, SearchProviderIface, Shared, SnapshotsIface, StorageIface, VmIface,
-    docstrings,
+    GuestIface, ImagesIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface,
+    ObjectManagerIface, QmpIface, SEARCH_PROVIDER_PATH, SearchProviderIface, Shared,
+    SnapshotsIface, StorageIface, VmIface, docstrings,
 };
 use crate::client::{MANAGER_PATH, vm_path};
 

@@ -40,6 +40,7 @@ use crate::events::EventSink;
 use crate::manager::Manager;
 use crate::notify::{self, Notifier};
 use crate::paths::Paths;
+use crate::session::SessionLife;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::vm::Ctx;
@@ -191,12 +192,14 @@ pub async fn serve(
             )),
             other => MaqetError::Internal(format!("cannot own {BUS_NAME} ({other})")),
         })?;
+    let session = SessionLife::start(conn.clone(), manager.clone(), Some(idle.clone()));
     let pump = tokio::spawn(pump::run(
         conn.clone(),
         shared.clone(),
         events,
         idle.clone(),
         notifier,
+        session.clone(),
     ));
     tracing::info!(vms = vms.len(), "maqetd ready on {BUS_NAME}");
 
@@ -226,7 +229,10 @@ pub async fn serve(
     tokio::select! {
         _ = conn.closed() => tracing::info!("session bus connection closed; exiting"),
         _ = idle_exit => tracing::info!("idle (no VM running, no calls); exiting until the next call activates maqetd"),
-        _ = term.recv() => tracing::info!("SIGTERM; exiting (running VMs keep running)"),
+        _ = term.recv() => {
+            session.service_stopping().await;
+            tracing::info!("SIGTERM; exiting (running VMs keep running unless on_logout says otherwise)");
+        }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting (running VMs keep running)"),
         _ = lost_name => tracing::info!("another maqetd took over {BUS_NAME}; exiting"),
     }

@@ -22,6 +22,7 @@ use crate::events::CoreEvent;
 use crate::log_limit::LogLimiter;
 use crate::notify::Notifier;
 use crate::outbound::escape;
+use crate::session::SessionLife;
 use crate::vm::guest::{FORWARD_PROPERTIES, GUEST_PROPERTIES};
 use crate::vm::{Vm, VmInfo};
 
@@ -34,6 +35,7 @@ pub async fn run(
     mut events: UnboundedReceiver<CoreEvent>,
     idle: Arc<Idle>,
     notifier: Notifier,
+    session: Arc<SessionLife>,
 ) {
     while let Some(ev) = events.recv().await {
         if matches!(
@@ -62,6 +64,9 @@ pub async fn run(
         }
         // Queues and returns: a slow notification server never holds up a signal.
         notifier.observe(&ev, seen);
+        // A crash under a restart policy schedules its restart; logind's locks follow
+        // the running VMs.
+        session.observe(&ev);
     }
 }
 

@@ -196,6 +196,11 @@ impl Vm {
         })
     }
 
+    /// Sets the guest's clock from its hardware clock (after a sleep), when an agent answers.
+    pub async fn guest_sync_time(self: &Arc<Self>) -> Result<(), VmError> {
+        self.with_agent(async |a| a.set_time_from_rtc().await).await
+    }
+
     pub async fn guest_ping(self: &Arc<Self>) -> Result<(), VmError> {
         self.with_agent(async |a| a.ping().await).await
     }

@@ -732,6 +732,16 @@ impl Vm {
         }
     }
 
+    /// Rewrites the reason of a VM while it is still `status` (the restart back-off
+    /// says what it waits for; a wake says it restored the VM). False when the VM moved on.
+    pub(crate) async fn explain(self: &Arc<Self>, status: Status, reason: &str) -> bool {
+        let _op = self.op_lock.lock().await;
+        if self.status() != status {
+            return false;
+        }
+        self.transition(status, reason, false, |_| {}).await.is_ok()
+    }
+
     /// Replaces the config and commits it. `check(old_name, new_name)` refuses a
     /// taken name (the manager keeps names unique; the database's UNIQUE backs it up
     /// against a race); `renamed(old, new)` runs after the commit. Returns the changed

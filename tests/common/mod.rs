@@ -8,8 +8,10 @@
 
 pub mod guest;
 pub mod linux_guest;
+pub mod logind;
 pub mod notifications;
 pub mod require;
+pub mod systemd;
 
 #[allow(unused_imports)] // each test binary uses its own part of the fixture
 pub use require::{program, require, root};

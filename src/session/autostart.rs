@@ -1,0 +1,78 @@
+//! Autostart (`autostart: true`): once per login session, when maqetd first starts
+//! (at login with `maqet setup --user --autostart`, else on the first D-Bus activation),
+//! it starts every VM that asks for it and has no QEMU yet.
+//!
+//! "Once per session" is a marker file in `$XDG_RUNTIME_DIR/maqet/`, which the system
+//! removes at logout: maqetd leaving when idle and coming back on the next call does
+//! not start again the VMs the person stopped meanwhile.
+//!
+//! Order: VMs start one after another in name order; each waits its own
+//! `autostart_delay` seconds first, and the next one starts after it is running (or
+//! failed), so an `autostart_delay` is counted from the previous VM's start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Busy;
+use crate::access::ActivityObserver;
+use crate::manager::Manager;
+use crate::vm::{Operation, Vm};
+
+const MARKER: &str = "autostart-done";
+
+/// Claims this session's autostart. False when an earlier maqetd of this session did it
+/// (or the runtime directory is unusable: then nothing is started twice either).
+fn claim(manager: &Manager) -> bool {
+    let dir = &manager.ctx().paths.runtime_dir;
+    if let Err(e) = crate::paths::create_private_dir(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "no autostart: cannot create the runtime directory");
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(MARKER))
+    {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "no autostart: cannot mark it done");
+            false
+        }
+    }
+}
+
+/// The VMs to start, in order, with their delays.
+fn plan(manager: &Manager) -> Vec<(Arc<Vm>, Duration)> {
+    manager
+        .list()
+        .into_iter()
+        .filter_map(|vm| {
+            let keys = vm.stored_config().ok()?.session().clone();
+            (keys.autostart && Operation::Start.is_allowed(vm.status()))
+                .then(|| (vm, Duration::from_secs(keys.autostart_delay.into())))
+        })
+        .collect()
+}
+
+/// Starts this session's autostart VMs in the background (once per session).
+pub fn spawn(manager: Arc<Manager>, activity: Option<Arc<dyn ActivityObserver>>) {
+    if !claim(&manager) {
+        return;
+    }
+    let vms = plan(&manager);
+    if vms.is_empty() {
+        return;
+    }
+    let busy = Busy::hold(&activity);
+    tokio::spawn(async move {
+        let _busy = busy;
+        for (vm, delay) in vms {
+            tokio::time::sleep(delay).await;
+            tracing::info!(vm = %vm.name(), "autostart");
+            if let Err(e) = vm.start().await {
+                tracing::warn!(vm = %vm.name(), error = %e, "autostart failed");
+            }
+        }
+    });
+}

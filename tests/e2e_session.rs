@@ -1,0 +1,453 @@
+//! End-to-end: session life (docs/lifecycle.md, "Session life") on a private bus with
+//! real QEMU: restart on crash with back-off and a limit, autostart once per session.
+
+mod common;
+
+use common::{Bus, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
+use futures_util::StreamExt;
+use maqet::client::VmProxy;
+
+fn kill(pid: u32) {
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
+/// change queued, none coalesced).
+struct Reasons(zbus::fdo::PropertiesChangedStream);
+
+impl Reasons {
+    async fn new(vm: &VmProxy<'_>) -> Reasons {
+        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
+            .destination("org.maqet.Maqet1")
+            .path(vm.inner().path().clone())
+            .build()
+            .await
+            .unwrap();
+        Reasons(props.receive_properties_changed().await.unwrap())
+    }
+
+    /// The next `StatusReason` starting with `prefix`.
+    async fn until(&mut self, prefix: &str) -> String {
+        let wait = async {
+            while let Some(sig) = self.0.next().await {
+                let args = sig.args().unwrap();
+                if let Some(v) = args.changed_properties().get("StatusReason") {
+                    let r: String = v.try_clone().unwrap().try_into().unwrap();
+                    if r.starts_with(prefix) {
+                        return r;
+                    }
+                }
+            }
+            panic!("signal stream ended");
+        };
+        tokio::time::timeout(TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_with_restart_on_crash_comes_back_until_the_limit() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let yaml = format!("{}restart: on-crash\n", tiny_vm_yaml("phoenix"));
+    let vm = bus.add(&conn, "", &yaml).await;
+    let plain = bus.add(&conn, "", &tiny_vm_yaml("mortal")).await;
+
+    // `ls --json` shows the policy.
+    let ls: serde_json::Value =
+        serde_json::from_str(&stdout(&bus.maqet(&["--json", "ls"]))).unwrap();
+    let by_name = |n: &str| {
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("phoenix")["restart"], "on-crash");
+    assert_eq!(by_name("phoenix")["autostart"], false);
+    assert_eq!(by_name("mortal")["restart"], "no");
+
+    vm.start().await.unwrap();
+    for crash in 1..=4 {
+        let pid = vm.pid().await.unwrap();
+        assert!(pid > 0);
+        let mut watch = StatusWatch::new(&vm).await;
+        let mut reasons = Reasons::new(&vm).await;
+        kill(pid);
+        let (_, _, reason) = watch.until("crashed").await;
+        assert!(reason.contains("SIGKILL"), "{reason}");
+        let backoff = reasons.until("restarting (").await;
+        assert!(
+            backoff.starts_with(&format!(
+                "restarting ({crash}/5) in {} s: ",
+                1 << (crash - 1)
+            )),
+            "{backoff}"
+        );
+        assert!(backoff.contains("SIGKILL"), "{backoff}");
+        if crash == 4 {
+            // An 8 s back-off: the status table says what is going on.
+            let table = stdout(&bus.maqet(&["ls"]));
+            assert!(table.contains("restarting (4/5)"), "{table}");
+        }
+        let (_, prev, _) = watch.until("running").await;
+        assert_eq!(prev, "starting");
+        assert_ne!(vm.pid().await.unwrap(), pid, "a new QEMU");
+    }
+    // The fifth crash within ten minutes: maqet stops trying and says why.
+    let mut watch = StatusWatch::new(&vm).await;
+    let mut reasons = Reasons::new(&vm).await;
+    kill(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    let reason = reasons.until("gave up restarting").await;
+    assert!(
+        reason.contains("5 crashes") && reason.contains("maqet start phoenix"),
+        "{reason}"
+    );
+    assert_eq!(vm.status().await.unwrap(), "crashed");
+    assert_eq!(vm.pid().await.unwrap(), 0);
+    let table = stdout(&bus.maqet(&["ls"]));
+    assert!(!table.contains("restarting"), "{table}");
+
+    // Without a policy a crash stays a crash (its reason has no back-off).
+    plain.start().await.unwrap();
+    let mut watch = StatusWatch::new(&plain).await;
+    kill(plain.pid().await.unwrap());
+    let (_, _, reason) = watch.until("crashed").await;
+    assert!(!reason.starts_with("restarting"), "{reason}");
+
+    // A person's start gets a fresh budget.
+    let mut watch = StatusWatch::new(&vm).await;
+    let mut reasons = Reasons::new(&vm).await;
+    vm.start().await.unwrap();
+    kill(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    reasons.until("restarting (1/5)").await;
+    watch.until("running").await;
+    vm.stop(true, 0).await.unwrap();
+    // A stop someone asked for is not restarted.
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+}
+
+/// Stops the running maqetd (SIGTERM) and waits until its name is gone.
+async fn stop_maqetd(bus: &Bus, conn: &zbus::Connection) {
+    let daemons = bus.marked_processes("maqetd");
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let mut gone = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .unwrap()
+        .receive_name_owner_changed_with_args(&[(0, "org.maqet.Maqet1"), (2, "")])
+        .await
+        .unwrap();
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+    tokio::time::timeout(TIMEOUT, gone.next()).await.unwrap();
+    common::process_gone(daemons[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostart_vms_come_up_once_per_session_in_order() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let first = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}autostart: true\n", tiny_vm_yaml("a-first")),
+        )
+        .await;
+    let second = bus
+        .add(
+            &conn,
+            "",
+            &format!(
+                "{}autostart: true\nautostart_delay: 1\n",
+                tiny_vm_yaml("b-second")
+            ),
+        )
+        .await;
+    let manual = bus.add(&conn, "", &tiny_vm_yaml("c-manual")).await;
+    // The maqetd that defined them started with this session: it had nothing to start.
+    assert_eq!(first.status().await.unwrap(), "created");
+
+    // A new login session: its runtime directory is new (no marker).
+    stop_maqetd(&bus, &conn).await;
+    std::fs::remove_file(bus.root().join("run/maqet/autostart-done")).unwrap();
+    // Any call activates maqetd, which starts the autostart VMs by itself.
+    assert_eq!(first.wait("status=running", 20).await.unwrap(), "running");
+    assert_eq!(second.wait("status=running", 20).await.unwrap(), "running");
+    assert_eq!(manual.status().await.unwrap(), "created");
+    // In name order, each after the one before it ran: b-second after a-first.
+    assert!(second.started_at().await.unwrap() > first.started_at().await.unwrap());
+    let ls: serde_json::Value =
+        serde_json::from_str(&stdout(&bus.maqet(&["--json", "ls"]))).unwrap();
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "a-first" && v["autostart"] == true)
+    );
+
+    // The person stops one; maqetd leaving and coming back in the same session does
+    // not start it again.
+    first.stop(true, 0).await.unwrap();
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(manual.status().await.unwrap(), "created");
+    assert_eq!(first.status().await.unwrap(), "stopped");
+    assert_eq!(second.status().await.unwrap(), "running");
+    second.stop(true, 0).await.unwrap();
+}
+
+/// `maqet setup --user --autostart` enables the unit for login; `--uninstall` undoes it.
+#[test]
+fn setup_autostart_links_the_unit_into_default_target() {
+    let bus = Bus::start_unactivated();
+    let out = bus.maqet(&["--json", "setup", "--user", "--autostart"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["autostart"], true);
+    let units = bus.root().join("config/systemd/user");
+    let link = units.join("default.target.wants/maqetd.service");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        units.join("maqetd.service")
+    );
+    let unit = std::fs::read_to_string(units.join("maqetd.service")).unwrap();
+    assert!(
+        unit.contains("[Install]\nWantedBy=default.target\n"),
+        "{unit}"
+    );
+    // Again: idempotent.
+    assert!(
+        bus.maqet(&["setup", "--user", "--autostart"])
+            .status
+            .success()
+    );
+    let out = bus.maqet(&["--json", "setup", "--user", "--uninstall"]);
+    assert!(out.status.success());
+    assert!(link.symlink_metadata().is_err(), "the login link is gone");
+
+    // Something that is not our link is not replaced.
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::fs::write(&link, "not a link").unwrap();
+    let out = bus.maqet(&["setup", "--user", "--autostart"]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("not a symlink"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&link).unwrap(), "not a link");
+}
+
+/// A bus whose maqetd finds the logind stand-in on its system bus.
+fn bus_with(logind: &common::logind::Logind) -> Bus {
+    Bus::start_with_options(&common::BusOptions {
+        system_bus: Some(&logind.address),
+        ..common::BusOptions::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_pauses_running_vms_under_a_delay_inhibitor_and_wake_resumes_them() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let sleepy = bus.add(&conn, "", &tiny_vm_yaml("sleepy")).await;
+    let awake = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}on_sleep: none\n", tiny_vm_yaml("awake")),
+        )
+        .await;
+    // No VM runs: no inhibitor.
+    logind.until_held("sleep", 0).await;
+    sleepy.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    awake.start().await.unwrap();
+    // Still one: the lock is per service, not per VM.
+    logind.until_held("sleep", 1).await;
+    logind.until_held("shutdown", 0).await;
+
+    let mut watch = StatusWatch::new(&sleepy).await;
+    logind.prepare_for_sleep(true).await;
+    watch.until("paused").await;
+    // Done with its work, maqetd lets the machine sleep.
+    logind.until_held("sleep", 0).await;
+    assert_eq!(awake.status().await.unwrap(), "running");
+
+    logind.prepare_for_sleep(false).await;
+    watch.until("running").await;
+    logind.until_held("sleep", 1).await;
+    assert_eq!(awake.status().await.unwrap(), "running");
+
+    sleepy.stop(true, 0).await.unwrap();
+    logind.until_held("sleep", 1).await;
+    awake.stop(true, 0).await.unwrap();
+    logind.until_held("sleep", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sleep_save_snapshots_and_quits_then_restores_on_wake() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let yaml = format!(
+        "{}on_sleep: save\nstorage:\n  - {{name: disk, type: qcow2, size: 16M}}\n",
+        tiny_vm_yaml("saver")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    let first_pid = vm.pid().await.unwrap();
+
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_sleep(true).await;
+    watch.until("stopped").await;
+    logind.until_held("sleep", 0).await;
+    let snaps = stdout(&bus.maqet(&["snapshot", "ls", "saver"]));
+    assert!(snaps.contains("maqet-sleep"), "{snaps}");
+
+    let mut reasons = Reasons::new(&vm).await;
+    logind.prepare_for_sleep(false).await;
+    watch.until("running").await;
+    reasons.until("restored from snapshot 'maqet-sleep'").await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_ne!(vm.pid().await.unwrap(), first_pid, "a new QEMU, restored");
+    // The restore is a snapshot load, recorded in the VM's history.
+    let logs = stdout(&bus.maqet(&["logs", "saver", "-n", "0"]));
+    let loaded = logs
+        .lines()
+        .any(|l| l.contains("maqet-sleep") && l.contains("load"));
+    assert!(loaded, "{logs}");
+    logind.until_held("sleep", 1).await;
+    vm.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_end_stops_vms_with_on_logout_stop_and_keeps_the_rest() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let kept = bus.add(&conn, "", &tiny_vm_yaml("kept")).await;
+    kept.start().await.unwrap();
+    logind.until_held("sleep", 1).await;
+    // Only a VM with something to do at logout needs the shutdown lock.
+    logind.until_held("shutdown", 0).await;
+    let stopper = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}on_logout: stop\n", tiny_vm_yaml("stopper")),
+        )
+        .await;
+    stopper.start().await.unwrap();
+    logind.until_held("shutdown", 1).await;
+
+    let mut watch = StatusWatch::new(&stopper).await;
+    logind.prepare_for_shutdown(true).await;
+    let (_, _, reason) = watch.until("stopped").await;
+    assert!(reason.contains("stopped by request"), "{reason}");
+    logind.until_held("shutdown", 0).await;
+    assert_eq!(kept.status().await.unwrap(), "running");
+    kept.stop(true, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_qemu_runs_in_its_own_scope_when_a_user_manager_exists() {
+    use common::systemd::{Call, UserManager};
+    let bus = Bus::start();
+    let mut systemd = UserManager::start(&bus).await;
+    let conn = bus.conn().await;
+    let yaml = format!(
+        "{}memory_max: 256M\ncpu_quota: 50%\non_logout: stop\n",
+        tiny_vm_yaml("scoped")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    let pid = vm.pid().await.unwrap();
+    let id = vm.id().await.unwrap();
+    let Call::StartTransientUnit(unit) = systemd.next().await else {
+        panic!("expected StartTransientUnit")
+    };
+    assert_eq!(unit.name, format!("maqet-vm-scoped-{}.scope", &id[..8]));
+    assert_eq!(unit.mode, "fail");
+    let prop = |k: &str| {
+        unit.properties
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k}"))
+            .try_clone()
+            .unwrap()
+    };
+    assert_eq!(Vec::<u32>::try_from(prop("PIDs")).unwrap(), vec![pid]);
+    assert_eq!(String::try_from(prop("Slice")).unwrap(), "maqet.slice");
+    assert_eq!(u64::try_from(prop("MemoryMax")).unwrap(), 256 << 20);
+    assert_eq!(u64::try_from(prop("CPUQuotaPerSecUSec")).unwrap(), 500_000);
+
+    // doctor: the user manager was found; logind (no system bus here) was not.
+    let out = bus.maqet(&["--json", "doctor"]);
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let row = |check: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["check"] == check)
+            .unwrap_or_else(|| panic!("no {check} row: {rows:#}"))
+            .clone()
+    };
+    assert_eq!(row("user manager")["status"], "ok", "{rows:#}");
+    assert_eq!(row("logind")["status"], "warning", "{rows:#}");
+    assert!(
+        row("logind")["message"]
+            .as_str()
+            .unwrap()
+            .contains("no system bus"),
+        "{rows:#}"
+    );
+
+    // A new maqetd re-finds the scope of the QEMU it re-adopts (and makes no new one).
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    match systemd.next().await {
+        Call::GetUnitByPid(p) => assert_eq!(p, pid),
+        other => panic!("expected GetUnitByPID, got {other:?}"),
+    }
+
+    // maqetd stopped by a stopping user manager: the session ends, on_logout: stop.
+    systemd.set_state("stopping");
+    let mut watch = StatusWatch::new(&vm).await;
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    watch.until("stopped").await;
+    common::process_gone(daemon).await;
+    assert!(
+        systemd.calls.try_recv().is_err(),
+        "no further scope was made"
+    );
+}
+
+/// The user unit, as `setup --user --autostart` installs it, passes `systemd-analyze
+/// verify` (the man page check is off: `setup` installs the page where `man` may not look).
+#[test]
+fn the_installed_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = common::require(common::program("systemd-analyze", "systemd")) else {
+        return;
+    };
+    let bus = Bus::start_unactivated();
+    let out = bus.maqet(&["setup", "--user", "--autostart"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let unit = bus.root().join("config/systemd/user/maqetd.service");
+    let out = std::process::Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        common::stderr(&out)
+    );
+}

@@ -172,7 +172,7 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: String,
     },
-    /// Wait for a condition: status=<state>[|<state>…] or event=<QMP EVENT>.
+    /// Wait for a condition: status=<state>[|<state>…], agent=connected or event=<QMP EVENT>.
     Wait {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,

@@ -624,3 +624,115 @@ fn ssh_client(dir: &Path, host_key: &Path) -> Option<SshClient> {
         public_key: key.with_extension("pub"),
     })
 }
+
+/// The text the guest printed for seed file `name` (between its markers).
+fn seed_file(console: &str, name: &str) -> String {
+    let start = format!("MAQET-SEED-FILE {name}");
+    let end = format!("MAQET-SEED-END {name}");
+    let from = console
+        .find(&start)
+        .unwrap_or_else(|| panic!("no {name} in the seed:\n{console}"));
+    let rest = &console[from + start.len()..];
+    rest[..rest.find(&end).expect("the end marker")].replace('\r', "")
+}
+
+/// Every file named `name` under `dir`.
+fn find_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(find_named(&path, name));
+        } else if entry.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// cloud-init's NoCloud seed: the real guest finds the volume labelled `cidata`, mounts
+/// it (ISO 9660, read-only) and prints its files; a changed config gives a new seed at
+/// the next start (read on the host: no second boot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_init_seed_reaches_the_guest_and_follows_the_config() {
+    let Some(image) = linux_guest::image() else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let keys = |host: &str| {
+        format!(
+            "hostname: {host}\nuser: alice\n\
+             ssh_authorized_keys: ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@laptop']\n\
+             cloud_init:\n  user_data: {{packages: [htop], runcmd: [[touch, /ok]]}}\n\
+             \x20 network_config: {{version: 2, ethernets: {{eth0: {{dhcp4: true}}}}}}\n"
+        )
+    };
+    let first = keys("seeded-web");
+    let setup = Setup {
+        append: "maqet.seed maqet.load=isofs",
+        keys: &first,
+        ..Setup::default()
+    };
+    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "seeded", image, &setup).await;
+    let console = String::from_utf8_lossy(&serial.log).into_owned();
+    assert!(
+        console.contains("MAQET-SEED-MOUNTED /dev/vda iso9660"),
+        "{console}"
+    );
+    let user = seed_file(&console, "user-data");
+    assert!(user.starts_with("\n#cloud-config\n"), "{user}");
+    for want in ["hostname: seeded-web", "- htop", "name: alice", "- touch"] {
+        assert!(user.contains(want), "{want:?} not in user-data:\n{user}");
+    }
+    let meta = seed_file(&console, "meta-data");
+    for want in [
+        "local-hostname: seeded-web",
+        "instance-id: maqet-",
+        "- ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@laptop",
+    ] {
+        assert!(meta.contains(want), "{want:?} not in meta-data:\n{meta}");
+    }
+    let net = seed_file(&console, "network-config");
+    assert!(net.contains("dhcp4: true"), "{net}");
+    // Attached read-only: the guest's block layer says so.
+    let (rc, shown) = serial.run("cat /sys/block/vda/ro").await;
+    assert_eq!(rc, 0, "{shown}");
+    assert!(shown.contains("\n1\r\n"), "{shown}");
+    drop(serial);
+    vm.stop(true, 0).await.unwrap();
+
+    // The config changes: the next start writes a new seed, with a new instance-id.
+    let isos = find_named(bus.root(), "cidata.iso");
+    assert_eq!(isos.len(), 1, "{isos:?}");
+    let read = || maqet::storage::seed::read_iso(&std::fs::read(&isos[0]).unwrap()).unwrap();
+    let file = |files: &[(String, Vec<u8>)], name: &str| {
+        let (_, data) = files.iter().find(|(n, _)| n == name).unwrap();
+        String::from_utf8(data.clone()).unwrap()
+    };
+    let (label, before) = read();
+    assert_eq!(label, "cidata");
+    let second = keys("seeded-db");
+    let changed = linux_guest::vm_yaml(
+        "seeded",
+        image,
+        &Setup {
+            keys: &second,
+            ..setup
+        },
+    );
+    vm.apply(&changed).await.unwrap();
+    vm.start().await.unwrap(); // paused (-S): the seed is written before QEMU runs
+    let (_, after) = read();
+    assert!(file(&after, "meta-data").contains("local-hostname: seeded-db"));
+    assert!(file(&after, "user-data").contains("hostname: seeded-db"));
+    let id = |files: &[(String, Vec<u8>)]| {
+        file(files, "meta-data")
+            .lines()
+            .find(|l| l.starts_with("instance-id:"))
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(id(&before), id(&after));
+    vm.stop(true, 0).await.unwrap();
+}

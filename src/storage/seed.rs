@@ -222,10 +222,13 @@ fn tempfile_dir(dir: &Path) -> Result<PathBuf, String> {
     Err(format!("cannot stage the seed in {}", dir.display()))
 }
 
+/// A file of the seed: its name and contents.
+pub type SeedFile = (String, Vec<u8>);
+
 /// What an ISO 9660 volume holds: its label and the files of its root directory, by
 /// their Joliet names (what Linux shows). Reads what [`write_iso`] makes; for tests and
 /// checks, not a general ISO reader.
-pub fn read_iso(iso: &[u8]) -> Result<(String, Vec<(String, Vec<u8>)>), String> {
+pub fn read_iso(iso: &[u8]) -> Result<(String, Vec<SeedFile>), String> {
     const SECTOR: usize = 2048;
     let sector = |n: usize| {
         iso.get(n * SECTOR..(n + 1) * SECTOR)

@@ -102,7 +102,7 @@ pub enum Command {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
     },
-    /// Stop a VM: ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
+    /// Stop a VM: guest-agent shutdown or ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
     Stop {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,

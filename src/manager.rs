@@ -395,6 +395,47 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Disk images maqet created for VMs that are gone (removed without
+    /// `--delete-storage`), see [`crate::storage::orphans`].
+    pub async fn orphaned_storage(
+        &self,
+    ) -> Result<Vec<crate::storage::orphans::Orphan>, MaqetError> {
+        let vms = self.list();
+        let known: std::collections::HashSet<String> =
+            vms.iter().map(|vm| vm.id().to_string()).collect();
+        let in_use = vms
+            .iter()
+            .filter_map(|vm| vm.stored_config().ok())
+            .flat_map(|c| {
+                let mut paths: Vec<PathBuf> = c.storage().iter().map(|e| e.path.clone()).collect();
+                paths.extend(c.host_files().iter().map(|f| f.path.clone()));
+                paths
+            })
+            .collect();
+        let events = self
+            .ctx
+            .store
+            .read(|db| db.events(None, None, 0))
+            .await
+            .map_err(store_error)?;
+        let created: Vec<_> = events
+            .into_iter()
+            .filter(|e| e.kind == "storage")
+            .filter_map(|e| {
+                let path = e.detail.as_ref()?.get("path")?.as_str()?.to_owned();
+                Some((e.vm_id, e.vm_name, PathBuf::from(path)))
+            })
+            .collect();
+        let vms_dir = self.ctx.paths.data_dir.join("vms");
+        tokio::task::spawn_blocking(move || {
+            crate::storage::orphans::find(&vms_dir, &known, &in_use, &created)
+        })
+        .await
+        .map_err(|e| MaqetError::Internal(format!("looking for orphaned disks failed: {e}")))
+    }
+}
+
 fn list_paths(paths: &[PathBuf]) -> String {
     paths
         .iter()

@@ -19,6 +19,7 @@ fn load(text: &str) -> Result<String, String> {
         default_arch: "x86_64",
         check_path: &check,
         vm_data_dir: None,
+        probe_format: None,
     };
     let src = ConfigSource {
         origin: "<fuzz>".into(),

@@ -19,6 +19,7 @@ mod console;
 mod doctor;
 mod exit;
 mod guest;
+mod legacy;
 mod logs;
 mod output;
 mod qmp;
@@ -70,6 +71,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Output format (maqet 0.0.x's spelling): json (= --json), yaml, table or auto
+    /// (the default), plain (no colour).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub format: Option<output::Format>,
+
     /// Drive maqetd of a user on another machine, over ssh (that machine needs
     /// systemd-stdio-bridge; ssh options go in MAQET_SSH).
     #[arg(long, global = true, value_name = "[USER@]MACHINE")]
@@ -96,11 +102,23 @@ pub enum Command {
         /// More config files (same as -c).
         #[arg(value_name = "FILE")]
         files: Vec<String>,
+        /// Define a VM with an empty config (QEMU's defaults, no disks) to fill in later
+        /// with `maqet apply`; its name is --name or the one argument.
+        #[arg(long, conflicts_with = "configs")]
+        empty: bool,
     },
     /// Start a VM; returns once QEMU's monitor is ready.
     Start {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
+        /// Then wait for a condition as `maqet wait` does: status=<state>[|<state>…] or
+        /// event=<QMP EVENT>. `process-started` (maqet 0.0.x's default) is what start
+        /// always waits for.
+        #[arg(long, value_name = "CONDITION")]
+        wait_for: Option<String>,
+        /// Seconds --wait-for waits.
+        #[arg(long, default_value_t = 60, requires = "wait_for")]
+        timeout: u32,
     },
     /// Stop a VM: guest-agent shutdown or ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
     Stop {
@@ -140,7 +158,12 @@ pub enum Command {
     #[command(alias = "remove")]
     Rm {
         #[arg(add = crate::cli::complete::vm())]
-        vm: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        vm: Option<String>,
+        /// Remove every VM: asks first on a terminal; --force removes without asking
+        /// (and kills running ones), which scripts need.
+        #[arg(long)]
+        all: bool,
         /// Kill the VM first if it is running.
         #[arg(long, short)]
         force: bool,
@@ -150,7 +173,11 @@ pub enum Command {
     },
     /// List VMs: name, status, pid, uptime.
     #[command(alias = "list")]
-    Ls,
+    Ls {
+        /// Only VMs in this state.
+        #[arg(long, value_parser = crate::cli::vm::STATUSES)]
+        status: Option<String>,
+    },
     /// Show one VM's state.
     Status {
         #[arg(add = crate::cli::complete::vm())]
@@ -261,6 +288,13 @@ pub enum Command {
     Storage {
         #[command(subcommand)]
         command: storage::StorageCommand,
+    },
+    /// Define the VMs of maqet 0.0.x's database (default
+    /// $XDG_DATA_HOME/maqet/instances.db), which is only read, never changed. VMs whose
+    /// config does not validate, or whose name is taken, are skipped and reported.
+    ImportLegacy {
+        #[arg(value_name = "PATH")]
+        path: Option<PathBuf>,
     },
     /// Show a VM's lifecycle history and QEMU's log.
     Logs {
@@ -384,7 +418,11 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             name,
             configs,
             files,
+            empty,
         } => {
+            if empty {
+                return vm::add_empty(&s, name, files).await.map(|()| ExitCode::Ok);
+            }
             vm::add(
                 &s,
                 name.unwrap_or_default(),
@@ -392,7 +430,12 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
             )
             .await
         }
-        Command::Start { vm } => vm::lifecycle(&s, &vm, "start").await,
+        Command::Start {
+            vm,
+            wait_for,
+            timeout,
+        } => vm::start(&s, &vm, wait_for.as_deref(), timeout).await,
+        Command::ImportLegacy { path } => return legacy::import(&s, path).await,
         Command::Stop {
             vm,
             force,
@@ -404,11 +447,18 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
         Command::Pause { vm } => vm::lifecycle(&s, &vm, "pause").await,
         Command::Resume { vm } => vm::lifecycle(&s, &vm, "resume").await,
         Command::Rm {
-            vm,
+            vm: Some(vm),
             force,
             delete_storage,
+            ..
         } => vm::remove(&s, &vm, force, delete_storage).await,
-        Command::Ls => vm::list(&s).await,
+        Command::Rm {
+            vm: None,
+            force,
+            delete_storage,
+            ..
+        } => return vm::remove_all(&s, force, delete_storage).await,
+        Command::Ls { status } => vm::list(&s, status.as_deref()).await,
         Command::Status { vm } => vm::status(&s, &vm, false).await,
         Command::Inspect { vm, config } => {
             if config {
@@ -515,6 +565,14 @@ fn manpage(dir: Option<PathBuf>) -> Result<ExitCode, MaqetError> {
     Ok(ExitCode::Ok)
 }
 
+/// Ends maqet with a usage error (exit 2), the way clap reports one: for an old
+/// spelling that cannot be kept, the message names the new one.
+pub(crate) fn usage_error(message: impl std::fmt::Display) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::InvalidValue, message)
+        .exit()
+}
+
 /// Writes generated output (a reader that went away ends maqet quietly).
 fn write_stdout(bytes: &[u8]) -> Result<(), MaqetError> {
     output::write_out(bytes)
@@ -534,6 +592,9 @@ pub fn main() -> std::process::ExitCode {
             return ExitCode::Failure.into();
         }
     };
+    if let Some(format) = cli.format {
+        cli.json |= output::set_format(format);
+    }
     let (json, host) = (cli.json, cli.host.clone());
     let result = match cli.command.take() {
         _ if cli.version => Ok(runtime.block_on(version::run(json, host.as_deref()))),

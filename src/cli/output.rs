@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use std::ffi::OsStr;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use comfy_table::{Cell, Color, Table, presets};
 use serde::Serialize;
@@ -100,10 +101,38 @@ impl VmView {
 }
 
 pub fn print_json<T: Serialize>(value: &T) {
+    if FORMAT.load(Ordering::Relaxed) == Format::Yaml as u8 {
+        match serde_yaml::to_string(value) {
+            Ok(s) => print!("{s}"),
+            Err(e) => eprintln!("maqet: cannot encode YAML: {e}"),
+        }
+        return;
+    }
     match serde_json::to_string_pretty(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("maqet: cannot encode JSON: {e}"),
     }
+}
+
+/// `--format` (maqet 0.0.x's spelling): `json` is `--json`; `yaml` is `--json`'s
+/// document as YAML (streams, `events` and `logs -f`, stay one JSON object per line);
+/// `table` and `auto` are the default; `plain` is the default without colour.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Auto,
+    Table,
+    Plain,
+    Json,
+    Yaml,
+}
+
+static FORMAT: AtomicU8 = AtomicU8::new(Format::Auto as u8);
+
+/// Chooses the output format for the rest of the run; returns whether it is
+/// machine-readable (what `--json` turns on).
+pub fn set_format(format: Format) -> bool {
+    FORMAT.store(format as u8, Ordering::Relaxed);
+    matches!(format, Format::Json | Format::Yaml)
 }
 
 /// One compact JSON object per line, for streams (`events`, `logs -f`).
@@ -117,6 +146,9 @@ pub fn print_json_line<T: Serialize>(value: &T) {
 /// Colour is for people at a terminal: never when stdout is not a terminal, never
 /// with `NO_COLOR` set to anything but empty (no-color.org), never on a dumb terminal.
 pub fn colour_enabled() -> bool {
+    if FORMAT.load(Ordering::Relaxed) == Format::Plain as u8 {
+        return false;
+    }
     colour_decision(
         std::io::stdout().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),

@@ -22,6 +22,9 @@ pub enum StorageCommand {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
     },
+    /// List disk images maqet created whose VM was removed without --delete-storage
+    /// (nothing is deleted).
+    Orphaned,
 }
 
 /// `Ok(false)`: a verification found problems (already printed).
@@ -29,7 +32,34 @@ pub(super) async fn run(s: &Session, command: StorageCommand) -> Result<bool, Ma
     match command {
         StorageCommand::Ls { vm } => list(s, &vm).await.map(|()| true),
         StorageCommand::Verify { vm } => verify(s, &vm).await,
+        StorageCommand::Orphaned => orphaned(s).await.map(|()| true),
     }
+}
+
+async fn orphaned(s: &Session) -> Result<(), MaqetError> {
+    let files = s.manager.orphaned_storage().await?;
+    if s.json {
+        let list: Vec<_> = files
+            .iter()
+            .map(|(path, vm, size)| json!({ "path": path, "former_vm": vm, "size": size }))
+            .collect();
+        print_json(&list);
+        return Ok(());
+    }
+    if files.is_empty() {
+        println!("no orphaned storage: every disk maqet created belongs to a VM");
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_header(["SIZE", "FORMER VM", "PATH"]);
+    for (path, vm, size) in files {
+        let vm = if vm.is_empty() { "-".to_owned() } else { vm };
+        t.add_row([format_size(size), vm, path]);
+    }
+    println!("{t}");
+    println!("\ndelete one with rm PATH, or use it again by naming it as a disk's `file`");
+    Ok(())
 }
 
 async fn list(s: &Session, vm: &str) -> Result<(), MaqetError> {

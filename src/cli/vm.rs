@@ -18,6 +18,11 @@ use crate::client::{
 use crate::error::MaqetError;
 use crate::time::format_us;
 
+/// The states `ls --status` filters by (the D-Bus `Status` values).
+pub(crate) const STATUSES: [&str; 8] = [
+    "created", "starting", "running", "paused", "stopping", "stopped", "crashed", "failed",
+];
+
 /// A stop's escalation after the graceful timeout: quit, SIGTERM, SIGKILL.
 const STOP_ESCALATION: Duration = Duration::from_secs(15);
 
@@ -80,6 +85,68 @@ async fn add_files(
     s.manager.add_vm_from_fds(name, &fds).await
 }
 
+/// `add --empty [--name NAME | NAME]` (maqet 0.0.x): a VM with an empty config.
+pub(super) async fn add_empty(
+    s: &Session,
+    name: Option<String>,
+    args: Vec<String>,
+) -> Result<(), MaqetError> {
+    let name = match (name, args.as_slice()) {
+        (name, []) => name.unwrap_or_default(),
+        (None, [name]) => name.clone(),
+        _ => super::usage_error(
+            "add --empty takes no config files, only a name: maqet add --empty NAME",
+        ),
+    };
+    let path = s.manager.add_vm(&name, "{}\n").await?;
+    let proxy = vm_proxy(&s.conn, path.clone()).await?;
+    let (name, id) = (proxy.name().await?, proxy.id().await?);
+    if s.json {
+        print_json(&json!({ "name": name, "id": id, "path": path.as_str() }));
+    } else {
+        println!("added {name} ({id}), empty: give it a config with maqet apply {name} FILE");
+    }
+    Ok(())
+}
+
+/// The conditions maqet 0.0.x's `start --wait-for` knew, and what they are here.
+fn legacy_wait_for(condition: &str) -> Option<Result<(), String>> {
+    match condition.to_ascii_lowercase().as_str() {
+        // The start returns once QEMU's monitor answers: that is "process started".
+        "process-started" | "process" | "started" => Some(Ok(())),
+        "file-exists" => Some(Err(
+            "--wait-for file-exists is gone (maqet 0.0.x's CLI could not name the file either); wait for the VM instead: maqet start VM --wait-for status=running, or --wait-for event=<QMP EVENT>".into(),
+        )),
+        "ssh-ready" | "boot-complete" => Some(Err(format!(
+            "--wait-for {condition} was removed (already in maqet 0.0.x); with `guest_agent: true` wait for the guest with maqet exec VM -- true, or use --wait-for event=<QMP EVENT>"
+        ))),
+        _ => None,
+    }
+}
+
+/// `start [--wait-for CONDITION]`: starts, then waits like `maqet wait`.
+pub(super) async fn start(
+    s: &Session,
+    name: &str,
+    wait_for: Option<&str>,
+    timeout: u32,
+) -> Result<(), MaqetError> {
+    let condition = match wait_for.map(|c| (c, legacy_wait_for(c))) {
+        None | Some((_, Some(Ok(())))) => None,
+        Some((_, Some(Err(message)))) => super::usage_error(message),
+        Some((c, None)) if c.starts_with("status=") || c.starts_with("event=") => Some(c),
+        Some((c, None)) => super::usage_error(format!(
+            "unknown --wait-for condition `{c}`: use status=<state>[|<state>…], event=<QMP EVENT> or process-started"
+        )),
+    };
+    let (_, proxy) = vm(s, name).await?;
+    proxy.start().await?;
+    if let Some(condition) = condition {
+        wait_chunked(&proxy, condition, Duration::from_secs(timeout.into())).await?;
+    }
+    report(s, name).await
+}
+
 pub(super) async fn lifecycle(s: &Session, name: &str, op: &str) -> Result<(), MaqetError> {
     let (_, proxy) = vm(s, name).await?;
     match op {
@@ -124,6 +191,77 @@ pub(super) async fn stop(
         wait_chunked(&proxy, "status=stopped|crashed|failed|created", limit).await?;
     }
     report(s, name).await
+}
+
+/// `rm --all`: every VM. On a terminal it lists them and asks; otherwise it needs
+/// `--force` (which also kills running VMs). Without `--force`, running VMs are kept
+/// and reported. Returns exit 2 when refused, 1 when some could not be removed.
+pub(super) async fn remove_all(
+    s: &Session,
+    force: bool,
+    delete_storage: bool,
+) -> Result<super::ExitCode, MaqetError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let views = all_views(s).await?;
+    if views.is_empty() {
+        if s.json {
+            print_json(&json!({ "removed": [], "kept": [] }));
+        } else {
+            println!("no VMs defined");
+        }
+        return Ok(super::ExitCode::Ok);
+    }
+    if !force {
+        if !std::io::stdin().is_terminal() || s.json {
+            super::usage_error(format!(
+                "rm --all removes {} VMs and asks first; without a terminal to ask on, add --force (which also kills running VMs)",
+                views.len()
+            ));
+        }
+        eprintln!("{}", super::output::vm_table(&views));
+        eprint!(
+            "Remove all {} VMs{}? [y/N] ",
+            views.len(),
+            if delete_storage {
+                " and the disks maqet created for them"
+            } else {
+                ""
+            }
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            eprintln!("nothing removed");
+            return Ok(super::ExitCode::Ok);
+        }
+    }
+    let (mut removed, mut kept) = (Vec::new(), Vec::new());
+    for v in &views {
+        match s.manager.remove_vm(&v.id, force, delete_storage).await {
+            Ok(()) => removed.push(v.name.clone()),
+            Err(e) => kept.push((v.name.clone(), e.message())),
+        }
+    }
+    if s.json {
+        let kept: Vec<_> = kept
+            .iter()
+            .map(|(name, why)| json!({ "vm": name, "error": why }))
+            .collect();
+        print_json(&json!({ "removed": removed, "kept": kept }));
+    } else {
+        for name in &removed {
+            println!("removed {name}");
+        }
+        for (name, why) in &kept {
+            println!("kept {name}: {why}");
+        }
+    }
+    Ok(if kept.is_empty() {
+        super::ExitCode::Ok
+    } else {
+        super::ExitCode::Failure
+    })
 }
 
 pub(super) async fn remove(
@@ -191,8 +329,15 @@ pub(super) async fn all_views(s: &Session) -> Result<Vec<VmView>, MaqetError> {
     Ok(views)
 }
 
-pub(super) async fn list(s: &Session) -> Result<(), MaqetError> {
+pub(super) async fn list(s: &Session, status: Option<&str>) -> Result<(), MaqetError> {
     let mut views = all_views(s).await?;
+    if let Some(status) = status {
+        views.retain(|v| v.status == status);
+        if views.is_empty() && !s.json {
+            println!("no VMs are {status}");
+            return Ok(());
+        }
+    }
     if s.json {
         for v in &mut views {
             v.config.clear();

@@ -113,6 +113,10 @@ pub trait Manager {
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> Result<Vec<VmListEntry>, MaqetError>;
 
+    /// (path, former VM name, size): disks maqet created whose VM is gone.
+    #[zbus(name = "OrphanedStorage")]
+    fn orphaned_storage(&self) -> Result<Vec<(String, String, u64)>, MaqetError>;
+
     fn doctor(&self, fix: bool) -> Result<Vec<(String, String, String, String)>, MaqetError>;
 
     fn audit(&self, vm: &str, since: u64, limit: u32) -> Result<Vec<AuditEntry>, MaqetError>;

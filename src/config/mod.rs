@@ -92,7 +92,14 @@ pub struct ValidationContext<'a> {
     /// The VM's own data directory: a disk entry without `file` is created there
     /// (`<dir>/<name>.<type>`). `None` (no VM yet): such an entry is an error.
     pub vm_data_dir: Option<&'a Path>,
+    /// Tells a backing image's format (the service runs `qemu-img info`) for a
+    /// storage entry with `backing_file` but no `backing_format`; the result is
+    /// stored in the config. `None`: `backing_format` is required.
+    pub probe_format: Option<&'a FormatProbe<'a>>,
 }
+
+/// Tells an image file's format, or says why it cannot (`qemu-img info`).
+pub type FormatProbe<'a> = dyn Fn(&Path) -> Result<String, String> + 'a;
 
 /// How QEMU uses a host path named in a config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! typed form (used to create missing images) and QEMU arguments.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::PathUse;
 use super::argv::render_suboptions;
@@ -265,17 +265,15 @@ fn compile_entry(
         }
         cx.resolve_path(node, PathUse::Storage).map(PathBuf::from)
     });
-    let backing_format =
+    let mut backing_format =
         position(entries, "backing_format").and_then(|i| backing_format(&entries[i].value, cx));
     match (
         position(entries, "backing_file"),
         position(entries, "backing_format"),
     ) {
-        (Some(i), None) => cx.diags.error_hint(
-            &entries[i].key_loc,
-            "`backing_file` needs `backing_format`",
-            "name the backing image's format, e.g. `backing_format: qcow2`",
-        ),
+        (Some(i), None) => {
+            backing_format = probe_backing_format(entries, i, backing_file.as_deref(), cx);
+        }
         (None, Some(i)) => cx
             .diags
             .error(&entries[i].key_loc, "`backing_format` needs `backing_file`"),
@@ -505,6 +503,48 @@ fn interface(node: &Node, cx: &mut Cx) -> Interface {
             Interface::Virtio
         }
     }
+}
+
+/// `backing_file` without `backing_format` (as maqet 0.0.x allowed): the format
+/// qemu-img detects, written into the entry so the stored config states it. Refused
+/// only when there is no probe or it fails.
+fn probe_backing_format(
+    entries: &mut Vec<Entry>,
+    key: usize,
+    backing: Option<&Path>,
+    cx: &mut Cx,
+) -> Option<String> {
+    let hint = "name the backing image's format, e.g. `backing_format: qcow2`";
+    let key_loc = entries[key].key_loc.clone();
+    // An unusable `backing_file` has its own error already.
+    let backing = backing?;
+    let Some(probe) = cx.ctx.probe_format else {
+        cx.diags
+            .error_hint(&key_loc, "`backing_file` needs `backing_format`", hint);
+        return None;
+    };
+    let format = match probe(backing) {
+        Ok(format) => format,
+        Err(why) => {
+            let message = format!(
+                "cannot tell the format of backing file `{}`: {why}",
+                backing.display()
+            );
+            cx.diags.error_hint(&key_loc, message, hint);
+            return None;
+        }
+    };
+    let node = Node::new(Value::Str(format), key_loc.clone());
+    let format = backing_format(&node, cx)?;
+    entries.insert(
+        key + 1,
+        Entry {
+            key: "backing_format".to_owned(),
+            key_loc,
+            value: node,
+        },
+    );
+    Some(format)
 }
 
 fn backing_format(node: &Node, cx: &mut Cx) -> Option<String> {

@@ -36,6 +36,7 @@ impl TestEnv {
             default_arch: "x86_64",
             check_path: &deny_secrets,
             vm_data_dir: Some(Path::new(VM_DATA_DIR)),
+            probe_format: None,
         }
     }
 }
@@ -415,6 +416,7 @@ fn stored_configs_load_without_the_binary() {
         default_arch: "x86_64",
         check_path: &deny_secrets,
         vm_data_dir: None,
+        probe_format: None,
     };
     assert!(load(&[source("x", "/", &config.to_yaml())], &ctx).is_err());
     let stored = load_stored(&config.to_yaml(), &ctx).unwrap();
@@ -695,6 +697,7 @@ fn missing_binary() {
         default_arch: "riscv64",
         check_path: &deny_secrets,
         vm_data_dir: None,
+        probe_format: None,
     };
     let err = load(&[source("vm.yaml", "/vms", "memory: 1G\n")], &ctx).unwrap_err();
     let d = find_diag(
@@ -1691,6 +1694,7 @@ fn paths_are_stored_resolved_and_must_stay_put() {
     let ctx = ValidationContext {
         check_path: &via_link,
         vm_data_dir: None,
+        probe_format: None,
         ..env.ctx()
     };
     let config = load(
@@ -1987,6 +1991,70 @@ fn legacy_backing_file_beside_the_image() {
     assert_eq!(
         backing,
         [images.join("base.qcow2"), dir.path().join("other.qcow2")]
+    );
+}
+
+#[test]
+fn legacy_backing_format_is_probed_when_absent() {
+    fn probe(path: &Path) -> Result<String, String> {
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some("base.qcow2") => Ok("qcow2".to_owned()),
+            Some("base.img") => Ok("raw".to_owned()),
+            _ => Err("qemu-img info failed: Could not open it".to_owned()),
+        }
+    }
+    let env = TestEnv::new();
+    let ctx = ValidationContext {
+        probe_format: Some(&probe),
+        ..env.ctx()
+    };
+    let text = "storage:\n  - {name: a, file: a.qcow2, backing_file: base.qcow2}\n  - {name: b, file: b.qcow2, backing_file: base.img}\n";
+    let config = load(&[source("vm.yaml", "/vms/web", text)], &ctx).unwrap();
+    assert_eq!(
+        config.qemu_args(),
+        [
+            "-drive",
+            "file=/vms/web/a.qcow2,format=qcow2,if=virtio,id=a,node-name=maqet-d0,backing.driver=qcow2,backing.file.filename=/vms/web/base.qcow2",
+            "-drive",
+            "file=/vms/web/b.qcow2,format=qcow2,if=virtio,id=b,node-name=maqet-d1,backing.driver=raw,backing.file.filename=/vms/web/base.img",
+        ]
+    );
+    let formats: Vec<_> = config
+        .storage()
+        .iter()
+        .map(|e| e.backing_format.clone())
+        .collect();
+    assert_eq!(formats, [Some("qcow2".to_owned()), Some("raw".to_owned())]);
+    // The stored config states the probed format: it loads without probing again.
+    let yaml = config.to_yaml();
+    assert!(yaml.contains("backing_format: qcow2"), "{yaml}");
+    assert_eq!(load_stored(&yaml, &env.ctx()).unwrap(), config);
+    assert_round_trip(&config);
+
+    // A probe that fails is the only refusal, and it says what to write.
+    let e = load(
+        &[source(
+            "vm.yaml",
+            "/vms/web",
+            "storage: [{name: a, file: a.qcow2, backing_file: missing.qcow2}]\n",
+        )],
+        &ctx,
+    )
+    .unwrap_err();
+    let d = find_diag(
+        &e.diagnostics,
+        "vm.yaml",
+        1,
+        36,
+        "cannot tell the format of backing file `/vms/web/missing.qcow2`: qemu-img info failed",
+    );
+    assert!(d.hint.as_deref().unwrap().contains("backing_format: qcow2"));
+    // Without a probe (no service around), the key stays required.
+    error_in(
+        "storage: [{type: qcow2, file: a, backing_file: b}]\n",
+        1,
+        34,
+        "`backing_file` needs `backing_format`",
     );
 }
 

@@ -203,6 +203,29 @@ impl ManagerIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
+    /// Disk images maqet created whose VM is gone (removed without `delete_storage`):
+    /// (path, the removed VM's name or "", size in bytes), sorted by path. Nothing is
+    /// deleted: `rm` them yourself once you are sure.
+    #[zbus(name = "OrphanedStorage", out_args("files"))]
+    async fn orphaned_storage(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String, u64)>, MaqetError> {
+        let req = Request::new(Action::Observe, "OrphanedStorage");
+        let work = async {
+            Ok(self
+                .shared
+                .manager
+                .orphaned_storage()
+                .await?
+                .into_iter()
+                .map(|o| (o.path.to_string_lossy().into_owned(), o.former_vm, o.size))
+                .collect())
+        };
+        self.shared.gate.call(conn, &hdr, req, work).await
+    }
+
     /// Checks maqetd's health (QEMU, KVM, database, runtime directory, VMs whose state
     /// and process disagree, stale sockets); with `fix`, repairs what is safe.
     /// Returns (check, ok|warning|error|fixed, finding, what to do).

@@ -22,7 +22,7 @@ use std::path::Path;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::qemu_img::QemuImg;
+use super::qemu_img::{QemuImg, recorded_backing_name};
 use super::{danger, nofollow, space};
 use crate::config::{PathUse, StorageKind};
 use crate::error::MaqetError;
@@ -96,9 +96,18 @@ pub async fn create_image(
     if FileType::from_raw_mode(created.st_mode) != FileType::RegularFile {
         return Err(storage_err(path, "the created file is not a regular file"));
     }
-    let formatted = qemu_img
+    let mut formatted = qemu_img
         .create(file.as_fd(), path, spec.kind.as_str(), size, spec.backing)
         .await;
+    // An overlay whose backing file is in its own directory tree names it relatively,
+    // so moving the VM's directory as a whole keeps the chain intact.
+    if let (Ok(()), Some((backing, format))) = (&formatted, spec.backing)
+        && let Some(name) = recorded_backing_name(&resolved, backing)
+    {
+        formatted = qemu_img
+            .set_backing_name(file.as_fd(), path, &name, format)
+            .await;
+    }
     let still_ours = is_same_inode(&dir, name, &created);
     match (formatted, still_ours) {
         (Ok(()), true) => Ok(Outcome::Created),
@@ -222,6 +231,74 @@ mod tests {
         assert_eq!(err.kind(), "Storage");
         assert!(err.to_string().contains("/etc"), "{err}");
         assert!(!Path::new("/etc/maqet-test-x.qcow2").exists());
+    }
+
+    /// `qemu-img info`'s `backing-filename` of `path`, and whether its whole chain opens.
+    fn backing_of(path: &Path) -> (String, bool) {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let name = v["backing-filename"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let chain = std::process::Command::new("qemu-img")
+            .args(["info", "--backing-chain", "-U"])
+            .arg(path)
+            .output()
+            .unwrap();
+        (name, chain.status.success())
+    }
+
+    #[tokio::test]
+    async fn an_overlay_names_a_backing_in_its_tree_relatively_and_survives_a_move() {
+        let Some(img) = qemu_img() else {
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = tmp.path().join("vm");
+        std::fs::create_dir_all(vm.join("base")).unwrap();
+        let (base, outside) = (vm.join("base/b.qcow2"), tmp.path().join("outside.img"));
+        let spec = new_image(&base, StorageKind::Qcow2, Some(1 << 20));
+        create_image(&img, &spec, Path::new("/h")).await.unwrap();
+        std::fs::write(&outside, vec![0u8; 1 << 20]).unwrap();
+
+        let overlay = vm.join("o.qcow2");
+        let spec = NewImage {
+            backing: Some((&base, "qcow2")),
+            ..new_image(&overlay, StorageKind::Qcow2, None)
+        };
+        assert_eq!(
+            create_image(&img, &spec, Path::new("/h")).await.unwrap(),
+            Outcome::Created
+        );
+        // Its size came from the backing image.
+        assert_eq!(
+            img.info("qcow2", &overlay).await.unwrap().virtual_size,
+            1 << 20
+        );
+        assert_eq!(backing_of(&overlay), ("base/b.qcow2".to_owned(), true));
+        // Outside the overlay's directory: named absolutely.
+        let far = vm.join("far.qcow2");
+        let spec = NewImage {
+            backing: Some((&outside, "raw")),
+            ..new_image(&far, StorageKind::Qcow2, None)
+        };
+        create_image(&img, &spec, Path::new("/h")).await.unwrap();
+        assert_eq!(backing_of(&far).0, outside.to_str().unwrap());
+
+        // The VM directory moved as a whole: the relative chain still opens.
+        let moved = tmp.path().join("moved");
+        std::fs::rename(&vm, &moved).unwrap();
+        assert_eq!(
+            backing_of(&moved.join("o.qcow2")),
+            ("base/b.qcow2".to_owned(), true)
+        );
+        assert!(backing_of(&moved.join("far.qcow2")).1);
     }
 
     #[tokio::test]

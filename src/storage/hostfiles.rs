@@ -384,6 +384,7 @@ mod tests {
             default_arch: "x86_64",
             check_path: &check,
             vm_data_dir: None,
+            probe_format: None,
         };
         let source = ConfigSource {
             origin: "vm.yaml".into(),
@@ -531,6 +532,7 @@ mod tests {
             default_arch: "x86_64",
             check_path: &check,
             vm_data_dir: None,
+            probe_format: None,
         };
         let load = |yaml: &str| {
             let source = ConfigSource {

@@ -11,6 +11,7 @@ pub mod firmware;
 pub mod hostfiles;
 pub mod inventory;
 pub mod nofollow;
+pub mod orphans;
 pub mod qemu_img;
 pub mod seed;
 pub mod space;

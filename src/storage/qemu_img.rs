@@ -284,6 +284,69 @@ impl QemuImg {
         run(cmd, "create", shown, None).await.map_err(failed)?;
         Ok(())
     }
+
+    /// Rewrites the backing file name in the header of the qcow2 image open at
+    /// `image` (`rebase -u`: the data is not touched and the backing is not opened).
+    pub async fn set_backing_name(
+        &self,
+        image: BorrowedFd<'_>,
+        shown: &Path,
+        name: &Path,
+        format: &str,
+    ) -> Result<(), MaqetError> {
+        let mut cmd = self.command();
+        cmd.args(["rebase", "-q", "-u", "-f", "qcow2", "-b"])
+            .arg(name)
+            .args(["-F", format])
+            .arg(format!("/proc/self/fd/{IMAGE_FD}"));
+        let fd = image.as_raw_fd();
+        // SAFETY: place_fd only calls dup2/fcntl, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || crate::child::place_fd(fd, IMAGE_FD));
+        }
+        run(cmd, "rebase", shown, None).await.map_err(failed)?;
+        Ok(())
+    }
+}
+
+/// The format `qemu-img info` detects for the backing image `path`, for a storage
+/// entry that names `backing_file` without `backing_format` (maqet 0.0.x configs).
+/// Synchronous (config validation is): only a regular file is handed to qemu-img, so
+/// a FIFO or device cannot make it block. The probe reads only this file's header;
+/// the chain below it is still checked link by link at start (`hostfiles`).
+pub fn probe_format(path_env: Option<&OsStr>, path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read it ({e})"))?;
+    if !meta.is_file() {
+        return Err("it is not a regular file".into());
+    }
+    let img = QemuImg::find(path_env).map_err(|e| e.message())?;
+    let out = std::process::Command::new(&img.program)
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("cannot run qemu-img info: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("qemu-img info failed: {}", stderr_text(&out)));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("qemu-img info printed unreadable output ({e})"))?;
+    match value.get("format").and_then(|f| f.as_str()) {
+        Some(format) if !format.is_empty() => Ok(format.to_owned()),
+        _ => Err("qemu-img info named no format".into()),
+    }
+}
+
+/// The name an overlay at `image` records for its backing file `backing`: relative
+/// when the backing file lies in the overlay's directory or below it, so the directory
+/// can be moved as a whole; else the absolute path.
+pub fn recorded_backing_name(image: &Path, backing: &Path) -> Option<PathBuf> {
+    let relative = backing.strip_prefix(image.parent()?).ok()?;
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (plain && !relative.as_os_str().is_empty()).then(|| relative.to_path_buf())
 }
 
 fn failed(e: RunError) -> MaqetError {
@@ -428,6 +491,69 @@ mod tests {
             QemuImg::image_opts("qcow2", Path::new("/v/a,b.qcow2")),
             "driver=qcow2,file.filename=/v/a,,b.qcow2"
         );
+    }
+
+    #[test]
+    fn a_backing_name_is_relative_only_inside_the_overlay_directory() {
+        let rel = |image: &str, backing: &str| {
+            recorded_backing_name(Path::new(image), Path::new(backing))
+        };
+        assert_eq!(rel("/v/a/o.qcow2", "/v/a/b.qcow2"), Some("b.qcow2".into()));
+        assert_eq!(
+            rel("/v/a/o.qcow2", "/v/a/base/b.qcow2"),
+            Some("base/b.qcow2".into())
+        );
+        assert_eq!(rel("/v/a/o.qcow2", "/v/b.qcow2"), None);
+        assert_eq!(rel("/v/a/o.qcow2", "/v/ab/b.qcow2"), None);
+        assert_eq!(rel("/v/a/o.qcow2", "/v/a"), None);
+    }
+
+    #[test]
+    fn probing_tells_qcow2_from_raw_and_refuses_what_is_no_file() {
+        let Some(_) = crate::require::require(
+            QemuImg::find(std::env::var_os("PATH").as_deref()).map_err(|e| e.message()),
+        ) else {
+            return;
+        };
+        let path_env = std::env::var_os("PATH");
+        let probe = |p: &Path| probe_format(path_env.as_deref(), p);
+        let dir = tempfile::tempdir().unwrap();
+        let qcow2 = dir.path().join("base.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let raw = dir.path().join("base.img");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        assert_eq!(probe(&qcow2).unwrap(), "qcow2");
+        assert_eq!(probe(&raw).unwrap(), "raw");
+        // Missing, a FIFO (qemu-img would block on it), a device: refused, not probed.
+        let err = probe(&dir.path().join("missing")).unwrap_err();
+        assert!(err.contains("cannot read it"), "{err}");
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(probe(&fifo).unwrap_err(), "it is not a regular file");
+        assert_eq!(
+            probe(Path::new("/dev/zero")).unwrap_err(),
+            "it is not a regular file"
+        );
+        // A broken qcow2 header: qemu-img's own error.
+        let broken = dir.path().join("broken.qcow2");
+        let mut bytes = std::fs::read(&qcow2).unwrap();
+        bytes.truncate(8);
+        std::fs::write(&broken, bytes).unwrap();
+        let err = probe(&broken).unwrap_err();
+        assert!(err.starts_with("qemu-img info failed"), "{err}");
     }
 
     #[test]

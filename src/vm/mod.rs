@@ -88,12 +88,15 @@ impl Ctx {
         let check = |p: &std::path::Path, usage: config::PathUse| {
             crate::storage::danger::check(p, home, usage)
         };
+        let path_env = self.path_env.as_deref();
+        let probe = |p: &std::path::Path| crate::storage::qemu_img::probe_format(path_env, p);
         f(&config::ValidationContext {
             home,
-            path_env: self.path_env.as_deref(),
+            path_env,
             default_arch: &self.default_arch,
             check_path: &check,
             vm_data_dir: vm_data_dir.as_deref(),
+            probe_format: Some(&probe),
         })
     }
 

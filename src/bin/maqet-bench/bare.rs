@@ -48,6 +48,7 @@ pub fn command_line(uuid: &str, name: &str) -> Result<(PathBuf, Vec<String>), St
         default_arch: std::env::consts::ARCH,
         check_path: &no_policy,
         vm_data_dir: None,
+        probe_format: None,
     };
     let source = ConfigSource {
         origin: "<bench>".into(),

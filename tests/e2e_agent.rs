@@ -1,20 +1,64 @@
 //! End-to-end: the QEMU guest agent and port forwards against the real Linux test guest
 //! (tests/common/linux_guest.rs, TCG). One boot carries every assertion: the agent
 //! connects (with PropertiesChanged), identity and addresses, `maqet exec` / `ip` / `cp`,
-//! a refused caller, configured and runtime forwards reaching a listener in the guest,
+//! filesystems frozen around a live snapshot (and thawed after a cancelled one), a
+//! refused caller, configured and runtime forwards reaching a listener in the guest,
+//! `maqet ssh` into the guest's ssh server, a maqetd restart that keeps every forward,
 //! and a `Stop` through `guest-shutdown`.
 
 mod common;
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Stdio;
 
 use futures_util::StreamExt;
-use maqet::client::{GuestProxy, proxy_at};
+use maqet::client::{GuestProxy, JobProxy, SnapshotsProxy, proxy_at};
 use tokio::io::AsyncWriteExt;
+use zbus::{Connection, OwnedObjectPath};
 
 use common::linux_guest::{self, READY, Serial, Setup, USER_NET};
+use common::require::{program, require};
 use common::{Bus, TIMEOUT, error_name, stderr, stdout};
+
+/// The printed by the guest's fsfreeze hook (qemu-ga runs it before a freeze and after
+/// a thaw).
+const FREEZE: &str = "MAQET-GUEST-FSFREEZE freeze";
+const THAW: &str = "MAQET-GUEST-FSFREEZE thaw";
+
+/// A job's end state and message, once it has ended.
+async fn job_end(conn: &Connection, path: OwnedObjectPath) -> (String, String) {
+    let job: JobProxy = proxy_at(conn, path).await.unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(TIMEOUT, completed.next())
+            .await
+            .expect("no Completed signal in time");
+    }
+    (job.state().await.unwrap(), job.message().await.unwrap())
+}
+
+/// The bytes of `disk` as they were in its internal snapshot `name` (read beside the
+/// running QEMU with qemu-img's force-share).
+fn disk_in_snapshot(disk: &Path, name: &str) -> Vec<u8> {
+    let raw = disk.with_extension(format!("{name}.raw"));
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw", "-l"])
+        .arg(format!("snapshot.name={name}"))
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-img convert: {}", stderr(&out));
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -67,8 +111,12 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     let bus = Bus::start();
     let conn = bus.conn().await;
     let port = free_port();
-    let keys =
-        format!("guest_agent: true\nssh_user: root\nforwards: [{{host: {port}, guest: 8080}}]\n");
+    let disk = bus.root().join("agent-data.qcow2");
+    let keys = format!(
+        "guest_agent: true\nssh_user: root\nforwards: [{{host: {port}, guest: 8080}}]\n\
+         storage:\n  - {{name: data, type: qcow2, file: '{}', size: 64M}}\n",
+        disk.display()
+    );
     let setup = Setup {
         arguments: USER_NET,
         keys: &keys,
@@ -205,6 +253,69 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         "guest paths must be absolute"
     );
 
+    // A live snapshot freezes the guest's filesystems around the save. An ext2 disk
+    // with periodic writeback off: data written without `sync` reaches the disk only
+    // through the freeze's sync, so finding it in the snapshot proves the freeze came
+    // before the save, and the thaw hook after it.
+    let (rc, shown) = serial
+        .run(
+            "echo 0 >/proc/sys/vm/dirty_writeback_centisecs && mke2fs -q /dev/vda && \
+             mkdir -p /mnt/data && mount /dev/vda /mnt/data",
+        )
+        .await;
+    assert_eq!(rc, 0, "{shown}");
+    let (rc, shown) = serial
+        .run("echo maqet-unsynced-$((6 * 7)) >/mnt/data/note")
+        .await;
+    assert_eq!(rc, 0, "{shown}");
+    let snaps: SnapshotsProxy = proxy_at(&conn, path.clone()).await.unwrap();
+    let job = snaps.create("frozen", HashMap::new()).await.unwrap();
+    serial.wait_for(FREEZE).await;
+    serial.wait_for(THAW).await;
+    let (state, message) = job_end(&conn, job).await;
+    assert_eq!(state, "completed", "{message}");
+    assert!(
+        contains(&disk_in_snapshot(&disk, "frozen"), b"maqet-unsynced-42\n"),
+        "the unsynced file is not in the snapshot: the filesystem was not frozen before the save"
+    );
+    // Thawed: the agent runs commands again (a frozen qemu-ga refuses guest-exec).
+    let out = maqet(
+        &bus,
+        &["exec", "agent", "--", "cat", "/mnt/data/note"],
+        None,
+    )
+    .await;
+    assert_eq!(stdout(&out), "maqet-unsynced-42\n", "{}", stderr(&out));
+
+    // A save cancelled while the freeze is under way still thaws: the guest's hook holds
+    // the freeze until the cancel has been asked for.
+    let (rc, shown) = serial.run(": >/run/fsfreeze.hold").await;
+    assert_eq!(rc, 0, "{shown}");
+    let job = snaps.create("cancelled", HashMap::new()).await.unwrap();
+    serial.wait_for(FREEZE).await;
+    let job_proxy: JobProxy = proxy_at(&conn, job.clone()).await.unwrap();
+    job_proxy.cancel().await.unwrap();
+    let (rc, shown) = serial.run("rm /run/fsfreeze.hold").await;
+    assert_eq!(rc, 0, "{shown}");
+    serial.wait_for(THAW).await;
+    let (state, message) = job_end(&conn, job).await;
+    assert_eq!(state, "cancelled", "{message}");
+    let names: Vec<String> = snaps
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(names, ["frozen"]);
+    // A frozen filesystem would block this write (and the wait for its status fail).
+    let (rc, shown) = serial
+        .run("echo thawed >/mnt/data/after && sync && cat /mnt/data/after")
+        .await;
+    assert_eq!(rc, 0, "{shown}");
+    let out = maqet(&bus, &["exec", "agent", "--", "true"], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
     // A caller the policy refuses cannot exec or read files; the refusal is audited.
     bus.write_policy("actions:\n  org.maqet.guest.exec: no\n  org.maqet.guest.files: no\n");
     let refused = maqet(&bus, &["exec", "agent", "--", "true"], None).await;
@@ -303,29 +414,44 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     let out = maqet(&bus, &["exec", "agent", "--", "hostname"], None).await;
     assert_eq!(stdout(&out), "maqet-guest\n", "{}", stderr(&out));
 
-    // `maqet ssh` finds the guest's port 22 through a forward it adds, as ssh_user
-    // (an `echo` stands in for ssh: the guest runs no sshd).
-    let mut cmd = bus.maqet_command(&["ssh", "agent", "--", "uname", "-a"]);
-    cmd.env("MAQET_SSH_CLIENT", "echo");
-    let ssh = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    assert!(ssh.status.success(), "{}", stderr(&ssh));
-    let ssh_port = vm
+    // `maqet ssh` reaches the guest's ssh server (dropbear) through a forward to port 22
+    // it adds, as ssh_user, with a key the test makes; the host key is the one made when
+    // the guest was built.
+    let ssh_dir = tempfile::tempdir().unwrap();
+    let ssh = ssh_client(ssh_dir.path(), &image.ssh_host_key);
+    if let Some(ssh) = &ssh {
+        let up = maqet(
+            &bus,
+            &[
+                "cp",
+                ssh.public_key.to_str().unwrap(),
+                "agent:/root/.ssh/authorized_keys",
+            ],
+            None,
+        )
+        .await;
+        assert!(up.status.success(), "{}", stderr(&up));
+        let out = ssh.run(&bus, &["--", "echo", "hello", "over", "ssh"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "hello over ssh\n");
+        let out = ssh.run(&bus, &["--", "true"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let out = ssh.run(&bus, &["--", "sh", "-c", "'exit 7'"]).await;
+        assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    }
+    let ssh_forward = vm
         .forwards()
         .await
         .unwrap()
-        .iter()
-        .find_map(|f| {
-            f.strip_prefix("tcp:127.0.0.1:")?
-                .strip_suffix(":22")
-                .map(str::to_owned)
-        })
-        .expect("a forward to port 22");
-    assert_eq!(
-        stdout(&ssh),
-        format!("-p {ssh_port} -o HostKeyAlias=maqet-agent -l root 127.0.0.1 uname -a\n")
-    );
+        .into_iter()
+        .find(|f| f.starts_with("tcp:127.0.0.1:") && f.ends_with(":22"));
+    assert_eq!(ssh_forward.is_some(), ssh.is_some(), "a forward to port 22");
+
+    // One more runtime forward, to see it survive a maqetd restart.
+    let kept = free_port();
+    vm.add_forward(&format!("udp:{kept}:5353")).await.unwrap();
+    let mut before = vm.forwards().await.unwrap();
+    before.sort();
 
     // maqetd killed and re-activated: it re-adopts the VM and reconnects to the agent.
     let daemons = bus.marked_processes("maqetd");
@@ -356,10 +482,24 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         );
     }
     guest.ping().await.unwrap();
-    assert_eq!(
-        vm.forwards().await.unwrap(),
-        [format!("tcp:127.0.0.1:{port}:8080")]
-    );
+    // Every forward is listed again, the runtime ones too (read back from QEMU).
+    let mut after = vm.forwards().await.unwrap();
+    after.sort();
+    assert_eq!(after, before);
+    assert!(after.contains(&format!("tcp:127.0.0.1:{port}:8080")));
+    assert!(after.contains(&format!("udp:127.0.0.1:{kept}:5353")));
+    vm.remove_forward(&format!("udp:{kept}:5353"))
+        .await
+        .unwrap();
+    if let Some(ssh) = &ssh {
+        // The forward to port 22 is found again, not added twice.
+        let out = ssh.run(&bus, &["--", "hostname"]).await;
+        assert_eq!(stdout(&out), "maqet-guest\n", "{}", stderr(&out));
+        let mut now = vm.forwards().await.unwrap();
+        now.sort();
+        before.retain(|f| !f.starts_with("udp:"));
+        assert_eq!(now, before);
+    }
     let mut serial = Serial::attach(&vm).await;
 
     // Stop goes through the agent first, and says so.
@@ -415,5 +555,184 @@ async fn a_vm_without_an_agent_channel_says_how_to_get_one() {
     );
     let e = guest.read_file("/etc/hostname", 0).await.unwrap_err();
     assert!(error_name(&e).ends_with("InvalidState"), "{e}");
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// A real ssh client for `maqet ssh` (through `MAQET_SSH_CLIENT`: a wrapper that adds
+/// the test's own ssh_config, since ssh reads ~/.ssh of the passwd entry, not $HOME).
+struct SshClient {
+    wrapper: std::path::PathBuf,
+    public_key: std::path::PathBuf,
+}
+
+impl SshClient {
+    async fn run(&self, bus: &Bus, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["ssh", "agent"];
+        all.extend_from_slice(args);
+        let mut cmd = bus.maqet_command(&all);
+        cmd.env("MAQET_SSH_CLIENT", &self.wrapper);
+        tokio::time::timeout(
+            TIMEOUT,
+            tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+        )
+        .await
+        .expect("maqet ssh finishes")
+        .unwrap()
+    }
+}
+
+/// A key pair, a known_hosts naming the guest's build-time host key under the alias
+/// `maqet ssh` uses, and the wrapper. `None` (skipped, or failed under
+/// MAQET_TEST_REQUIRE_ALL) without ssh and ssh-keygen.
+fn ssh_client(dir: &Path, host_key: &Path) -> Option<SshClient> {
+    let ssh = require(program("ssh", "openssh-client"))?;
+    let keygen = require(program("ssh-keygen", "openssh-client"))?;
+    let key = dir.join("id_ed25519");
+    let out = std::process::Command::new(keygen)
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-keygen: {}", stderr(&out));
+    let host_key = std::fs::read_to_string(host_key).unwrap();
+    let known = dir.join("known_hosts");
+    std::fs::write(&known, format!("maqet-agent {}", host_key.trim())).unwrap();
+    let config = dir.join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  \
+             GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+            key.display(),
+            known.display()
+        ),
+    )
+    .unwrap();
+    let wrapper = dir.join("ssh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} -F {} \"$@\"\n",
+            ssh.display(),
+            config.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(SshClient {
+        wrapper,
+        public_key: key.with_extension("pub"),
+    })
+}
+
+/// The text the guest printed for seed file `name` (between its markers).
+fn seed_file(console: &str, name: &str) -> String {
+    let start = format!("MAQET-SEED-FILE {name}");
+    let end = format!("MAQET-SEED-END {name}");
+    let from = console
+        .find(&start)
+        .unwrap_or_else(|| panic!("no {name} in the seed:\n{console}"));
+    let rest = &console[from + start.len()..];
+    rest[..rest.find(&end).expect("the end marker")].replace('\r', "")
+}
+
+/// Every file named `name` under `dir`.
+fn find_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(find_named(&path, name));
+        } else if entry.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// cloud-init's NoCloud seed: the real guest finds the volume labelled `cidata`, mounts
+/// it (ISO 9660, read-only) and prints its files; a changed config gives a new seed at
+/// the next start (read on the host: no second boot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_init_seed_reaches_the_guest_and_follows_the_config() {
+    let Some(image) = linux_guest::image() else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let keys = |host: &str| {
+        format!(
+            "hostname: {host}\nuser: alice\n\
+             ssh_authorized_keys: ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@laptop']\n\
+             cloud_init:\n  user_data: {{packages: [htop], runcmd: [[touch, /ok]]}}\n\
+             \x20 network_config: {{version: 2, ethernets: {{eth0: {{dhcp4: true}}}}}}\n"
+        )
+    };
+    let first = keys("seeded-web");
+    let setup = Setup {
+        append: "maqet.seed maqet.load=isofs",
+        keys: &first,
+        ..Setup::default()
+    };
+    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "seeded", image, &setup).await;
+    let console = String::from_utf8_lossy(&serial.log).into_owned();
+    assert!(
+        console.contains("MAQET-SEED-MOUNTED /dev/vda iso9660"),
+        "{console}"
+    );
+    let user = seed_file(&console, "user-data");
+    assert!(user.starts_with("\n#cloud-config\n"), "{user}");
+    for want in ["hostname: seeded-web", "- htop", "name: alice", "- touch"] {
+        assert!(user.contains(want), "{want:?} not in user-data:\n{user}");
+    }
+    let meta = seed_file(&console, "meta-data");
+    for want in [
+        "local-hostname: seeded-web",
+        "instance-id: maqet-",
+        "- ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@laptop",
+    ] {
+        assert!(meta.contains(want), "{want:?} not in meta-data:\n{meta}");
+    }
+    let net = seed_file(&console, "network-config");
+    assert!(net.contains("dhcp4: true"), "{net}");
+    // Attached read-only: the guest's block layer says so.
+    let (rc, shown) = serial.run("cat /sys/block/vda/ro").await;
+    assert_eq!(rc, 0, "{shown}");
+    assert!(shown.contains("\n1\r\n"), "{shown}");
+    drop(serial);
+    vm.stop(true, 0).await.unwrap();
+
+    // The config changes: the next start writes a new seed, with a new instance-id.
+    let isos = find_named(bus.root(), "cidata.iso");
+    assert_eq!(isos.len(), 1, "{isos:?}");
+    let read = || maqet::storage::seed::read_iso(&std::fs::read(&isos[0]).unwrap()).unwrap();
+    let file = |files: &[(String, Vec<u8>)], name: &str| {
+        let (_, data) = files.iter().find(|(n, _)| n == name).unwrap();
+        String::from_utf8(data.clone()).unwrap()
+    };
+    let (label, before) = read();
+    assert_eq!(label, "cidata");
+    let second = keys("seeded-db");
+    let changed = linux_guest::vm_yaml(
+        "seeded",
+        image,
+        &Setup {
+            keys: &second,
+            ..setup
+        },
+    );
+    vm.apply(&changed).await.unwrap();
+    vm.start().await.unwrap(); // paused (-S): the seed is written before QEMU runs
+    let (_, after) = read();
+    assert!(file(&after, "meta-data").contains("local-hostname: seeded-db"));
+    assert!(file(&after, "user-data").contains("hostname: seeded-db"));
+    let id = |files: &[(String, Vec<u8>)]| {
+        file(files, "meta-data")
+            .lines()
+            .find(|l| l.starts_with("instance-id:"))
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(id(&before), id(&after));
     vm.stop(true, 0).await.unwrap();
 }

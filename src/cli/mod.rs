@@ -126,7 +126,7 @@ pub enum Command {
         #[arg(long, default_value_t = 60, requires = "wait_for")]
         timeout: u32,
     },
-    /// Stop a VM: ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
+    /// Stop a VM: guest-agent shutdown or ACPI power-down, then quit, SIGTERM and SIGKILL after the timeout.
     Stop {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,
@@ -205,7 +205,7 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: String,
     },
-    /// Wait for a condition: status=<state>[|<state>…] or event=<QMP EVENT>.
+    /// Wait for a condition: status=<state>[|<state>…], agent=connected or event=<QMP EVENT>.
     Wait {
         #[arg(add = crate::cli::complete::vm())]
         vm: String,

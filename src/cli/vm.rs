@@ -181,7 +181,9 @@ pub(super) async fn stop(
 ) -> Result<(), MaqetError> {
     let (_, proxy) = vm(s, name).await?;
     if !s.json && !force && !no_wait {
-        eprintln!("stopping {name}: ACPI power-down, escalating after {timeout} s…");
+        eprintln!(
+            "stopping {name}: asking the guest to power off (guest agent, ACPI), escalating after {timeout} s…"
+        );
     }
     proxy.stop(force, timeout).await?;
     if !no_wait {

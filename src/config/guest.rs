@@ -123,6 +123,8 @@ pub struct GuestKeys {
     /// The user-mode netdev the forwards live on (`None` when there are none).
     pub forward_netdev: Option<String>,
     pub ssh_user: Option<String>,
+    /// The NoCloud seed's contents (`cloud_init` and its convenience keys).
+    pub cloud_init: Option<super::cloud_init::CloudInit>,
 }
 
 /// `guest_agent: true|false`.

@@ -21,6 +21,7 @@
 //!   dangerous-location policy (it lives in system directories by design).
 
 mod argv;
+mod cloud_init;
 mod diag;
 mod display;
 mod guest;
@@ -42,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub(crate) use argv::escape_commas;
+pub use cloud_init::{CloudInit, SeedDoc};
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
 pub use display::DisplayServer;
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};

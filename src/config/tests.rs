@@ -1020,7 +1020,7 @@ fn error_display() {
     let err = load_one("memroy: 1G\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user, autostart, autostart_delay, restart, on_sleep, on_logout, memory_max, cpu_quota)"
+        "vm.yaml:1:1: unknown key `memroy` (did you mean `memory`? valid keys: name, binary, memory, cpu, display, vga, firmware, tpm, arguments, storage, args, guest_agent, forwards, ssh_user, autostart, autostart_delay, restart, on_sleep, on_logout, memory_max, cpu_quota, cloud_init, ssh_authorized_keys, hostname, user)"
     );
 }
 
@@ -1405,6 +1405,51 @@ fn bad_forwards_are_config_errors_at_their_place() {
     error_in("guest_agent: yes\n", 1, 14, "true or false");
     error_in("ssh_user: -oProxyCommand=x\n", 1, 11, "invalid `ssh_user`");
     error_in("ssh_user: 'a b'\n", 1, 11, "invalid `ssh_user`");
+}
+
+/// `cloud_init` and its convenience keys compile to the seed's inputs, never touch the
+/// argv (maqetd adds the seed's drive at start), and survive a store round trip.
+#[test]
+fn cloud_init_keys() {
+    let plain = load_one("memory: 256\n").unwrap();
+    assert_eq!(plain.guest().cloud_init, None);
+    let yaml = "memory: 256\nhostname: web-1\nuser: alice\n\
+                ssh_authorized_keys: ['ssh-ed25519 AAAA alice@host']\n\
+                cloud_init: {user_data: {packages: [htop], write_files: [{path: /x, permissions: 0644}], uid: 1000}}\n";
+    let config = load_one(yaml).unwrap();
+    assert_eq!(config.qemu_args(), plain.qemu_args());
+    let seed = config.guest().cloud_init.clone().unwrap();
+    assert_eq!(seed.hostname.as_deref(), Some("web-1"));
+    assert_eq!(seed.user.as_deref(), Some("alice"));
+    assert_eq!(seed.ssh_authorized_keys, ["ssh-ed25519 AAAA alice@host"]);
+    let Some(crate::config::SeedDoc::Inline(user)) = &seed.user_data else {
+        panic!("{seed:?}");
+    };
+    assert_eq!(user["packages"][0], "htop");
+    assert_eq!(user["uid"], 1000);
+    // Written as text: cloud-init's YAML 1.1 would read a bare 0644 as octal, ours not.
+    assert_eq!(user["write_files"][0]["permissions"], "0644");
+    let again = load_one(&config.to_yaml()).unwrap();
+    assert_eq!(again.guest().cloud_init, config.guest().cloud_init);
+
+    error_in("cloud_init: [1]\n", 1, 13, "must be a mapping");
+    error_in(
+        "cloud_init: {userdata: {}}\n",
+        1,
+        14,
+        "did you mean `user_data`",
+    );
+    error_in("cloud_init: {meta_data: 3}\n", 1, 25, "a file or a mapping");
+    error_in("hostname: -web\n", 1, 11, "invalid `hostname`");
+    error_in("hostname: 'a b'\n", 1, 11, "invalid `hostname`");
+    error_in("user: Root\n", 1, 7, "invalid `user`");
+    error_in(
+        "ssh_authorized_keys: [nokey]\n",
+        1,
+        23,
+        "not an ssh public key",
+    );
+    error_in("ssh_authorized_keys: 3\n", 1, 22, "list of public keys");
 }
 
 /// Host files are slots in the argv: each names the file maqetd opens at start, how

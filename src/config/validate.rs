@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::argv::{SINGLE_INSTANCE, canonical, compile_args, compile_arguments, reserved_reason};
+use super::cloud_init::{self, CloudInit};
 use super::diag::{Diags, suggest, unknown_hint};
 use super::display::{self, DisplayServer};
 use super::guest::{self, GuestKeys};
@@ -41,6 +42,10 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "on_logout",
     "memory_max",
     "cpu_quota",
+    "cloud_init",
+    "ssh_authorized_keys",
+    "hostname",
+    "user",
 ];
 
 const SMP_KEYS: &[&str] = &[
@@ -416,7 +421,38 @@ fn guest_keys(slots: &mut Slots, fallback: &Loc, cx: &mut Cx, argv: &mut Vec<Str
         forwards: forwards.into_iter().map(|(f, _)| f).collect(),
         forward_netdev,
         ssh_user,
+        cloud_init: cloud_init_keys(slots, cx),
     }
+}
+
+/// `cloud_init` and its convenience keys; `None` when the config names none of them.
+fn cloud_init_keys(slots: &mut Slots, cx: &mut Cx) -> Option<CloudInit> {
+    let mut seed = CloudInit::default();
+    let mut any = false;
+    if let Some(e) = slots[slot("cloud_init")].as_mut() {
+        any = true;
+        cloud_init::cloud_init(e, &mut seed, cx);
+    }
+    if let Some(e) = slots[slot("ssh_authorized_keys")].as_mut() {
+        any = true;
+        seed.ssh_authorized_keys = cloud_init::authorized_keys(e, cx);
+    }
+    if let Some(e) = slots[slot("hostname")].as_mut() {
+        any = true;
+        seed.hostname = cloud_init::name(e, cx);
+    }
+    if let Some(e) = slots[slot("user")].as_mut() {
+        any = true;
+        seed.user = cloud_init::name(e, cx);
+        if matches!(seed.user_data, Some(cloud_init::SeedDoc::File(_))) {
+            cx.diags.error_hint(
+                &e.key_loc,
+                "`user` cannot be added to a `user_data` file",
+                "create the user in that file (`users:`), or write `user_data` inline",
+            );
+        }
+    }
+    any.then_some(seed)
 }
 
 /// `tpm: true`: an emulated TPM 2.0 (an `swtpm` per VM, started by maqetd: `vm::tpm`).

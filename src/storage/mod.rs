@@ -1,7 +1,7 @@
 //! Host storage: which locations a VM may use (`danger`), opening host paths without
 //! following symlinks (`nofollow`), the files QEMU gets as fds (`hostfiles`), race-free
 //! creation of missing disk images (`create`), UEFI firmware and its per-VM variable store
-//! (`firmware`), running `qemu-img` (`qemu_img`), free-space checks
+//! (`firmware`), cloud-init NoCloud seeds (`seed`), running `qemu-img` (`qemu_img`), free-space checks
 //! (`space`), and what `maqet storage ls|verify` report about a VM's disks
 //! (`inventory`). docs/storage.md is the user-facing description.
 
@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod nofollow;
 pub mod orphans;
 pub mod qemu_img;
+pub mod seed;
 pub mod space;
 
 pub use error::StorageError;

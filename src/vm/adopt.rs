@@ -86,11 +86,8 @@ impl Vm {
         supervisor::spawn(self.clone(), runtime.clone(), rx);
         // Keep the serial output from the first byte (a VM without maqet's console has none).
         let _ = self.keep_console(&runtime).await;
-        // The configured forwards are still in QEMU; ones added at run time before the
-        // restart stay in place but are no longer listed (maqetd kept them in memory).
-        if let Ok(config) = self.stored_config() {
-            self.set_forwards(config.guest().forwards.clone());
-        }
+        // QEMU kept every forward, configured or added at run time: list them again.
+        self.reread_forwards().await;
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
     }
 

@@ -51,6 +51,19 @@ fn netdev(config: &VmConfig, vm: &str) -> Result<String, VmError> {
     }
 }
 
+/// What an HMP command on maqetd's monitor printed.
+async fn hmp_text(vm: &str, qmp: &QmpClient, command_line: &str) -> Result<String, VmError> {
+    let out = qmp
+        .execute_timeout(
+            "human-monitor-command",
+            Some(json!({ "command-line": command_line })),
+            QMP_TIMEOUT,
+        )
+        .await
+        .map_err(|e| qmp_error(vm, e))?;
+    Ok(out.as_str().unwrap_or_default().to_owned())
+}
+
 /// Runs an HMP command on maqetd's monitor; `ok` tells its success text (HMP has no
 /// error channel: `hostfwd_add` prints nothing when it works, `hostfwd_remove`
 /// "… removed").
@@ -60,15 +73,7 @@ async fn hmp_on(
     command_line: String,
     ok: fn(&str) -> bool,
 ) -> Result<(), VmError> {
-    let out = qmp
-        .execute_timeout(
-            "human-monitor-command",
-            Some(json!({ "command-line": command_line })),
-            QMP_TIMEOUT,
-        )
-        .await
-        .map_err(|e| qmp_error(vm, e))?;
-    match out.as_str().map(str::trim).unwrap_or_default() {
+    match hmp_text(vm, qmp, &command_line).await?.trim() {
         text if ok(text) => Ok(()),
         text => Err(VmError::InvalidArgument(format!(
             "VM '{vm}': QEMU refused `{command_line}`: {text}"
@@ -96,7 +101,85 @@ pub(super) async fn install(vm: &str, qmp: &QmpClient, config: &VmConfig) -> Res
     Ok(())
 }
 
+/// The forwards QEMU has on user-mode netdev `id`, read from HMP `info usernet` (QMP
+/// has no query for them):
+///
+/// ```text
+/// Hub -1 (net0):
+///   Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+///   TCP[HOST_FORWARD]   8       127.0.0.1 52299       10.0.2.15    22     0     0
+///   UDP[HOST_FORWARD]   3               *  5353       10.0.2.15    53     0     0
+/// ```
+///
+/// `*` is every address (0.0.0.0). Lines that do not parse are left out.
+pub(super) fn parse_usernet(text: &str, id: &str) -> Vec<Forward> {
+    let mut section = None;
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(header) = line.strip_prefix("Hub ") {
+            section = header
+                .split_once(" (")
+                .and_then(|(_, rest)| rest.strip_suffix("):"))
+                .map(str::to_owned);
+            continue;
+        }
+        if section.as_deref() != Some(id) {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [state, _fd, bind, host, _dest, guest, ..] = words.as_slice() else {
+            continue;
+        };
+        let proto = match *state {
+            "TCP[HOST_FORWARD]" => Proto::Tcp,
+            "UDP[HOST_FORWARD]" => Proto::Udp,
+            _ => continue,
+        };
+        let bind = match *bind {
+            "*" => std::net::Ipv4Addr::UNSPECIFIED,
+            other => match other.parse() {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        if let (Ok(host), Ok(guest)) = (host.parse(), guest.parse()) {
+            found.push(Forward {
+                proto,
+                bind,
+                host,
+                guest,
+            });
+        }
+    }
+    found
+}
+
 impl Vm {
+    /// After a re-adoption: `Forwards` as QEMU has them, so forwards added at run time
+    /// before maqetd restarted are listed (and removable) again. The configured ones
+    /// when QEMU cannot be asked.
+    pub(super) async fn reread_forwards(self: &Arc<Self>) {
+        let Ok(config) = self.stored_config() else {
+            return;
+        };
+        let configured = config.guest().forwards.clone();
+        let read = async {
+            let id = netdev(&config, &self.name())?;
+            let text = hmp_text(&self.name(), &self.qmp()?, "info usernet").await?;
+            Ok::<_, VmError>(parse_usernet(&text, &id))
+        };
+        let forwards = match read.await {
+            Ok(found) => found,
+            Err(_) if configured.is_empty() => configured,
+            Err(e) => {
+                tracing::warn!(vm = %self.name(), error = %e, "cannot read the forwards back from QEMU; listing the configured ones");
+                configured
+            }
+        };
+        self.set_forwards(forwards);
+    }
+
     async fn hmp(&self, command_line: String, ok: fn(&str) -> bool) -> Result<(), VmError> {
         hmp_on(&self.name(), &self.qmp()?, command_line, ok).await
     }
@@ -163,5 +246,31 @@ impl Vm {
                 self.name()
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USERNET: &str = "Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n  TCP[HOST_FORWARD]   8       127.0.0.1 52299       10.0.2.15    22     0     0\r\n  TCP[HOST_FORWARD]   3               * 52298       10.0.2.15    80     0     0\r\n  UDP[HOST_FORWARD]   9       127.0.0.1  5353       10.0.2.15    53     0     0\r\n  TCP[ESTABLISHED]   12       10.0.2.15 40000       10.0.2.2     80     0     0\r\nHub -1 (other):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n  TCP[HOST_FORWARD]   4       127.0.0.1  1234       10.0.2.15    22     0     0\r\n";
+
+    #[test]
+    fn info_usernet_gives_back_the_forwards_of_one_netdev() {
+        let specs: Vec<String> = parse_usernet(USERNET, "net0")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            specs,
+            [
+                "tcp:127.0.0.1:52299:22",
+                "tcp:0.0.0.0:52298:80",
+                "udp:127.0.0.1:5353:53"
+            ]
+        );
+        assert_eq!(parse_usernet(USERNET, "other").len(), 1);
+        assert!(parse_usernet(USERNET, "absent").is_empty());
+        assert!(parse_usernet("garbage\nHub (x\n  TCP[HOST_FORWARD] a b c", "x").is_empty());
     }
 }

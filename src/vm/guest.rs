@@ -45,6 +45,16 @@ pub enum AgentState {
 }
 
 impl AgentState {
+    pub const ALL: [AgentState; 3] = [
+        AgentState::Absent,
+        AgentState::Connecting,
+        AgentState::Connected,
+    ];
+
+    pub fn parse(text: &str) -> Option<AgentState> {
+        AgentState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AgentState::Absent => "absent",
@@ -93,13 +103,25 @@ impl GuestView {
 }
 
 /// Per-VM guest state, kept on the `Vm`.
-#[derive(Default)]
 pub(super) struct GuestLink {
     view: RwLock<GuestView>,
     /// The current agent connection, once synchronised.
     client: Mutex<Option<Arc<AgentClient>>>,
     /// The guest opened the agent's port, or someone asked for a refresh.
     wake: Notify,
+    /// `GuestAgent` for `Wait agent=…`.
+    agent_tx: tokio::sync::watch::Sender<AgentState>,
+}
+
+impl Default for GuestLink {
+    fn default() -> GuestLink {
+        GuestLink {
+            view: RwLock::default(),
+            client: Mutex::default(),
+            wake: Notify::default(),
+            agent_tx: tokio::sync::watch::Sender::new(AgentState::Absent),
+        }
+    }
 }
 
 /// The guest properties, by the interface that carries them.
@@ -109,6 +131,10 @@ pub const FORWARD_PROPERTIES: &[&str] = &["Forwards"];
 impl Vm {
     pub fn guest_view(&self) -> GuestView {
         self.guest.view.read().clone()
+    }
+
+    pub(super) fn subscribe_agent(&self) -> tokio::sync::watch::Receiver<AgentState> {
+        self.guest.agent_tx.subscribe()
     }
 
     /// Changes the guest view and announces the properties that changed.
@@ -122,6 +148,7 @@ impl Vm {
         let mut changed = Vec::new();
         if before.agent != after.agent {
             changed.push("GuestAgent");
+            self.guest.agent_tx.send_replace(after.agent);
         }
         if before.info != after.info {
             changed.push("GuestInfo");

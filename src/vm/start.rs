@@ -50,8 +50,11 @@ impl Vm {
         // Opened after creation and after the stored paths were checked again: QEMU
         // gets these fds, never the names (docs/storage.md).
         let opened = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
-            Ok(mut files) => match self.attach_firmware(&config, &mut files).await {
-                Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
+            Ok(mut files) => match self.attach_seed(&config, &mut files).await {
+                Ok(()) => match self.attach_firmware(&config, &mut files).await {
+                    Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             Err(e) => Err(e.into()),
@@ -258,6 +261,44 @@ impl Vm {
             tracing::info!(vm = %self.name(), path = %vars.display(), template = %selected.vars_template.display(), "created UEFI variable store");
         }
         firmware::attach(&selected, &vars, &paths.home, files).map_err(VmError::Storage)
+    }
+
+    /// `cloud_init` and its convenience keys: writes the NoCloud seed in the VM's data
+    /// directory from the current config at every start (so it always matches it;
+    /// recorded as maqet's the first time, so `--delete-storage` removes it) and attaches
+    /// it read-only as a virtio disk.
+    async fn attach_seed(
+        &self,
+        config: &VmConfig,
+        files: &mut crate::storage::hostfiles::OpenedFiles,
+    ) -> Result<(), VmError> {
+        use crate::storage::seed;
+        let Some(cloud_init) = &config.guest().cloud_init else {
+            return Ok(());
+        };
+        let dest = seed::seed_path(&self.ctx.paths.vm_data_dir(&self.id));
+        let new = std::fs::symlink_metadata(&dest).is_err();
+        let docs = seed::compose(cloud_init, &self.id).map_err(VmError::InvalidArgument)?;
+        seed::write_iso(&docs, &dest, self.ctx.path_env.as_deref()).map_err(VmError::Storage)?;
+        if new {
+            let (owner, path) = (self.id.clone(), dest.clone());
+            self.ctx
+                .store
+                .write(move |db| db.record_created_file(&owner, &path, "raw"))
+                .await
+                .map_err(store_error)?;
+        }
+        let set = files
+            .add_block_file(&dest, crate::config::Access::Read)
+            .map_err(VmError::Storage)?;
+        files.args.extend([
+            "-drive".to_owned(),
+            format!("if=none,id=maqet-cidata,format=raw,readonly=on,file={set}"),
+            "-device".to_owned(),
+            "virtio-blk-pci,drive=maqet-cidata".to_owned(),
+        ]);
+        tracing::info!(vm = %self.name(), path = %dest.display(), "wrote the cloud-init seed");
+        Ok(())
     }
 
     /// `tpm: true`: starts the VM's swtpm (`vm::tpm`) and adds its device.

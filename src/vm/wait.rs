@@ -44,6 +44,13 @@ impl Vm {
                     _ => Err(timeout()),
                 }
             }
+            WaitCondition::Agent(states) => {
+                let mut rx = self.subscribe_agent();
+                match tokio::time::timeout(limit, rx.wait_for(|s| states.contains(s))).await {
+                    Ok(Ok(s)) => Ok(s.as_str().to_string()),
+                    _ => Err(timeout()),
+                }
+            }
             WaitCondition::Event(name) => {
                 let mut rx = self.subscribe_qmp();
                 let wait = next_qmp_event(&mut rx, |n, _| n == name);
@@ -63,13 +70,15 @@ pub enum WaitCondition {
     Status(Vec<Status>),
     /// `event=RESUME`: the next QMP event of that name.
     Event(String),
+    /// `agent=connected`: the guest agent's state (`GuestAgent`), now or later.
+    Agent(Vec<super::guest::AgentState>),
 }
 
 impl WaitCondition {
     pub fn parse(s: &str) -> Result<WaitCondition, VmError> {
         let bad = |why: String| {
             VmError::InvalidArgument(format!(
-                "bad wait condition '{s}': {why}; use status=<state>[|<state>…] or event=<QMP event name>, e.g. status=running or event=RESUME"
+                "bad wait condition '{s}': {why}; use status=<state>[|<state>…], agent=absent|connecting|connected or event=<QMP event name>, e.g. status=running, agent=connected or event=RESUME"
             ))
         };
         let (key, value) = s.split_once('=').ok_or_else(|| bad("missing '='".into()))?;
@@ -88,6 +97,22 @@ impl WaitCondition {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(WaitCondition::Status(states))
+            }
+            "agent" => {
+                use super::guest::AgentState;
+                let states = value
+                    .split('|')
+                    .map(|v| {
+                        AgentState::parse(v.trim()).ok_or_else(|| {
+                            bad(format!(
+                                "unknown agent state '{}' (states: {})",
+                                v.trim(),
+                                AgentState::ALL.map(AgentState::as_str).join(", ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(WaitCondition::Agent(states))
             }
             "event" => {
                 let name = value.trim();
@@ -116,5 +141,25 @@ pub(super) async fn next_qmp_event(
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::guest::AgentState;
+
+    #[test]
+    fn agent_conditions_parse_and_name_the_states() {
+        assert_eq!(
+            WaitCondition::parse("agent=connected").unwrap(),
+            WaitCondition::Agent(vec![AgentState::Connected])
+        );
+        assert_eq!(
+            WaitCondition::parse("agent=absent|connecting").unwrap(),
+            WaitCondition::Agent(vec![AgentState::Absent, AgentState::Connecting])
+        );
+        let e = WaitCondition::parse("agent=up").unwrap_err().to_string();
+        assert!(e.contains("absent, connecting, connected"), "{e}");
     }
 }

@@ -29,6 +29,8 @@ pub const NO_ACPI: &str = "maqet.noacpi";
 pub struct Image {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The public half of the guest's ssh host key (`ssh-ed25519 AAAA…`), made at build.
+    pub ssh_host_key: PathBuf,
 }
 
 /// Why the guest is not there.
@@ -84,6 +86,7 @@ fn build() -> Result<Image, Missing> {
     Ok(Image {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
+        ssh_host_key: dir.join("ssh_host_ed25519_key.pub"),
     })
 }
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::guest::{self, Behaviour};
 use common::{Bus, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
 use futures_util::StreamExt;
 use maqet::client::VmProxy;
@@ -336,20 +337,23 @@ async fn session_end_stops_vms_with_on_logout_stop_and_keeps_the_rest() {
     logind.until_held("sleep", 1).await;
     // Only a VM with something to do at logout needs the shutdown lock.
     logind.until_held("shutdown", 0).await;
+    // A guest that answers the power button: the stop is graceful, not a 30 s escalation.
+    let image = guest::write_image(bus.root(), Behaviour::AcpiAware);
     let stopper = bus
         .add(
             &conn,
             "",
-            &format!("{}on_logout: stop\n", tiny_vm_yaml("stopper")),
+            &format!("{}on_logout: stop\n", guest::vm_yaml("stopper", &image)),
         )
         .await;
     stopper.start().await.unwrap();
+    stopper.wait("event=RTC_CHANGE", 60).await.unwrap();
     logind.until_held("shutdown", 1).await;
 
     let mut watch = StatusWatch::new(&stopper).await;
     logind.prepare_for_shutdown(true).await;
     let (_, _, reason) = watch.until("stopped").await;
-    assert!(reason.contains("stopped by request"), "{reason}");
+    assert_eq!(reason, "guest powered off after an ACPI power-down request");
     logind.until_held("shutdown", 0).await;
     assert_eq!(kept.status().await.unwrap(), "running");
     kept.stop(true, 0).await.unwrap();
@@ -361,12 +365,15 @@ async fn each_qemu_runs_in_its_own_scope_when_a_user_manager_exists() {
     let bus = Bus::start();
     let mut systemd = UserManager::start(&bus).await;
     let conn = bus.conn().await;
+    // A guest that answers the power button, for the graceful on_logout stop below.
+    let image = guest::write_image(bus.root(), Behaviour::AcpiAware);
     let yaml = format!(
         "{}memory_max: 256M\ncpu_quota: 50%\non_logout: stop\n",
-        tiny_vm_yaml("scoped")
+        guest::vm_yaml("scoped", &image)
     );
     let vm = bus.add(&conn, "", &yaml).await;
     vm.start().await.unwrap();
+    vm.wait("event=RTC_CHANGE", 60).await.unwrap();
     let pid = vm.pid().await.unwrap();
     let id = vm.id().await.unwrap();
     let Call::StartTransientUnit(unit) = systemd.next().await else {

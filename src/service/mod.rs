@@ -180,6 +180,8 @@ pub async fn serve(
         settings.notifications.clone(),
     )
     .await;
+    // This session's autostart VMs, chosen before any caller can add one.
+    let autostart = crate::session::autostart::prepare(&manager);
     let mut flags = RequestNameFlags::DO_NOT_QUEUE | RequestNameFlags::ALLOW_REPLACEMENT;
     if opts.replace {
         flags |= RequestNameFlags::REPLACE_EXISTING;
@@ -192,7 +194,12 @@ pub async fn serve(
             )),
             other => MaqetError::Internal(format!("cannot own {BUS_NAME} ({other})")),
         })?;
-    let session = SessionLife::start(conn.clone(), manager.clone(), Some(idle.clone()));
+    let session = SessionLife::start(
+        conn.clone(),
+        manager.clone(),
+        Some(idle.clone()),
+        autostart,
+    );
     let pump = tokio::spawn(pump::run(
         conn.clone(),
         shared.clone(),

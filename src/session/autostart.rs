@@ -55,12 +55,18 @@ fn plan(manager: &Manager) -> Vec<(Arc<Vm>, Duration)> {
         .collect()
 }
 
-/// Starts this session's autostart VMs in the background (once per session).
-pub fn spawn(manager: Arc<Manager>, activity: Option<Arc<dyn ActivityObserver>>) {
-    if !claim(&manager) {
-        return;
+/// This session's autostart VMs, in order with their delays: empty when this session
+/// already had its autostart. Taken before maqetd owns its name, so a VM a caller adds
+/// in the first moments is not mistaken for one that was waiting for the session.
+pub fn prepare(manager: &Manager) -> Vec<(Arc<Vm>, Duration)> {
+    if !claim(manager) {
+        return Vec::new();
     }
-    let vms = plan(&manager);
+    plan(manager)
+}
+
+/// Starts the [`prepare`]d VMs in the background.
+pub fn spawn(vms: Vec<(Arc<Vm>, Duration)>, activity: Option<Arc<dyn ActivityObserver>>) {
     if vms.is_empty() {
         return;
     }

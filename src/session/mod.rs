@@ -52,11 +52,12 @@ pub struct SessionLife {
 
 impl SessionLife {
     /// Starts what runs on its own: logind's watch, the user manager's scopes for
-    /// re-adopted VMs, this session's autostart.
+    /// re-adopted VMs, this session's autostart (`autostart::prepare`).
     pub fn start(
         conn: zbus::Connection,
         manager: Arc<Manager>,
         activity: Option<Arc<dyn ActivityObserver>>,
+        autostart: Vec<(Arc<crate::vm::Vm>, std::time::Duration)>,
     ) -> Arc<SessionLife> {
         let me = Arc::new(SessionLife {
             restarter: restart::Restarter::new(activity.clone()),
@@ -70,7 +71,7 @@ impl SessionLife {
             let scopes = life.scopes().await;
             scope::refind_all(scopes, &life.manager).await;
             // After the scopes: an autostart VM is placed like any other.
-            autostart::spawn(life.manager.clone(), activity);
+            autostart::spawn(autostart, activity);
         });
         me
     }

@@ -194,12 +194,7 @@ pub async fn serve(
             )),
             other => MaqetError::Internal(format!("cannot own {BUS_NAME} ({other})")),
         })?;
-    let session = SessionLife::start(
-        conn.clone(),
-        manager.clone(),
-        Some(idle.clone()),
-        autostart,
-    );
+    let session = SessionLife::start(conn.clone(), manager.clone(), Some(idle.clone()), autostart);
     let pump = tokio::spawn(pump::run(
         conn.clone(),
         shared.clone(),

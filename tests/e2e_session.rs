@@ -458,3 +458,198 @@ fn the_installed_unit_passes_systemd_analyze_verify() {
         common::stderr(&out)
     );
 }
+
+/// The status reason `on_logout: save` leaves until the next maqetd restores the VM.
+const SAVED_AT_LOGOUT: &str = "saved to snapshot 'maqet-logout' when the session ended";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_logout_save_snapshots_a_real_guest_and_the_next_maqetd_restores_it() {
+    use common::linux_guest::{self, Setup};
+    let Some(image) = linux_guest::image() else {
+        return;
+    };
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let keys = "on_logout: save\nstorage:\n  - {name: disk, type: qcow2, size: 16M}\n";
+    let setup = Setup {
+        keys,
+        ..Setup::default()
+    };
+    let (vm, mut serial) = linux_guest::boot(&bus, &conn, "saved", image, &setup).await;
+    // State only a restore brings back: a file in the guest's RAM (its root is the
+    // initramfs) and its uptime.
+    let (rc, _) = serial.run("echo kept-$$ > /tmp/marker").await;
+    assert_eq!(rc, 0);
+    let (_, marker) = serial.run("cat /tmp/marker").await;
+    let marker = marker
+        .lines()
+        .find(|l| l.starts_with("kept-"))
+        .unwrap_or_else(|| panic!("no marker in {marker:?}"))
+        .trim()
+        .to_string();
+    let uptime = |shown: &str| -> f64 {
+        shown
+            .lines()
+            .find_map(|l| l.strip_prefix("UPTIME="))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no uptime in {shown:?}"))
+    };
+    let (_, shown) = serial.run("echo UPTIME=$(cat /proc/uptime)").await;
+    let before = uptime(&shown);
+    logind.until_held("shutdown", 1).await;
+
+    // The session ends: a live snapshot, then the VM quits.
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_shutdown(true).await;
+    let (_, _, reason) = watch.until("stopped").await;
+    assert!(reason.starts_with("stopped by request"), "{reason}");
+    logind.until_held("shutdown", 0).await;
+    let reason = vm.status_reason().await.unwrap();
+    assert!(reason.starts_with(SAVED_AT_LOGOUT), "{reason}");
+    let snaps = stdout(&bus.maqet(&["snapshot", "ls", "saved"]));
+    assert!(snaps.contains("maqet-logout"), "{snaps}");
+    drop(serial);
+
+    // The next login: maqetd is gone with the session, the first call brings it back,
+    // and it restores the VM by itself.
+    stop_maqetd(&bus, &conn).await;
+    let mut reasons = Reasons::new(&vm).await;
+    assert_eq!(vm.wait("status=running", 60).await.unwrap(), "running");
+    reasons
+        .until("restored from snapshot 'maqet-logout' saved when the last session ended")
+        .await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    let mut serial = linux_guest::Serial::attach(&vm).await;
+    let (_, shown) = serial.run("cat /tmp/marker").await;
+    assert!(
+        shown.contains(&marker),
+        "not the guest that was saved: {shown:?}"
+    );
+    // Its clock went on from where it was saved (a fresh boot would show a marker-less
+    // /tmp above; this only checks nothing went backwards).
+    let (_, shown) = serial.run("echo UPTIME=$(cat /proc/uptime)").await;
+    assert!(uptime(&shown) >= before, "{shown:?}");
+    // Restored once: a later maqetd leaves it alone.
+    drop(serial);
+    vm.stop(true, 0).await.unwrap();
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+    let reason = vm.status_reason().await.unwrap();
+    assert!(!reason.starts_with("restored"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_shutdown_restores_at_once_and_a_persons_start_cancels_the_restore() {
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let yaml = format!(
+        "{}on_logout: save\nstorage:\n  - {{name: disk, type: qcow2, size: 16M}}\n",
+        tiny_vm_yaml("undecided")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    logind.until_held("shutdown", 1).await;
+    let first_pid = vm.pid().await.unwrap();
+
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_shutdown(true).await;
+    watch.until("stopped").await;
+    logind.until_held("shutdown", 0).await;
+    // logind calls the shutdown off: the session goes on, and so does the VM.
+    let mut reasons = Reasons::new(&vm).await;
+    logind.prepare_for_shutdown(false).await;
+    reasons
+        .until("restored from snapshot 'maqet-logout'")
+        .await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_ne!(vm.pid().await.unwrap(), first_pid, "a new QEMU, restored");
+    logind.until_held("shutdown", 1).await;
+
+    // Saved again; then a person starts and stops it before the next login: that
+    // snapshot is stale, and the next maqetd does not load it over the person's choice.
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_shutdown(true).await;
+    watch.until("stopped").await;
+    vm.start().await.unwrap();
+    vm.stop(true, 0).await.unwrap();
+    // The witness: maqetd autostarts after it has restored what it restores.
+    let witness = format!("{}autostart: true\n", tiny_vm_yaml("witness"));
+    let witness = bus.add(&conn, "", &witness).await;
+    stop_maqetd(&bus, &conn).await;
+    std::fs::remove_file(bus.root().join("run/maqet/autostart-done")).unwrap();
+    assert_eq!(witness.wait("status=running", 20).await.unwrap(), "running");
+    assert_eq!(vm.status().await.unwrap(), "stopped");
+    let reason = vm.status_reason().await.unwrap();
+    assert!(!reason.starts_with("restored"), "{reason}");
+    witness.stop(true, 0).await.unwrap();
+    let snaps = stdout(&bus.maqet(&["snapshot", "ls", "undecided"]));
+    assert!(snaps.contains("maqet-logout"), "the snapshot is kept: {snaps}");
+}
+
+/// The guest's clock, read in the guest through the agent (`date +%s`).
+async fn guest_clock(guest: &maqet::client::GuestProxy<'_>) -> i64 {
+    let (rc, out, err) = guest
+        .exec(&["date", "+%s"], b"", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(rc, 0, "{}", String::from_utf8_lossy(&err));
+    String::from_utf8_lossy(&out).trim().parse().unwrap()
+}
+
+fn host_clock() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_sets_a_real_guests_clock_through_the_agent() {
+    use common::linux_guest::{self, Setup};
+    let Some(image) = linux_guest::image() else {
+        return;
+    };
+    let logind = common::logind::Logind::start().await;
+    let bus = bus_with(&logind);
+    let conn = bus.conn().await;
+    let setup = Setup {
+        keys: "guest_agent: true\n",
+        ..Setup::default()
+    };
+    let (vm, _serial) = linux_guest::boot(&bus, &conn, "clock", image, &setup).await;
+    vm.wait("agent=connected", 60).await.unwrap();
+    let path = bus.manager(&conn).await.find_vm("clock").await.unwrap();
+    let guest: maqet::client::GuestProxy = maqet::client::proxy_at(&conn, path).await.unwrap();
+
+    // An hour behind, hardware clock included (what the agent's guest-set-time with a
+    // time does: settimeofday, then `hwclock -w`): reading the hardware clock back
+    // would not help this guest.
+    let wrong = host_clock() - 3600;
+    let (rc, _, err) = guest
+        .exec(
+            &["sh", "-c", &format!("date -s @{wrong} && hwclock -w")],
+            b"",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rc, 0, "{}", String::from_utf8_lossy(&err));
+    let off = host_clock() - guest_clock(&guest).await;
+    assert!(off > 3000, "the guest's clock was not set back: {off} s");
+    logind.until_held("sleep", 1).await;
+
+    let mut watch = StatusWatch::new(&vm).await;
+    logind.prepare_for_sleep(true).await;
+    watch.until("paused").await;
+    logind.until_held("sleep", 0).await;
+    logind.prepare_for_sleep(false).await;
+    watch.until("running").await;
+    // maqetd takes the lock again once it has done everything the wake asks for.
+    logind.until_held("sleep", 1).await;
+    let off = host_clock() - guest_clock(&guest).await;
+    assert!(off.abs() <= 2, "the guest's clock is {off} s off the host's");
+    vm.stop(true, 0).await.unwrap();
+}

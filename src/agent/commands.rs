@@ -260,12 +260,18 @@ impl AgentClient {
         .await
     }
 
-    /// `guest-set-time` without a time: the guest sets its clock from the (virtual)
-    /// hardware clock, which follows the host's (after a pause or a sleep).
-    pub async fn set_time_from_rtc(&self) -> Result<(), AgentError> {
-        self.execute("guest-set-time", None, REQUEST_TIMEOUT)
-            .await
-            .map(|_| ())
+    /// `guest-set-time` with `ns` since the epoch: the guest sets its clock (and a Linux
+    /// agent then its hardware clock, `hwclock -w`). A time is given rather than letting
+    /// the guest read its hardware clock: Windows' agent requires one, and a guest whose
+    /// hardware clock is wrong too (set through the agent, kept in local time) is fixed.
+    pub async fn set_time(&self, ns: i64) -> Result<(), AgentError> {
+        self.execute(
+            "guest-set-time",
+            Some(json!({ "time": ns })),
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Freezes the guest's filesystems; returns how many.

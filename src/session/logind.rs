@@ -24,6 +24,11 @@ use crate::vm::{Status, Vm};
 pub const SLEEP_SNAPSHOT: &str = "maqet-sleep";
 /// The snapshot `on_logout: save` takes before the session ends.
 pub const LOGOUT_SNAPSHOT: &str = "maqet-logout";
+/// The reason a VM saved at session end keeps until a maqetd restores it. It is also
+/// the mark of "to be restored": it is stored with the status, so it outlives maqetd and
+/// the logout, and any later change of the VM (a person starting it) removes it.
+pub const SAVED_AT_LOGOUT: &str =
+    "saved to snapshot 'maqet-logout' when the session ended; restored when maqet next starts";
 /// The longest a save before sleep or shutdown may take (logind's own delay limit,
 /// `InhibitDelayMaxSec`, is 5 s by default: a big guest's RAM may not make it).
 const SAVE_LIMIT: Duration = Duration::from_secs(120);
@@ -109,7 +114,9 @@ impl Logind {
                         before_logout(manager).await;
                         locks = Locks::default();
                     } else if !s.args()?.start {
+                        // The shutdown was cancelled: the session goes on.
                         ending = false;
+                        restore_after_logout(manager, saved_at_logout(manager)).await;
                     }
                 }
                 else => return Ok(()),
@@ -252,7 +259,7 @@ async fn after_wake(manager: &Manager, asleep: Asleep) {
                 tracing::warn!(vm = %vm.name(), error = %e, "cannot resume after wake");
             }
         } else if asleep.saved.contains(vm.id()) {
-            if let Err(e) = restore(manager, &vm, SLEEP_SNAPSHOT).await {
+            if let Err(e) = restore(manager, &vm, SLEEP_SNAPSHOT, WOKE).await {
                 tracing::warn!(vm = %vm.name(), error = %e, "cannot restore after wake");
             }
         } else {
@@ -277,7 +284,7 @@ pub(super) async fn before_logout(manager: &Arc<Manager>) {
             let done = match action {
                 LogoutAction::Keep => return,
                 LogoutAction::Stop => stop_to_the_end(&vm).await,
-                LogoutAction::Save => save_and_quit(&manager, &vm, LOGOUT_SNAPSHOT).await,
+                LogoutAction::Save => save_for_next_login(&manager, &vm).await,
             };
             if let Err(e) = done {
                 tracing::warn!(vm = %vm.name(), error = %e, action = action.as_str(), "session end");
@@ -333,16 +340,60 @@ async fn save_and_quit(
     vm.stop(true, STOP_TIMEOUT).await
 }
 
-async fn restore(manager: &Manager, vm: &Arc<Vm>, name: &str) -> Result<(), crate::vm::VmError> {
+/// `on_logout: save`: the snapshot, the quit, and the mark that has the next maqetd
+/// restore the VM ([`saved_at_logout`]).
+async fn save_for_next_login(manager: &Manager, vm: &Arc<Vm>) -> Result<(), crate::vm::VmError> {
+    save_and_quit(manager, vm, LOGOUT_SNAPSHOT).await?;
+    vm.explain(Status::Stopped, SAVED_AT_LOGOUT).await;
+    Ok(())
+}
+
+/// The VMs an `on_logout: save` left to restore: still `stopped` with the reason it gave
+/// them (a person who started or removed one meanwhile took it off the list).
+pub fn saved_at_logout(manager: &Manager) -> Vec<Arc<Vm>> {
+    manager
+        .list()
+        .into_iter()
+        .filter(|vm| vm.with_info(|i| i.status == Status::Stopped && i.reason == SAVED_AT_LOGOUT))
+        .collect()
+}
+
+/// Starts each VM saved at the end of the last session and loads its `maqet-logout`
+/// snapshot, all at once (as they were saved).
+pub async fn restore_after_logout(manager: &Manager, vms: Vec<Arc<Vm>>) {
+    let restores = vms.into_iter().map(|vm| async move {
+        // Not when someone started it meanwhile (the mark is gone then).
+        if !vm.with_info(|i| i.reason == SAVED_AT_LOGOUT) {
+            return;
+        }
+        tracing::info!(vm = %vm.name(), "restoring the VM saved when the session ended");
+        if let Err(e) = restore(manager, &vm, LOGOUT_SNAPSHOT, LOGGED_IN).await {
+            tracing::warn!(vm = %vm.name(), error = %e, "cannot restore the VM saved at logout");
+        }
+    });
+    futures_util::future::join_all(restores).await;
+}
+
+const WOKE: &str = "after the machine woke up";
+const LOGGED_IN: &str = "saved when the last session ended";
+
+async fn restore(
+    manager: &Manager,
+    vm: &Arc<Vm>,
+    name: &str,
+    when: &str,
+) -> Result<(), crate::vm::VmError> {
     vm.start().await?;
     snapshot_job(manager, vm, Op::Load, name)
         .await
         .map_err(crate::vm::VmError::Storage)?;
+    // The VM was running when it was saved; a config that starts it paused (`-S`) would
+    // leave the loaded state paused.
+    if vm.status() == Status::Paused {
+        vm.resume().await?;
+    }
     let status = vm.status();
-    vm.explain(
-        status,
-        &format!("restored from snapshot '{name}' after the machine woke up"),
-    )
-    .await;
+    vm.explain(status, &format!("restored from snapshot '{name}' {when}"))
+        .await;
     Ok(())
 }

@@ -52,13 +52,18 @@ pub struct SessionLife {
 
 impl SessionLife {
     /// Starts what runs on its own: logind's watch, the user manager's scopes for
-    /// re-adopted VMs, this session's autostart (`autostart::prepare`).
+    /// re-adopted VMs, the restore of VMs saved when the last session ended
+    /// (`on_logout: save`), this session's autostart (`autostart::prepare`).
     pub fn start(
         conn: zbus::Connection,
         manager: Arc<Manager>,
         activity: Option<Arc<dyn ActivityObserver>>,
-        autostart: Vec<(Arc<crate::vm::Vm>, std::time::Duration)>,
+        mut autostart: Vec<(Arc<crate::vm::Vm>, std::time::Duration)>,
     ) -> Arc<SessionLife> {
+        // A VM saved at logout comes back from its snapshot, not from a cold autostart.
+        let saved = logind::saved_at_logout(&manager);
+        autostart.retain(|(vm, _)| !saved.iter().any(|s| Arc::ptr_eq(s, vm)));
+        let restoring = (!saved.is_empty()).then(|| Busy::hold(&activity));
         let me = Arc::new(SessionLife {
             restarter: restart::Restarter::new(activity.clone()),
             logind: logind::Logind::spawn(manager.clone()),
@@ -70,6 +75,8 @@ impl SessionLife {
         tokio::spawn(async move {
             let scopes = life.scopes().await;
             scope::refind_all(scopes, &life.manager).await;
+            logind::restore_after_logout(&life.manager, saved).await;
+            drop(restoring);
             // After the scopes: an autostart VM is placed like any other.
             autostart::spawn(autostart, activity);
         });

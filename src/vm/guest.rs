@@ -223,9 +223,15 @@ impl Vm {
         })
     }
 
-    /// Sets the guest's clock from its hardware clock (after a sleep), when an agent answers.
+    /// Sets the guest's clock to the host's (after a sleep or a long pause), when an
+    /// agent answers.
     pub async fn guest_sync_time(self: &Arc<Self>) -> Result<(), VmError> {
-        self.with_agent(async |a| a.set_time_from_rtc().await).await
+        self.with_agent(async |a| {
+            // Read at the last moment: the agent may have been slow to answer before.
+            let now_ns = crate::time::now_us().saturating_mul(1000);
+            a.set_time(i64::try_from(now_ns).unwrap_or(i64::MAX)).await
+        })
+        .await
     }
 
     pub async fn guest_ping(self: &Arc<Self>) -> Result<(), VmError> {

@@ -551,21 +551,35 @@ async fn a_cancelled_shutdown_restores_at_once_and_a_persons_start_cancels_the_r
     );
     let vm = bus.add(&conn, "", &yaml).await;
     vm.start().await.unwrap();
+    // A paused VM is saved too, and comes back paused.
+    let yaml = format!(
+        "{}on_logout: save\nstorage:\n  - {{name: disk, type: qcow2, size: 16M}}\n",
+        tiny_vm_yaml("napping")
+    );
+    let napping = bus.add(&conn, "", &yaml).await;
+    napping.start().await.unwrap();
+    napping.pause().await.unwrap();
     logind.until_held("shutdown", 1).await;
     let first_pid = vm.pid().await.unwrap();
 
     let mut watch = StatusWatch::new(&vm).await;
+    let mut napping_watch = StatusWatch::new(&napping).await;
     logind.prepare_for_shutdown(true).await;
     watch.until("stopped").await;
+    napping_watch.until("stopped").await;
     logind.until_held("shutdown", 0).await;
-    // logind calls the shutdown off: the session goes on, and so does the VM.
+    // logind calls the shutdown off: the session goes on, and so do the VMs.
     let mut reasons = Reasons::new(&vm).await;
+    let mut napping_reasons = Reasons::new(&napping).await;
     logind.prepare_for_shutdown(false).await;
-    reasons
-        .until("restored from snapshot 'maqet-logout'")
-        .await;
+    reasons.until("restored from snapshot 'maqet-logout'").await;
     assert_eq!(vm.status().await.unwrap(), "running");
     assert_ne!(vm.pid().await.unwrap(), first_pid, "a new QEMU, restored");
+    napping_reasons
+        .until("restored from snapshot 'maqet-logout'")
+        .await;
+    assert_eq!(napping.status().await.unwrap(), "paused");
+    napping.stop(true, 0).await.unwrap();
     logind.until_held("shutdown", 1).await;
 
     // Saved again; then a person starts and stops it before the next login: that
@@ -586,7 +600,10 @@ async fn a_cancelled_shutdown_restores_at_once_and_a_persons_start_cancels_the_r
     assert!(!reason.starts_with("restored"), "{reason}");
     witness.stop(true, 0).await.unwrap();
     let snaps = stdout(&bus.maqet(&["snapshot", "ls", "undecided"]));
-    assert!(snaps.contains("maqet-logout"), "the snapshot is kept: {snaps}");
+    assert!(
+        snaps.contains("maqet-logout"),
+        "the snapshot is kept: {snaps}"
+    );
 }
 
 /// The guest's clock, read in the guest through the agent (`date +%s`).
@@ -650,6 +667,9 @@ async fn wake_sets_a_real_guests_clock_through_the_agent() {
     // maqetd takes the lock again once it has done everything the wake asks for.
     logind.until_held("sleep", 1).await;
     let off = host_clock() - guest_clock(&guest).await;
-    assert!(off.abs() <= 2, "the guest's clock is {off} s off the host's");
+    assert!(
+        off.abs() <= 2,
+        "the guest's clock is {off} s off the host's"
+    );
     vm.stop(true, 0).await.unwrap();
 }

@@ -29,6 +29,8 @@ pub const LOGOUT_SNAPSHOT: &str = "maqet-logout";
 /// the logout, and any later change of the VM (a person starting it) removes it.
 pub const SAVED_AT_LOGOUT: &str =
     "saved to snapshot 'maqet-logout' when the session ended; restored when maqet next starts";
+/// The same for a VM that was paused then: it comes back paused.
+pub const SAVED_PAUSED_AT_LOGOUT: &str = "saved paused to snapshot 'maqet-logout' when the session ended; restored paused when maqet next starts";
 /// The longest a save before sleep or shutdown may take (logind's own delay limit,
 /// `InhibitDelayMaxSec`, is 5 s by default: a big guest's RAM may not make it).
 const SAVE_LIMIT: Duration = Duration::from_secs(120);
@@ -259,7 +261,7 @@ async fn after_wake(manager: &Manager, asleep: Asleep) {
                 tracing::warn!(vm = %vm.name(), error = %e, "cannot resume after wake");
             }
         } else if asleep.saved.contains(vm.id()) {
-            if let Err(e) = restore(manager, &vm, SLEEP_SNAPSHOT, WOKE).await {
+            if let Err(e) = restore(manager, &vm, SLEEP_SNAPSHOT, WOKE, false).await {
                 tracing::warn!(vm = %vm.name(), error = %e, "cannot restore after wake");
             }
         } else {
@@ -343,9 +345,25 @@ async fn save_and_quit(
 /// `on_logout: save`: the snapshot, the quit, and the mark that has the next maqetd
 /// restore the VM ([`saved_at_logout`]).
 async fn save_for_next_login(manager: &Manager, vm: &Arc<Vm>) -> Result<(), crate::vm::VmError> {
+    let paused = vm.status() == Status::Paused;
     save_and_quit(manager, vm, LOGOUT_SNAPSHOT).await?;
-    vm.explain(Status::Stopped, SAVED_AT_LOGOUT).await;
+    let mark = if paused {
+        SAVED_PAUSED_AT_LOGOUT
+    } else {
+        SAVED_AT_LOGOUT
+    };
+    vm.explain(Status::Stopped, mark).await;
     Ok(())
+}
+
+/// Whether `on_logout: save` left the VM to restore, and then whether paused.
+fn logout_mark(vm: &Vm) -> Option<bool> {
+    vm.with_info(|i| match i.reason.as_str() {
+        _ if i.status != Status::Stopped => None,
+        SAVED_AT_LOGOUT => Some(false),
+        SAVED_PAUSED_AT_LOGOUT => Some(true),
+        _ => None,
+    })
 }
 
 /// The VMs an `on_logout: save` left to restore: still `stopped` with the reason it gave
@@ -354,7 +372,7 @@ pub fn saved_at_logout(manager: &Manager) -> Vec<Arc<Vm>> {
     manager
         .list()
         .into_iter()
-        .filter(|vm| vm.with_info(|i| i.status == Status::Stopped && i.reason == SAVED_AT_LOGOUT))
+        .filter(|vm| logout_mark(vm).is_some())
         .collect()
 }
 
@@ -363,11 +381,11 @@ pub fn saved_at_logout(manager: &Manager) -> Vec<Arc<Vm>> {
 pub async fn restore_after_logout(manager: &Manager, vms: Vec<Arc<Vm>>) {
     let restores = vms.into_iter().map(|vm| async move {
         // Not when someone started it meanwhile (the mark is gone then).
-        if !vm.with_info(|i| i.reason == SAVED_AT_LOGOUT) {
+        let Some(paused) = logout_mark(&vm) else {
             return;
-        }
+        };
         tracing::info!(vm = %vm.name(), "restoring the VM saved when the session ended");
-        if let Err(e) = restore(manager, &vm, LOGOUT_SNAPSHOT, LOGGED_IN).await {
+        if let Err(e) = restore(manager, &vm, LOGOUT_SNAPSHOT, LOGGED_IN, paused).await {
             tracing::warn!(vm = %vm.name(), error = %e, "cannot restore the VM saved at logout");
         }
     });
@@ -382,15 +400,18 @@ async fn restore(
     vm: &Arc<Vm>,
     name: &str,
     when: &str,
+    paused: bool,
 ) -> Result<(), crate::vm::VmError> {
     vm.start().await?;
     snapshot_job(manager, vm, Op::Load, name)
         .await
         .map_err(crate::vm::VmError::Storage)?;
-    // The VM was running when it was saved; a config that starts it paused (`-S`) would
-    // leave the loaded state paused.
-    if vm.status() == Status::Paused {
-        vm.resume().await?;
+    // Back to the run state it was saved in: a config that starts the VM paused (`-S`)
+    // leaves the loaded state paused, a start without one runs it.
+    match (paused, vm.status()) {
+        (false, Status::Paused) => vm.resume().await?,
+        (true, Status::Running) => vm.pause().await?,
+        _ => {}
     }
     let status = vm.status();
     vm.explain(status, &format!("restored from snapshot '{name}' {when}"))

@@ -1,5 +1,8 @@
 //! End-to-end: session life (docs/lifecycle.md, "Session life") on a private bus with
-//! real QEMU: restart on crash with back-off and a limit, autostart once per session.
+//! real QEMU: restart on crash with back-off and a limit, autostart once per session,
+//! sleep / wake / logout against a logind stand-in (on_sleep, on_logout: save restored by
+//! the next maqetd, the guest's clock set after wake on the real Linux guest), transient
+//! scopes against a user-manager stand-in.
 
 mod common;
 

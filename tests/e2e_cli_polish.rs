@@ -358,6 +358,10 @@ fn strip_ansi(raw: &str) -> String {
 /// for the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_without_progress_spins_with_the_elapsed_time() {
+    // util-linux's `script` (Debian: bsdutils, an essential package).
+    let Some(_) = common::require::require(common::require::program("script", "bsdutils")) else {
+        return;
+    };
     let bus = Bus::start();
     let conn = bus.conn().await;
     let disk = bus.root().join("spin.qcow2");

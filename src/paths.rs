@@ -74,6 +74,12 @@ impl Paths {
         })
     }
 
+    /// The notification cards maqetd has on the screen (docs/desktop.md): in the runtime
+    /// directory because their ids mean something only to this session's server.
+    pub fn notification_cards(&self) -> PathBuf {
+        self.runtime_dir.join("notifications.json")
+    }
+
     /// The SQLite database: definitions, history, audit.
     pub fn database(&self) -> PathBuf {
         self.data_dir.join("maqet.db")

@@ -1,6 +1,6 @@
 //! The CLI's manners, through the real binary: a closed pipe, shell completion of VM
 //! names in bash, zsh and fish, the man pages `setup --user` installs, `wait --timeout`,
-//! local times for people and UTC for programs.
+//! local times for people and UTC for programs, the snapshot spinner on a terminal.
 
 mod common;
 
@@ -306,4 +306,112 @@ async fn people_see_local_times_programs_get_utc() {
         stdout(&out)
     );
     assert!(!stdout(&out).contains("XYZ"), "{}", stdout(&out));
+}
+
+/// Runs maqet on a pseudo-terminal (util-linux `script`), as a person at a terminal
+/// does: what it draws there (progress bars, spinners) comes back as raw output.
+fn on_a_terminal(bus: &Bus, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let command = std::iter::once(common::maqet_bin())
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::null());
+    for (k, v) in env_of(bus) {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run script (util-linux)");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// indicatif's default spinner.
+const SPINNER_FRAMES: &str = "⠁⠂⠄⡀⢀⠠⠐⠈";
+
+/// Terminal output without its control sequences (`ESC [ … letter`).
+fn strip_ansi(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A snapshot whose job reports no progress (the disks of a stopped VM) shows a
+/// spinner with the elapsed time on a terminal, never a bar stuck at 0 %, and clears it
+/// for the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_progress_spins_with_the_elapsed_time() {
+    // util-linux's `script` (Debian: bsdutils, an essential package).
+    let Some(_) = common::require::require(common::require::program("script", "bsdutils")) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let disk = bus.root().join("spin.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let yaml = format!(
+        "{}storage:\n  - {{type: qcow2, file: '{}'}}\n",
+        tiny_vm_yaml("spin"),
+        disk.display()
+    );
+    bus.add(&conn, "", &yaml).await;
+
+    let (status, screen) = on_a_terminal(&bus, &["snapshot", "create", "spin", "base"]);
+    assert!(status.success(), "{screen}");
+    // indicatif's default spinner frames, then the elapsed time ("0s").
+    let spinner = strip_ansi(&screen).split(['\r', '\n']).any(|line| {
+        let mut words = line.split_whitespace();
+        let frame = words.next().unwrap_or_default();
+        let elapsed = words.next().unwrap_or_default();
+        frame.chars().count() == 1
+            && SPINNER_FRAMES.contains(frame)
+            && elapsed
+                .strip_suffix('s')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    assert!(
+        spinner,
+        "no spinner with the elapsed time on the terminal:\n{screen:?}"
+    );
+    assert!(
+        !screen.contains('%'),
+        "a progress bar was drawn: {screen:?}"
+    );
+    assert!(!screen.contains('█') && !screen.contains('░'), "{screen:?}");
+    assert!(
+        screen.contains("spin: "),
+        "the outcome is printed: {screen:?}"
+    );
+
+    // --no-progress draws nothing.
+    let (status, screen) = on_a_terminal(
+        &bus,
+        &["snapshot", "create", "spin", "quiet", "--no-progress"],
+    );
+    assert!(status.success(), "{screen}");
+    assert!(
+        !screen.chars().any(|c| SPINNER_FRAMES.contains(c)),
+        "{screen:?}"
+    );
 }

@@ -263,6 +263,8 @@ async fn buttons_work_after_maqetd_restarts_and_a_gone_vm_says_so() {
     let fresh = bus.conn().await;
     let vm = bus.vm(&fresh, vm.inner().path().to_owned().into()).await;
     assert_eq!(vm.wait("status=running", 60).await.unwrap(), "running");
+    // The new maqetd knew the old card (notifications.json): running again, it withdraws it.
+    assert_eq!(server.next_close().await, n.id);
 
     // A snapshot the CLI created and showed is not news.
     let disk = bus.root().join("snap.qcow2");
@@ -315,6 +317,58 @@ async fn buttons_work_after_maqetd_restarts_and_a_gone_vm_says_so() {
         .expect("the click is audited");
     assert_eq!(caller, server.conn.unique_name().unwrap().as_str());
     vm.stop(true, 0).await.unwrap();
+}
+
+/// SIGTERMs the running maqetd and waits until a new one answers (D-Bus activation).
+async fn restart_maqetd(bus: &Bus) {
+    let daemon = bus.marked_processes("maqetd")[0];
+    unsafe { libc::kill(daemon as i32, libc::SIGTERM) };
+    common::process_gone(daemon).await;
+    let ls = bus.maqet(&["ls"]);
+    assert!(ls.status.success(), "{}", common::stderr(&ls));
+    assert_ne!(bus.marked_processes("maqetd"), [daemon]);
+}
+
+/// Cards stay true across maqetd restarts: a crash card an earlier maqetd raised is
+/// withdrawn when the VM runs again, and a failed-start card is replaced, not doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cards_an_earlier_maqetd_raised_are_withdrawn_and_replaced() {
+    let bus = Bus::start();
+    let mut server = FakeNotifications::start(&bus, &["actions", "body"]).await;
+    let conn = bus.conn().await;
+    let vm = bus.add(&conn, "", &tiny_vm_yaml("lazarus")).await;
+    let mut watch = StatusWatch::new(&vm).await;
+    vm.start().await.unwrap();
+    watch.until("running").await;
+    kill9(vm.pid().await.unwrap());
+    watch.until("crashed").await;
+    let crash = server.next().await;
+    assert_eq!(crash.summary, "VM 'lazarus' crashed");
+
+    let bad = format!("{}args: [-no-such-option]\n", tiny_vm_yaml("broken"));
+    let broken_id = bus.add(&conn, "", &bad).await.id().await.unwrap();
+    start_from_krunner(&conn, &broken_id).await;
+    let failed = server.next().await;
+    assert_eq!(failed.summary, "VM 'broken' failed to start");
+    assert_eq!(failed.replaces_id, 0);
+
+    restart_maqetd(&bus).await;
+    let conn = bus.conn().await;
+    // The same failure again replaces the earlier maqetd's card.
+    start_from_krunner(&conn, &broken_id).await;
+    let again = server.next().await;
+    assert_eq!(again.summary, "VM 'broken' failed to start");
+    assert_eq!(again.replaces_id, failed.id, "{again:?}");
+
+    // Twice restarted (the replacement was remembered too): the crashed VM runs again
+    // and its card, raised two maqetds ago, is withdrawn.
+    restart_maqetd(&bus).await;
+    let out = bus.maqet(&["start", "lazarus"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(server.next_close().await, crash.id);
+    assert!(server.closes_so_far().is_empty());
+
+    bus.maqet(&["stop", "lazarus", "--force"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -204,7 +204,13 @@ struct Xvfb {
 
 impl Xvfb {
     fn start() -> Xvfb {
+        Xvfb::start_with(&[])
+    }
+
+    /// With extra options (`-fbdir DIR`: the screen as an XWD file there).
+    fn start_with(extra: &[&str]) -> Xvfb {
         let mut child = Command::new("Xvfb")
+            .args(extra)
             .args([
                 "-displayfd",
                 "1",
@@ -610,4 +616,230 @@ async fn doctor_reports_a_stale_graphical_environment() {
         "{message}"
     );
     assert!(row["hint"].as_str().unwrap().contains("import-environment"));
+}
+
+/// A `maqet start` in a graphical session sends `StartWithOptions` (with `DISPLAY`); a
+/// failure it printed in the terminal raises no desktop card: the person saw it. The
+/// witness is the next notification: another VM's start nobody watched (KRunner's)
+/// fails, and its card is the first the server receives (the notifier keeps the core's
+/// order, so a card for the terminal's start would have come first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_graphical_start_seen_in_the_terminal_raises_no_card() {
+    let Some(_) = require(program("Xvfb", "xvfb")) else {
+        return;
+    };
+    let bus = Bus::start();
+    let mut server =
+        common::notifications::FakeNotifications::start(&bus, &["actions", "body"]).await;
+    let conn = bus.conn().await;
+    let bad = format!("{}args: [-no-such-option]\n", tiny_vm_yaml("broken"));
+    bus.add(&conn, "", &bad).await;
+    let unwatched = bad.replace("broken", "unwatched");
+    let unwatched_id = bus.add(&conn, "", &unwatched).await.id().await.unwrap();
+    let x = Xvfb::start();
+
+    let out = bus
+        .maqet_command(&["start", "broken"])
+        .env("DISPLAY", &x.display)
+        .env("XDG_SESSION_TYPE", "x11")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("no-such-option"),
+        "QEMU's error is printed: {err}"
+    );
+    let _ = conn
+        .call_method(
+            Some("org.maqet.Maqet1"),
+            "/org/maqet/Maqet1/krunner",
+            Some("org.kde.krunner1"),
+            "Run",
+            &(unwatched_id.as_str(), "start"),
+        )
+        .await;
+    let n = server.next().await;
+    assert_eq!(n.summary, "VM 'unwatched' failed to start", "{n:?}");
+    assert!(server.closes_so_far().is_empty());
+    // The terminal's start was StartWithOptions with the session's variables (audited
+    // by name, queued when the call ended, long before the card above).
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    let args: String = db
+        .query_row(
+            "SELECT arguments FROM audit WHERE method = 'Start' ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        args.starts_with("environment: ") && args.contains("DISPLAY"),
+        "{args}"
+    );
+}
+
+/// How a picture shows the colour guest: pixels of its red and its blue, and the mean
+/// row of each. Coarse on purpose: a viewer scales, adds a toolbar and a border.
+#[derive(Debug)]
+struct RedOverBlue {
+    red: u64,
+    blue: u64,
+    red_y: f64,
+    blue_y: f64,
+}
+
+impl RedOverBlue {
+    fn of(pixels: impl Iterator<Item = (u32, [u8; 3])>) -> RedOverBlue {
+        let (mut red, mut blue, mut red_y, mut blue_y) = (0u64, 0u64, 0f64, 0f64);
+        for (y, [r, g, b]) in pixels {
+            if r > 120 && g < 60 && b < 60 {
+                red += 1;
+                red_y += f64::from(y);
+            } else if b > 120 && r < 60 && g < 60 {
+                blue += 1;
+                blue_y += f64::from(y);
+            }
+        }
+        RedOverBlue {
+            red,
+            blue,
+            red_y: red_y / red.max(1) as f64,
+            blue_y: blue_y / blue.max(1) as f64,
+        }
+    }
+
+    /// The guest's screen: a large red area above a blue one of about its size.
+    fn shows_the_guest(&self) -> bool {
+        let ratio = self.red as f64 / self.blue.max(1) as f64;
+        self.red > 50_000
+            && self.blue > 50_000
+            && self.red_y < self.blue_y
+            && (0.8..1.25).contains(&ratio)
+    }
+}
+
+/// The pixels (row, RGB) of the VM's own screendump (a PNG).
+fn screendump_pixels(png_file: std::fs::File) -> Vec<(u32, [u8; 3])> {
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(png_file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    assert!(channels >= 3, "{:?}", info.color_type);
+    let mut out = Vec::new();
+    for y in 0..info.height {
+        let row = &buf[y as usize * info.line_size..][..info.line_size];
+        for px in row.chunks_exact(channels) {
+            out.push((y, [px[0], px[1], px[2]]));
+        }
+    }
+    out
+}
+
+/// The pixels (row, RGB) of an X screen Xvfb keeps as an XWD file (`-fbdir`): a
+/// big-endian header, a colour map, then 32-bit ZPixmap rows.
+fn xwd_pixels(file: &std::path::Path) -> Vec<(u32, [u8; 3])> {
+    let data = std::fs::read(file).unwrap();
+    let word = |i: usize| u32::from_be_bytes(data[i * 4..i * 4 + 4].try_into().unwrap());
+    assert_eq!(word(1), 7, "an XWD version 7 file");
+    let (header, width, height) = (word(0) as usize, word(4), word(5));
+    let (byte_order, bits_per_pixel, bytes_per_line) = (word(7), word(11), word(12) as usize);
+    let masks = [word(14), word(15), word(16)];
+    let colours = word(19) as usize;
+    assert_eq!(bits_per_pixel, 32, "a 24-bit screen");
+    let start = header + colours * 12;
+    let mut out = Vec::with_capacity((width * height) as usize);
+    for y in 0..height {
+        let row = &data[start + y as usize * bytes_per_line..];
+        for x in 0..width as usize {
+            let b: [u8; 4] = row[x * 4..x * 4 + 4].try_into().unwrap();
+            let v = if byte_order == 0 {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            };
+            let channel = |m: u32| ((v & m) >> m.trailing_zeros()) as u8;
+            out.push((y, masks.map(channel)));
+        }
+    }
+    out
+}
+
+/// `maqet view` shows the guest's screen: the colour guest paints red over blue, the
+/// VM's own screendump shows that, and so does the X screen remote-viewer draws on
+/// (Xvfb's framebuffer), in the same layout and proportion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_shows_what_the_vms_screendump_shows() {
+    let Some(_) = require(program("Xvfb", "xvfb")) else {
+        return;
+    };
+    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
+        return;
+    };
+    let Some(_) = require(program("xdotool", "xdotool")) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let img = common::guest::write_colour_image(bus.root());
+    let yaml = common::guest::vm_yaml("painted", &img).replace("display: none", "display: spice");
+    let vm = bus.add(&conn, "", &yaml).await;
+    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let mut events = qmp.receive_event().await.unwrap();
+    vm.start().await.unwrap();
+    // The guest announces it has painted.
+    next_event(&mut events, "RTC_CHANGE").await;
+    let png: OwnedFd = vm.screendump().await.unwrap().into();
+    let own = RedOverBlue::of(screendump_pixels(std::fs::File::from(png)).into_iter());
+    assert!(own.shows_the_guest(), "the VM's screendump: {own:?}");
+
+    let fb = tempfile::tempdir().unwrap();
+    // -br: a black root window, so nothing but the viewer is red or blue.
+    let x = Xvfb::start_with(&["-fbdir", fb.path().to_str().unwrap(), "-br"]);
+    let mut view = bus.maqet_command(&["view", "painted"]);
+    view.env("DISPLAY", &x.display)
+        .env_remove("MAQET_VIEWER")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut view = view.spawn().unwrap();
+    let found = Command::new("timeout")
+        .args([
+            "60",
+            "xdotool",
+            "search",
+            "--sync",
+            "--name",
+            "painted \\(maqet\\)",
+        ])
+        .env("DISPLAY", &x.display)
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "no viewer window: {found:?}");
+    // Nothing announces that the viewer has drawn the guest's picture: read the screen
+    // until it shows it, within the timeout.
+    let screen = fb.path().join("Xvfb_screen0");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let seen = loop {
+        let seen = RedOverBlue::of(xwd_pixels(&screen).into_iter());
+        if seen.shows_the_guest() || std::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(
+        seen.shows_the_guest(),
+        "the viewer's screen: {seen:?}, the VM's: {own:?}"
+    );
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(view.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(view.wait().unwrap().success());
+    vm.stop(true, 0).await.unwrap();
 }

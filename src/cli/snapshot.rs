@@ -167,10 +167,13 @@ pub(super) async fn follow(
     let determinate = std::cell::Cell::new(false);
     let show = |progress: f64, message: &str| {
         if let Some(bar) = &bar {
-            if progress > 0.0 && !determinate.replace(true) {
+            // Switched only once the bar would show a whole percent (a bar drawn at
+            // "0 %" looks stuck), and not by the 100 % a job reports as it ends: a job
+            // that never moved keeps its spinner to the end.
+            if (0.01..1.0).contains(&progress) && !determinate.replace(true) {
                 bar.set_style(progress_style(true));
             }
-            bar.set_position((progress * BAR_STEPS as f64) as u64);
+            bar.set_position((progress.clamp(0.0, 1.0) * BAR_STEPS as f64) as u64);
             bar.set_message(message.to_owned());
         }
     };

@@ -9,6 +9,7 @@
 //! the notification server's connection (the session user's shell), checked and audited
 //! like any D-Bus caller. See docs/desktop.md.
 
+pub mod cards;
 pub mod notice;
 pub mod server;
 pub mod witness;
@@ -31,6 +32,7 @@ use crate::manager::Manager;
 use crate::outbound::escape;
 use crate::settings::Notifications;
 use crate::vm::Vm;
+use cards::{Card, CardFile, Owner};
 use notice::{ACTION_LOG, ACTION_START, Kind, Notice};
 use server::{APP_ID, APP_NAME, NotificationsProxy, escape_markup};
 
@@ -81,13 +83,19 @@ impl Notifier {
         let invoked = server.receive_action_invoked().await.ok();
         let closed = server.receive_notification_closed().await.ok();
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = Task {
+        let cards = CardFile::new(deps.manager.ctx().paths.notification_cards());
+        let mut task = Task {
             deps: Arc::new(deps),
             settings: settings.clone(),
             shown: BTreeMap::new(),
             warned: false,
             feedback: tx.clone(),
+            cards,
+            bus_id: String::new(),
+            server_owner: None,
+            dbus: None,
         };
+        task.recall().await;
         tokio::spawn(task.run(server, invoked, closed, rx));
         Notifier {
             queue: Some((tx, settings)),
@@ -139,6 +147,12 @@ struct Task {
     warned: bool,
     /// For feedback on failed actions.
     feedback: mpsc::UnboundedSender<Order>,
+    /// `shown` as the next maqetd will find it.
+    cards: CardFile,
+    bus_id: String,
+    /// The notification server's unique name that handed out the ids in `shown`.
+    server_owner: Option<String>,
+    dbus: Option<zbus::fdo::DBusProxy<'static>>,
 }
 
 type Signals<T> = Option<T>;
@@ -169,13 +183,87 @@ impl Task {
                     }
                 }
                 Some(sig) = next_or_pending(&mut closed) => {
-                    if let Ok(args) = sig.args() {
-                        self.shown.remove(&args.id);
+                    if let Ok(args) = sig.args()
+                        && self.shown.remove(&args.id).is_some()
+                    {
+                        self.remember();
                     }
                 }
                 _ = sleep_until_some(expiry) => self.release_expired(),
             }
         }
+    }
+
+    /// Takes over the cards an earlier maqetd left on this server's screen, so they are
+    /// withdrawn and replaced like our own (their buttons' keep-alive ended with it).
+    async fn recall(&mut self) {
+        // No property cache: nothing to subscribe to or fetch for two plain calls.
+        let Ok(dbus) = zbus::fdo::DBusProxy::builder(&self.deps.conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        else {
+            return;
+        };
+        self.bus_id = dbus
+            .get_id()
+            .await
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        self.dbus = Some(dbus);
+        self.server_owner = self.current_server().await;
+        let Some(server) = self.server_owner.clone() else {
+            return;
+        };
+        let owner = Owner {
+            bus: self.bus_id.clone(),
+            server,
+        };
+        for card in self.cards.load(&owner) {
+            self.shown.insert(
+                card.id,
+                Shown {
+                    vm_id: card.vm,
+                    kind: card.kind,
+                    hold: None,
+                },
+            );
+        }
+        if !self.shown.is_empty() {
+            tracing::info!(
+                cards = self.shown.len(),
+                "notification cards of an earlier maqetd taken over"
+            );
+        }
+    }
+
+    /// The unique name of whoever serves notifications now.
+    async fn current_server(&self) -> Option<String> {
+        let dbus = self.dbus.as_ref()?;
+        let name = zbus::names::BusName::try_from(server::SERVER_NAME).ok()?;
+        dbus.get_name_owner(name).await.ok().map(|o| o.to_string())
+    }
+
+    /// Writes `shown` down for the next maqetd.
+    fn remember(&self) {
+        let Some(server) = self.server_owner.clone() else {
+            return;
+        };
+        let owner = Owner {
+            bus: self.bus_id.clone(),
+            server,
+        };
+        let cards = self
+            .shown
+            .iter()
+            .map(|(id, s)| Card {
+                id: *id,
+                vm: s.vm_id.clone(),
+                kind: s.kind,
+            })
+            .collect();
+        // A few hundred bytes on the runtime tmpfs: written in place of a blocking task.
+        self.cards.save(&owner, cards);
     }
 
     /// The id of the VM's notification of this kind on the screen, if any.
@@ -193,8 +281,13 @@ impl Task {
             .filter(|(_, s)| s.vm_id == vm_id && kinds.contains(&s.kind))
             .map(|(id, _)| *id)
             .collect();
+        if !ids.is_empty() {
+            for id in &ids {
+                self.shown.remove(id);
+            }
+            self.remember();
+        }
         for id in ids {
-            self.shown.remove(&id);
             if let Err(e) = server.close_notification(id).await {
                 tracing::debug!(id, error = %e, "cannot withdraw a notification");
             } else {
@@ -208,6 +301,13 @@ impl Task {
             Ok(c) => c,
             Err(e) => return self.unavailable(&e),
         };
+        // Ids belong to the server that gave them: one that restarted (or another that
+        // took the name) knows none of ours, and would close someone else's card.
+        let owner = self.current_server().await;
+        if owner.is_some() && owner != self.server_owner {
+            self.shown.clear();
+            self.server_owner = owner;
+        }
         let has = |cap: &str| caps.iter().any(|c| c == cap);
         let with_actions = self.settings.actions && has("actions") && !n.actions.is_empty();
         let keys: Vec<String> = n
@@ -281,6 +381,7 @@ impl Task {
         while self.shown.len() > MAX_OPEN {
             self.shown.pop_first();
         }
+        self.remember();
     }
 
     /// No server (or a broken one): say so once, then carry on without.

@@ -26,7 +26,8 @@ pub fn parse_action_key(key: &str) -> Option<(&'static str, &str)> {
     uuid_like.then_some((verb, vm_id))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Kind {
     Crashed,
     PoweredOff,

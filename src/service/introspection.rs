@@ -196,8 +196,60 @@ impl GuardedIntrospection {
             let _ = writeln!(xml, "  <node name=\"{child}\"/>");
         }
         xml.push_str("</node>\n");
-        Ok(docstrings::annotate(&xml))
+        let xml = docstrings::annotate(&xml);
+        Ok(match self.node {
+            Node::Vm => name_first(&xml),
+            _ => xml,
+        })
     }
+}
+
+/// The VM interface's XML with the `Name` property as its first member. Object paths
+/// are UUIDs, so the name is what says which VM an object is; zbus writes members in
+/// name order (methods, then properties, then signals), and tools that keep the XML's
+/// order (D-Feet, `gdbus introspect`) then show it first. The interface's own
+/// annotations stay ahead of it.
+fn name_first(xml: &str) -> String {
+    let lines: Vec<&str> = xml.lines().collect();
+    let Some(iface) = lines
+        .iter()
+        .position(|l| l.trim() == "<interface name=\"org.maqet.Maqet1.VM\">")
+    else {
+        return xml.to_string();
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let member = indent(lines[iface]) + 2;
+    let after_docs = lines[iface + 1..]
+        .iter()
+        .position(|l| !(indent(l) == member && l.trim_start().starts_with("<annotation ")))
+        .map_or(lines.len(), |p| iface + 1 + p);
+    let Some(start) = lines[after_docs..]
+        .iter()
+        .take_while(|l| l.trim() != "</interface>")
+        .position(|l| indent(l) == member && l.trim_start().starts_with("<property name=\"Name\" "))
+        .map(|p| after_docs + p)
+    else {
+        return xml.to_string();
+    };
+    let end = if lines[start].ends_with("/>") {
+        start
+    } else {
+        match lines[start..]
+            .iter()
+            .position(|l| l.trim() == "</property>")
+        {
+            Some(p) => start + p,
+            None => return xml.to_string(),
+        }
+    };
+    let mut order: Vec<&str> = Vec::with_capacity(lines.len());
+    order.extend(&lines[..after_docs]);
+    order.extend(&lines[start..=end]);
+    order.extend(&lines[after_docs..start]);
+    order.extend(&lines[end + 1..]);
+    let mut out = order.join("\n");
+    out.push('\n');
+    out
 }
 
 /// Writes the XML of the interface `I` served at `path`.
@@ -284,4 +336,18 @@ pub async fn install(conn: &Connection, shared: &Arc<Shared>) -> zbus::Result<()
         document(conn, shared, &vm_path(vm.id()), Node::Vm).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_first;
+
+    #[test]
+    fn the_name_property_becomes_the_vm_interfaces_first_member() {
+        let xml = "<node>\n  <interface name=\"org.maqet.Maqet1.VM\">\n    <annotation name=\"d\" value=\"x\"/>\n    <method name=\"Start\">\n    </method>\n    <property name=\"Id\" type=\"s\" access=\"read\"/>\n    <property name=\"Name\" type=\"s\" access=\"read\">\n      <annotation name=\"d\" value=\"n\"/>\n    </property>\n  </interface>\n  <interface name=\"x.Other\">\n    <property name=\"Name\" type=\"s\" access=\"read\"/>\n  </interface>\n</node>\n";
+        let want = "<node>\n  <interface name=\"org.maqet.Maqet1.VM\">\n    <annotation name=\"d\" value=\"x\"/>\n    <property name=\"Name\" type=\"s\" access=\"read\">\n      <annotation name=\"d\" value=\"n\"/>\n    </property>\n    <method name=\"Start\">\n    </method>\n    <property name=\"Id\" type=\"s\" access=\"read\"/>\n  </interface>\n  <interface name=\"x.Other\">\n    <property name=\"Name\" type=\"s\" access=\"read\"/>\n  </interface>\n</node>\n";
+        assert_eq!(name_first(xml), want);
+        // Nothing to move: unchanged.
+        assert_eq!(name_first("<node>\n</node>\n"), "<node>\n</node>\n");
+    }
 }

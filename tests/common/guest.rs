@@ -2,7 +2,8 @@
 //! RTC change, then powers off on its own or when the ACPI power button is pressed;
 //! `console-guest.S` prints a banner on COM1 and echoes what it receives there;
 //! `fill-guest.S` dirties a given amount of RAM (for slow VM-state saves), then announces
-//! itself with an RTC change.
+//! itself with an RTC change; `colour-guest.S` paints its text screen red over blue, then
+//! announces that with an RTC change.
 
 use std::path::{Path, PathBuf};
 
@@ -94,6 +95,25 @@ pub fn write_fill_image(dir: &Path, end_mib: u32) -> PathBuf {
     img[510] = 0x55;
     img[511] = 0xaa;
     let path = dir.join("fill-guest.img");
+    std::fs::write(&path, img).unwrap();
+    path
+}
+
+/// `tests/fixtures/colour-guest.S`, assembled.
+const COLOUR_CODE: [u8; 34] = [
+    0xfa, 0xb8, 0x00, 0xb8, 0x8e, 0xc0, 0x31, 0xff, 0xfc, 0xb8, 0x20, 0x40, 0xb9, 0xe8, 0x03, 0xf3,
+    0xab, 0xb8, 0x20, 0x10, 0xb9, 0xe8, 0x03, 0xf3, 0xab, 0xb0, 0x00, 0xe6, 0x70, 0xe6, 0x71, 0xf4,
+    0xeb, 0xfd,
+];
+
+/// Writes the painting guest's boot image into `dir`: its VGA text screen is red in the
+/// top half and blue in the bottom half once QEMU emits `RTC_CHANGE`.
+pub fn write_colour_image(dir: &Path) -> PathBuf {
+    let mut img = vec![0u8; 512];
+    img[..COLOUR_CODE.len()].copy_from_slice(&COLOUR_CODE);
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    let path = dir.join("colour-guest.img");
     std::fs::write(&path, img).unwrap();
     path
 }

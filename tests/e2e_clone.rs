@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::guest::{Behaviour, write_image};
-use common::{Bus, error_name, stderr, stdout};
-use maqet::client::{ImagesProxy, JobProxy, MANAGER_PATH, VmProxy, proxy_at};
+use common::{Bus, Fill, data_image, error_name, job_end, stderr, stdout};
+use futures_util::StreamExt;
+use maqet::client::{ImagesProxy, JobProxy, MANAGER_PATH, VmProxy, proxy_at, vm_proxy};
 use zbus::Connection;
 use zbus::zvariant::Variant;
 
@@ -61,6 +62,20 @@ async fn boots(vm: &VmProxy<'_>) {
     vm.start().await.unwrap();
     vm.wait("event=RTC_CHANGE", 60).await.unwrap();
     vm.stop(true, 10).await.unwrap();
+}
+
+fn full_copy() -> HashMap<&'static str, Variant<'static>> {
+    HashMap::from([("full", Variant::from(true))])
+}
+
+/// A VM (never started) whose one disk is `disk`.
+async fn vm_on(bus: &Bus, conn: &Connection, name: &str, disk: &Path) -> VmProxy<'static> {
+    let yaml = format!(
+        "{}storage:\n  - {{name: root, type: qcow2, file: '{}'}}\n",
+        common::tiny_vm_yaml(name),
+        disk.display()
+    );
+    bus.add(conn, "", &yaml).await
 }
 
 fn vm_dirs(bus: &Bus) -> usize {
@@ -148,6 +163,11 @@ async fn a_full_clone_is_standalone_and_a_failed_clone_leaves_nothing() {
 
     let out = bus.maqet(&["clone", "--full", "src", "twin"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("cloned src as twin (full)"),
+        "{}",
+        stdout(&out)
+    );
     let twin = bus.vm(&conn, manager.find_vm("twin").await.unwrap()).await;
     let twin_disk = disk_of(&bus, &twin.id().await.unwrap());
     let info = qemu_img_info(&twin_disk);
@@ -174,13 +194,20 @@ async fn a_full_clone_is_standalone_and_a_failed_clone_leaves_nothing() {
         bad.display()
     );
     bus.add(&conn, "", &yaml).await;
-    let mut full = HashMap::new();
-    full.insert("full", Variant::from(true));
-    let err = manager
-        .clone_vm("broken", "broken2", full)
+    let (path, job) = manager
+        .clone_vm("broken", "broken2", full_copy())
         .await
-        .unwrap_err();
-    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.Storage", "{err}");
+        .unwrap();
+    let (state, message) = job_end(&conn, job).await;
+    assert_eq!(state, "failed", "{message}");
+    assert!(
+        message.contains("qemu-img convert failed") && message.contains("no clone was made"),
+        "{message}"
+    );
+    assert!(
+        vm_proxy(&conn, path).await.unwrap().id().await.is_err(),
+        "the path the clone would have had names no VM"
+    );
     assert!(
         manager.find_vm("broken2").await.is_err(),
         "no half clone is defined"
@@ -249,4 +276,92 @@ async fn an_exported_vm_moves_as_a_directory_and_boots_without_its_source() {
     assert!(out.status.success(), "{}", stderr(&out));
     let moved = bus.vm(&conn, manager.find_vm("moved").await.unwrap()).await;
     boots(&moved).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_clone_is_a_job_with_progress_and_a_cancel_leaves_no_clone() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let disk = data_image(bus.root(), "big", 256, Fill::Random, "qcow2");
+    let src = vm_on(&bus, &conn, "big", &disk).await;
+    let dirs = vm_dirs(&bus);
+
+    let (path, job) = manager.clone_vm("big", "big2", full_copy()).await.unwrap();
+    let job: JobProxy = proxy_at(&conn, job).await.unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    assert_eq!(job.operation().await.unwrap(), "vm-clone");
+    assert_eq!(
+        job.vm().await.unwrap().as_str(),
+        src.inner().path().as_str()
+    );
+    // While it copies, the source is busy: it cannot start.
+    let err = src.start().await.unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.InvalidState");
+    assert!(err.to_string().contains("full clone"), "{err}");
+    // The first progress qemu-img reports, then the cancel.
+    common::first_progress(&conn, &job.inner().path().clone().into()).await;
+    job.cancel().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(common::TIMEOUT, completed.next())
+            .await
+            .expect("the job ends")
+            .unwrap();
+    }
+    assert_eq!(
+        job.state().await.unwrap(),
+        "cancelled",
+        "{}",
+        job.message().await.unwrap()
+    );
+    assert!(
+        vm_proxy(&conn, path).await.unwrap().id().await.is_err(),
+        "no clone is defined"
+    );
+    assert!(manager.find_vm("big2").await.is_err());
+    assert_eq!(vm_dirs(&bus), dirs, "no half clone is on disk");
+    // The source is free again, and a second clone completes with the VM it named.
+    let (path, job) = manager.clone_vm("big", "big2", full_copy()).await.unwrap();
+    let (state, message) = job_end(&conn, job).await;
+    assert_eq!(state, "completed", "{message}");
+    assert!(message.contains("'big2'"), "{message}");
+    let copy = bus.vm(&conn, path).await;
+    assert_eq!(copy.name().await.unwrap(), "big2");
+    let copy_disk = disk_of(&bus, &copy.id().await.unwrap());
+    assert!(qemu_img_info(&copy_disk).get("backing-filename").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_clone_onto_a_full_disk_says_so_and_leaves_nothing() {
+    let Some(bus) = Bus::start_with_small_data_dir("8m") else {
+        return;
+    };
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    // 32 MiB of data in a file of a few hundred KiB, outside the 8 MiB data directory.
+    let outside = tempfile::tempdir().unwrap();
+    let disk = data_image(outside.path(), "packed", 32, Fill::Compressed, "qcow2");
+    vm_on(&bus, &conn, "packed", &disk).await;
+    let dirs = vm_dirs(&bus);
+
+    let (path, job) = manager
+        .clone_vm("packed", "packed2", full_copy())
+        .await
+        .unwrap();
+    let (state, message) = job_end(&conn, job).await;
+    assert_eq!(state, "failed", "{message}");
+    assert!(message.starts_with("the disk is full"), "{message}");
+    assert!(message.contains("no clone was made"), "{message}");
+    assert!(vm_proxy(&conn, path).await.unwrap().id().await.is_err());
+    assert!(manager.find_vm("packed2").await.is_err());
+    assert_eq!(vm_dirs(&bus), dirs, "no half clone is on disk");
+    // The CLI says the same and exits nonzero.
+    let out = bus.maqet(&["clone", "--full", "packed", "packed3"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the disk is full"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(manager.list_vms().await.unwrap().len(), 1);
 }

@@ -365,3 +365,69 @@ async fn a_full_clone_onto_a_full_disk_says_so_and_leaves_nothing() {
     );
     assert_eq!(manager.list_vms().await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_is_a_job_and_a_cancelled_or_full_export_leaves_an_empty_directory() {
+    let Some(()) = common::require(common::root(
+        "mounting a small tmpfs as the export directory",
+    )) else {
+        return;
+    };
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let manager = bus.manager(&conn).await;
+    let disk = data_image(bus.root(), "big", 256, Fill::Random, "qcow2");
+    let src = vm_on(&bus, &conn, "big", &disk).await;
+    let entries = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+
+    // Cancelled after its first progress: the directory stays empty.
+    let out_dir = bus.root().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let opened = std::fs::File::open(&out_dir).unwrap();
+    let (files, job) = manager
+        .export_vm("big", zbus::Fd::from(&opened))
+        .await
+        .unwrap();
+    assert_eq!(files, ["config.yaml", "root.qcow2"]);
+    let job: JobProxy = proxy_at(&conn, job).await.unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    assert_eq!(job.operation().await.unwrap(), "vm-export");
+    let err = src.start().await.unwrap_err();
+    assert!(err.to_string().contains("export"), "busy: {err}");
+    common::first_progress(&conn, &job.inner().path().clone().into()).await;
+    job.cancel().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(common::TIMEOUT, completed.next())
+            .await
+            .expect("the job ends")
+            .unwrap();
+    }
+    let message = job.message().await.unwrap();
+    assert_eq!(job.state().await.unwrap(), "cancelled", "{message}");
+    assert!(message.contains("nothing was left"), "{message}");
+    assert_eq!(entries(&out_dir), 0, "no partial file is left");
+
+    // Onto a file system too small for the copy: "the disk is full", nothing left.
+    let small = bus.root().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let tmpfs = common::Tmpfs::mount(&small, "8m");
+    let out = bus.maqet(&["export", "big", tmpfs.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the disk is full"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(entries(tmpfs.path()), 0, "no partial file is left");
+
+    // The source is free again; a whole export completes with the files it named.
+    let out = bus.maqet(&["export", "big", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.yaml", "root.qcow2"]);
+}

@@ -50,8 +50,9 @@ pub struct BusOptions<'a> {
 }
 
 pub struct Bus {
-    /// The tmpfs mounted as `$XDG_DATA_HOME`, if any.
-    tmpfs: Option<PathBuf>,
+    /// The tmpfs mounted as `$XDG_DATA_HOME`, if any (unmounted after the processes
+    /// are killed: fields drop after `Drop::drop`).
+    tmpfs: Option<Tmpfs>,
     daemon: Child,
     pub address: String,
     pub dir: tempfile::TempDir,
@@ -136,22 +137,9 @@ impl Bus {
         for d in ["services", "run", "data", "state", "config", "home", "bin"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        let tmpfs = opts.data_tmpfs.map(|size| {
-            let data = root.join("data");
-            let out = Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0700"),
-                    "tmpfs",
-                ])
-                .arg(&data)
-                .output()
-                .expect("run mount");
-            assert!(out.status.success(), "mount tmpfs: {}", stderr(&out));
-            data
-        });
+        let tmpfs = opts
+            .data_tmpfs
+            .map(|size| Tmpfs::mount(&root.join("data"), size));
         for (name, body) in tools {
             use std::os::unix::fs::PermissionsExt;
             let file = root.join("bin").join(name);
@@ -378,10 +366,34 @@ impl Drop for Bus {
         }
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
-        if let Some(data) = &self.tmpfs {
-            // Lazy: a process that has not died yet cannot keep the mount alive.
-            let _ = Command::new("umount").arg("-l").arg(data).status();
-        }
+    }
+}
+
+/// A small tmpfs mounted on a directory (root only), to fill up; unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `8m`) on the existing directory `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let options = format!("size={size},mode=0700");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "mount tmpfs: {}", stderr(&out));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process that has not died yet cannot keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

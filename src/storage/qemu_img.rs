@@ -747,6 +747,17 @@ mod tests {
     }
 
     #[test]
+    fn a_full_file_system_is_told_as_such() {
+        let full =
+            convert_failed("qemu-img: error while writing at byte 0: No space left on device");
+        assert!(matches!(full, StorageError::NoSpace(_)), "{full:?}");
+        assert!(full.to_string().starts_with("the disk is full"), "{full}");
+        let other = convert_failed("Could not open 'x': Permission denied");
+        assert!(matches!(other, StorageError::Failed(_)), "{other:?}");
+        assert!(other.to_string().starts_with("qemu-img convert failed"));
+    }
+
+    #[test]
     fn image_opts_state_the_format_and_escape_commas() {
         assert_eq!(
             QemuImg::image_opts("qcow2", Path::new("/v/a,b.qcow2")),

@@ -431,3 +431,30 @@ async fn an_export_is_a_job_and_a_cancelled_or_full_export_leaves_an_empty_direc
     names.sort();
     assert_eq!(names, ["config.yaml", "root.qcow2"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_copies_of_a_clone_a_killed_maqetd_left_are_removed_at_its_start() {
+    let bus = Bus::start();
+    let vms = bus.root().join("data/maqet/vms");
+    // What a maqetd killed during a full clone leaves: a directory no VM row names,
+    // holding a partial copy; beside it a directory with a file maqet did not make.
+    let half = vms.join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join(".clone-0123.qcow2"), b"half a disk").unwrap();
+    let other = vms.join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), b"the user's").unwrap();
+
+    let conn = bus.conn().await;
+    // The first call activates maqetd, which cleans up before it answers.
+    assert!(
+        bus.manager(&conn)
+            .await
+            .list_vms()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!half.exists(), "the half clone's directory is gone");
+    assert!(other.join("notes.txt").exists(), "other files stay");
+}

@@ -326,6 +326,30 @@ impl Manager {
     }
 }
 
+/// Deletes disk copies of full clones a previous maqetd did not finish (it was
+/// killed), and the clone directories they leave empty: no VM row ever named them.
+pub fn remove_partial_clones(ctx: &crate::vm::Ctx) {
+    let Ok(dirs) = std::fs::read_dir(ctx.paths.data_dir.join("vms")) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(dir.path()) else {
+            continue;
+        };
+        let mut removed = false;
+        for f in files.flatten() {
+            if f.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+                removed |= std::fs::remove_file(f.path()).is_ok();
+                tracing::info!(file = %f.path().display(), "removed a disk copy of an unfinished clone");
+            }
+        }
+        if removed {
+            // Only if empty: a directory with anything else in it is not ours to judge.
+            let _ = std::fs::remove_dir(dir.path());
+        }
+    }
+}
+
 /// Progress of copy `index` of `count` (named `disk`) as a share of the job, and the
 /// job's cancel switch; a no-op pair without a job.
 pub(super) fn job_progress(

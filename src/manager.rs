@@ -23,8 +23,9 @@ use crate::vm::{Ctx, Operation, Status, Vm, VmError, store_error};
 
 mod clone;
 mod export;
-pub use clone::CloneMode;
+pub use clone::{CloneMode, Cloned, OPERATION as CLONE_OPERATION, remove_partial_clones};
 pub use export::EXPORT_CONFIG;
+pub use export::OPERATION as EXPORT_OPERATION;
 
 #[derive(Default)]
 struct Registry {

@@ -8,29 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::guest::{Behaviour, write_image};
-use common::{Bus, TIMEOUT, error_name, stderr, stdout};
+use common::{Bus, Fill, TIMEOUT, data_image, error_name, job_end, stderr, stdout};
 use futures_util::StreamExt;
 use maqet::client::{ImagesProxy, JobProxy, MANAGER_PATH, proxy_at};
-use zbus::{Connection, OwnedObjectPath};
+use zbus::Connection;
 
 async fn images(conn: &Connection) -> ImagesProxy<'static> {
     proxy_at(conn, MANAGER_PATH.try_into().unwrap())
         .await
         .unwrap()
-}
-
-/// The end of a job: (state, message). Subscribes to `Completed` first, then reads
-/// the state, so an end in between is not missed.
-async fn job_end(conn: &Connection, path: OwnedObjectPath) -> (String, String) {
-    let job: JobProxy = proxy_at(conn, path).await.unwrap();
-    let mut completed = job.receive_completed().await.unwrap();
-    if job.state().await.unwrap() == "running" {
-        tokio::time::timeout(TIMEOUT, completed.next())
-            .await
-            .expect("no Completed signal in time")
-            .unwrap();
-    }
-    (job.state().await.unwrap(), job.message().await.unwrap())
 }
 
 /// Imports `file` over D-Bus; the job's end, or the call's error name.
@@ -302,4 +288,130 @@ async fn bad_imports_are_refused_and_leave_nothing_in_the_store() {
     let err = vm.start().await.unwrap_err();
     assert!(err.to_string().contains("cannot be smaller"), "{err}");
     assert_eq!(vm.status().await.unwrap(), "failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vmdk_vdi_and_vhdx_images_import_as_qcow2_with_their_size_and_checksum() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let formats = ["vmdk", "vdi", "vhdx"];
+    for format in formats {
+        let file = data_image(
+            bus.root(),
+            &format!("disk-{format}"),
+            16,
+            Fill::Pattern,
+            format,
+        );
+        let info = qemu_img(&["info", "--output=json", file.to_str().unwrap()]);
+        assert!(
+            info.contains(&format!("\"format\": \"{format}\"")),
+            "{info}"
+        );
+        let (state, msg) = import(&conn, &file, format).await.unwrap();
+        assert_eq!(state, "completed", "{format}: {msg}");
+        let stored = store_dir(&bus).join(format!("{format}.qcow2"));
+        // The guest sees the same bytes in the stored copy.
+        qemu_img(&[
+            "compare",
+            "-f",
+            format,
+            "-F",
+            "qcow2",
+            file.to_str().unwrap(),
+            stored.to_str().unwrap(),
+        ]);
+    }
+    let rows = images(&conn).await.list().await.unwrap();
+    let mut names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["vdi", "vhdx", "vmdk"]);
+    for (name, format, vsize, size, sha, _, path) in &rows {
+        assert_eq!(format, "qcow2", "{name} is stored converted");
+        assert_eq!(*vsize, 16 << 20, "{name}'s virtual size");
+        let stored = store_dir(&bus).join(format!("{name}.qcow2"));
+        assert_eq!(Path::new(path), stored);
+        assert_eq!(*size, std::fs::metadata(&stored).unwrap().len(), "{name}");
+        assert_eq!(*sha, sha256(&stored), "{name}'s recorded checksum");
+    }
+    assert_eq!(store_files(&bus), ["vdi.qcow2", "vhdx.qcow2", "vmdk.qcow2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_import_ends_cancelled_and_leaves_nothing_in_the_store() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    // 256 MiB of random data in a sparse 1 GiB raw disk: long enough to cancel.
+    let raw = data_image(bus.root(), "big", 256, Fill::Random, "raw");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let f = std::fs::File::open(&raw).unwrap();
+    let path = images(&conn)
+        .await
+        .import(zbus::Fd::from(&f), "big", HashMap::new())
+        .await
+        .unwrap();
+    let job: JobProxy = proxy_at(&conn, path).await.unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    // The first progress the conversion reports, then the cancel.
+    common::first_progress(&conn, &job.inner().path().clone().into()).await;
+    job.cancel().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(TIMEOUT, completed.next())
+            .await
+            .expect("the job ends")
+            .unwrap();
+    }
+    let message = job.message().await.unwrap();
+    assert_eq!(job.state().await.unwrap(), "cancelled", "{message}");
+    assert!(message.contains("nothing was added"), "{message}");
+    assert!(images(&conn).await.list().await.unwrap().is_empty());
+    assert!(
+        store_files(&bus).is_empty(),
+        "no partial image is left: {:?}",
+        store_files(&bus)
+    );
+    // A second cancel is refused: the job has ended.
+    let err = job.cancel().await.unwrap_err();
+    assert_eq!(error_name(&err), "org.maqet.Maqet1.Error.InvalidState");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_onto_a_full_disk_says_so_and_leaves_nothing() {
+    let Some(bus) = Bus::start_with_small_data_dir("8m") else {
+        return;
+    };
+    let conn = bus.conn().await;
+    let outside = tempfile::tempdir().unwrap();
+    // Bigger than the free space already: refused before any work.
+    let big = data_image(outside.path(), "big", 16, Fill::Pattern, "raw");
+    let (kind, msg) = import(&conn, &big, "big").await.unwrap_err();
+    assert_eq!(kind, "org.maqet.Maqet1.Error.Storage", "{msg}");
+    assert!(msg.starts_with("the disk is full"), "{msg}");
+    // A small file that expands past the free space: the conversion hits ENOSPC.
+    let packed = data_image(outside.path(), "packed", 32, Fill::Compressed, "qcow2");
+    assert!(std::fs::metadata(&packed).unwrap().len() < 4 << 20);
+    let (state, msg) = import(&conn, &packed, "packed").await.unwrap();
+    assert_eq!(state, "failed", "{msg}");
+    assert!(msg.starts_with("the disk is full"), "{msg}");
+    assert!(msg.contains("nothing was added"), "{msg}");
+    assert!(images(&conn).await.list().await.unwrap().is_empty());
+    assert!(
+        store_files(&bus).is_empty(),
+        "no partial image is left: {:?}",
+        store_files(&bus)
+    );
+    // The CLI says the same and exits nonzero.
+    let out = bus.maqet(&["image", "import", packed.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the disk is full"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(store_files(&bus).is_empty());
 }

@@ -283,17 +283,21 @@ pub(super) async fn export(
         .custom_flags(libc::O_DIRECTORY)
         .open(dir)
         .map_err(|e| MaqetError::InvalidArgument(format!("cannot open {}: {e}", dir.display())))?;
-    let files = s.manager.export_vm(name, zbus::Fd::from(&opened)).await?;
+    let (files, job) = s.manager.export_vm(name, zbus::Fd::from(&opened)).await?;
+    let end = super::snapshot::follow(s, job.clone(), !s.json).await?;
     if s.json {
-        print_json(&json!({ "vm": name, "dir": dir, "files": files }));
-    } else {
+        print_json(&json!({
+            "vm": name, "dir": dir, "files": files, "job": job.as_str(),
+            "state": end.state, "message": end.message,
+        }));
+    } else if end.state == "completed" {
         println!("exported {name} to {}: {}", dir.display(), files.join(", "));
         println!(
             "define it elsewhere with: maqet add --from-export {}",
             dir.display()
         );
     }
-    Ok(())
+    end.into_result()
 }
 
 pub(super) async fn clone(
@@ -306,16 +310,27 @@ pub(super) async fn clone(
     if full {
         options.insert("full", zbus::Variant::from(true));
     }
-    let path = s.manager.clone_vm(source, new_name, options).await?;
+    let (path, job) = s.manager.clone_vm(source, new_name, options).await?;
     let kind = if full { "full" } else { "linked" };
-    if s.json {
-        print_json(
-            &json!({ "source": source, "vm": new_name, "path": path.as_str(), "mode": kind }),
-        );
+    // A full copy is a job: follow it (Ctrl-C cancels it, leaving no clone).
+    let end = if job.as_str() == "/" {
+        None
     } else {
+        Some(super::snapshot::follow(s, job.clone(), !s.json).await?)
+    };
+    if s.json {
+        let mut out =
+            json!({ "source": source, "vm": new_name, "path": path.as_str(), "mode": kind });
+        if let Some(end) = &end {
+            out["job"] = json!(job.as_str());
+            out["state"] = json!(end.state);
+            out["message"] = json!(end.message);
+        }
+        print_json(&out);
+    } else if end.as_ref().is_none_or(|e| e.state == "completed") {
         println!("cloned {source} as {new_name} ({kind})");
     }
-    Ok(())
+    end.map_or(Ok(()), |e| e.into_result())
 }
 
 pub(super) async fn remove(

@@ -108,17 +108,23 @@ pub trait Manager {
         files: &[zbus::Fd<'_>],
     ) -> Result<OwnedObjectPath, MaqetError>;
 
-    /// Options: `full` (b).
+    /// Options: `full` (b). Returns (the clone's path, its job: `/` for a linked
+    /// clone, made within the call).
     #[zbus(name = "CloneVM")]
     fn clone_vm(
         &self,
         source: &str,
         new_name: &str,
         options: HashMap<&str, zbus::Variant<'_>>,
-    ) -> Result<OwnedObjectPath, MaqetError>;
+    ) -> Result<(OwnedObjectPath, OwnedObjectPath), MaqetError>;
 
+    /// Returns (the files the export will hold, its job).
     #[zbus(name = "ExportVM")]
-    fn export_vm(&self, vm: &str, directory: zbus::Fd<'_>) -> Result<Vec<String>, MaqetError>;
+    fn export_vm(
+        &self,
+        vm: &str,
+        directory: zbus::Fd<'_>,
+    ) -> Result<(Vec<String>, OwnedObjectPath), MaqetError>;
 
     #[zbus(name = "RemoveVM")]
     fn remove_vm(&self, vm: &str, force: bool, delete_storage: bool) -> Result<(), MaqetError>;

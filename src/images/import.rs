@@ -349,12 +349,20 @@ fn copy_iso(src: &OwnedFd, temp: &Path, size: u64, job: &Job) -> Result<(), RunE
                 format!("the file ended at {at} of {size} bytes (it shrank while being read)"),
             ));
         }
-        out.write_all(&buf[..n]).map_err(|e| failed(temp, e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| write_failed(temp, e))?;
         at += n as u64;
         job.set_progress(0.95 * at as f64 / size as f64, "copying the ISO image");
     }
-    out.sync_all().map_err(|e| failed(temp, e))?;
+    out.sync_all().map_err(|e| write_failed(temp, e))?;
     Ok(())
+}
+
+fn write_failed(path: &Path, e: std::io::Error) -> RunError {
+    RunError::Failed(crate::storage::space::write_error(
+        &path.display().to_string(),
+        e,
+    ))
 }
 
 /// SHA-256 of a file, lowercase hex.

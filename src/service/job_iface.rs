@@ -56,6 +56,7 @@ fn action_of(job: &Job) -> Action {
         "snapshot-load" => Action::SnapshotLoad,
         "snapshot-delete" => Action::SnapshotDelete,
         crate::images::import::OPERATION => Action::Images,
+        crate::manager::CLONE_OPERATION | crate::manager::EXPORT_OPERATION => Action::Manage,
         _ => Action::SnapshotCreate,
     }
 }
@@ -107,7 +108,8 @@ impl JobIface {
             .await
     }
 
-    /// The VM the job works on (`/` for none, e.g. an image import).
+    /// The VM the job works on (`/` for none, e.g. an image import; the source VM of
+    /// a full clone or an export).
     #[zbus(property(emits_changed_signal = "const"), name = "VM")]
     async fn vm(
         &self,

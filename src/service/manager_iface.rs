@@ -7,12 +7,12 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
-use super::Shared;
+use super::{Shared, job_iface};
 use crate::access::{Action, Request};
 use crate::client::{AuditEntry, VmListEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
-use crate::manager::{INLINE_ORIGIN, Manager};
+use crate::manager::{Cloned, INLINE_ORIGIN, Manager};
 use crate::outbound::Outbound;
 use crate::vm::Vm;
 
@@ -73,6 +73,11 @@ fn clone_mode(
     } else {
         crate::manager::CloneMode::Linked
     })
+}
+
+/// The job path of a call that needed none.
+fn no_job() -> OwnedObjectPath {
+    OwnedObjectPath::try_from("/").expect("a valid path")
 }
 
 /// How long AddVM/RemoveVM wait for the event pump to (un)serve the VM's objects.
@@ -202,8 +207,11 @@ impl ManagerIface {
     /// Defines `new_name` as a clone of the stopped VM `source` (name or id): new
     /// UUID, fresh UEFI variables and TPM state, no shared writable file. `options`:
     /// `full` (b): copy the disks (standalone) instead of making qcow2 overlays on
-    /// them (linked: the source then stays stopped while the clone exists).
-    #[zbus(name = "CloneVM", out_args("vm"))]
+    /// them (linked: the source then stays stopped while the clone exists). Returns the
+    /// clone's path and a job: a linked clone is made within the call (`job` is `/`); a
+    /// full copy runs as a job (progress, `Cancel`) and the VM at `vm` exists once it
+    /// has completed (on failure or cancel nothing of the clone is left).
+    #[zbus(name = "CloneVM", out_args("vm", "job"))]
     async fn clone_vm(
         &self,
         source: &str,
@@ -211,7 +219,7 @@ impl ManagerIface {
         options: std::collections::HashMap<String, zbus::OwnedVariant>,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<OwnedObjectPath, MaqetError> {
+    ) -> Result<(OwnedObjectPath, OwnedObjectPath), MaqetError> {
         let target = self.shared.manager.find(source);
         let mut req = Request::new(Action::Manage, "CloneVM").with_args(format!(
             "source={source:?} new_name={new_name:?} options={:?}",
@@ -222,12 +230,18 @@ impl ManagerIface {
         }
         let work = async {
             let mode = clone_mode(&options)?;
-            let vm = self
+            match self
                 .shared
                 .manager
                 .clone_vm(&target?, new_name, mode)
-                .await?;
-            Ok(Self::published(&vm).await)
+                .await?
+            {
+                Cloned::Done(vm) => Ok((Self::published(&vm).await, no_job())),
+                Cloned::Job { id, job } => Ok((
+                    vm_path(&id),
+                    job_iface::publish(conn, &self.shared, job).await?,
+                )),
+            }
         };
         self.shared
             .gate
@@ -235,30 +249,36 @@ impl ManagerIface {
             .await
     }
 
-    /// Writes the stopped VM `vm` (name or id) into the empty directory open at
-    /// `directory`: `config.yaml` and a standalone copy of each disk, named relative
+    /// Starts writing the stopped VM `vm` (name or id) into the empty directory open
+    /// at `directory`: `config.yaml` and a standalone copy of each disk, named relative
     /// to it (define it elsewhere with `AddVMFromFds` of that config). Returns the
-    /// files written; on failure none is left.
-    #[zbus(name = "ExportVM", out_args("files"))]
+    /// files the export will hold and its job (progress, `Cancel`); the files appear
+    /// only when the job completes, and a failed or cancelled export leaves none.
+    #[zbus(name = "ExportVM", out_args("files", "job"))]
     async fn export_vm(
         &self,
         vm: &str,
         directory: zbus::OwnedFd,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<Vec<String>, MaqetError> {
+    ) -> Result<(Vec<String>, OwnedObjectPath), MaqetError> {
         let target = self.shared.manager.find(vm);
         let mut req = Request::new(Action::Manage, "ExportVM").with_args(format!("vm={vm:?}"));
         if let Ok(t) = &target {
             req = req.on_vm(t);
         }
         let work = async {
-            self.shared
+            let (files, job) = self
+                .shared
                 .manager
                 .export_vm(&target?, std::os::fd::OwnedFd::from(directory))
-                .await
+                .await?;
+            Ok((files, job_iface::publish(conn, &self.shared, job).await?))
         };
-        self.shared.gate.call(conn, &hdr, req, work).await
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
     }
 
     /// The object path of a VM, by name or id.

@@ -139,6 +139,7 @@ pub async fn serve(
         witnesses: Default::default(),
     });
     crate::images::remove_partial_imports(manager.ctx());
+    crate::manager::remove_partial_clones(manager.ctx());
     let mut builder = builder
         .serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()))
         .serve_at(MANAGER_PATH, ImagesIface::new(shared.clone()));

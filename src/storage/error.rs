@@ -9,6 +9,10 @@ pub enum StorageError {
     /// A refused or failed storage step; the message names the file and what to do.
     #[error("{0}")]
     Failed(String),
+    /// The file system ran out of space (ENOSPC, or too little free space up front);
+    /// the message says the disk is full, where, and what to do.
+    #[error("{0}")]
+    NoSpace(String),
     /// `qemu-img` could not be started.
     #[error("cannot run qemu-img {what}: {source}")]
     Spawn {
@@ -32,9 +36,10 @@ impl StorageError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StorageError::Cancelled => ErrorKind::Cancelled,
-            StorageError::Failed(_) | StorageError::Spawn { .. } | StorageError::Io { .. } => {
-                ErrorKind::Storage
-            }
+            StorageError::Failed(_)
+            | StorageError::NoSpace(_)
+            | StorageError::Spawn { .. }
+            | StorageError::Io { .. } => ErrorKind::Storage,
         }
     }
 }

@@ -433,41 +433,40 @@ impl QemuImg {
         convert_with_progress(cmd, progress, cancel).await
     }
 
-    /// `qemu-img convert` of a VM's own disk (format stated, its backing chain
-    /// flattened) into a new file of the same format at `target`.
+    /// `qemu-img convert -p` of a VM's own disk (format stated, its backing chain
+    /// flattened) into a new file of the same format at `target`, with progress and
+    /// cancellation as [`QemuImg::convert_fd`].
     pub async fn copy_disk(
         &self,
         source: &Path,
         format: &str,
         target: &Path,
-    ) -> Result<(), StorageError> {
+        progress: Box<dyn Fn(f64) + Send + Sync>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
         let mut cmd = self.command();
         cmd.args(["convert", "-p", "-f", format, "-O", format])
             .arg(source)
             .arg(target);
-        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
-            .await
-            .map_err(failed)
+        convert_with_progress(cmd, progress, cancel).await
     }
-}
 
-impl QemuImg {
-    /// `qemu-img convert` of a VM's disk (chain flattened) into a new file `name` in
-    /// the directory open at `dir` (qemu-img reaches it as `/proc/self/fd/3/<name>`).
+    /// [`QemuImg::copy_disk`] into a new file `name` in the directory open at `dir`
+    /// (qemu-img reaches it as `/proc/self/fd/3/<name>`).
     pub async fn copy_disk_into(
         &self,
         source: &Path,
         format: &str,
         dir: BorrowedFd<'_>,
         name: &str,
-    ) -> Result<(), StorageError> {
+        progress: Box<dyn Fn(f64) + Send + Sync>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
         let mut cmd = self.command_with_fd(dir);
         cmd.args(["convert", "-p", "-f", format, "-O", format])
             .arg(source)
             .arg(format!("/proc/self/fd/{IMAGE_FD}/{name}"));
-        convert_with_progress(cmd, Box::new(|_| {}), &mut watch::channel(false).1)
-            .await
-            .map_err(failed)
+        convert_with_progress(cmd, progress, cancel).await
     }
 }
 
@@ -536,10 +535,18 @@ async fn convert_with_progress(
         stdout: Vec::new(),
         stderr,
     };
-    Err(RunError::Failed(StorageError::Failed(format!(
-        "qemu-img convert failed: {}",
-        stderr_text(&out)
-    ))))
+    Err(RunError::Failed(convert_failed(&stderr_text(&out))))
+}
+
+/// A failed `qemu-img convert`: a full file system is told as such ([`StorageError::NoSpace`]).
+fn convert_failed(stderr: &str) -> StorageError {
+    if stderr.contains("No space left on device") {
+        StorageError::NoSpace(format!(
+            "the disk is full: qemu-img convert found no space left on the device it writes to ({stderr}); free some space there and try again"
+        ))
+    } else {
+        StorageError::Failed(format!("qemu-img convert failed: {stderr}"))
+    }
 }
 
 /// The format `qemu-img info` detects for the backing image `path`, for a storage
@@ -737,6 +744,17 @@ mod tests {
         let plain = serde_json::json!({"format": "qcow2", "virtual-size": 5, "filename": "x",
             "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}});
         assert_eq!(Probed::from_json(&plain).unwrap().external, None);
+    }
+
+    #[test]
+    fn a_full_file_system_is_told_as_such() {
+        let full =
+            convert_failed("qemu-img: error while writing at byte 0: No space left on device");
+        assert!(matches!(full, StorageError::NoSpace(_)), "{full:?}");
+        assert!(full.to_string().starts_with("the disk is full"), "{full}");
+        let other = convert_failed("Could not open 'x': Permission denied");
+        assert!(matches!(other, StorageError::Failed(_)), "{other:?}");
+        assert!(other.to_string().starts_with("qemu-img convert failed"));
     }
 
     #[test]

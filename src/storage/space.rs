@@ -41,12 +41,25 @@ pub fn ensure(available: u64, required: u64, what: &str, dir: &Path) -> Result<(
     if available >= required {
         return Ok(());
     }
-    Err(StorageError::Failed(format!(
-        "not enough free space in {} for {what}: it needs {} and {} are free; free some space or choose another location",
+    Err(StorageError::NoSpace(format!(
+        "the disk is full: not enough free space in {} for {what}: it needs {} and {} are free; free some space or choose another location",
         dir.display(),
         format_size(required),
         format_size(available)
     )))
+}
+
+/// A failed write of `what`: ENOSPC (or EDQUOT) becomes [`StorageError::NoSpace`].
+pub fn write_error(what: &str, e: std::io::Error) -> StorageError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::NoSpace(format!(
+            "the disk is full: no space left to write {what}; free some space there and try again"
+        )),
+        _ => StorageError::Io {
+            message: format!("cannot write {what}: {e}"),
+            source: e,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -72,6 +85,11 @@ mod tests {
             "{m}"
         );
         assert_eq!(err.kind().as_str(), "Storage");
+        assert!(matches!(err, StorageError::NoSpace(_)), "{err:?}");
+        let full = write_error("x.qcow2", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(full.to_string().starts_with("the disk is full"), "{full}");
+        let other = write_error("x.qcow2", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(other, StorageError::Io { .. }), "{other:?}");
     }
 
     #[test]

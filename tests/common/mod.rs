@@ -44,9 +44,15 @@ pub struct BusOptions<'a> {
     /// No activation file for maqetd: the bus uses the standard session service
     /// directories instead.
     pub no_activation: bool,
+    /// `$XDG_DATA_HOME` on a tmpfs of this size (e.g. `8m`), for a full disk; needs
+    /// root (see [`Bus::start_with_small_data_dir`]); unmounted when the bus drops.
+    pub data_tmpfs: Option<&'a str>,
 }
 
 pub struct Bus {
+    /// The tmpfs mounted as `$XDG_DATA_HOME`, if any (unmounted after the processes
+    /// are killed: fields drop after `Drop::drop`).
+    tmpfs: Option<Tmpfs>,
     daemon: Child,
     pub address: String,
     pub dir: tempfile::TempDir,
@@ -131,6 +137,9 @@ impl Bus {
         for d in ["services", "run", "data", "state", "config", "home", "bin"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
+        let tmpfs = opts
+            .data_tmpfs
+            .map(|size| Tmpfs::mount(&root.join("data"), size));
         for (name, body) in tools {
             use std::os::unix::fs::PermissionsExt;
             let file = root.join("bin").join(name);
@@ -219,11 +228,24 @@ impl Bus {
         }
         assert!(address.starts_with("unix:"), "bad bus address {address:?}");
         Bus {
+            tmpfs,
             daemon,
             address,
             dir,
             marker,
         }
+    }
+
+    /// A bus whose `$XDG_DATA_HOME` (database, image store, VM disks) is a tmpfs of
+    /// `size`, to fill up; `None` (skipped) when the test is not root.
+    pub fn start_with_small_data_dir(size: &str) -> Option<Bus> {
+        require::require(require::root(
+            "mounting a small tmpfs as the data directory",
+        ))?;
+        Some(Bus::start_with_options(&BusOptions {
+            data_tmpfs: Some(size),
+            ..BusOptions::default()
+        }))
     }
 
     fn xdg_env(root: &Path) -> Vec<(&'static str, PathBuf)> {
@@ -347,6 +369,34 @@ impl Drop for Bus {
     }
 }
 
+/// A small tmpfs mounted on a directory (root only), to fill up; unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `8m`) on the existing directory `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let options = format!("size={size},mode=0700");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "mount tmpfs: {}", stderr(&out));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process that has not died yet cannot keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 fn marked_pids(marker: &str) -> Vec<u32> {
     let needle = format!("MAQET_TEST_MARKER={marker}");
     let me = std::process::id();
@@ -378,6 +428,99 @@ fn kill_verified(pid: u32, marker: &str) {
     if environ_has(pid, &format!("MAQET_TEST_MARKER={marker}")) {
         let _ = pidfd_send_signal(fd.as_fd(), Signal::KILL);
     }
+}
+
+/// Waits until the job at `path` reports progress above 0 (a `PropertiesChanged` of
+/// its `Progress`; subscribed before reading the current value, so none is missed).
+pub async fn first_progress(conn: &Connection, path: &OwnedObjectPath) {
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination(maqet::client::BUS_NAME)
+        .path(path.clone())
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
+    let job: maqet::client::JobProxy = maqet::client::proxy_at(conn, path.clone()).await.unwrap();
+    if job.progress().await.unwrap() > 0.0 {
+        return;
+    }
+    loop {
+        let change = tokio::time::timeout(TIMEOUT, changes.next())
+            .await
+            .expect("the job reports progress in time")
+            .expect("the signal stream");
+        let args = change.args().unwrap();
+        let progress = args
+            .changed_properties()
+            .get("Progress")
+            .and_then(|v| f64::try_from(v).ok());
+        if progress.is_some_and(|p| p > 0.0) {
+            return;
+        }
+    }
+}
+
+/// What [`data_image`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Random bytes: the file is as big as its data, a copy takes a while.
+    Random,
+    /// A repeated byte, qcow2-compressed: a small file that expands when copied (zeros
+    /// would be skipped by a copy).
+    Compressed,
+    /// A repeated byte in the first quarter, the rest unallocated.
+    Pattern,
+}
+
+/// An image `dir/name.<format>` of `mib` MiB virtual size holding data as `fill` says,
+/// made with the real qemu-img and qemu-io.
+pub fn data_image(dir: &Path, name: &str, mib: u64, fill: Fill, format: &str) -> PathBuf {
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run a qemu tool");
+        assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    };
+    let raw = dir.join(format!("{name}.data.raw"));
+    if fill == Fill::Random {
+        run(Command::new("dd").args([
+            "if=/dev/urandom",
+            &format!("of={}", raw.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+        ]));
+    } else {
+        let len = if fill == Fill::Pattern { mib / 4 } else { mib };
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "raw"])
+            .arg(&raw)
+            .arg(format!("{mib}M")));
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P 0xa5 0 {len}M")])
+            .arg(&raw));
+    }
+    let image = dir.join(format!("{name}.{format}"));
+    let mut convert = Command::new("qemu-img");
+    convert.args(["convert", "-f", "raw", "-O", format]);
+    if fill == Fill::Compressed {
+        convert.arg("-c");
+    }
+    run(convert.arg(&raw).arg(&image));
+    std::fs::remove_file(&raw).unwrap();
+    image
+}
+
+/// The end of a job: (state, message). Subscribes to `Completed` first, then reads
+/// the state, so an end in between is not missed.
+pub async fn job_end(conn: &Connection, path: OwnedObjectPath) -> (String, String) {
+    let job: maqet::client::JobProxy = maqet::client::proxy_at(conn, path).await.unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(TIMEOUT, completed.next())
+            .await
+            .expect("no Completed signal in time")
+            .unwrap();
+    }
+    (job.state().await.unwrap(), job.message().await.unwrap())
 }
 
 /// Waits for a `StatusChanged` to `want` on `vm` (subscribe first, then act).

@@ -625,11 +625,15 @@ async fn live_save_progress_moves_while_the_vm_state_is_written() {
         );
         assert_eq!(progress.last(), Some(&1.0), "{progress:?}");
         assert!(
-            progress[..progress.len() - 1].iter().all(|p| *p > 0.0 && *p < 1.0),
+            progress[..progress.len() - 1]
+                .iter()
+                .all(|p| *p > 0.0 && *p < 1.0),
             "{progress:?}"
         );
         assert!(
-            messages.iter().any(|m| m.starts_with("saving the VM state: ")),
+            messages
+                .iter()
+                .any(|m| m.starts_with("saving the VM state: ")),
             "{messages:?}"
         );
     }

@@ -222,7 +222,10 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
         Op::Create { overwrite } => {
             if overwrite && !holding.is_empty() {
                 let args = json!({ "tag": name, "devices": holding });
-                if let Err(e) = runner.job("snapshot-delete", "replace", args, false, None).await {
+                if let Err(e) = runner
+                    .job("snapshot-delete", "replace", args, false, None)
+                    .await
+                {
                     return failed(e, format!("could not replace the old snapshot '{name}'"));
                 }
             }
@@ -283,7 +286,10 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
         }
         Op::Delete => {
             let args = json!({ "tag": name, "devices": holding });
-            match runner.job("snapshot-delete", "delete", args, true, None).await {
+            match runner
+                .job("snapshot-delete", "delete", args, true, None)
+                .await
+            {
                 Ok(()) => Outcome::new(JobState::Completed, format!("deleted snapshot '{name}'")),
                 Err(e) => failed(e, format!("snapshot '{name}' may remain on some disks")),
             }
@@ -476,7 +482,10 @@ impl Runner<'_> {
             return Ok(false);
         }
         let args = json!({ "tag": name, "devices": holding });
-        match self.job("snapshot-delete", "cleanup", args, false, None).await {
+        match self
+            .job("snapshot-delete", "cleanup", args, false, None)
+            .await
+        {
             Ok(()) => Ok(true),
             Err(JobEnd::Failed(why)) => Err(why),
             Err(JobEnd::Cancelled) => Err("cancelled".into()),

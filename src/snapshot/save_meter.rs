@@ -140,7 +140,10 @@ mod tests {
 
     #[test]
     fn the_total_is_the_smaller_of_guest_ram_and_resident_memory_plus_a_margin() {
-        assert_eq!(expected_total(1 << 30, Some(300 << 20)), (300 << 20) + MARGIN);
+        assert_eq!(
+            expected_total(1 << 30, Some(300 << 20)),
+            (300 << 20) + MARGIN
+        );
         assert_eq!(expected_total(1 << 30, Some(2 << 30)), (1 << 30) + MARGIN);
         assert_eq!(expected_total(1 << 30, None), (1 << 30) + MARGIN);
         assert_eq!(expected_total(0, Some(5 << 20)), (5 << 20) + MARGIN);

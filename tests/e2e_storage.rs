@@ -574,21 +574,23 @@ async fn job_progress(
 }
 
 /// A live save's `Progress` moves while QEMU writes the VM state (QEMU itself reports
-/// nothing until the end): several rising values below 1, then 1 at the end. The guest
-/// dirties 448 MiB of RAM, so the save writes that much. The second save overwrites the
+/// nothing until the end): rising values below 1, then 1 at the end. The guest dirties
+/// 960 MiB of RAM, so the save writes that much (a second or more, where the progress is
+/// measured every 200 ms; the count of steps depends on the machine's speed, so only
+/// "more than the end alone" is asserted). The second save overwrites the
 /// first, so its VM state lands in the clusters the deleted one freed (the file does not
 /// grow): its progress must move too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_save_progress_moves_while_the_vm_state_is_written() {
     let bus = Bus::start();
     let conn = bus.conn().await;
-    let boot = common::guest::write_fill_image(bus.root(), 448);
+    let boot = common::guest::write_fill_image(bus.root(), 960);
     let disk = bus.root().join("prog.qcow2");
     let (boot, disk_s) = (boot.to_str().unwrap(), disk.to_str().unwrap());
     qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", boot, disk_s]);
     qemu_img(&["resize", "-q", disk_s, "64M"]);
     let yaml = format!(
-        "name: prog\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 512\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
+        "name: prog\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 1024\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
         qcow2_entry("root", &disk, "64M")
     );
     let vm = bus.add(&conn, "", &yaml).await;
@@ -615,7 +617,7 @@ async fn live_save_progress_moves_while_the_vm_state_is_written() {
         assert!(ok, "the save failed: {messages:?}");
         eprintln!("overwrite {overwrite}: Progress {progress:?}");
         assert!(
-            progress.len() > 2,
+            progress.len() > 1,
             "overwrite {overwrite}: Progress moved only {} times: {progress:?}",
             progress.len()
         );

@@ -354,9 +354,11 @@ impl Runner<'_> {
         };
         let reply = self.qmp.execute(command, Some(args));
         tokio::pin!(reply);
-        // Only while this job runs: no timer exists otherwise.
+        // Only while this job runs: no timer exists otherwise. The first measure comes
+        // one interval in: a save that ends sooner reports nothing before its end.
         let mut ticks = meter.as_ref().map(|_| {
-            let mut t = tokio::time::interval(save_meter::INTERVAL);
+            let first = tokio::time::Instant::now() + save_meter::INTERVAL;
+            let mut t = tokio::time::interval_at(first, save_meter::INTERVAL);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             t
         });
@@ -408,7 +410,11 @@ impl Runner<'_> {
                 _ = next_tick(&mut ticks) => {
                     if let Some(m) = meter.as_mut() {
                         let (progress, written) = m.measure();
-                        self.job.set_progress(progress, &saving_message(written, m.total()));
+                        // Below 1 % is noise (QEMU's own replies and log lines), and a
+                        // client would show a bar stuck at 0 % instead of a spinner.
+                        if progress >= save_meter::FIRST_STEP {
+                            self.job.set_progress(progress, &saving_message(written, m.total()));
+                        }
                     }
                 }
                 () = self.qmp.closed() => {

@@ -28,6 +28,9 @@ use std::time::Duration;
 /// `PropertiesChanged` rate).
 pub const INTERVAL: Duration = Duration::from_millis(200);
 
+/// The least measured progress reported: smaller values are QEMU's other writes.
+pub const FIRST_STEP: f64 = 0.01;
+
 /// The most a save's measured progress may show: 1 is the job's end, not the last write.
 pub const CAP: f64 = 0.95;
 

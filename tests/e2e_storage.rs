@@ -530,6 +530,119 @@ async fn cancelling_a_live_job_ends_consistently() {
     assert_eq!(snapshot_names_on(&disk), ["after"]);
 }
 
+/// Every `Progress` value the job at `path` announces (`PropertiesChanged`), and its
+/// `Message`s, until its `Completed` signal; `signals` was subscribed before the job
+/// was created, so none is missed.
+async fn job_progress(
+    signals: &mut zbus::MessageStream,
+    path: &OwnedObjectPath,
+) -> (Vec<f64>, Vec<String>, bool) {
+    let (mut progress, mut messages) = (Vec::new(), Vec::new());
+    let wait = async {
+        while let Some(msg) = signals.next().await {
+            let msg = msg.unwrap();
+            let h = msg.header();
+            if h.path().map(|p| p.as_str()) != Some(path.as_str()) {
+                continue;
+            }
+            match h.member().map(|m| m.as_str()) {
+                Some("Completed") => {
+                    let (ok, _) = msg.body().deserialize::<(bool, String)>().unwrap();
+                    return ok;
+                }
+                Some("PropertiesChanged") => {
+                    let (_, changed, _) = msg
+                        .body()
+                        .deserialize::<(String, HashMap<String, zbus::OwnedVariant>, Vec<String>)>()
+                        .unwrap();
+                    if let Some(p) = changed.get("Progress") {
+                        progress.push(f64::try_from(p).unwrap());
+                    }
+                    if let Some(m) = changed.get("Message") {
+                        messages.push(String::try_from(m.try_clone().unwrap()).unwrap());
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("the signal stream ended before the job's end");
+    };
+    let ok = tokio::time::timeout(TIMEOUT, wait)
+        .await
+        .expect("no Completed signal in time");
+    (progress, messages, ok)
+}
+
+/// A live save's `Progress` moves while QEMU writes the VM state (QEMU itself reports
+/// nothing until the end): rising values below 1, then 1 at the end. The guest dirties
+/// 960 MiB of RAM, so the save writes that much (a second or more, where the progress is
+/// measured every 200 ms; the count of steps depends on the machine's speed, so only
+/// "more than the end alone" is asserted). The second save overwrites the
+/// first, so its VM state lands in the clusters the deleted one freed (the file does not
+/// grow): its progress must move too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_save_progress_moves_while_the_vm_state_is_written() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let boot = common::guest::write_fill_image(bus.root(), 960);
+    let disk = bus.root().join("prog.qcow2");
+    let (boot, disk_s) = (boot.to_str().unwrap(), disk.to_str().unwrap());
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", boot, disk_s]);
+    qemu_img(&["resize", "-q", disk_s, "64M"]);
+    let yaml = format!(
+        "name: prog\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 1024\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
+        qcow2_entry("root", &disk, "64M")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let mut events = qmp.receive_event().await.unwrap();
+    vm.start().await.unwrap();
+    next_qmp_event(&mut events, "RTC_CHANGE").await;
+    let snaps = snapshots(&conn, &vm).await;
+
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(maqet::client::BUS_NAME)
+        .build()
+        .unwrap();
+    let mut signals = zbus::MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .unwrap();
+    for overwrite in [false, true] {
+        let opts = HashMap::from([("overwrite", Variant::from(overwrite))]);
+        let path = snaps.create("moving", opts).await.unwrap();
+        let (progress, messages, ok) = job_progress(&mut signals, &path).await;
+        assert!(ok, "the save failed: {messages:?}");
+        eprintln!("overwrite {overwrite}: Progress {progress:?}");
+        assert!(
+            progress.len() > 1,
+            "overwrite {overwrite}: Progress moved only {} times: {progress:?}",
+            progress.len()
+        );
+        assert!(
+            progress.windows(2).all(|w| w[0] < w[1]),
+            "Progress must only rise: {progress:?}"
+        );
+        assert_eq!(progress.last(), Some(&1.0), "{progress:?}");
+        assert!(
+            progress[..progress.len() - 1]
+                .iter()
+                .all(|p| *p > 0.0 && *p < 1.0),
+            "{progress:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("saving the VM state: ")),
+            "{messages:?}"
+        );
+    }
+    assert_eq!(snapshot_names_on(&disk), ["moving"]);
+    assert_eq!(vm.status().await.unwrap(), "running");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_disks_and_diskless_vms_cannot_have_snapshots() {
     let bus = Bus::start();

@@ -124,7 +124,7 @@ impl JobIface {
         .await
     }
 
-    /// 0..1.
+    /// How far the job has got, 0..1. It only rises, and is 1 once the job completed; a live snapshot's is measured from what QEMU has written (see storage.md, Jobs).
     #[zbus(property)]
     async fn progress(
         &self,

@@ -3,7 +3,9 @@
 //!
 //! The disks are named by their block node names (maqet gives each disk
 //! `node-name=maqet-d<N>`; `query-block` maps the drive id, which is the storage
-//! name, to it). The VM state goes to the first disk. Progress comes from the job's
+//! name, to it). The VM state goes to the first disk. A save's progress is measured
+//! from outside QEMU while it writes ([`super::save_meter`]: QEMU reports none and
+//! answers no query meanwhile); a load's and a delete's come from the job's
 //! `JOB_STATUS_CHANGE` events and `query-jobs`' `current-progress`/`total-progress`.
 //! QEMU creates these jobs with manual dismissal: maqet reads the outcome from
 //! `query-jobs` and dismisses them. A failed or cancelled save is followed by a
@@ -17,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
 use super::SnapshotError;
+use super::save_meter::{self, SaveMeter};
 use super::{Disk, Op, Outcome, SnapshotInfo};
 use crate::jobs::{Job, JobState};
 use crate::qmp::QmpClient;
@@ -77,6 +80,8 @@ pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, Sn
 /// Everything a live job needs, checked before it starts.
 pub(super) struct Prepared {
     disks: Vec<(Disk, LiveDisk)>,
+    /// The guest's RAM in bytes (known for a save: the most its VM state holds).
+    guest_ram: u64,
 }
 
 impl Prepared {
@@ -103,8 +108,9 @@ pub(super) async fn prepare(
             vm.name()
         )));
     }
+    let mut guest_ram = 0;
     match op {
-        Op::Create { .. } => ensure_room_for_state(vm, &disks[0]).await?,
+        Op::Create { .. } => guest_ram = ensure_room_for_state(vm, &disks[0]).await?,
         Op::Load => {
             let state = live[0].snapshots.iter().find(|s| s.name == name);
             if state.is_some_and(|s| s.vm_state_size == 0) {
@@ -118,6 +124,7 @@ pub(super) async fn prepare(
     }
     Ok(Prepared {
         disks: disks.iter().cloned().zip(live).collect(),
+        guest_ram,
     })
 }
 
@@ -163,7 +170,8 @@ async fn ensure_commands(vm: &Vm, op: Op) -> Result<(), SnapshotError> {
 }
 
 /// The guest's RAM (at most) goes into the first disk: check its file system has room.
-async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), SnapshotError> {
+/// Returns the guest's RAM in bytes.
+async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<u64, SnapshotError> {
     let qmp = vm.qmp()?;
     let mem = qmp
         .execute_timeout("query-memory-size-summary", None, QUERY_TIMEOUT)
@@ -183,7 +191,7 @@ async fn ensure_room_for_state(vm: &Vm, disk: &Disk) -> Result<(), SnapshotError
         &format!("the VM state of a live snapshot (disk '{}')", disk.name),
         dir,
     )?;
-    Ok(())
+    Ok(ram)
 }
 
 /// How one QEMU job ended, when not well.
@@ -214,7 +222,10 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
         Op::Create { overwrite } => {
             if overwrite && !holding.is_empty() {
                 let args = json!({ "tag": name, "devices": holding });
-                if let Err(e) = runner.job("snapshot-delete", "replace", args, false).await {
+                if let Err(e) = runner
+                    .job("snapshot-delete", "replace", args, false, None)
+                    .await
+                {
                     return failed(e, format!("could not replace the old snapshot '{name}'"));
                 }
             }
@@ -233,7 +244,11 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
             // Consistent filesystems in the snapshot when the guest agent can freeze
             // them; thawed right after the save, whatever its outcome.
             let frozen = vm.agent_freeze().await;
-            let saved = runner.job("snapshot-save", "save", args, true).await;
+            let pid = vm.with_info(|i| i.pid);
+            let meter = SaveMeter::start(&p.disks[0].0.path, pid, p.guest_ram);
+            let saved = runner
+                .job("snapshot-save", "save", args, true, Some(meter))
+                .await;
             if frozen {
                 vm.agent_thaw().await;
             }
@@ -264,19 +279,41 @@ pub(super) async fn run(vm: &Vm, job: &Job, op: Op, name: &str, p: Prepared) -> 
         }
         Op::Load => {
             let args = json!({ "tag": name, "vmstate": nodes[0], "devices": nodes });
-            match runner.job("snapshot-load", "load", args, true).await {
+            match runner.job("snapshot-load", "load", args, true, None).await {
                 Ok(()) => Outcome::new(JobState::Completed, format!("loaded snapshot '{name}'")),
                 Err(e) => failed(e, format!("snapshot '{name}' was not loaded")),
             }
         }
         Op::Delete => {
             let args = json!({ "tag": name, "devices": holding });
-            match runner.job("snapshot-delete", "delete", args, true).await {
+            match runner
+                .job("snapshot-delete", "delete", args, true, None)
+                .await
+            {
                 Ok(()) => Outcome::new(JobState::Completed, format!("deleted snapshot '{name}'")),
                 Err(e) => failed(e, format!("snapshot '{name}' may remain on some disks")),
             }
         }
     }
+}
+
+/// The next tick of `ticks`; never, without ticks.
+async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A save's `Message` while it writes, e.g. `saving the VM state: 312 MiB of about 1040 MiB`.
+fn saving_message(written: u64, total: u64) -> String {
+    format!(
+        "saving the VM state: {} MiB of about {} MiB",
+        written >> 20,
+        total >> 20
+    )
 }
 
 fn failed(e: JobEnd, note: String) -> Outcome {
@@ -296,12 +333,15 @@ struct Runner<'a> {
 
 impl Runner<'_> {
     /// Runs one QEMU job to its end. `main`: it reports progress and can be cancelled.
+    /// `meter`: progress is measured by it (every [`save_meter::INTERVAL`] while the
+    /// job runs) instead of asked of QEMU.
     async fn job(
         &self,
         command: &str,
         suffix: &str,
         mut args: Value,
         main: bool,
+        mut meter: Option<SaveMeter>,
     ) -> Result<(), JobEnd> {
         let id = format!("{}-{suffix}", self.prefix);
         args["job-id"] = json!(id);
@@ -314,6 +354,14 @@ impl Runner<'_> {
         };
         let reply = self.qmp.execute(command, Some(args));
         tokio::pin!(reply);
+        // Only while this job runs: no timer exists otherwise. The first measure comes
+        // one interval in: a save that ends sooner reports nothing before its end.
+        let mut ticks = meter.as_ref().map(|_| {
+            let first = tokio::time::Instant::now() + save_meter::INTERVAL;
+            let mut t = tokio::time::interval_at(first, save_meter::INTERVAL);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            t
+        });
         // `cancel_done`: the cancel branch has fired (a receiver whose sender is gone
         // fires at once, without a cancel); `cancel_sent`: QEMU was asked to cancel.
         let (mut replied, mut cancel_done, mut cancel_sent) = (false, false, false);
@@ -330,7 +378,9 @@ impl Runner<'_> {
                         && data.get("id").and_then(Value::as_str) == Some(id.as_str()) =>
                     {
                         let status = data.get("status").and_then(Value::as_str).unwrap_or("");
-                        if main {
+                        // With a meter, `query-jobs` would only be answered after the
+                        // save, holding up the measuring.
+                        if main && meter.is_none() {
                             self.report_progress(&id, status).await;
                         }
                         if status == "concluded" {
@@ -355,6 +405,16 @@ impl Runner<'_> {
                         // Refused once the job is past the point of no return; the
                         // job then simply ends on its own.
                         let _ = self.qmp.execute_timeout("job-cancel", Some(json!({ "id": id })), QUERY_TIMEOUT).await;
+                    }
+                }
+                _ = next_tick(&mut ticks) => {
+                    if let Some(m) = meter.as_mut() {
+                        let (progress, written) = m.measure();
+                        // Below 1 % is noise (QEMU's own replies and log lines), and a
+                        // client would show a bar stuck at 0 % instead of a spinner.
+                        if progress >= save_meter::FIRST_STEP {
+                            self.job.set_progress(progress, &saving_message(written, m.total()));
+                        }
                     }
                 }
                 () = self.qmp.closed() => {
@@ -428,7 +488,10 @@ impl Runner<'_> {
             return Ok(false);
         }
         let args = json!({ "tag": name, "devices": holding });
-        match self.job("snapshot-delete", "cleanup", args, false).await {
+        match self
+            .job("snapshot-delete", "cleanup", args, false, None)
+            .await
+        {
             Ok(()) => Ok(true),
             Err(JobEnd::Failed(why)) => Err(why),
             Err(JobEnd::Cancelled) => Err("cancelled".into()),

@@ -12,6 +12,7 @@
 pub mod error;
 mod live;
 mod offline;
+mod save_meter;
 
 use std::collections::HashSet;
 use std::path::PathBuf;

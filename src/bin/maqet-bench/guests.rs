@@ -395,8 +395,7 @@ async fn snapshot(
         .create("bench", HashMap::new())
         .await
         .ctx("Snapshots.Create")?;
-    let mut moves = 0;
-    let mut last = None;
+    let mut values: Vec<f64> = Vec::new();
     let wait = async {
         while let Some(msg) = signals.next().await {
             let Ok(msg) = msg else { continue };
@@ -423,10 +422,9 @@ async fn snapshot(
                         Vec<String>,
                     )>() && let Some(p) =
                         changed.get("Progress").and_then(|v| f64::try_from(v).ok())
-                        && last != Some(p)
+                        && values.last() != Some(&p)
                     {
-                        moves += 1;
-                        last = Some(p);
+                        values.push(p);
                     }
                 }
                 _ => {}
@@ -464,10 +462,21 @@ async fn snapshot(
         "guests",
         "snap_progress_moves",
         "maqet: the job's Progress property changes during it",
-        Some(moves as f64),
+        Some(values.len() as f64),
         Unit::Count,
         0,
     );
+    let rising = values.windows(2).all(|w| w[0] < w[1]);
+    r.note_last(format!(
+        "{}, ending at {}; raw {:.2} s, maqet {:.2} s ({:.2}×)",
+        if rising { "rising" } else { "NOT rising" },
+        values
+            .last()
+            .map_or("nothing".into(), |v| format!("{v:.2}")),
+        raw.as_secs_f64(),
+        mine.as_secs_f64(),
+        mine.as_secs_f64() / raw.as_secs_f64().max(1e-9)
+    ));
     Ok(())
 }
 

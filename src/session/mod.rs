@@ -52,7 +52,8 @@ pub struct SessionLife {
 
 impl SessionLife {
     /// Starts what runs on its own: logind's watch, the user manager's scopes for
-    /// re-adopted VMs, this session's autostart (`autostart::prepare`).
+    /// re-adopted VMs, the restart back-offs a previous maqetd left pending, this
+    /// session's autostart (`autostart::prepare`). Called once maqetd owns its name.
     pub fn start(
         conn: zbus::Connection,
         manager: Arc<Manager>,
@@ -60,7 +61,7 @@ impl SessionLife {
         autostart: Vec<(Arc<crate::vm::Vm>, std::time::Duration)>,
     ) -> Arc<SessionLife> {
         let me = Arc::new(SessionLife {
-            restarter: restart::Restarter::new(activity.clone()),
+            restarter: restart::Restarter::new(manager.ctx().store.clone(), activity.clone()),
             logind: logind::Logind::spawn(manager.clone()),
             conn,
             manager: manager.clone(),
@@ -70,8 +71,9 @@ impl SessionLife {
         tokio::spawn(async move {
             let scopes = life.scopes().await;
             scope::refind_all(scopes, &life.manager).await;
-            // After the scopes: an autostart VM is placed like any other.
-            autostart::spawn(autostart, activity);
+            // After the scopes: a restarted or autostart VM is placed like any other.
+            life.restarter.resume(&life.manager).await;
+            autostart::claim_and_spawn(&life.manager, autostart, activity);
         });
         me
     }

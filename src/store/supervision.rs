@@ -38,9 +38,7 @@ impl Database {
     pub fn tpm_process(&self, vm_id: &str) -> Result<Option<(u32, u64)>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT pid, pid_start_time FROM tpm_processes WHERE vm_id = ?1",
-                )?
+                .prepare_cached("SELECT pid, pid_start_time FROM tpm_processes WHERE vm_id = ?1")?
                 .query_row([vm_id], |r| Ok((r.get(0)?, get_u64(r, 1)?)))
                 .optional()?)
         })
@@ -58,7 +56,7 @@ impl Database {
 
     /// Records a crash of the VM at `now` (µs) and forgets its crashes older than
     /// `window_us`; returns the crashes within the window, this one included, oldest
-    /// first. One transaction: two maqetds never count the same crash twice.
+    /// first. One savepoint: the count is read with the insert.
     pub fn record_crash(
         &self,
         vm_id: &str,
@@ -68,7 +66,7 @@ impl Database {
         let now_i = to_i64(now, "time")?;
         let oldest = to_i64(now.saturating_sub(window_us), "time")?;
         self.with_conn(|conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             tx.prepare_cached("DELETE FROM restart_crashes WHERE vm_id = ?1 AND time <= ?2")?
                 .execute(params![vm_id, oldest])?;
             tx.prepare_cached("INSERT INTO restart_crashes (vm_id, time) VALUES (?1, ?2)")?
@@ -80,9 +78,7 @@ impl Database {
                     _ => constraint_to_invalid(e),
                 })?;
             let times = tx
-                .prepare_cached(
-                    "SELECT time FROM restart_crashes WHERE vm_id = ?1 ORDER BY time",
-                )?
+                .prepare_cached("SELECT time FROM restart_crashes WHERE vm_id = ?1 ORDER BY time")?
                 .query_map([vm_id], |r| get_u64(r, 0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             tx.commit()?;
@@ -94,9 +90,7 @@ impl Database {
     pub fn crashes(&self, vm_id: &str) -> Result<Vec<u64>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT time FROM restart_crashes WHERE vm_id = ?1 ORDER BY time",
-                )?
+                .prepare_cached("SELECT time FROM restart_crashes WHERE vm_id = ?1 ORDER BY time")?
                 .query_map([vm_id], |r| get_u64(r, 0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?)
         })

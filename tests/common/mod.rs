@@ -305,6 +305,14 @@ impl Bus {
         cmd
     }
 
+    /// A `maqetd` started by hand (not by the bus) with this bus's environment.
+    pub fn maqetd_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(maqetd_bin());
+        cmd.args(args).stdin(Stdio::null());
+        self.with_env(&mut cmd);
+        cmd
+    }
+
     /// The `maqet` CLI against this bus.
     pub fn maqet(&self, args: &[&str]) -> Output {
         self.maqet_command(args).output().expect("run maqet")

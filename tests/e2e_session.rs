@@ -4,47 +4,11 @@
 mod common;
 
 use common::guest::{self, Behaviour};
-use common::{Bus, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
+use common::{Bus, Reasons, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
 use futures_util::StreamExt;
-use maqet::client::VmProxy;
 
 fn kill(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-}
-
-/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
-/// change queued, none coalesced).
-struct Reasons(zbus::fdo::PropertiesChangedStream);
-
-impl Reasons {
-    async fn new(vm: &VmProxy<'_>) -> Reasons {
-        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
-            .destination("org.maqet.Maqet1")
-            .path(vm.inner().path().clone())
-            .build()
-            .await
-            .unwrap();
-        Reasons(props.receive_properties_changed().await.unwrap())
-    }
-
-    /// The next `StatusReason` starting with `prefix`.
-    async fn until(&mut self, prefix: &str) -> String {
-        let wait = async {
-            while let Some(sig) = self.0.next().await {
-                let args = sig.args().unwrap();
-                if let Some(v) = args.changed_properties().get("StatusReason") {
-                    let r: String = v.try_clone().unwrap().try_into().unwrap();
-                    if r.starts_with(prefix) {
-                        return r;
-                    }
-                }
-            }
-            panic!("signal stream ended");
-        };
-        tokio::time::timeout(TIMEOUT, wait)
-            .await
-            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

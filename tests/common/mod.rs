@@ -421,6 +421,41 @@ impl StatusWatch {
     }
 }
 
+/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
+/// change queued, none coalesced).
+pub struct Reasons(zbus::fdo::PropertiesChangedStream);
+
+impl Reasons {
+    pub async fn new(vm: &VmProxy<'_>) -> Reasons {
+        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
+            .destination("org.maqet.Maqet1")
+            .path(vm.inner().path().clone())
+            .build()
+            .await
+            .unwrap();
+        Reasons(props.receive_properties_changed().await.unwrap())
+    }
+
+    /// The next `StatusReason` starting with `prefix`.
+    pub async fn until(&mut self, prefix: &str) -> String {
+        let wait = async {
+            while let Some(sig) = self.0.next().await {
+                let args = sig.args().unwrap();
+                if let Some(v) = args.changed_properties().get("StatusReason") {
+                    let r: String = v.try_clone().unwrap().try_into().unwrap();
+                    if r.starts_with(prefix) {
+                        return r;
+                    }
+                }
+            }
+            panic!("signal stream ended");
+        };
+        tokio::time::timeout(TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
+    }
+}
+
 /// A long-running command (`gdbus monitor`, `maqet events`) whose output lines (stdout
 /// and stderr, as they come) a test waits for; killed when dropped.
 pub struct ChildLines {

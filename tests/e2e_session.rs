@@ -443,7 +443,6 @@ async fn the_crash_count_survives_a_maqetd_restart() {
     // A new maqetd re-adopts the running VM; the next crash is the third, not a first.
     stop_maqetd(&bus, &conn).await;
     assert_eq!(vm.status().await.unwrap(), "running");
-    let mut watch = StatusWatch::new(&vm).await;
     let mut reasons = Reasons::new(&vm).await;
     kill(vm.pid().await.unwrap());
     let backoff = reasons.until("restarting (").await;
@@ -477,7 +476,6 @@ async fn the_crash_count_survives_a_maqetd_restart() {
     vm.start().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), "running");
     vm.stop(true, 0).await.unwrap();
-    drop(watch);
 }
 
 /// A maqetd that cannot own the name (another one has it) exits without using up the

@@ -6,7 +6,8 @@
 mod common;
 
 use common::linux_guest::{self, Setup};
-use common::{Bus, error_name, tiny_vm_yaml};
+use common::{Bus, Reasons, StatusWatch, error_name, tiny_vm_yaml};
+use futures_util::StreamExt;
 
 /// UEFI needs the descriptors and images of the `ovmf` package (scripts/setup-deps).
 fn have_ovmf() -> bool {
@@ -153,16 +154,7 @@ async fn bad_firmware_choices_are_refused() {
 /// in the VM's data directory and goes with its storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_with_tpm_true_has_an_emulated_tpm() {
-    if std::process::Command::new("swtpm")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("MAQET_TEST_REQUIRE_ALL").map_or(true, |v| v != "1"),
-            "swtpm is missing (MAQET_TEST_REQUIRE_ALL=1): install swtpm"
-        );
-        eprintln!("SKIPPED: no swtpm");
+    if !have_swtpm() {
         return;
     }
     let bus = Bus::start();
@@ -195,4 +187,146 @@ async fn a_vm_with_tpm_true_has_an_emulated_tpm() {
         .await
         .unwrap();
     assert!(!state.exists(), "the TPM state is deleted with the storage");
+}
+
+fn have_swtpm() -> bool {
+    let found = std::process::Command::new("swtpm")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var("MAQET_TEST_REQUIRE_ALL").map_or(true, |v| v != "1"),
+            "swtpm is missing (MAQET_TEST_REQUIRE_ALL=1): install swtpm"
+        );
+        eprintln!("SKIPPED: no swtpm");
+    }
+    found
+}
+
+/// The swtpm maqetd recorded for the VM: (pid, start time).
+fn recorded_swtpm(bus: &Bus, id: &str) -> Option<(u32, u64)> {
+    use rusqlite::OptionalExtension;
+    rusqlite::Connection::open(bus.database())
+        .unwrap()
+        .query_row(
+            "SELECT pid, pid_start_time FROM tpm_processes WHERE vm_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+        )
+        .optional()
+        .unwrap()
+}
+
+fn signal(pid: u32, sig: i32) {
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {pid}");
+}
+
+/// SIGKILLs maqetd and waits until the bus saw its name go.
+async fn kill_maqetd(bus: &Bus, conn: &zbus::Connection) {
+    let daemons = bus.marked_processes("maqetd");
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let mut gone = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .unwrap()
+        .receive_name_owner_changed_with_args(&[(0, "org.maqet.Maqet1"), (2, "")])
+        .await
+        .unwrap();
+    signal(daemons[0], libc::SIGKILL);
+    common::process_gone(daemons[0]).await;
+    tokio::time::timeout(common::TIMEOUT, gone.next())
+        .await
+        .unwrap();
+}
+
+/// swtpm is supervised like QEMU: recorded, re-adopted by the next maqetd, ended with
+/// its VM (killed when it does not end by itself), and its death while QEMU runs is
+/// reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swtpm_is_readopted_and_ends_with_its_vm() {
+    if !have_swtpm() {
+        return;
+    }
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus
+        .add(&conn, "tpm", &format!("{}tpm: true\n", tiny_vm_yaml("tpm")))
+        .await;
+    let id = vm.id().await.unwrap();
+    vm.start().await.unwrap();
+    let (swtpm, _) = recorded_swtpm(&bus, &id).expect("swtpm recorded");
+    let comm = std::fs::read_to_string(format!("/proc/{swtpm}/comm")).unwrap();
+    assert_eq!(comm.trim(), "swtpm");
+
+    // A new maqetd re-adopts the VM and its swtpm.
+    kill_maqetd(&bus, &conn).await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    let qmp = maqet::client::qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let tpms = qmp.execute("query-tpm", "", false).await.unwrap();
+    assert!(tpms.contains("tpm-tis"), "{tpms}");
+    assert_eq!(recorded_swtpm(&bus, &id).map(|r| r.0), Some(swtpm));
+    // A frozen swtpm cannot end by itself when QEMU dies: the new maqetd kills it.
+    signal(swtpm, libc::SIGSTOP);
+    let mut watch = StatusWatch::new(&vm).await;
+    signal(vm.pid().await.unwrap(), libc::SIGKILL);
+    watch.until("crashed").await;
+    common::process_gone(swtpm).await;
+    assert_eq!(recorded_swtpm(&bus, &id), None);
+
+    // swtpm dying under a running QEMU: the VM keeps running, its reason says why.
+    vm.start().await.unwrap();
+    let (swtpm, _) = recorded_swtpm(&bus, &id).expect("swtpm recorded");
+    let mut reasons = Reasons::new(&vm).await;
+    signal(swtpm, libc::SIGKILL);
+    let reason = reasons.until("its TPM is gone").await;
+    assert!(reason.contains("restart the VM"), "{reason}");
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_eq!(recorded_swtpm(&bus, &id), None);
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// A recorded swtpm pid that now belongs to another process (same start time even) is
+/// never signalled: the re-adopting maqetd finds the real swtpm by its mark instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_a_recorded_swtpm_pid_is_never_killed() {
+    if !have_swtpm() {
+        return;
+    }
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus
+        .add(&conn, "tpm", &format!("{}tpm: true\n", tiny_vm_yaml("tpm")))
+        .await;
+    let id = vm.id().await.unwrap();
+    vm.start().await.unwrap();
+    let (swtpm, _) = recorded_swtpm(&bus, &id).expect("swtpm recorded");
+    kill_maqetd(&bus, &conn).await;
+
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("600")
+        .env("MAQET_TEST_MARKER", bus.marker())
+        .spawn()
+        .unwrap();
+    let pid = stranger.id();
+    let start = maqet::vm::process::proc_start_time(pid).unwrap();
+    rusqlite::Connection::open(bus.database())
+        .unwrap()
+        .execute(
+            "UPDATE tpm_processes SET pid = ?1, pid_start_time = ?2 WHERE vm_id = ?3",
+            rusqlite::params![pid, start as i64, id],
+        )
+        .unwrap();
+
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_eq!(recorded_swtpm(&bus, &id).map(|r| r.0), Some(swtpm));
+    vm.stop(true, 0).await.unwrap();
+    common::process_gone(swtpm).await;
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "the stranger was killed"
+    );
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
 }

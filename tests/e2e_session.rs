@@ -7,47 +7,11 @@
 mod common;
 
 use common::guest::{self, Behaviour};
-use common::{Bus, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
+use common::{Bus, Reasons, StatusWatch, TIMEOUT, stdout, tiny_vm_yaml};
 use futures_util::StreamExt;
-use maqet::client::VmProxy;
 
 fn kill(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-}
-
-/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
-/// change queued, none coalesced).
-struct Reasons(zbus::fdo::PropertiesChangedStream);
-
-impl Reasons {
-    async fn new(vm: &VmProxy<'_>) -> Reasons {
-        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
-            .destination("org.maqet.Maqet1")
-            .path(vm.inner().path().clone())
-            .build()
-            .await
-            .unwrap();
-        Reasons(props.receive_properties_changed().await.unwrap())
-    }
-
-    /// The next `StatusReason` starting with `prefix`.
-    async fn until(&mut self, prefix: &str) -> String {
-        let wait = async {
-            while let Some(sig) = self.0.next().await {
-                let args = sig.args().unwrap();
-                if let Some(v) = args.changed_properties().get("StatusReason") {
-                    let r: String = v.try_clone().unwrap().try_into().unwrap();
-                    if r.starts_with(prefix) {
-                        return r;
-                    }
-                }
-            }
-            panic!("signal stream ended");
-        };
-        tokio::time::timeout(TIMEOUT, wait)
-            .await
-            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,5 +638,94 @@ async fn wake_sets_a_real_guests_clock_through_the_agent() {
         off.abs() <= 2,
         "the guest's clock is {off} s off the host's"
     );
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// The crash count of `restart: on-crash` is kept in the database: maqetd exiting
+/// (SIGTERM) and coming back continues it, and a back-off the old maqetd left pending
+/// is finished by the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crash_count_survives_a_maqetd_restart() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let yaml = format!("{}restart: on-crash\n", tiny_vm_yaml("phoenix"));
+    let vm = bus.add(&conn, "", &yaml).await;
+    vm.start().await.unwrap();
+    for crash in 1..=2 {
+        let mut watch = StatusWatch::new(&vm).await;
+        let mut reasons = Reasons::new(&vm).await;
+        kill(vm.pid().await.unwrap());
+        reasons.until(&format!("restarting ({crash}/5)")).await;
+        watch.until("running").await;
+    }
+    // A new maqetd re-adopts the running VM; the next crash is the third, not a first.
+    stop_maqetd(&bus, &conn).await;
+    assert_eq!(vm.status().await.unwrap(), "running");
+    let mut reasons = Reasons::new(&vm).await;
+    kill(vm.pid().await.unwrap());
+    let backoff = reasons.until("restarting (").await;
+    assert!(
+        backoff.starts_with("restarting (3/5) in 4 s: "),
+        "{backoff}"
+    );
+
+    // maqetd exits during the 4 s back-off: the VM stays "restarting (3/5)" for the
+    // next maqetd, which starts it when the back-off ends.
+    stop_maqetd(&bus, &conn).await;
+    let table = stdout(&bus.maqet(&["ls"]));
+    assert!(table.contains("restarting (3/5)"), "{table}");
+    assert_eq!(vm.wait("status=running", 20).await.unwrap(), "running");
+    let db = rusqlite::Connection::open(bus.database()).unwrap();
+    let counted: i64 = db
+        .query_row("SELECT count(*) FROM restart_crashes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(counted, 3);
+
+    // And it keeps counting: the fourth.
+    let mut watch2 = StatusWatch::new(&vm).await;
+    let mut reasons = Reasons::new(&vm).await;
+    kill(vm.pid().await.unwrap());
+    watch2.until("crashed").await;
+    reasons.until("restarting (4/5)").await;
+    let shown: serde_json::Value =
+        serde_json::from_str(&stdout(&bus.maqet(&["--json", "status", "phoenix"]))).unwrap();
+    assert!(shown.to_string().contains("restarting (4/5)"), "{shown}");
+    // A person's start during the back-off wins.
+    vm.start().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), "running");
+    vm.stop(true, 0).await.unwrap();
+}
+
+/// A maqetd that cannot own the name (another one has it) exits without using up the
+/// session's autostart: the marker is only written by the name's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maqetd_that_loses_the_name_leaves_the_autostart_to_its_owner() {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let vm = bus
+        .add(
+            &conn,
+            "",
+            &format!("{}autostart: true\n", tiny_vm_yaml("early")),
+        )
+        .await;
+    stop_maqetd(&bus, &conn).await;
+    // A new session, whose name someone else (this test) already owns.
+    let marker = bus.root().join("run/maqet/autostart-done");
+    let _ = std::fs::remove_file(&marker);
+    let other = bus.conn().await;
+    other.request_name("org.maqet.Maqet1").await.unwrap();
+    let out = bus.maqetd_command(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another maqetd already owns"), "{err}");
+    assert!(
+        !marker.exists(),
+        "the loser claimed the session's autostart"
+    );
+    // The name's next owner still has the session's autostart to do.
+    other.release_name("org.maqet.Maqet1").await.unwrap();
+    assert_eq!(vm.wait("status=running", 20).await.unwrap(), "running");
+    assert!(marker.exists());
     vm.stop(true, 0).await.unwrap();
 }

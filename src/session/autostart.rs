@@ -4,7 +4,11 @@
 //!
 //! "Once per session" is a marker file in `$XDG_RUNTIME_DIR/maqet/`, which the system
 //! removes at logout: maqetd leaving when idle and coming back on the next call does
-//! not start again the VMs the person stopped meanwhile.
+//! not start again the VMs the person stopped meanwhile. The VMs are chosen before
+//! maqetd requests its bus name ([`prepare`]), but the marker is only claimed once the
+//! name is maqetd's ([`claim_and_spawn`]): a maqetd that loses the name to another
+//! one (two started at once at login) exits without having used up the session's
+//! autostart, which the name's owner then does.
 //!
 //! Order: VMs start one after another in name order; each waits its own
 //! `autostart_delay` seconds first, and the next one starts after it is running (or
@@ -55,19 +59,21 @@ fn plan(manager: &Manager) -> Vec<(Arc<Vm>, Duration)> {
         .collect()
 }
 
-/// This session's autostart VMs, in order with their delays: empty when this session
-/// already had its autostart. Taken before maqetd owns its name, so a VM a caller adds
-/// in the first moments is not mistaken for one that was waiting for the session.
+/// The autostart VMs, in order with their delays. Taken before maqetd owns its name,
+/// so a VM a caller adds in the first moments is not mistaken for one that was waiting
+/// for the session. Claims nothing: see [`claim_and_spawn`].
 pub fn prepare(manager: &Manager) -> Vec<(Arc<Vm>, Duration)> {
-    if !claim(manager) {
-        return Vec::new();
-    }
     plan(manager)
 }
 
-/// Starts the [`prepare`]d VMs in the background.
-pub fn spawn(vms: Vec<(Arc<Vm>, Duration)>, activity: Option<Arc<dyn ActivityObserver>>) {
-    if vms.is_empty() {
+/// Once maqetd owns its name: claims this session's autostart and starts the
+/// [`prepare`]d VMs in the background; does nothing when the session already had it.
+pub fn claim_and_spawn(
+    manager: &Manager,
+    vms: Vec<(Arc<Vm>, Duration)>,
+    activity: Option<Arc<dyn ActivityObserver>>,
+) {
+    if !claim(manager) || vms.is_empty() {
         return;
     }
     let busy = Busy::hold(&activity);

@@ -53,7 +53,8 @@ pub struct SessionLife {
 impl SessionLife {
     /// Starts what runs on its own: logind's watch, the user manager's scopes for
     /// re-adopted VMs, the restore of VMs saved when the last session ended
-    /// (`on_logout: save`), this session's autostart (`autostart::prepare`).
+    /// (`on_logout: save`), the restart back-offs a previous maqetd left pending, this
+    /// session's autostart (`autostart::prepare`). Called once maqetd owns its name.
     pub fn start(
         conn: zbus::Connection,
         manager: Arc<Manager>,
@@ -65,7 +66,7 @@ impl SessionLife {
         autostart.retain(|(vm, _)| !saved.iter().any(|s| Arc::ptr_eq(s, vm)));
         let restoring = (!saved.is_empty()).then(|| Busy::hold(&activity));
         let me = Arc::new(SessionLife {
-            restarter: restart::Restarter::new(activity.clone()),
+            restarter: restart::Restarter::new(manager.ctx().store.clone(), activity.clone()),
             logind: logind::Logind::spawn(manager.clone()),
             conn,
             manager: manager.clone(),
@@ -77,8 +78,9 @@ impl SessionLife {
             scope::refind_all(scopes, &life.manager).await;
             logind::restore_after_logout(&life.manager, saved).await;
             drop(restoring);
-            // After the scopes: an autostart VM is placed like any other.
-            autostart::spawn(autostart, activity);
+            // After the scopes: a restarted or autostart VM is placed like any other.
+            life.restarter.resume(&life.manager).await;
+            autostart::claim_and_spawn(&life.manager, autostart, activity);
         });
         me
     }

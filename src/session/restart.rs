@@ -8,18 +8,25 @@
 //! During the back-off the VM stays `crashed` and its reason reads
 //! `restarting (2/5) in 2 s: <why it crashed>` (the second crash of the five allowed);
 //! [`shown_status`] turns that into the status column `restarting (2/5)`.
+//!
+//! The crashes are counted in the database (`restart_crashes`), so a maqetd that exits
+//! (SIGTERM, an upgrade) and comes back continues the count instead of granting a fresh
+//! budget, and [`Restarter::resume`] finishes a back-off the previous maqetd left
+//! pending.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 use super::Busy;
 use crate::access::ActivityObserver;
 use crate::config::RestartPolicy;
 use crate::events::{Cause, CoreEvent};
+use crate::manager::Manager;
+use crate::store::Store;
+use crate::time::now_us;
 use crate::vm::{Status, Vm};
 
 /// Crashes within [`WINDOW`] after which maqet stops restarting a VM.
@@ -32,16 +39,13 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 const RESTARTING: &str = "restarting (";
 const GAVE_UP: &str = "gave up restarting";
 
-/// Per VM: the recent unplanned ends, and which back-off is the current one.
-#[derive(Default)]
-struct History {
-    ends: VecDeque<Instant>,
-    /// Bumped by every end: a back-off only starts the VM if it is still the latest.
-    generation: u64,
-}
+/// Per VM, which back-off is the current one: bumped by every end, so a back-off only
+/// starts the VM if it is still the latest.
+type Generations = Arc<Mutex<HashMap<String, u64>>>;
 
 pub struct Restarter {
-    history: Arc<Mutex<HashMap<String, History>>>,
+    generations: Generations,
+    store: Arc<Store>,
     activity: Option<Arc<dyn ActivityObserver>>,
 }
 
@@ -57,9 +61,10 @@ enum Decision {
 }
 
 impl Restarter {
-    pub fn new(activity: Option<Arc<dyn ActivityObserver>>) -> Restarter {
+    pub fn new(store: Arc<Store>, activity: Option<Arc<dyn ActivityObserver>>) -> Restarter {
         Restarter {
-            history: Arc::default(),
+            generations: Arc::default(),
+            store,
             activity,
         }
     }
@@ -70,45 +75,56 @@ impl Restarter {
             CoreEvent::StatusChanged {
                 vm, info, cause, ..
             } => {
-                if !unplanned(info.status, *cause) {
-                    return;
-                }
-                let policy = match vm.stored_config() {
-                    Ok(c) => c.session().restart,
-                    Err(_) => return,
-                };
-                if !applies(policy, info.status) {
+                if !unplanned(info.status, *cause) || !policy_applies(vm, info.status) {
                     return;
                 }
                 self.ended(vm, &info.reason);
             }
+            // Its crash rows go with its database row.
             CoreEvent::VmRemoved { vm, .. } => {
-                self.history.lock().remove(vm.id());
+                self.generations.lock().remove(vm.id());
             }
             _ => {}
         }
     }
 
+    /// A new back-off for this VM: the earlier one, if any, no longer starts it.
+    fn next_generation(&self, vm: &Vm) -> u64 {
+        let mut all = self.generations.lock();
+        let g = all.entry(vm.id().to_string()).or_default();
+        *g += 1;
+        *g
+    }
+
     fn ended(&self, vm: &Arc<Vm>, why: &str) {
-        let (decision, generation) = {
-            let mut all = self.history.lock();
-            let h = all.entry(vm.id().to_string()).or_default();
-            h.generation += 1;
-            let d = decide(&mut h.ends, Instant::now());
-            if d == Decision::GiveUp {
-                // A person's next start gets a fresh budget.
-                h.ends.clear();
-            }
-            (d, h.generation)
-        };
+        let generation = self.next_generation(vm);
         let status = vm.status();
         let (vm, why) = (vm.clone(), why.to_string());
-        let history = self.history.clone();
+        let (generations, store) = (self.generations.clone(), self.store.clone());
         let busy = Busy::hold(&self.activity);
         tokio::spawn(async move {
             let _busy = busy;
+            let id = vm.id().to_string();
+            let window = WINDOW.as_micros() as u64;
+            let decision = match store
+                .write(move |db| db.record_crash(&id, now_us(), window))
+                .await
+            {
+                Ok(crashes) => decide(crashes.len()),
+                Err(e) => {
+                    // Without a count the limit cannot hold: restarting blindly could
+                    // loop forever, so this crash is the last one restarted.
+                    tracing::warn!(vm = %vm.name(), error = %e, "cannot count the crash; no restart");
+                    Decision::GiveUp
+                }
+            };
             match decision {
                 Decision::GiveUp => {
+                    // A person's next start gets a fresh budget.
+                    let id = vm.id().to_string();
+                    if let Err(e) = store.write(move |db| db.clear_crashes(&id)).await {
+                        tracing::warn!(vm = %vm.name(), error = %e, "cannot reset the crash count");
+                    }
                     let reason = format!(
                         "{GAVE_UP} after {LIMIT} crashes within {} min; start it yourself (maqet start {}) once fixed: {why}",
                         WINDOW.as_secs() / 60,
@@ -123,29 +139,81 @@ impl Restarter {
                         delay.as_secs()
                     );
                     tracing::info!(vm = %vm.name(), "{reason}");
-                    if !vm.explain(status, &reason).await {
-                        return;
-                    }
-                    tokio::time::sleep(delay).await;
-                    let current = history
-                        .lock()
-                        .get(vm.id())
-                        .is_some_and(|h| h.generation == generation);
-                    if !current || vm.status() != status {
-                        return;
-                    }
-                    if let Err(e) = vm.start().await {
-                        tracing::warn!(vm = %vm.name(), error = %e, "restart failed");
+                    if vm.explain(status, &reason).await {
+                        back_off(&vm, status, generation, delay, &generations).await;
                     }
                 }
             }
         });
+    }
+
+    /// Finishes the back-offs an earlier maqetd of this session left pending (it exited
+    /// during one): each such VM is still `crashed` with a `restarting (n/5)` reason.
+    /// It starts when its back-off would have ended, counted from its last crash.
+    pub async fn resume(&self, manager: &Manager) {
+        for vm in manager.list() {
+            let (status, reason) = vm.with_info(|i| (i.status, i.reason.clone()));
+            if status != Status::Crashed
+                || !reason.starts_with(RESTARTING)
+                || !policy_applies(&vm, status)
+            {
+                continue;
+            }
+            let id = vm.id().to_string();
+            let crashes = match self.store.read(move |db| db.crashes(&id)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name(), error = %e, "cannot read the crash count; the back-off is not resumed");
+                    continue;
+                }
+            };
+            let delay = match (crashes.last(), decide(crashes.len())) {
+                (Some(last), Decision::Restart { delay, .. }) => {
+                    let ends = last.saturating_add(delay.as_micros() as u64);
+                    Duration::from_micros(ends.saturating_sub(now_us()))
+                }
+                // Its crashes left the window meanwhile: nothing left to wait for.
+                _ => Duration::ZERO,
+            };
+            tracing::info!(vm = %vm.name(), delay_ms = delay.as_millis() as u64, "resuming a restart back-off");
+            let generation = self.next_generation(&vm);
+            let generations = self.generations.clone();
+            let busy = Busy::hold(&self.activity);
+            tokio::spawn(async move {
+                let _busy = busy;
+                back_off(&vm, status, generation, delay, &generations).await;
+            });
+        }
+    }
+}
+
+/// Waits out a back-off, then starts the VM unless something happened meanwhile (a
+/// person started it, or a newer end replaced this back-off).
+async fn back_off(
+    vm: &Arc<Vm>,
+    status: Status,
+    generation: u64,
+    delay: Duration,
+    generations: &Generations,
+) {
+    tokio::time::sleep(delay).await;
+    let current = generations.lock().get(vm.id()) == Some(&generation);
+    if !current || vm.status() != status {
+        return;
+    }
+    if let Err(e) = vm.start().await {
+        tracing::warn!(vm = %vm.name(), error = %e, "restart failed");
     }
 }
 
 /// An end nobody asked for: a crash, or the guest powering itself off.
 fn unplanned(status: Status, cause: Cause) -> bool {
     status == Status::Crashed || (status == Status::Stopped && cause == Cause::Guest)
+}
+
+fn policy_applies(vm: &Vm, status: Status) -> bool {
+    vm.stored_config()
+        .is_ok_and(|c| applies(c.session().restart, status))
 }
 
 fn applies(policy: RestartPolicy, status: Status) -> bool {
@@ -156,24 +224,19 @@ fn applies(policy: RestartPolicy, status: Status) -> bool {
     }
 }
 
-/// Records an end at `now` and decides: back off 1, 2, 4, … s, or give up at the
-/// [`LIMIT`]th end within [`WINDOW`].
-fn decide(ends: &mut VecDeque<Instant>, now: Instant) -> Decision {
-    while ends
-        .front()
-        .is_some_and(|t| now.duration_since(*t) >= WINDOW)
-    {
-        ends.pop_front();
-    }
-    ends.push_back(now);
-    let n = ends.len();
+/// Decides after the `n`th end within [`WINDOW`]: back off 1, 2, 4, … s, or give up at
+/// the [`LIMIT`]th.
+fn decide(n: usize) -> Decision {
     if n >= LIMIT {
         return Decision::GiveUp;
     }
     let delay = FIRST_DELAY
-        .saturating_mul(1 << (n - 1).min(16))
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
         .min(MAX_DELAY);
-    Decision::Restart { attempt: n, delay }
+    Decision::Restart {
+        attempt: n.max(1),
+        delay,
+    }
 }
 
 /// The status as a person should read it: `restarting (2/5)` while a crashed VM waits
@@ -194,40 +257,18 @@ mod tests {
 
     #[test]
     fn back_off_doubles_then_gives_up_at_the_limit() {
-        let mut ends = VecDeque::new();
-        let t0 = Instant::now();
-        let mut delays = Vec::new();
-        for i in 0..LIMIT - 1 {
-            match decide(&mut ends, t0 + Duration::from_secs(i as u64)) {
+        let delays: Vec<u64> = (1..LIMIT)
+            .map(|n| match decide(n) {
                 Decision::Restart { attempt, delay } => {
-                    assert_eq!(attempt, i + 1);
-                    delays.push(delay.as_secs());
+                    assert_eq!(attempt, n);
+                    delay.as_secs()
                 }
                 Decision::GiveUp => panic!("gave up too early"),
-            }
-        }
+            })
+            .collect();
         assert_eq!(delays, [1, 2, 4, 8]);
-        assert_eq!(
-            decide(&mut ends, t0 + Duration::from_secs(9)),
-            Decision::GiveUp
-        );
-    }
-
-    #[test]
-    fn crashes_older_than_the_window_are_forgotten() {
-        let mut ends = VecDeque::new();
-        let t0 = Instant::now();
-        for i in 0..LIMIT - 1 {
-            decide(&mut ends, t0 + Duration::from_secs(i as u64));
-        }
-        let later = t0 + WINDOW + Duration::from_secs(LIMIT as u64);
-        assert_eq!(
-            decide(&mut ends, later),
-            Decision::Restart {
-                attempt: 1,
-                delay: FIRST_DELAY
-            }
-        );
+        assert_eq!(decide(LIMIT), Decision::GiveUp);
+        assert_eq!(decide(LIMIT + 3), Decision::GiveUp);
     }
 
     #[test]

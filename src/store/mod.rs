@@ -28,6 +28,7 @@ mod images;
 mod open;
 mod owner;
 mod schema;
+mod supervision;
 
 #[cfg(test)]
 mod tests;

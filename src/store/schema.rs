@@ -102,6 +102,25 @@ CREATE TABLE images (
     imported_at  INTEGER NOT NULL CHECK (imported_at >= 0)
 ) STRICT;
 "#,
+    // 3: what maqetd must find again after a restart: a VM's swtpm, and the crashes
+    // its restart back-off counts.
+    r#"
+-- The swtpm of a VM with `tpm: true` while it runs (vm::tpm). Like vms.pid: the start
+-- time tells it from a process that reused the pid.
+CREATE TABLE tpm_processes (
+    vm_id          TEXT PRIMARY KEY NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+    pid            INTEGER NOT NULL CHECK (pid > 0),
+    pid_start_time INTEGER NOT NULL CHECK (pid_start_time >= 0)
+) STRICT;
+
+-- The unplanned ends the restart policy counts (session::restart): one row per crash
+-- within its window, older ones deleted as new ones come.
+CREATE TABLE restart_crashes (
+    vm_id TEXT NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+    time  INTEGER NOT NULL CHECK (time >= 0)
+) STRICT;
+CREATE INDEX restart_crashes_vm ON restart_crashes (vm_id, time);
+"#,
 ];
 
 /// What `migrate` did.

@@ -1009,3 +1009,50 @@ fn audit_batches_land_in_order_or_not_at_all() {
     assert!(store.insert_audits(&bad).is_err());
     assert_eq!(store.audit(None, None, 0).unwrap().len(), 3);
 }
+
+// ---- supervision (tpm_processes, restart_crashes) ---------------------------
+
+#[test]
+fn a_vms_swtpm_is_recorded_replaced_and_goes_with_the_vm() {
+    let db = Database::open_in_memory().unwrap();
+    let rec = vm("tpm");
+    db.insert_vm(&rec).unwrap();
+    assert_eq!(db.tpm_process(&rec.id).unwrap(), None);
+    db.record_tpm_process(&rec.id, 42, 7).unwrap();
+    db.record_tpm_process(&rec.id, 43, 8).unwrap();
+    assert_eq!(db.tpm_process(&rec.id).unwrap(), Some((43, 8)));
+    assert!(matches!(
+        db.record_tpm_process(&uuid::Uuid::new_v4().to_string(), 1, 1),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(db.forget_tpm_process(&rec.id).unwrap());
+    assert!(!db.forget_tpm_process(&rec.id).unwrap());
+    db.record_tpm_process(&rec.id, 43, 8).unwrap();
+    db.remove_vm(&rec.id).unwrap();
+    assert_eq!(db.tpm_process(&rec.id).unwrap(), None);
+}
+
+#[test]
+fn crashes_are_counted_within_their_window_only() {
+    let db = Database::open_in_memory().unwrap();
+    let rec = vm("phoenix");
+    db.insert_vm(&rec).unwrap();
+    let window = 600_000_000;
+    assert_eq!(db.record_crash(&rec.id, 1_000, window).unwrap(), [1_000]);
+    assert_eq!(
+        db.record_crash(&rec.id, 2_000, window).unwrap(),
+        [1_000, 2_000]
+    );
+    // Ten minutes after the first, it no longer counts.
+    let later = 1_000 + window;
+    assert_eq!(
+        db.record_crash(&rec.id, later, window).unwrap(),
+        [2_000, later]
+    );
+    assert_eq!(db.crashes(&rec.id).unwrap(), [2_000, later]);
+    db.clear_crashes(&rec.id).unwrap();
+    assert!(db.crashes(&rec.id).unwrap().is_empty());
+    db.record_crash(&rec.id, later, window).unwrap();
+    db.remove_vm(&rec.id).unwrap();
+    assert!(db.crashes(&rec.id).unwrap().is_empty());
+}

@@ -72,10 +72,12 @@ impl Vm {
             Err(_) => info.status,
         };
         let log_offset = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
-        let runtime = Runtime::new(process, qmp, log_offset);
+        let (tpm, tpm_lost) = self.readopt_tpm(&info.name).await;
+        let runtime = Runtime::new(process, tpm, qmp, log_offset);
         *self.runtime.lock() = Some(runtime.clone());
+        let reason = tpm_lost.unwrap_or_else(|| "re-adopted after a maqetd restart".into());
         let _ = self
-            .transition(status, "re-adopted after a maqetd restart", true, |t| {
+            .transition(status, &reason, true, |t| {
                 t.pid = Some(Some(pid));
                 t.pid_start_time = Some(Some(start));
                 if info.started_at == 0 {
@@ -91,8 +93,51 @@ impl Vm {
         tracing::info!(vm = %info.name, pid, "re-adopted running QEMU");
     }
 
+    /// Takes back the swtpm of a re-adopted QEMU (`tpm::readopt`), recording it again if
+    /// it was found by its mark. A VM that should have one and has none keeps running
+    /// without a working TPM: the second value is the reason that says so.
+    async fn readopt_tpm(&self, name: &str) -> (Option<Arc<Process>>, Option<String>) {
+        let recorded = self.recorded_tpm().await;
+        let wants = self.stored_config().is_ok_and(|c| c.tpm());
+        if recorded.is_none() && !wants {
+            return (None, None);
+        }
+        let state = tpm::state_dir(&self.ctx.paths.vm_data_dir(&self.id));
+        match tpm::readopt(recorded, &state) {
+            Ok(p) => {
+                if recorded != Some((p.pid(), p.start_time())) {
+                    self.record_tpm(&p).await;
+                }
+                tracing::info!(vm = %name, pid = p.pid(), "re-adopted swtpm");
+                (Some(Arc::new(p)), None)
+            }
+            Err(why) => {
+                self.forget_tpm().await;
+                let reason = format!(
+                    "its TPM is gone: swtpm ended while maqetd was not running ({why}); the guest's TPM no longer answers; restart the VM to get it back"
+                );
+                tracing::error!(vm = %name, "{reason}");
+                (None, Some(reason))
+            }
+        }
+    }
+
+    /// Ends the recorded swtpm of a QEMU that is gone (normally it ended with QEMU).
+    async fn end_orphan_tpm(&self) {
+        let Some(recorded) = self.recorded_tpm().await else {
+            return;
+        };
+        let state = tpm::state_dir(&self.ctx.paths.vm_data_dir(&self.id));
+        if let Ok(p) = tpm::readopt(Some(recorded), &state) {
+            self.end_tpm(&p).await;
+        } else {
+            self.forget_tpm().await;
+        }
+    }
+
     /// Records that the QEMU a record names is gone (it ended while maqetd was down).
     async fn mark_gone(self: &Arc<Self>, was: Status, why: String) {
+        self.end_orphan_tpm().await;
         let reason = format!("QEMU ended while maqetd was not running ({why})");
         let status = if was == Status::Stopping {
             Status::Stopped

@@ -236,6 +236,8 @@ struct ShutdownEvent {
 /// A running QEMU as maqetd holds it.
 struct Runtime {
     process: Process,
+    /// The VM's swtpm (`tpm: true`), ended with QEMU (`tpm::end`).
+    tpm: Option<Arc<Process>>,
     qmp: QmpClient,
     log_offset: u64,
     intent: Mutex<StopIntent>,
@@ -257,10 +259,16 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn new(process: Process, qmp: QmpClient, log_offset: u64) -> Arc<Runtime> {
+    fn new(
+        process: Process,
+        tpm: Option<Arc<Process>>,
+        qmp: QmpClient,
+        log_offset: u64,
+    ) -> Arc<Runtime> {
         let (exited, _) = watch::channel(false);
         Arc::new(Runtime {
             process,
+            tpm,
             qmp,
             log_offset,
             intent: Mutex::new(StopIntent::None),

@@ -1,6 +1,7 @@
-//! A QEMU process held by its pidfd.
+//! A QEMU (or swtpm) process held by its pidfd.
 //!
-//! Owns: identifying a process (pid + start time + `-uuid` on its command line), waiting
+//! Owns: identifying a process (pid + start time + a [`Mark`] on its command line:
+//! QEMU's `-uuid <id>`, swtpm's `--tpmstate dir=<the VM's tpm dir>`), waiting
 //! for its exit on the tokio reactor, reaping it, and signalling it. Every signal goes
 //! through `pidfd_send_signal`, so a pid that was reused by another process can never be
 //! hit: the pidfd names one process for its whole life.
@@ -60,6 +61,30 @@ pub fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// What tells a process of ours from any other with the same pid and start time: this
+/// pair of consecutive arguments on its command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark<'a> {
+    pub flag: &'a str,
+    pub value: &'a str,
+}
+
+impl<'a> Mark<'a> {
+    /// QEMU's mark: `-uuid <the VM's id>`.
+    pub fn uuid(uuid: &'a str) -> Mark<'a> {
+        Mark {
+            flag: "-uuid",
+            value: uuid,
+        }
+    }
+}
+
+impl std::fmt::Display for Mark<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.flag, self.value)
+    }
+}
+
 /// One live (or just-ended) QEMU process.
 #[derive(Debug)]
 pub struct Process {
@@ -100,12 +125,17 @@ impl Process {
     /// recorded start time and carry `-uuid <uuid>` on its command line, checked both
     /// before and after the pidfd is opened (so the pidfd cannot name a newcomer).
     pub fn adopt(pid: u32, start_time: u64, uuid: &str) -> Result<Process, AdoptError> {
-        verify_identity(pid, start_time, uuid)?;
+        Process::adopt_marked(pid, start_time, Mark::uuid(uuid))
+    }
+
+    /// [`Process::adopt`] for any process that carries `mark` (a VM's swtpm).
+    pub fn adopt_marked(pid: u32, start_time: u64, mark: Mark<'_>) -> Result<Process, AdoptError> {
+        verify_identity(pid, start_time, mark)?;
         let fd = open_pidfd(pid).map_err(|source| match source.raw_os_error() {
             Some(libc::ESRCH) => AdoptError::Gone(pid),
             _ => AdoptError::Io { pid, source },
         })?;
-        verify_identity(pid, start_time, uuid)?;
+        verify_identity(pid, start_time, mark)?;
         let pidfd = crate::fdio::readable(fd).map_err(|source| AdoptError::Io { pid, source })?;
         Ok(Process {
             pid,
@@ -232,17 +262,27 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 
 /// Whether `/proc/<pid>/cmdline` carries `-uuid <uuid>`.
 pub fn cmdline_has_uuid(pid: u32, uuid: &str) -> io::Result<bool> {
+    cmdline_has(pid, Mark::uuid(uuid))
+}
+
+/// Whether `/proc/<pid>/cmdline` carries the two arguments of `mark` one after the other.
+pub fn cmdline_has(pid: u32, mark: Mark<'_>) -> io::Result<bool> {
     let raw = fs::read(format!("/proc/{pid}/cmdline"))?;
     let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
     Ok(args
         .windows(2)
-        .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes()))
+        .any(|w| w[0] == mark.flag.as_bytes() && w[1] == mark.value.as_bytes()))
 }
 
 /// Finds a process of this user that carries `-uuid <uuid>`: the QEMU of a start that
 /// was cut off (maqetd killed) between spawning it and recording its pid. A scan of
 /// `/proc` at start-up only, never a loop.
 pub fn find_by_uuid(uuid: &str) -> Option<(u32, u64)> {
+    find_marked(Mark::uuid(uuid))
+}
+
+/// Finds a process of this user that carries `mark` (see [`find_by_uuid`]).
+pub fn find_marked(mark: Mark<'_>) -> Option<(u32, u64)> {
     use std::os::unix::fs::MetadataExt;
     let uid = rustix::process::getuid().as_raw();
     fs::read_dir("/proc")
@@ -252,11 +292,11 @@ pub fn find_by_uuid(uuid: &str) -> Option<(u32, u64)> {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             (e.metadata().ok()?.uid() == uid).then_some(pid)
         })
-        .filter(|pid| cmdline_has_uuid(*pid, uuid).unwrap_or(false))
+        .filter(|pid| cmdline_has(*pid, mark).unwrap_or(false))
         .find_map(|pid| Some((pid, proc_start_time(pid).ok()?)))
 }
 
-fn verify_identity(pid: u32, start_time: u64, uuid: &str) -> Result<(), AdoptError> {
+fn verify_identity(pid: u32, start_time: u64, mark: Mark<'_>) -> Result<(), AdoptError> {
     let found = match proc_start_time(pid) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AdoptError::Gone(pid)),
@@ -268,11 +308,11 @@ fn verify_identity(pid: u32, start_time: u64, uuid: &str) -> Result<(), AdoptErr
             why: format!("start time {found}, expected {start_time}"),
         });
     }
-    match cmdline_has_uuid(pid, uuid) {
+    match cmdline_has(pid, mark) {
         Ok(true) => Ok(()),
         Ok(false) => Err(AdoptError::Reused {
             pid,
-            why: format!("its command line has no -uuid {uuid}"),
+            why: format!("its command line has no {mark}"),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AdoptError::Gone(pid)),
         Err(source) => Err(AdoptError::Io { pid, source }),

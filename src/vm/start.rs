@@ -52,14 +52,17 @@ impl Vm {
         let opened = match crate::storage::hostfiles::open_for_qemu(&config, &self.ctx.paths.home) {
             Ok(mut files) => match self.attach_seed(&config, &mut files).await {
                 Ok(()) => match self.attach_firmware(&config, &mut files).await {
-                    Ok(()) => self.attach_tpm(&config, &mut files).map(|()| files),
+                    Ok(()) => self
+                        .attach_tpm(&config, &mut files)
+                        .await
+                        .map(|tpm| (files, tpm)),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             },
             Err(e) => Err(e.into()),
         };
-        let files = match opened {
+        let (files, tpm) = match opened {
             Ok(files) => files,
             Err(e) => {
                 let msg = format!("cannot start VM '{name}': {e}");
@@ -67,7 +70,7 @@ impl Vm {
                 return Err(VmError::Storage(msg));
             }
         };
-        match self.launch(&name, &files, &binary).await {
+        match self.launch(&name, &files, &binary, tpm.clone()).await {
             Ok((runtime, events, status)) => {
                 let pid = runtime.process.pid();
                 *self.runtime.lock() = Some(runtime.clone());
@@ -89,6 +92,11 @@ impl Vm {
                 Ok(())
             }
             Err(failure) => {
+                if let Some(tpm) = &tpm {
+                    // Its channel closes with QEMU's copy: swtpm ends by itself.
+                    drop(files);
+                    self.end_tpm(tpm).await;
+                }
                 let msg = failure.message;
                 launch::log_run_end(&self.log_file(), Status::Failed.as_str(), &msg);
                 self.transition(Status::Failed, &msg, true, |t| {
@@ -301,14 +309,14 @@ impl Vm {
         Ok(())
     }
 
-    /// `tpm: true`: starts the VM's swtpm (`vm::tpm`) and adds its device.
-    fn attach_tpm(
+    /// `tpm: true`: starts the VM's swtpm (`vm::tpm`), records it, and adds its device.
+    async fn attach_tpm(
         &self,
         config: &VmConfig,
         files: &mut crate::storage::hostfiles::OpenedFiles,
-    ) -> Result<(), VmError> {
+    ) -> Result<Option<Arc<Process>>, VmError> {
         if !config.tpm() {
-            return Ok(());
+            return Ok(None);
         }
         let swtpm =
             crate::config::find_binary("swtpm", self.ctx.path_env.as_deref()).map_err(|e| {
@@ -321,13 +329,14 @@ impl Vm {
         paths
             .ensure_log_dir()
             .map_err(|e| VmError::Storage(format!("log directory: {e}")))?;
-        let state = paths.vm_data_dir(&self.id).join("tpm");
+        let state = super::tpm::state_dir(&paths.vm_data_dir(&self.id));
         let log = paths.log_dir().join(format!("{}.swtpm.log", self.id));
-        let fd = super::tpm::start(&swtpm, &state, &log)
+        let (fd, tpm) = super::tpm::start(&swtpm, &state, &log)
             .map_err(|e| VmError::Storage(format!("cannot start swtpm: {e}")))?;
+        self.record_tpm(&tpm).await;
         let n = files.pass_fd(fd, "swtpm control channel");
         files.args.extend(super::tpm::qemu_args(n));
-        Ok(())
+        Ok(Some(Arc::new(tpm)))
     }
 
     async fn launch(
@@ -335,6 +344,7 @@ impl Vm {
         name: &str,
         files: &crate::storage::hostfiles::OpenedFiles,
         binary: &std::path::Path,
+        tpm: Option<Arc<Process>>,
     ) -> Result<
         (
             Arc<Runtime>,
@@ -461,7 +471,7 @@ impl Vm {
                 format!("was stopped: its forwards could not be set up ({})", e),
             ));
         }
-        let runtime = Runtime::new(process, qmp, spawned.log_offset);
+        let runtime = Runtime::new(process, tpm, qmp, spawned.log_offset);
         Ok((runtime, rx, status))
     }
 }

@@ -20,6 +20,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub(super) fn spawn(vm: Arc<Vm>, rt: Arc<Runtime>, mut events: UnboundedReceiver<QmpEvent>) {
     super::guest::spawn_agent(&vm, &rt);
+    super::tpm::watch(vm.clone(), rt.clone());
     tokio::spawn(async move {
         let mut events_open = true;
         let exit = loop {
@@ -110,6 +111,10 @@ async fn finish(vm: &Arc<Vm>, rt: &Runtime, exit: ExitInfo) {
         }
     }
     launch::log_run_end(&vm.log_file(), status.as_str(), &reason);
+    // Before the VM reads stopped: its swtpm is gone with it.
+    if let Some(tpm) = &rt.tpm {
+        vm.end_tpm(tpm).await;
+    }
     *vm.runtime.lock() = None;
     let _ = vm
         .transition_because(status, &reason, true, cause, |t| {

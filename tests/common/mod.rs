@@ -327,6 +327,14 @@ impl Bus {
         cmd
     }
 
+    /// A `maqetd` started by hand (not by the bus) with this bus's environment.
+    pub fn maqetd_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(maqetd_bin());
+        cmd.args(args).stdin(Stdio::null());
+        self.with_env(&mut cmd);
+        cmd
+    }
+
     /// The `maqet` CLI against this bus.
     pub fn maqet(&self, args: &[&str]) -> Output {
         self.maqet_command(args).output().expect("run maqet")
@@ -553,6 +561,41 @@ impl StatusWatch {
         tokio::time::timeout(TIMEOUT, fut)
             .await
             .unwrap_or_else(|_| panic!("no StatusChanged to {want} within {TIMEOUT:?}"))
+    }
+}
+
+/// The VM's `StatusReason` changes, from when it is made (a signal stream: every
+/// change queued, none coalesced).
+pub struct Reasons(zbus::fdo::PropertiesChangedStream);
+
+impl Reasons {
+    pub async fn new(vm: &VmProxy<'_>) -> Reasons {
+        let props = zbus::fdo::PropertiesProxy::builder(vm.inner().connection())
+            .destination("org.maqet.Maqet1")
+            .path(vm.inner().path().clone())
+            .build()
+            .await
+            .unwrap();
+        Reasons(props.receive_properties_changed().await.unwrap())
+    }
+
+    /// The next `StatusReason` starting with `prefix`.
+    pub async fn until(&mut self, prefix: &str) -> String {
+        let wait = async {
+            while let Some(sig) = self.0.next().await {
+                let args = sig.args().unwrap();
+                if let Some(v) = args.changed_properties().get("StatusReason") {
+                    let r: String = v.try_clone().unwrap().try_into().unwrap();
+                    if r.starts_with(prefix) {
+                        return r;
+                    }
+                }
+            }
+            panic!("signal stream ended");
+        };
+        tokio::time::timeout(TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no StatusReason starting with {prefix:?}"))
     }
 }
 

@@ -23,6 +23,7 @@
 mod argv;
 mod cloud_init;
 mod diag;
+mod edit;
 mod display;
 mod guest;
 mod hostfile;
@@ -45,6 +46,7 @@ use std::sync::Arc;
 pub(crate) use argv::escape_commas;
 pub use cloud_init::{CloudInit, SeedDoc};
 pub use diag::{ConfigError, Diagnostic, DiagnosticKind};
+pub use edit::NewDiskEntry;
 pub use display::DisplayServer;
 pub use guest::{Forward, GuestKeys, OWN_NETDEV_ID, Proto, user_netdevs};
 pub use hostfile::{Access, HostFile, PassAs};

@@ -42,15 +42,24 @@ fn entry_name(node: &Node) -> Option<&str> {
     let Value::Map(entries) = &node.value else {
         return None;
     };
-    entries.iter().find(|e| e.key == "name").and_then(|e| match &e.value.value {
-        Value::Str(s) => Some(s.as_str()),
-        _ => None,
-    })
+    entries
+        .iter()
+        .find(|e| e.key == "name")
+        .and_then(|e| match &e.value.value {
+            Value::Str(s) => Some(s.as_str()),
+            _ => None,
+        })
 }
 
 impl VmConfig {
     fn storage_items(&mut self) -> Option<&mut Vec<Node>> {
-        match &mut self.doc.iter_mut().find(|e| e.key == "storage")?.value.value {
+        match &mut self
+            .doc
+            .iter_mut()
+            .find(|e| e.key == "storage")?
+            .value
+            .value
+        {
             Value::Seq(items) => Some(items),
             _ => None,
         }

@@ -11,8 +11,8 @@ use zbus::{Connection, OwnedVariant, interface};
 use super::Shared;
 use crate::access::{Action, Request};
 use crate::client::{StorageRow, VerifyRow};
-use crate::error::MaqetError;
 use crate::config::{StorageKind, parse_size};
+use crate::error::MaqetError;
 use crate::storage::{QemuImg, StorageError, inventory};
 use crate::vm::{AttachSpec, DiskSource, Vm, store_error};
 
@@ -42,7 +42,9 @@ fn bool_option(options: &HashMap<String, OwnedVariant>, key: &str) -> Result<boo
             .ok()
             .and_then(|v| bool::try_from(v).ok())
             .ok_or_else(|| {
-                MaqetError::InvalidArgument(format!("option '{key}' must be a boolean (D-Bus type b)"))
+                MaqetError::InvalidArgument(format!(
+                    "option '{key}' must be a boolean (D-Bus type b)"
+                ))
             }),
     }
 }
@@ -59,7 +61,9 @@ fn str_option(
             .and_then(|v| String::try_from(v).ok())
             .map(Some)
             .ok_or_else(|| {
-                MaqetError::InvalidArgument(format!("option '{key}' must be a string (D-Bus type s)"))
+                MaqetError::InvalidArgument(format!(
+                    "option '{key}' must be a string (D-Bus type s)"
+                ))
             }),
     }
 }

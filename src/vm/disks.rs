@@ -60,20 +60,24 @@ fn device_id(name: &str) -> String {
 }
 
 fn find_live(blocks: &Value, name: &str) -> Option<LiveDisk> {
-    let ours = format!("/machine/peripheral/{}", device_id(name));
+    // `qdev` is the device's id, or the QOM path of the object holding the backend
+    // (virtio-blk's is a child of the device).
+    let id = device_id(name);
+    let path = format!("/machine/peripheral/{id}");
     blocks.as_array()?.iter().find_map(|b| {
         let device = b.get("device").and_then(Value::as_str).unwrap_or_default();
         let qdev = b.get("qdev").and_then(Value::as_str).unwrap_or_default();
-        let hot_plugged = qdev == ours || qdev.starts_with(&format!("{ours}/"));
+        let hot_plugged = qdev == id || qdev == path || qdev.starts_with(&format!("{path}/"));
         if device != name && !hot_plugged {
             return None;
         }
         let inserted = b.get("inserted")?;
-        // virtio-blk's block backend sits on a child object of the device.
         let device = if hot_plugged {
-            device_id(name)
+            id.clone()
         } else {
-            qdev.strip_suffix("/virtio-backend").unwrap_or(qdev).to_owned()
+            qdev.strip_suffix("/virtio-backend")
+                .unwrap_or(qdev)
+                .to_owned()
         };
         Some(LiveDisk {
             node: inserted.get("node-name")?.as_str()?.to_owned(),
@@ -113,6 +117,21 @@ fn find_disk<'c>(config: &'c VmConfig, vm: &str, name: &str) -> Result<&'c Stora
             "VM '{vm}' has no disk '{name}'; {}",
             disk_names(config)
         ))),
+    }
+}
+
+fn refuse_attached_twice(
+    config: &VmConfig,
+    vm: &str,
+    path: &std::path::Path,
+) -> Result<(), VmError> {
+    match config.storage().iter().find(|e| e.path == path) {
+        Some(other) => Err(VmError::AlreadyExists(format!(
+            "{} is already disk '{}' of VM '{vm}'",
+            path.display(),
+            other.name
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -255,6 +274,7 @@ impl Vm {
                     PathUse::Storage
                 };
                 let path = danger::check(file, &home, usage).map_err(VmError::Storage)?;
+                refuse_attached_twice(&config, &vm, &path)?;
                 let format = self.probe_attachable(&path, spec.format, live).await?;
                 (path, format, None)
             }
@@ -279,13 +299,7 @@ impl Vm {
                 (path, format, Some(*bytes))
             }
         };
-        if let Some(other) = config.storage().iter().find(|e| e.path == path) {
-            return Err(VmError::AlreadyExists(format!(
-                "{} is already disk '{}' of VM '{vm}'",
-                path.display(),
-                other.name
-            )));
-        }
+        refuse_attached_twice(&config, &vm, &path)?;
         let yaml = config.yaml_with_disk(&NewDiskEntry {
             name: &disk,
             format: format.as_str(),
@@ -318,7 +332,7 @@ impl Vm {
         if let Err(e) = self.commit_config(vm.clone(), yaml, || {}).await {
             if live && let Ok(blocks) = self.query_block().await {
                 if let Some(l) = find_live(&blocks, &disk) {
-                    let _ = self.unplug(&l).await;
+                    let _ = self.unplug(&l, &entry.path).await;
                 }
             }
             undo_file().await;
@@ -384,7 +398,8 @@ impl Vm {
             size: e.size,
             backing: None,
         };
-        let outcome = crate::storage::create::create_image(&img, &spec, &self.ctx.paths.home).await?;
+        let outcome =
+            crate::storage::create::create_image(&img, &spec, &self.ctx.paths.home).await?;
         if outcome != crate::storage::create::Outcome::Created {
             return Err(VmError::AlreadyExists(format!(
                 "{} appeared while maqet was creating it; choose another name",
@@ -428,7 +443,9 @@ impl Vm {
                 Ok(v) => set = v.get("fdset-id").and_then(Value::as_u64),
                 Err(err) => {
                     if let Some(id) = set {
-                        let _ = self.run_qmp("remove-fd", Some(json!({ "fdset-id": id }))).await;
+                        let _ = self
+                            .run_qmp("remove-fd", Some(json!({ "fdset-id": id })))
+                            .await;
                     }
                     return Err(err);
                 }
@@ -444,7 +461,9 @@ impl Vm {
         });
         let added = self.run_qmp("blockdev-add", Some(blockdev)).await;
         // The node holds its own dup of the fd: the set's are closed once unused.
-        let _ = self.run_qmp("remove-fd", Some(json!({ "fdset-id": set }))).await;
+        let _ = self
+            .run_qmp("remove-fd", Some(json!({ "fdset-id": set })))
+            .await;
         added?;
         let result = async {
             let mut device = json!({ "id": device_id(&e.name), "drive": node });
@@ -459,26 +478,37 @@ impl Vm {
         }
         .await;
         if let Err(err) = result {
-            let _ = self.run_qmp("blockdev-del", Some(json!({ "node-name": node }))).await;
+            let _ = self
+                .run_qmp("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
             return Err(err);
         }
         Ok(())
     }
 
-    /// The first `maqet-h<N>` no block node of the running QEMU has.
-    async fn free_node_name(&self) -> Result<String, VmError> {
+    async fn node_names(&self) -> Result<Vec<String>, VmError> {
         let nodes = self
             .run_qmp("query-named-block-nodes", Some(json!({ "flat": true })))
             .await?;
-        let taken: Vec<&str> = nodes
+        Ok(nodes
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|n| n.get("node-name").and_then(Value::as_str))
-            .collect();
+            .map(str::to_owned)
+            .collect())
+    }
+
+    async fn node_exists(&self, node: &str) -> Result<bool, VmError> {
+        Ok(self.node_names().await?.iter().any(|n| n == node))
+    }
+
+    /// The first `maqet-h<N>` no block node of the running QEMU has.
+    async fn free_node_name(&self) -> Result<String, VmError> {
+        let taken = self.node_names().await?;
         Ok((0..)
             .map(|i| format!("maqet-h{i}"))
-            .find(|n| !taken.contains(&n.as_str()))
+            .find(|n| !taken.contains(n))
             .expect("a free node name"))
     }
 
@@ -502,14 +532,34 @@ impl Vm {
 
     /// `device_del`, wait for `DEVICE_DELETED`, then `blockdev-del` of a hot-plugged
     /// node (a command-line drive goes with its device).
-    async fn unplug(&self, live: &LiveDisk) -> Result<(), VmError> {
+    async fn unplug(&self, live: &LiveDisk, path: &std::path::Path) -> Result<(), VmError> {
         let mut args = serde_json::Map::new();
         args.insert("id".into(), json!(live.device));
         let cmd = Command::new("device_del", Some(args)).map_err(VmError::InvalidArgument)?;
         self.device_del(&live.device, cmd).await?;
-        if live.hot_plugged {
+        if live.hot_plugged || self.node_exists(&live.node).await? {
             self.run_qmp("blockdev-del", Some(json!({ "node-name": live.node })))
                 .await?;
+        }
+        self.release_fd_sets(path).await
+    }
+
+    /// Closes the fd sets maqetd passed at start for `path` (`-add-fd`, labelled with
+    /// the path): they share the image's open file description, so its lock would
+    /// outlive the detach and the file could not be attached again.
+    async fn release_fd_sets(&self, path: &std::path::Path) -> Result<(), VmError> {
+        let label = config::escape_commas(&path.display().to_string());
+        let sets = self.run_qmp("query-fdsets", None).await?;
+        for set in sets.as_array().into_iter().flatten() {
+            let ours = set["fds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|fd| fd["opaque"].as_str() == Some(label.as_str()));
+            if let (true, Some(id)) = (ours, set["fdset-id"].as_u64()) {
+                self.run_qmp("remove-fd", Some(json!({ "fdset-id": id })))
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -522,7 +572,7 @@ impl Vm {
         self.ensure_idle()?;
         let vm = self.name();
         let config = self.stored_config()?;
-        find_disk(&config, &vm, disk)?;
+        let path = find_disk(&config, &vm, disk)?.path.clone();
         let yaml = config
             .yaml_without_storage(disk)
             .ok_or_else(|| VmError::Internal(format!("disk '{disk}' vanished from the config")))?;
@@ -531,7 +581,7 @@ impl Vm {
         if self.disk_change_is_live()?
             && let Some(live) = find_live(&self.query_block().await?, disk)
         {
-            self.unplug(&live).await?;
+            self.unplug(&live, &path).await?;
         }
         self.commit_config(vm.clone(), yaml, || {}).await?;
         tracing::info!(vm = %vm, disk, "disk detached");

@@ -173,7 +173,7 @@ impl Vm {
         let name = self.name();
         let config = self.stored_config()?;
         let entry = find_disk(&config, &name, disk)?;
-        if bytes == 0 || bytes % SECTOR != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(SECTOR) {
             return Err(VmError::InvalidArgument(format!(
                 "cannot resize disk '{disk}' to {bytes} bytes: give a size above zero in whole 512-byte sectors (e.g. 20G)"
             )));
@@ -279,7 +279,7 @@ impl Vm {
                 (path, format, None)
             }
             DiskSource::New(bytes) => {
-                if *bytes == 0 || bytes % SECTOR != 0 {
+                if *bytes == 0 || !bytes.is_multiple_of(SECTOR) {
                     return Err(VmError::InvalidArgument(format!(
                         "a new disk of {bytes} bytes: give a size above zero in whole 512-byte sectors (e.g. 10G)"
                     )));
@@ -330,10 +330,11 @@ impl Vm {
             return Err(e);
         }
         if let Err(e) = self.commit_config(vm.clone(), yaml, || {}).await {
-            if live && let Ok(blocks) = self.query_block().await {
-                if let Some(l) = find_live(&blocks, &disk) {
-                    let _ = self.unplug(&l, &entry.path).await;
-                }
+            if live
+                && let Ok(blocks) = self.query_block().await
+                && let Some(l) = find_live(&blocks, &disk)
+            {
+                let _ = self.unplug(&l, &entry.path).await;
             }
             undo_file().await;
             return Err(e);

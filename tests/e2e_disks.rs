@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Bus, StatusWatch, error_name, stderr, stdout, tiny_vm_yaml};
-use maqet::client::{StorageProxy, VmProxy, proxy_at, qmp_proxy};
+use common::{Bus, StatusWatch, TIMEOUT, error_name, stderr, stdout, tiny_vm_yaml};
+use futures_util::StreamExt;
+use maqet::client::{JobProxy, SnapshotsProxy, StorageProxy, VmProxy, proxy_at, qmp_proxy};
 use serde_json::Value;
 use zbus::Connection;
 use zbus::zvariant::Variant;
@@ -291,6 +292,28 @@ async fn attach_hot_plugs_survives_a_restart_and_detach_removes_it() {
     // Online resize of a hot-plugged disk.
     st.resize("data", 32 * MIB, opts(&[])).await.unwrap();
     assert_eq!(live_size(&query_block(&conn, &vm).await, "data"), 32 * MIB);
+
+    // A live snapshot covers the hot-plugged disks too (found by their device id).
+    let snaps: SnapshotsProxy = proxy_at(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let job: JobProxy = proxy_at(&conn, snaps.create("s1", opts(&[])).await.unwrap())
+        .await
+        .unwrap();
+    let mut completed = job.receive_completed().await.unwrap();
+    if job.state().await.unwrap() == "running" {
+        tokio::time::timeout(TIMEOUT, completed.next())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        job.state().await.unwrap(),
+        "completed",
+        "{}",
+        job.message().await.unwrap()
+    );
+    let on_data = qemu_img(&["snapshot", "-U", "-l", row.2.as_str()]);
+    assert!(on_data.contains("s1"), "{on_data}");
 
     // The stored config has them: the next start attaches them from the command line.
     vm.stop(true, 0).await.unwrap();

@@ -2339,9 +2339,20 @@ fn storage_edits_give_back_configs_that_load_with_the_change() {
     let e = &added.storage()[2];
     assert_eq!(
         (e.name.as_str(), e.kind, e.size, e.interface, e.readonly),
-        ("data", StorageKind::Raw, Some(1 << 20), Interface::Scsi, true)
+        (
+            "data",
+            StorageKind::Raw,
+            Some(1 << 20),
+            Interface::Scsi,
+            true
+        )
     );
-    assert!(added.qemu_args().iter().any(|a| a.starts_with("scsi-hd,drive=data")));
+    assert!(
+        added
+            .qemu_args()
+            .iter()
+            .any(|a| a.starts_with("scsi-hd,drive=data"))
+    );
 
     let removed = reload(added.yaml_without_storage("root").unwrap());
     let names: Vec<_> = removed.storage().iter().map(|e| e.name.as_str()).collect();

@@ -59,21 +59,34 @@ fn device_id(name: &str) -> String {
     format!("maqet-disk-{name}")
 }
 
-fn find_live(blocks: &Value, name: &str) -> Option<LiveDisk> {
+/// Whether a `query-block` entry is storage entry `name`: a command-line drive or a
+/// hot-plugged disk (`Storage.Attach`).
+pub fn is_disk_block(block: &Value, name: &str) -> bool {
+    block.get("device").and_then(Value::as_str) == Some(name) || hot_plugged(block, name)
+}
+
+fn hot_plugged(block: &Value, name: &str) -> bool {
     // `qdev` is the device's id, or the QOM path of the object holding the backend
     // (virtio-blk's is a child of the device).
     let id = device_id(name);
     let path = format!("/machine/peripheral/{id}");
+    let qdev = block
+        .get("qdev")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    qdev == id || qdev == path || qdev.starts_with(&format!("{path}/"))
+}
+
+fn find_live(blocks: &Value, name: &str) -> Option<LiveDisk> {
     blocks.as_array()?.iter().find_map(|b| {
-        let device = b.get("device").and_then(Value::as_str).unwrap_or_default();
-        let qdev = b.get("qdev").and_then(Value::as_str).unwrap_or_default();
-        let hot_plugged = qdev == id || qdev == path || qdev.starts_with(&format!("{path}/"));
-        if device != name && !hot_plugged {
+        if !is_disk_block(b, name) {
             return None;
         }
+        let hot_plugged = hot_plugged(b, name);
+        let qdev = b.get("qdev").and_then(Value::as_str).unwrap_or_default();
         let inserted = b.get("inserted")?;
         let device = if hot_plugged {
-            id.clone()
+            device_id(name)
         } else {
             qdev.strip_suffix("/virtio-backend")
                 .unwrap_or(qdev)

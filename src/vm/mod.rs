@@ -53,7 +53,7 @@ use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::time::now_us;
-pub use disks::{AttachSpec, DiskSource};
+pub use disks::{AttachSpec, DiskSource, is_disk_block};
 pub use error::VmError;
 pub use monitor::DEVICE_DEL_WAIT;
 use process::{ExitInfo, Process};

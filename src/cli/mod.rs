@@ -16,6 +16,7 @@ macro_rules! println {
 mod audit;
 mod complete;
 mod console;
+mod disk;
 mod doctor;
 mod exit;
 mod guest;
@@ -312,6 +313,11 @@ pub enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Change a VM's disks: resize, attach, detach.
+    Disk {
+        #[command(subcommand)]
+        command: disk::DiskCommand,
+    },
     /// A VM's disks and shares: ls, verify.
     Storage {
         #[command(subcommand)]
@@ -450,6 +456,7 @@ async fn run(cli: Cli, command: Command) -> Result<ExitCode, MaqetError> {
         Command::Ip { vm } => guest::ip(&s, &vm).await,
         Command::Cp { from, to } => guest::cp(&s, &from, &to).await,
         Command::Ssh { vm, args } => guest::ssh(&s, &vm, host, &args).await,
+        Command::Disk { command } => disk::run(&s, command).await,
         Command::Storage { command } => {
             // A verification that found problems has printed them; only the code says so.
             return Ok(match storage::run(&s, command).await? {

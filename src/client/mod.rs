@@ -278,6 +278,18 @@ pub trait Snapshots {
 pub trait Storage {
     fn list(&self) -> Result<Vec<StorageRow>, MaqetError>;
     fn verify(&self) -> Result<Vec<VerifyRow>, MaqetError>;
+    fn resize(
+        &self,
+        disk: &str,
+        bytes: u64,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<(), MaqetError>;
+    fn attach(
+        &self,
+        source: &str,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<String, MaqetError>;
+    fn detach(&self, disk: &str) -> Result<(), MaqetError>;
 }
 
 #[proxy(

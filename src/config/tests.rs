@@ -2315,3 +2315,53 @@ fn session_keys_refuse_bad_values_with_the_choices() {
     error_in("cpu_quota: 0%\n", 1, 12, "invalid `cpu_quota`");
     error_in("cpu_quota: \"\\0\"\n", 1, 12, "NUL");
 }
+
+#[test]
+fn storage_edits_give_back_configs_that_load_with_the_change() {
+    let base = "memory: 64\nstorage:\n  - {name: root, type: qcow2, file: /vms/web/root.qcow2, size: 1G}\n  - {name: cd, type: raw, file: /vms/web/cd.iso, readonly: true}\n";
+    let config = load_one(base).unwrap();
+    let reload = |yaml: String| must_load(&[source("<stored>", "/", &yaml)]);
+
+    let grown = reload(config.yaml_with_disk_size("root", 2 << 30).unwrap());
+    assert_eq!(grown.storage()[0].size, Some(2 << 30));
+    assert_eq!(grown.storage()[1], config.storage()[1]);
+    assert!(config.yaml_with_disk_size("nope", 1).is_none());
+
+    let disk = NewDiskEntry {
+        name: "data",
+        format: "raw",
+        file: Path::new("/vms/web/data.raw"),
+        size: Some(1 << 20),
+        interface: "scsi",
+        readonly: true,
+    };
+    let added = reload(config.yaml_with_disk(&disk));
+    let e = &added.storage()[2];
+    assert_eq!(
+        (e.name.as_str(), e.kind, e.size, e.interface, e.readonly),
+        (
+            "data",
+            StorageKind::Raw,
+            Some(1 << 20),
+            Interface::Scsi,
+            true
+        )
+    );
+    assert!(
+        added
+            .qemu_args()
+            .iter()
+            .any(|a| a.starts_with("scsi-hd,drive=data"))
+    );
+
+    let removed = reload(added.yaml_without_storage("root").unwrap());
+    let names: Vec<_> = removed.storage().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["cd", "data"]);
+    assert!(added.yaml_without_storage("nope").is_none());
+
+    // A config without `storage` gets the key in its normalized place.
+    let bare = load_one("memory: 64\nargs: ['-nodefaults']\n").unwrap();
+    let first = reload(bare.yaml_with_disk(&NewDiskEntry { size: None, ..disk }));
+    assert_eq!(first.storage().len(), 1);
+    assert_eq!(reload(first.to_yaml()), first);
+}

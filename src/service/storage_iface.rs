@@ -1,18 +1,139 @@
 //! `org.maqet.Maqet1.Storage`: one per VM; what `maqet storage ls|verify` show. Reads
 //! only ([`crate::storage::inventory`] does the work).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use zbus::message::Header;
-use zbus::{Connection, interface};
+use zbus::{Connection, OwnedVariant, interface};
 
 use super::Shared;
 use crate::access::{Action, Request};
 use crate::client::{StorageRow, VerifyRow};
+use crate::config::{StorageKind, parse_size};
 use crate::error::MaqetError;
 use crate::storage::{QemuImg, StorageError, inventory};
-use crate::vm::{Vm, store_error};
+use crate::vm::{AttachSpec, DiskSource, Vm, store_error};
+
+/// The keys `Resize` and `Attach` understand in `options`.
+const RESIZE_OPTIONS: &[&str] = &["shrink"];
+const ATTACH_OPTIONS: &[&str] = &["name", "size", "format", "interface", "readonly"];
+
+fn check_keys(
+    options: &HashMap<String, OwnedVariant>,
+    known: &[&str],
+    call: &str,
+) -> Result<(), MaqetError> {
+    match options.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(MaqetError::InvalidArgument(format!(
+            "unknown {call} option '{key}'; known options: {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn bool_option(options: &HashMap<String, OwnedVariant>, key: &str) -> Result<bool, MaqetError> {
+    match options.get(key) {
+        None => Ok(false),
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| bool::try_from(v).ok())
+            .ok_or_else(|| {
+                MaqetError::InvalidArgument(format!(
+                    "option '{key}' must be a boolean (D-Bus type b)"
+                ))
+            }),
+    }
+}
+
+fn str_option(
+    options: &HashMap<String, OwnedVariant>,
+    key: &str,
+) -> Result<Option<String>, MaqetError> {
+    match options.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| String::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                MaqetError::InvalidArgument(format!(
+                    "option '{key}' must be a string (D-Bus type s)"
+                ))
+            }),
+    }
+}
+
+/// `size`: bytes (t) or a size text like `10G` (s).
+fn size_option(options: &HashMap<String, OwnedVariant>) -> Result<Option<u64>, MaqetError> {
+    let Some(v) = options.get("size") else {
+        return Ok(None);
+    };
+    if let Some(n) = v.try_clone().ok().and_then(|v| u64::try_from(v).ok()) {
+        return Ok(Some(n));
+    }
+    match str_option(options, "size") {
+        Ok(Some(text)) => parse_size(&text)
+            .map(Some)
+            .map_err(|e| MaqetError::InvalidArgument(format!("option 'size': {e}"))),
+        _ => Err(MaqetError::InvalidArgument(
+            "option 'size' must be bytes (D-Bus type t) or a size like \"10G\" (s)".into(),
+        )),
+    }
+}
+
+/// `Attach`'s arguments as the core takes them.
+fn attach_spec(
+    source: &str,
+    options: &HashMap<String, OwnedVariant>,
+) -> Result<AttachSpec, MaqetError> {
+    check_keys(options, ATTACH_OPTIONS, "Attach")?;
+    let size = size_option(options)?;
+    let source = match (source, size) {
+        ("", Some(bytes)) => DiskSource::New(bytes),
+        ("", None) => {
+            return Err(MaqetError::InvalidArgument(
+                "Attach needs the path of an existing image, or an empty path and option 'size' for a new disk".into(),
+            ));
+        }
+        (path, None) if path.starts_with('/') && !path.contains('\0') => {
+            DiskSource::File(PathBuf::from(path))
+        }
+        (path, None) => {
+            return Err(MaqetError::InvalidArgument(format!(
+                "'{}' is not an absolute path; pass the image's absolute path",
+                path.escape_debug()
+            )));
+        }
+        (_, Some(_)) => {
+            return Err(MaqetError::InvalidArgument(
+                "option 'size' is for a new disk (empty path); an existing image keeps its size (resize it after attaching)".into(),
+            ));
+        }
+    };
+    let format = match str_option(options, "format")?.as_deref() {
+        None => None,
+        Some("qcow2") => Some(StorageKind::Qcow2),
+        Some("raw") => Some(StorageKind::Raw),
+        Some(other) => {
+            return Err(MaqetError::InvalidArgument(format!(
+                "format '{}' cannot be attached; use qcow2 or raw",
+                other.escape_debug()
+            )));
+        }
+    };
+    Ok(AttachSpec {
+        source,
+        name: str_option(options, "name")?,
+        format,
+        interface: str_option(options, "interface")?.unwrap_or_else(|| "scsi".into()),
+        readonly: bool_option(options, "readonly")?,
+    })
+}
 
 pub struct StorageIface {
     shared: Arc<Shared>,
@@ -72,6 +193,79 @@ impl StorageIface {
                 })
                 .collect())
         };
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
+    }
+
+    /// Changes disk `disk`'s virtual size to `bytes` (whole 512-byte sectors): with
+    /// `qemu-img resize` while the VM is stopped, with QMP `block_resize` while it
+    /// runs; the stored config records the new size. A smaller size is refused unless
+    /// `options` has `shrink` (b) true. Read-only disks, and raw files maqet did not
+    /// create, are refused.
+    async fn resize(
+        &self,
+        disk: &str,
+        bytes: u64,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = Request::new(Action::Manage, "Storage.Resize")
+            .on_vm(&self.vm)
+            .with_args(format!("disk={disk:?} bytes={bytes}"));
+        let work = async {
+            check_keys(&options, RESIZE_OPTIONS, "Resize")?;
+            let shrink = bool_option(&options, "shrink")?;
+            Ok(self.vm.resize_disk(disk, bytes, shrink).await?)
+        };
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
+    }
+
+    /// Adds a disk and returns its storage name. `source`: the absolute path of an
+    /// existing qcow2 or raw image (checked like a config's `file`), or empty for a new
+    /// image maqet creates in the VM's data directory (option `size` required).
+    /// `options`: `name` (s, default the first free diskN), `size` (t bytes or s like
+    /// "10G"), `format` (s: qcow2 or raw; an existing raw image must say raw),
+    /// `interface` (s: scsi, the default, or virtio), `readonly` (b). On a running VM
+    /// the disk is hot-plugged; the stored config keeps it for the next start.
+    #[zbus(out_args("name"))]
+    async fn attach(
+        &self,
+        source: &str,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, MaqetError> {
+        let req = Request::new(Action::Manage, "Storage.Attach")
+            .on_vm(&self.vm)
+            .with_args(format!("source={source:?}"));
+        let work = async {
+            let spec = attach_spec(source, &options)?;
+            Ok(self.vm.attach_disk(spec).await?)
+        };
+        self.shared
+            .gate
+            .call::<_, MaqetError, _>(conn, &hdr, req, work)
+            .await
+    }
+
+    /// Removes disk `disk`: hot-unplugged from a running VM (waiting for QEMU's
+    /// DEVICE_DELETED), and from the stored config. The image file is kept.
+    async fn detach(
+        &self,
+        disk: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), MaqetError> {
+        let req = Request::new(Action::Manage, "Storage.Detach")
+            .on_vm(&self.vm)
+            .with_args(format!("disk={disk:?}"));
+        let work = async { Ok(self.vm.detach_disk(disk).await?) };
         self.shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)

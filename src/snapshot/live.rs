@@ -51,7 +51,7 @@ pub(super) async fn inspect(vm: &Vm, disks: &[Disk]) -> Result<Vec<LiveDisk>, Sn
         .map(|d| {
             let inserted = blocks
                 .iter()
-                .find(|b| b.get("device").and_then(Value::as_str) == Some(d.name.as_str()))
+                .find(|b| crate::vm::is_disk_block(b, &d.name))
                 .and_then(|b| b.get("inserted"))
                 .ok_or_else(|| {
                     SnapshotError::Storage(format!(

@@ -91,6 +91,22 @@ impl OpenedFiles {
     }
 }
 
+/// Opens a disk image for a running QEMU (`Storage.Attach`, `Storage.Resize`) the way
+/// start does: no symlink anywhere in the path, a regular file or block device. With
+/// `ReadWrite`, also the same inode read-only, since QEMU picks the fd of an fd set
+/// whose access mode matches what it asks for.
+pub fn open_image(path: &Path, access: Access) -> Result<Vec<OwnedFd>, StorageError> {
+    let fd = open_checked(path, access).map_err(StorageError::Failed)?;
+    if access != Access::ReadWrite {
+        return Ok(vec![fd]);
+    }
+    let ro = reopen_read_only(&fd).map_err(|e| StorageError::Io {
+        message: format!("cannot reopen {} read-only: {e}", path.display()),
+        source: e.into(),
+    })?;
+    Ok(vec![fd, ro])
+}
+
 /// The longest backing chain maqetd follows (QEMU's own limit is similar).
 const MAX_CHAIN: usize = 16;
 

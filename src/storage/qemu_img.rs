@@ -278,6 +278,39 @@ impl QemuImg {
         Ok(())
     }
 
+    /// Changes the virtual size of the image open at `image` to `size` bytes
+    /// (`qemu-img resize`, through `/proc/self/fd/3` like [`QemuImg::create`]). `shrink`
+    /// allows a smaller size, which cuts off the end of the disk. A qcow2's backing
+    /// chain is not opened (`"backing": null`): resizing an overlay does not read it.
+    pub async fn resize(
+        &self,
+        image: BorrowedFd<'_>,
+        shown: &Path,
+        format: &str,
+        size: u64,
+        shrink: bool,
+    ) -> Result<(), StorageError> {
+        let mut cmd = self.command_with_fd(image);
+        cmd.args(["resize", "-q"]);
+        if shrink {
+            cmd.arg("--shrink");
+        }
+        let file = format!("/proc/self/fd/{IMAGE_FD}");
+        if format == "qcow2" {
+            let spec = serde_json::json!({
+                "driver": "qcow2",
+                "backing": null,
+                "file": { "driver": "file", "filename": file },
+            });
+            cmd.arg(format!("json:{spec}"));
+        } else {
+            cmd.args(["-f", format]).arg(file);
+        }
+        cmd.arg(size.to_string());
+        run(cmd, "resize", shown, None).await.map_err(failed)?;
+        Ok(())
+    }
+
     /// Rewrites the backing file name in the header of the qcow2 image open at
     /// `image` (`rebase -u`: the data is not touched and the backing is not opened).
     pub async fn set_backing_name(

@@ -13,6 +13,7 @@
 
 mod adopt;
 mod console;
+mod disks;
 mod display;
 pub mod error;
 mod forward;
@@ -52,6 +53,7 @@ use crate::paths::Paths;
 use crate::qmp::{QmpClient, QmpError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::time::now_us;
+pub use disks::{AttachSpec, DiskSource, is_disk_block};
 pub use error::VmError;
 pub use monitor::DEVICE_DEL_WAIT;
 use process::{ExitInfo, Process};
@@ -770,6 +772,28 @@ impl Vm {
         let changed = config::changed_keys(&old, &new);
         let yaml = new.to_yaml();
         check(&old_name, &new_name)?;
+        self.commit_config(new_name.clone(), yaml, || {
+            if old_name != new_name {
+                renamed(&old_name, &new_name);
+            }
+        })
+        .await?;
+        Ok(if status.has_process() {
+            changed.into_iter().filter(|k| k != "name").collect()
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Stores a new config (and name) for this VM: database, then memory, then the
+    /// announcement; `after_write` runs between the commit and the memory update.
+    /// The caller holds the operation lock.
+    async fn commit_config(
+        self: &Arc<Self>,
+        new_name: String,
+        yaml: String,
+        after_write: impl FnOnce(),
+    ) -> Result<(), VmError> {
         let _order = self.transitions.lock().await;
         let (id, name, config) = (self.id.clone(), new_name.clone(), yaml.clone());
         self.ctx
@@ -777,9 +801,7 @@ impl Vm {
             .write(move |db| db.update_config(&id, &name, &config))
             .await
             .map_err(store_error)?;
-        if old_name != new_name {
-            renamed(&old_name, &new_name);
-        }
+        after_write();
         let info = {
             let mut info = self.info.write();
             info.name = new_name;
@@ -790,11 +812,7 @@ impl Vm {
             vm: self.clone(),
             info,
         });
-        Ok(if status.has_process() {
-            changed.into_iter().filter(|k| k != "name").collect()
-        } else {
-            Vec::new()
-        })
+        Ok(())
     }
 
     /// Takes the operation lock for a manager-level operation (removal).

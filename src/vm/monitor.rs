@@ -240,7 +240,10 @@ impl Vm {
         let mut events = self.subscribe_qmp();
         self.execute(cmd).await?;
         let deleted = next_qmp_event(&mut events, |name, data| {
-            name == "DEVICE_DELETED" && data.get("device").and_then(Value::as_str) == Some(id)
+            // `id` is a device id or, for a device without one, its QOM path.
+            name == "DEVICE_DELETED"
+                && (data.get("device").and_then(Value::as_str) == Some(id)
+                    || data.get("path").and_then(Value::as_str) == Some(id))
         });
         let mut status = self.status_tx.subscribe();
         let outcome = tokio::time::timeout(DEVICE_DEL_WAIT, async {

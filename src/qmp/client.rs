@@ -339,7 +339,10 @@ fn write_now(mut half: Pin<&mut (dyn AsyncWrite + Send)>, bytes: &[u8]) -> (usiz
     }
     // A unix socket has nothing to flush; a stream that buffers is flushed by the
     // writer task when it cannot be at once.
-    (written, matches!(half.poll_flush(&mut cx), Poll::Ready(Ok(()))))
+    (
+        written,
+        matches!(half.poll_flush(&mut cx), Poll::Ready(Ok(()))),
+    )
 }
 
 impl fmt::Debug for QmpClient {

@@ -117,9 +117,7 @@ impl Call<'_> {
 /// unknown when it was named and is not served at this path.
 fn unknown(interface: &str, prop: &str, served: bool) -> fdo::Error {
     if !served && !interface.is_empty() {
-        return fdo::Error::UnknownInterface(format!(
-            "no interface '{interface}' on this object"
-        ));
+        return fdo::Error::UnknownInterface(format!("no interface '{interface}' on this object"));
     }
     fdo::Error::UnknownProperty(format!(
         "no property '{prop}' on this object{}",

@@ -204,10 +204,8 @@ async fn messages_larger_than_the_pipe_arrive_whole_and_in_order() {
     let (ours, theirs) = tokio::io::duplex(64);
     let mut fake = FakeQemu::new(theirs);
     let (events, _events) = mpsc::unbounded_channel();
-    let (connected, ()) = within(async {
-        tokio::join!(QmpClient::connect(ours, events), fake.handshake())
-    })
-    .await;
+    let (connected, ()) =
+        within(async { tokio::join!(QmpClient::connect(ours, events), fake.handshake()) }).await;
     let (client, _) = connected.unwrap();
     let big = "x".repeat(1000);
     let abandoned = tokio::time::timeout(
@@ -223,12 +221,19 @@ async fn messages_larger_than_the_pipe_arrive_whole_and_in_order() {
     let script = async {
         let first = fake.request().await;
         assert_eq!(first["execute"], "abandoned");
-        assert_eq!(first["arguments"]["data"].as_str().map(str::len), Some(1000));
+        assert_eq!(
+            first["arguments"]["data"].as_str().map(str::len),
+            Some(1000)
+        );
         for i in 0..20 {
             let request = fake.request().await;
             assert_eq!(request["arguments"]["n"], i, "call order kept");
-            assert_eq!(request["arguments"]["data"].as_str().map(str::len), Some(1000));
-            fake.reply(&request, request["arguments"]["n"].clone()).await;
+            assert_eq!(
+                request["arguments"]["data"].as_str().map(str::len),
+                Some(1000)
+            );
+            fake.reply(&request, request["arguments"]["n"].clone())
+                .await;
         }
     };
     let (results, ()) = within(async { tokio::join!(calls, script) }).await;

@@ -1,8 +1,12 @@
 //! The async QMP client: handshake, id-matched commands, in-order event forwarding.
 //!
-//! After the handshake two tasks own the stream: a reader that routes replies to their
-//! waiting `execute` calls and forwards events, and a writer that sends each queued
-//! message whole (so a cancelled `execute` can never leave half a message on the wire).
+//! After the handshake a reader task routes replies to their waiting `execute` calls
+//! and forwards events. A command is written by its caller when the socket takes it
+//! whole at once, without waiting (the usual case: one small message, an empty send
+//! buffer); otherwise it goes to a writer task, which sends each queued message whole,
+//! and every later message queues behind it. No write awaits in the caller, so a
+//! cancelled `execute` can never leave half a message on the wire, and the common
+//! path costs no task hop (see `docs/benchmarks.md`, Profiling).
 //! The connection ends at EOF, on an I/O or framing error, or when the last
 //! [`QmpClient`] handle is dropped; then every pending command fails with
 //! [`QmpError::Disconnected`] and the event channel closes.
@@ -15,8 +19,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -57,9 +63,22 @@ struct Outgoing {
     fd: Option<OwnedFd>,
 }
 
+/// The stream's write half, written by callers (whole messages, never waiting) and
+/// by the writer task (queued messages).
+type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+
+struct Writer {
+    /// `None` once the connection has ended.
+    half: Option<WriteHalf>,
+    /// Messages queued for the writer task and not yet written whole: while there
+    /// are any, a new message queues behind them, so the wire keeps the call order.
+    queued: usize,
+}
+
 /// Shared by the handles and both I/O tasks.
 struct Shared {
     pending: Mutex<Pending>,
+    writer: Mutex<Writer>,
     /// `true` once the connection has ended; never goes back.
     closed: watch::Sender<bool>,
     /// Messages QEMU sends that answer nothing (e.g. one error per leftover token after
@@ -158,6 +177,10 @@ impl QmpClient {
                 open: true,
                 waiters: HashMap::new(),
             }),
+            writer: Mutex::new(Writer {
+                half: Some(Box::pin(writer)),
+                queued: 0,
+            }),
             closed,
             stray: LogLimiter::new(),
         });
@@ -165,7 +188,7 @@ impl QmpClient {
         let passes_fds = fd_socket.is_some();
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(reader, line, max_line, events, shared.clone()));
-        tokio::spawn(write_loop(writer, fd_socket, outgoing_rx, shared.clone()));
+        tokio::spawn(write_loop(fd_socket, outgoing_rx, shared.clone()));
         let client = QmpClient {
             inner: Arc::new(Inner {
                 shared,
@@ -234,12 +257,7 @@ impl QmpClient {
         let _forget_on_drop = PendingGuard { shared, id };
         tracing::debug!(command, id, "QMP command");
         self.inner
-            .outgoing
-            .send(Outgoing {
-                bytes: wire::encode(&Value::Object(request)),
-                fd,
-            })
-            .map_err(|_| QmpError::Disconnected)?;
+            .submit(wire::encode(&Value::Object(request)), fd)?;
         reply.await.unwrap_or(Err(QmpError::Disconnected))
     }
 
@@ -274,6 +292,59 @@ impl QmpClient {
     }
 }
 
+impl Inner {
+    /// Puts one whole message on the wire in call order: written here and now when
+    /// nothing is queued and the socket takes all of it without waiting, else (the
+    /// rest of it) queued for the writer task. Never awaits, so it cannot be
+    /// cancelled half-way.
+    fn submit(&self, bytes: Vec<u8>, fd: Option<OwnedFd>) -> Result<(), QmpError> {
+        let mut writer = self.shared.lock_writer();
+        let mut written = 0;
+        if fd.is_none()
+            && writer.queued == 0
+            && let Some(half) = writer.half.as_mut()
+        {
+            let flushed;
+            (written, flushed) = write_now(half.as_mut(), &bytes);
+            if written == bytes.len() && flushed {
+                return Ok(());
+            }
+        }
+        // The rest, or nothing but the flush that did not complete at once.
+        let bytes = if written == 0 {
+            bytes
+        } else {
+            bytes[written..].to_vec()
+        };
+        // Queued under the writer lock, so no caller writes between this and it.
+        self.outgoing
+            .send(Outgoing { bytes, fd })
+            .map_err(|_| QmpError::Disconnected)?;
+        writer.queued += 1;
+        Ok(())
+    }
+}
+
+/// Writes as much of `bytes` as the stream takes without waiting: (how much, whether
+/// it was all flushed too). An error writes nothing more here: the writer task meets
+/// it again and closes the connection.
+fn write_now(mut half: Pin<&mut (dyn AsyncWrite + Send)>, bytes: &[u8]) -> (usize, bool) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut written = 0;
+    while written < bytes.len() {
+        match half.as_mut().poll_write(&mut cx, &bytes[written..]) {
+            Poll::Ready(Ok(n)) if n > 0 => written += n,
+            _ => return (written, false),
+        }
+    }
+    // A unix socket has nothing to flush; a stream that buffers is flushed by the
+    // writer task when it cannot be at once.
+    (
+        written,
+        matches!(half.poll_flush(&mut cx), Poll::Ready(Ok(()))),
+    )
+}
+
 impl fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QmpClient")
@@ -286,6 +357,10 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // No code panics while holding the lock; recover rather than cascade if one did.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn register(&self, id: u64) -> Result<oneshot::Receiver<Result<Value, QmpError>>, QmpError> {
@@ -325,6 +400,8 @@ impl Shared {
             pending.open = false;
             std::mem::take(&mut pending.waiters)
         };
+        // The write half goes now (the reader's half goes with the reader task).
+        drop(self.lock_writer().half.take());
         tracing::debug!(reason, failed = waiters.len(), "QMP connection closed");
         for waiter in waiters.into_values() {
             let _ = waiter.send(Err(QmpError::Disconnected));
@@ -419,8 +496,7 @@ fn route(line: &[u8], events: &mpsc::UnboundedSender<QmpEvent>, shared: &Shared)
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: W,
+async fn write_loop(
     fd_socket: Option<AsyncFd<OwnedFd>>,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
@@ -440,25 +516,51 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let written = tokio::select! {
             biased;
             _ = closed.wait_for(|closed| *closed) => return,
-            written = write_outgoing(&mut writer, fd_socket.as_ref(), message) => written,
+            written = write_outgoing(&shared, fd_socket.as_ref(), message) => written,
         };
         if let Err(err) = written {
             tracing::warn!(%err, "QMP write failed");
             shared.close(&err.to_string());
             return;
         }
+        shared.lock_writer().queued -= 1;
     }
+}
+
+/// Writes and flushes a queued message through the shared write half, taking its lock
+/// only while polling (callers see `queued` and wait their turn meanwhile).
+async fn write_queued(shared: &Shared, bytes: &[u8]) -> Result<(), QmpError> {
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        let mut writer = shared.lock_writer();
+        let Some(half) = writer.half.as_mut() else {
+            return Poll::Ready(Err(io::Error::from(io::ErrorKind::BrokenPipe)));
+        };
+        while written < bytes.len() {
+            match half.as_mut().poll_write(cx, &bytes[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        half.as_mut().poll_flush(cx)
+    })
+    .await?;
+    Ok(())
 }
 
 /// Writes one message; one carrying an fd goes out with `sendmsg` on the socket's
 /// duplicate (the writer half buffers nothing, so the order on the wire is kept).
-async fn write_outgoing<W: AsyncWrite + Unpin>(
-    writer: &mut W,
+async fn write_outgoing(
+    shared: &Shared,
     fd_socket: Option<&AsyncFd<OwnedFd>>,
     message: Outgoing,
 ) -> Result<(), QmpError> {
     let (Some(fd), Some(socket)) = (message.fd, fd_socket) else {
-        return write_message(writer, &message.bytes).await;
+        return write_queued(shared, &message.bytes).await;
     };
     let sent = loop {
         let mut ready = socket.writable().await?;
@@ -469,7 +571,7 @@ async fn write_outgoing<W: AsyncWrite + Unpin>(
     };
     // The fd went with the first byte; a short send leaves the rest to the plain path.
     if sent < message.bytes.len() {
-        write_message(writer, &message.bytes[sent..]).await?;
+        write_queued(shared, &message.bytes[sent..]).await?;
     }
     Ok(())
 }

@@ -109,20 +109,24 @@ impl Call<'_> {
                 return Ok((name.to_string(), access.to_string()));
             }
         }
-        if !served && !interface.is_empty() {
-            return Err(fdo::Error::UnknownInterface(format!(
-                "no interface '{interface}' on this object"
-            )));
-        }
-        Err(fdo::Error::UnknownProperty(format!(
-            "no property '{prop}' on this object{}",
-            if interface.is_empty() {
-                String::new()
-            } else {
-                format!(" in '{interface}'")
-            }
-        )))
+        Err(unknown(interface, prop, served))
     }
+}
+
+/// The error for a property no interface here answered: the interface itself is
+/// unknown when it was named and is not served at this path.
+fn unknown(interface: &str, prop: &str, served: bool) -> fdo::Error {
+    if !served && !interface.is_empty() {
+        return fdo::Error::UnknownInterface(format!("no interface '{interface}' on this object"));
+    }
+    fdo::Error::UnknownProperty(format!(
+        "no property '{prop}' on this object{}",
+        if interface.is_empty() {
+            String::new()
+        } else {
+            format!(" in '{interface}'")
+        }
+    ))
 }
 
 #[interface(name = "org.freedesktop.DBus.Properties", introspection_docs = false)]
@@ -144,14 +148,23 @@ impl PropertiesIface {
             emitter: &emitter,
             path: hdr.path().map(|p| p.to_string()).unwrap_or_default(),
         };
-        let (name, _) = call.declaring(interface_name, property_name).await?;
-        match call.ask(&name, Asked::Get(property_name)).await {
-            Some(Answer::Value(Some(value))) => value,
-            _ => Err(fdo::Error::UnknownProperty(format!(
-                "no property '{property_name}' on this object"
-            ))
-            .into()),
+        // Ask the getters directly, in `INTERFACES` order (the order `declaring` looks
+        // in): a getter answers `None` for a property its interface lacks, so no
+        // interface is introspected on this hot path.
+        let candidates: &[&str] = if interface_name.is_empty() {
+            INTERFACES
+        } else {
+            &[interface_name]
+        };
+        let mut served = false;
+        for name in candidates {
+            match call.ask(name, Asked::Get(property_name)).await {
+                Some(Answer::Value(Some(value))) => return value,
+                Some(_) => served = true,
+                None => {}
+            }
         }
+        Err(unknown(interface_name, property_name, served).into())
     }
 
     /// Every property of an interface; an empty `interface_name` means all of them.

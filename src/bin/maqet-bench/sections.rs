@@ -190,7 +190,7 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         }
     }
     drop(bare);
-    let cpu = cpu_per_call(&s, &path, b.opts.calls).await?;
+    let cpu = cpu_per_call(&s, &path, b.opts.calls, exec.as_ref().ok()).await?;
     act_until(&mut watch, "stopped", vm.stop(true, 0)).await?;
 
     let r = &mut b.report;
@@ -241,6 +241,18 @@ pub async fn calls(b: &mut Bench<'_>) -> Res<()> {
         0,
     );
     r.note_last("the gate's audit (row + log line) that every non-read call pays");
+    r.add(
+        "calls",
+        "cpu_qmp_overhead",
+        "maqetd CPU per call: QMP.Execute − Peer.Ping",
+        (|| {
+            let get = |k: &str| cpu.iter().find(|c| c.0 == k).map(|c| c.2);
+            Some(get("cpu_qmp_execute")? - get("cpu_ping")?)
+        })(),
+        Unit::Us,
+        0,
+    );
+    r.note_last("classify, gate, QMP client round trip, JSON in and out");
     Ok(())
 }
 
@@ -250,12 +262,17 @@ async fn cpu_per_call(
     s: &Session,
     path: &str,
     n: usize,
+    exec: Option<&(&'static str, &'static str, bool)>,
 ) -> Res<Vec<(&'static str, &'static str, f64)>> {
     let pid = s.maqetd_pid().await?;
     let mut out = Vec::new();
-    let kinds: [(&str, &str); 4] = [
+    let kinds: [(&str, &str); 5] = [
         ("cpu_ping", "maqetd CPU per call: Peer.Ping"),
         ("cpu_get", "maqetd CPU per call: Get(Status)"),
+        (
+            "cpu_qmp_execute",
+            "maqetd CPU per call: QMP.Execute(query-status)",
+        ),
         (
             "cpu_refused_read",
             "maqetd CPU per call: refused read (FindVM)",
@@ -266,6 +283,11 @@ async fn cpu_per_call(
         ),
     ];
     for (key, label) in kinds {
+        // QMP.Execute's arguments, when this build has the interface.
+        let exec = match (key, exec) {
+            ("cpu_qmp_execute", None) => continue,
+            (_, exec) => exec,
+        };
         let before = cpu_ns(pid)?;
         for _ in 0..n {
             let _ = match key {
@@ -273,6 +295,10 @@ async fn cpu_per_call(
                 "cpu_get" => {
                     s.timed_call(path, PROPERTIES, "Get", &(VM_INTERFACE, "Status"))
                         .await
+                }
+                "cpu_qmp_execute" => {
+                    let body = exec.ok_or("no QMP.Execute")?;
+                    s.timed_call(path, QMP_INTERFACE, "Execute", body).await
                 }
                 "cpu_refused_read" => {
                     s.timed_call(MANAGER_PATH, MANAGER_INTERFACE, "FindVM", &("no-such-vm",))

@@ -196,6 +196,52 @@ async fn concurrent_commands_get_their_own_out_of_order_replies() {
     assert_eq!(client.pending_len(), 0);
 }
 
+/// A pipe too small for one message: callers write what fits, the writer task the rest,
+/// and later commands queue behind it. Every request must still arrive whole and in
+/// call order, and an abandoned call must not cut its message short.
+#[tokio::test]
+async fn messages_larger_than_the_pipe_arrive_whole_and_in_order() {
+    let (ours, theirs) = tokio::io::duplex(64);
+    let mut fake = FakeQemu::new(theirs);
+    let (events, _events) = mpsc::unbounded_channel();
+    let (connected, ()) =
+        within(async { tokio::join!(QmpClient::connect(ours, events), fake.handshake()) }).await;
+    let (client, _) = connected.unwrap();
+    let big = "x".repeat(1000);
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(1),
+        client.execute("abandoned", Some(json!({ "data": big }))),
+    );
+    assert!(abandoned.await.is_err(), "nothing answers yet");
+    let calls = futures_util::future::join_all((0..20).map(|i| {
+        let arguments = json!({ "n": i, "data": big });
+        let client = client.clone();
+        async move { client.execute("echo", Some(arguments)).await }
+    }));
+    let script = async {
+        let first = fake.request().await;
+        assert_eq!(first["execute"], "abandoned");
+        assert_eq!(
+            first["arguments"]["data"].as_str().map(str::len),
+            Some(1000)
+        );
+        for i in 0..20 {
+            let request = fake.request().await;
+            assert_eq!(request["arguments"]["n"], i, "call order kept");
+            assert_eq!(
+                request["arguments"]["data"].as_str().map(str::len),
+                Some(1000)
+            );
+            fake.reply(&request, request["arguments"]["n"].clone())
+                .await;
+        }
+    };
+    let (results, ()) = within(async { tokio::join!(calls, script) }).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap(), json!(i));
+    }
+}
+
 #[tokio::test]
 async fn events_interleaved_with_replies_arrive_in_order() {
     let (client, mut events, mut fake) = connected().await;

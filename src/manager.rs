@@ -29,8 +29,9 @@ pub use export::EXPORT_CONFIG;
 #[derive(Default)]
 struct Registry {
     by_id: HashMap<String, Arc<Vm>>,
-    /// name → id, kept in name order: listing (ListVMs, start-up) sorts nothing.
-    by_name: BTreeMap<String, String>,
+    /// name → VM, kept in name order: listing (ListVMs, start-up) sorts nothing and
+    /// looks nothing up.
+    by_name: BTreeMap<String, Arc<Vm>>,
 }
 
 pub struct Manager {
@@ -59,7 +60,7 @@ impl Manager {
         let mut reg = Registry::default();
         for rec in records {
             let vm = Vm::from_record(ctx.clone(), rec)?;
-            reg.by_name.insert(vm.name(), vm.id().to_string());
+            reg.by_name.insert(vm.name(), vm.clone());
             reg.by_id.insert(vm.id().to_string(), vm);
         }
         Ok(Arc::new(Manager {
@@ -131,7 +132,6 @@ impl Manager {
         let found = reg
             .by_name
             .get(name_or_id)
-            .and_then(|id| reg.by_id.get(id))
             .or_else(|| reg.by_id.get(&name_or_id.replace('_', "-")));
         found.cloned().ok_or_else(|| {
             ManagerError::NotFound(format!(
@@ -147,10 +147,7 @@ impl Manager {
     /// Every VM, sorted by name.
     pub fn list(&self) -> Vec<Arc<Vm>> {
         let reg = self.registry();
-        reg.by_name
-            .values()
-            .filter_map(|id| reg.by_id.get(id).cloned())
-            .collect()
+        reg.by_name.values().cloned().collect()
     }
 
     /// How many VMs have a QEMU process (or one being made).
@@ -272,7 +269,7 @@ impl Manager {
         let vm = Vm::from_record(self.ctx.clone(), rec)?;
         {
             let mut reg = self.registry_mut();
-            reg.by_name.insert(name, id.clone());
+            reg.by_name.insert(name, vm.clone());
             reg.by_id.insert(id, vm.clone());
         }
         tracing::info!(vm = %vm.name(), id = %vm.id(), "VM added");
@@ -307,7 +304,7 @@ impl Manager {
             |old, new| {
                 let mut reg = self.registry_mut();
                 reg.by_name.remove(old);
-                reg.by_name.insert(new.to_string(), vm.id().to_string());
+                reg.by_name.insert(new.to_string(), vm.clone());
             },
         )
         .await

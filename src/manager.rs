@@ -37,6 +37,9 @@ struct Registry {
 pub struct Manager {
     ctx: Arc<Ctx>,
     registry: RwLock<Registry>,
+    /// [`Manager::list_shared`]'s answer until the registry next changes: `ListVMs` and
+    /// `GetManagedObjects` then copy no list of 10,000 `Arc`s per call.
+    listed: parking_lot::Mutex<Option<Arc<[Arc<Vm>]>>>,
     jobs: JobRegistry,
 }
 
@@ -66,6 +69,7 @@ impl Manager {
         Ok(Arc::new(Manager {
             ctx,
             registry: RwLock::new(reg),
+            listed: Default::default(),
             jobs: JobRegistry::default(),
         }))
     }
@@ -77,8 +81,12 @@ impl Manager {
         self.registry.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every change takes this, and forgets the shared list: a list made under the read
+    /// lock is stored before any writer gets in, so it is never stale.
     fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
-        self.registry.write().unwrap_or_else(|p| p.into_inner())
+        let reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
+        *self.listed.lock() = None;
+        reg
     }
 
     pub fn ctx(&self) -> &Arc<Ctx> {
@@ -148,6 +156,15 @@ impl Manager {
     pub fn list(&self) -> Vec<Arc<Vm>> {
         let reg = self.registry();
         reg.by_name.values().cloned().collect()
+    }
+
+    /// Every VM, sorted by name, shared until the registry next changes.
+    pub fn list_shared(&self) -> Arc<[Arc<Vm>]> {
+        let reg = self.registry();
+        let mut listed = self.listed.lock();
+        listed
+            .get_or_insert_with(|| reg.by_name.values().cloned().collect())
+            .clone()
     }
 
     /// How many VMs have a QEMU process (or one being made).

@@ -41,7 +41,12 @@ pub fn vm_path(id: &str) -> OwnedObjectPath {
 pub fn write_vm_path(out: &mut String, id: &str) {
     out.clear();
     out.push_str(VM_PATH_PREFIX);
-    out.extend(id.chars().map(|c| if c == '-' { '_' } else { c }));
+    for (i, part) in id.split('-').enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        out.push_str(part);
+    }
 }
 
 /// `/org/maqet/Maqet1/job/<n>`.

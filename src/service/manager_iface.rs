@@ -286,7 +286,7 @@ impl ManagerIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<VmList, MaqetError> {
         let req = Request::new(Action::Observe, "ListVMs");
-        let work = async { Ok(VmList(self.shared.manager.list())) };
+        let work = async { Ok(VmList(self.shared.manager.list_shared())) };
         self.shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)

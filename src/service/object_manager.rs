@@ -58,7 +58,7 @@ impl ObjectManagerIface {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<ManagedObjects, crate::error::MaqetError> {
         let req = Request::new(Action::Observe, "GetManagedObjects");
-        let work = async { Ok(ManagedObjects(self.shared.manager.list())) };
+        let work = async { Ok(ManagedObjects(self.shared.manager.list_shared())) };
         self.shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)

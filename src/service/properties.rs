@@ -5,10 +5,10 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use zbus::Variant;
 use zbus::fdo::Properties;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
-use zbus::Variant;
 
 use crate::outbound::{Outbound, escape};
 use crate::vm::VmInfo;

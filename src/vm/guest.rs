@@ -103,6 +103,7 @@ impl GuestView {
 }
 
 /// Per-VM guest state, kept on the `Vm`.
+#[derive(Default)]
 pub(super) struct GuestLink {
     view: RwLock<GuestView>,
     /// The current agent connection, once synchronised.
@@ -111,17 +112,6 @@ pub(super) struct GuestLink {
     wake: Notify,
     /// `GuestAgent` for `Wait agent=…`, made on the first subscription.
     agent_tx: super::LazyWatch<AgentState>,
-}
-
-impl Default for GuestLink {
-    fn default() -> GuestLink {
-        GuestLink {
-            view: RwLock::default(),
-            client: Mutex::default(),
-            wake: Notify::default(),
-            agent_tx: super::LazyWatch::default(),
-        }
-    }
 }
 
 /// The guest properties, by the interface that carries them.

@@ -30,13 +30,17 @@ pub use export::OPERATION as EXPORT_OPERATION;
 #[derive(Default)]
 struct Registry {
     by_id: HashMap<String, Arc<Vm>>,
-    /// name → id, kept in name order: listing (ListVMs, start-up) sorts nothing.
-    by_name: BTreeMap<String, String>,
+    /// name → VM, kept in name order: listing (ListVMs, start-up) sorts nothing and
+    /// looks nothing up.
+    by_name: BTreeMap<String, Arc<Vm>>,
 }
 
 pub struct Manager {
     ctx: Arc<Ctx>,
     registry: RwLock<Registry>,
+    /// [`Manager::list_shared`]'s answer until the registry next changes: `ListVMs` and
+    /// `GetManagedObjects` then copy no list of 10,000 `Arc`s per call.
+    listed: parking_lot::Mutex<Option<Arc<[Arc<Vm>]>>>,
     jobs: JobRegistry,
 }
 
@@ -60,12 +64,13 @@ impl Manager {
         let mut reg = Registry::default();
         for rec in records {
             let vm = Vm::from_record(ctx.clone(), rec)?;
-            reg.by_name.insert(vm.name(), vm.id().to_string());
+            reg.by_name.insert(vm.name(), vm.clone());
             reg.by_id.insert(vm.id().to_string(), vm);
         }
         Ok(Arc::new(Manager {
             ctx,
             registry: RwLock::new(reg),
+            listed: Default::default(),
             jobs: JobRegistry::default(),
         }))
     }
@@ -77,8 +82,12 @@ impl Manager {
         self.registry.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every change takes this, and forgets the shared list: a list made under the read
+    /// lock is stored before any writer gets in, so it is never stale.
     fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
-        self.registry.write().unwrap_or_else(|p| p.into_inner())
+        let reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
+        *self.listed.lock() = None;
+        reg
     }
 
     pub fn ctx(&self) -> &Arc<Ctx> {
@@ -132,7 +141,6 @@ impl Manager {
         let found = reg
             .by_name
             .get(name_or_id)
-            .and_then(|id| reg.by_id.get(id))
             .or_else(|| reg.by_id.get(&name_or_id.replace('_', "-")));
         found.cloned().ok_or_else(|| {
             ManagerError::NotFound(format!(
@@ -148,10 +156,16 @@ impl Manager {
     /// Every VM, sorted by name.
     pub fn list(&self) -> Vec<Arc<Vm>> {
         let reg = self.registry();
-        reg.by_name
-            .values()
-            .filter_map(|id| reg.by_id.get(id).cloned())
-            .collect()
+        reg.by_name.values().cloned().collect()
+    }
+
+    /// Every VM, sorted by name, shared until the registry next changes.
+    pub fn list_shared(&self) -> Arc<[Arc<Vm>]> {
+        let reg = self.registry();
+        let mut listed = self.listed.lock();
+        listed
+            .get_or_insert_with(|| reg.by_name.values().cloned().collect())
+            .clone()
     }
 
     /// How many VMs have a QEMU process (or one being made).
@@ -273,7 +287,7 @@ impl Manager {
         let vm = Vm::from_record(self.ctx.clone(), rec)?;
         {
             let mut reg = self.registry_mut();
-            reg.by_name.insert(name, id.clone());
+            reg.by_name.insert(name, vm.clone());
             reg.by_id.insert(id, vm.clone());
         }
         tracing::info!(vm = %vm.name(), id = %vm.id(), "VM added");
@@ -308,7 +322,7 @@ impl Manager {
             |old, new| {
                 let mut reg = self.registry_mut();
                 reg.by_name.remove(old);
-                reg.by_name.insert(new.to_string(), vm.id().to_string());
+                reg.by_name.insert(new.to_string(), vm.clone());
             },
         )
         .await

@@ -35,7 +35,9 @@ fn needs_escape(b: u8) -> bool {
 
 /// `s` made safe for a D-Bus string by the module's rule; borrowed when already safe.
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(needs_escape) {
+    // No early exit: the whole-string check compiles to vector code, and text that
+    // needs escaping is rare (ListVMs and GetManagedObjects check every name).
+    if !s.bytes().fold(false, |found, b| found | needs_escape(b)) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);

@@ -30,10 +30,23 @@ pub const JOB_INTERFACE: &str = "org.maqet.Maqet1.Job";
 
 /// `/org/maqet/Maqet1/vm/<uuid with - replaced by _>`.
 pub fn vm_path(id: &str) -> OwnedObjectPath {
-    let path = format!("{VM_PATH_PREFIX}{}", id.replace('-', "_"));
+    let mut path = String::new();
+    write_vm_path(&mut path, id);
     ObjectPath::try_from(path)
         .expect("a UUID makes a valid object path element")
         .into()
+}
+
+/// [`vm_path`] as text, into a buffer the caller reuses (replies that list every VM).
+pub fn write_vm_path(out: &mut String, id: &str) {
+    out.clear();
+    out.push_str(VM_PATH_PREFIX);
+    for (i, part) in id.split('-').enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        out.push_str(part);
+    }
 }
 
 /// `/org/maqet/Maqet1/job/<n>`.

@@ -7,9 +7,10 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
+use super::all_vms::VmList;
 use super::{Shared, job_iface};
 use crate::access::{Action, Request};
-use crate::client::{AuditEntry, VmListEntry, vm_path};
+use crate::client::{AuditEntry, vm_path};
 use crate::config::ConfigSource;
 use crate::error::MaqetError;
 use crate::manager::{Cloned, INLINE_ORIGIN, Manager};
@@ -303,26 +304,9 @@ impl ManagerIface {
         &self,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<Vec<VmListEntry>, MaqetError> {
+    ) -> Result<VmList, MaqetError> {
         let req = Request::new(Action::Observe, "ListVMs");
-        let work = async {
-            Ok(self
-                .shared
-                .manager
-                .list()
-                .iter()
-                .map(|vm| {
-                    vm.with_info(|i| {
-                        (
-                            i.id.clone(),
-                            i.name.clone(),
-                            vm_path(&i.id),
-                            i.status.as_str().to_string(),
-                        )
-                    })
-                })
-                .collect())
-        };
+        let work = async { Ok(VmList(self.shared.manager.list_shared())) };
         self.shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)

@@ -5,6 +5,7 @@
 //! VMs, re-adopt surviving QEMUs, serve the manager and every VM object, serve the
 //! ObjectManager, and request the bus name last.
 
+mod all_vms;
 mod docstrings;
 mod errors;
 mod guest_iface;

@@ -2,21 +2,22 @@
 //!
 //! zbus's generic ObjectManager announces every object when it is registered and reads
 //! each interface through its lock for `GetManagedObjects`; with thousands of VMs that
-//! costs start-up time and a signal per interface. This one builds its answer straight
-//! from the VMs' snapshots and announces each VM once, with all its interfaces.
+//! costs start-up time and a signal per interface. This one writes its answer straight
+//! from the VMs' records ([`super::all_vms`]) and announces each VM once, with all its
+//! interfaces.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use zbus::message::Header;
 
 use crate::error::MaqetError;
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, ObjectPath, OwnedObjectPath, Variant, interface};
+use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
 use super::Shared;
-use super::vm_objects::{self, InterfaceProps};
+use super::all_vms::ManagedObjects;
+use super::vm_objects::VmInterfaces;
 use crate::access::{Action, Request};
 use crate::client::vm_path;
 use crate::vm::Vm;
@@ -31,19 +32,11 @@ impl ObjectManagerIface {
     }
 
     pub async fn announce_added(emitter: &SignalEmitter<'_>, vm: &Vm) -> zbus::Result<()> {
-        let owned = vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view()));
-        let ifaces: HashMap<&str, HashMap<&str, Variant<'_>>> = owned
-            .iter()
-            .map(|(iface, props)| {
-                let props = props
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.as_str(), Variant::try_from(v).ok()?)))
-                    .collect();
-                (iface.as_str(), props)
-            })
-            .collect();
         let path = vm_path(vm.id());
-        Self::interfaces_added(emitter, path.as_ref(), ifaces).await
+        let guest = vm.guest_view();
+        let info = vm.info();
+        let ifaces = VmInterfaces::new(&info, &guest);
+        Self::interfaces_added(emitter, path.as_ref(), &ifaces).await
     }
 
     pub async fn announce_removed(
@@ -63,22 +56,9 @@ impl ObjectManagerIface {
         &self,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<HashMap<OwnedObjectPath, InterfaceProps>, crate::error::MaqetError> {
+    ) -> Result<ManagedObjects, crate::error::MaqetError> {
         let req = Request::new(Action::Observe, "GetManagedObjects");
-        let work = async {
-            Ok(self
-                .shared
-                .manager
-                .list()
-                .iter()
-                .map(|vm| {
-                    (
-                        vm_path(vm.id()),
-                        vm.with_info(|i| vm_objects::interfaces(i, &vm.guest_view())),
-                    )
-                })
-                .collect())
-        };
+        let work = async { Ok(ManagedObjects(self.shared.manager.list_shared())) };
         self.shared
             .gate
             .call::<_, MaqetError, _>(conn, &hdr, req, work)
@@ -89,7 +69,7 @@ impl ObjectManagerIface {
     async fn interfaces_added(
         emitter: &SignalEmitter<'_>,
         object_path: ObjectPath<'_>,
-        interfaces_and_properties: HashMap<&str, HashMap<&str, Variant<'_>>>,
+        interfaces_and_properties: &VmInterfaces<'_>,
     ) -> zbus::Result<()>;
 
     #[zbus(signal)]

@@ -1,16 +1,16 @@
 //! A VM's D-Bus property values, built in one place for `GetAll`-style consumers:
-//! `PropertiesChanged` and `GetManagedObjects`; and the one way any object announces
+//! `PropertiesChanged`, `GetManagedObjects` and `InterfacesAdded`; and the one way any object announces
 //! changed properties.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use zbus::Variant;
 use zbus::fdo::Properties;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
-use zbus::{OwnedVariant, Variant};
 
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, escape};
 use crate::vm::VmInfo;
 
 /// Every property of `org.maqet.Maqet1.VM`.
@@ -41,9 +41,9 @@ pub const STATUS_PROPERTIES: &[&str] = &[
 ];
 
 /// The value of one VM property, by D-Bus name, its text escaped for the bus
-/// ([`crate::outbound`]).
-pub fn vm_property(info: &VmInfo, name: &str) -> Option<Variant<'static>> {
-    let text = |s: &String| Variant::from(s.clone().outbound());
+/// ([`crate::outbound`]) and borrowed from `info` when nothing needed escaping.
+pub fn vm_property<'a>(info: &'a VmInfo, name: &str) -> Option<Variant<'a>> {
+    let text = |s: &'a String| Variant::from(escape(s));
     Some(match name {
         "Id" => text(&info.id),
         "Name" => text(&info.name),
@@ -74,31 +74,6 @@ pub fn guest_property(view: &crate::vm::guest::GuestView, name: &str) -> Option<
         "Forwards" => Variant::from(view.forward_specs()),
         _ => return None,
     })
-}
-
-/// The named guest properties as a map of owned values.
-pub fn guest_properties(
-    view: &crate::vm::guest::GuestView,
-    names: &[&str],
-) -> HashMap<String, OwnedVariant> {
-    names
-        .iter()
-        .filter_map(|n| {
-            let v = guest_property(view, n)?;
-            Some((n.to_string(), OwnedVariant::try_from(v).ok()?))
-        })
-        .collect()
-}
-
-/// The named properties as a map of owned values.
-pub fn vm_properties(info: &VmInfo, names: &[&str]) -> HashMap<String, OwnedVariant> {
-    names
-        .iter()
-        .filter_map(|n| {
-            let v = vm_property(info, n)?;
-            Some((n.to_string(), OwnedVariant::try_from(v).ok()?))
-        })
-        .collect()
 }
 
 /// `PropertiesChanged` for `interface` on the emitter's object (nothing invalidated).

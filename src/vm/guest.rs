@@ -103,25 +103,15 @@ impl GuestView {
 }
 
 /// Per-VM guest state, kept on the `Vm`.
+#[derive(Default)]
 pub(super) struct GuestLink {
     view: RwLock<GuestView>,
     /// The current agent connection, once synchronised.
     client: Mutex<Option<Arc<AgentClient>>>,
     /// The guest opened the agent's port, or someone asked for a refresh.
     wake: Notify,
-    /// `GuestAgent` for `Wait agent=…`.
-    agent_tx: tokio::sync::watch::Sender<AgentState>,
-}
-
-impl Default for GuestLink {
-    fn default() -> GuestLink {
-        GuestLink {
-            view: RwLock::default(),
-            client: Mutex::default(),
-            wake: Notify::default(),
-            agent_tx: tokio::sync::watch::Sender::new(AgentState::Absent),
-        }
-    }
+    /// `GuestAgent` for `Wait agent=…`, made on the first subscription.
+    agent_tx: super::LazyWatch<AgentState>,
 }
 
 /// The guest properties, by the interface that carries them.
@@ -133,8 +123,14 @@ impl Vm {
         self.guest.view.read().clone()
     }
 
+    /// Reads the guest view without cloning it (never across an await).
+    pub fn with_guest_view<R>(&self, f: impl FnOnce(&GuestView) -> R) -> R {
+        f(&self.guest.view.read())
+    }
+
     pub(super) fn subscribe_agent(&self) -> tokio::sync::watch::Receiver<AgentState> {
-        self.guest.agent_tx.subscribe()
+        let view = self.guest.view.read();
+        self.guest.agent_tx.subscribe(|| view.agent)
     }
 
     /// Changes the guest view and announces the properties that changed.
@@ -148,7 +144,7 @@ impl Vm {
         let mut changed = Vec::new();
         if before.agent != after.agent {
             changed.push("GuestAgent");
-            self.guest.agent_tx.send_replace(after.agent);
+            self.guest.agent_tx.send(after.agent);
         }
         if before.info != after.info {
             changed.push("GuestInfo");

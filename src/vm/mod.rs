@@ -19,6 +19,7 @@ pub mod error;
 mod forward;
 pub mod guest;
 pub mod launch;
+mod lazy_watch;
 mod monitor;
 pub mod process;
 mod start;
@@ -29,6 +30,7 @@ mod tpm;
 mod wait;
 pub mod window;
 
+use lazy_watch::LazyWatch;
 use start::qmp_run_state;
 pub use wait::WaitCondition;
 use wait::next_qmp_event;
@@ -301,7 +303,8 @@ pub struct Vm {
     id: String,
     ctx: Arc<Ctx>,
     info: RwLock<VmInfo>,
-    status_tx: watch::Sender<Status>,
+    /// The status for `Wait`ers, made on the first subscription ([`LazyWatch`]).
+    status_tx: LazyWatch<Status>,
     op_lock: tokio::sync::Mutex<()>,
     /// Orders transitions (commit, memory, announcement) without a std lock.
     transitions: tokio::sync::Mutex<()>,
@@ -425,11 +428,10 @@ impl Vm {
     /// Builds the in-memory VM from its database row (no process attached yet).
     pub fn from_record(ctx: Arc<Ctx>, rec: VmRecord) -> Result<Arc<Vm>, VmError> {
         let info = VmInfo::from_record(rec)?;
-        let (status_tx, _) = watch::channel(info.status);
         Ok(Arc::new(Vm {
             id: info.id.clone(),
             ctx,
-            status_tx,
+            status_tx: LazyWatch::default(),
             info: RwLock::new(info),
             op_lock: tokio::sync::Mutex::new(()),
             transitions: tokio::sync::Mutex::new(()),
@@ -463,6 +465,12 @@ impl Vm {
 
     pub fn status(&self) -> Status {
         self.info.read().status
+    }
+
+    /// The status as it changes, from now on.
+    fn subscribe_status(&self) -> watch::Receiver<Status> {
+        let info = self.info.read();
+        self.status_tx.subscribe(|| info.status)
     }
 
     pub fn info(&self) -> VmInfo {
@@ -690,7 +698,7 @@ impl Vm {
                 info,
             });
         }
-        self.status_tx.send_replace(status);
+        self.status_tx.send(status);
         Ok(())
     }
 

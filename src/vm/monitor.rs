@@ -245,7 +245,7 @@ impl Vm {
                 && (data.get("device").and_then(Value::as_str) == Some(id)
                     || data.get("path").and_then(Value::as_str) == Some(id))
         });
-        let mut status = self.status_tx.subscribe();
+        let mut status = self.subscribe_status();
         let outcome = tokio::time::timeout(DEVICE_DEL_WAIT, async {
             tokio::select! {
                 data = deleted => data.is_some(),

@@ -8,7 +8,7 @@ impl Vm {
         wanted: &[Status],
         limit: Duration,
     ) -> Result<(), VmError> {
-        let mut rx = self.status_tx.subscribe();
+        let mut rx = self.subscribe_status();
         match tokio::time::timeout(limit, rx.wait_for(|s| wanted.contains(s))).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(VmError::Timeout(format!(
@@ -38,7 +38,7 @@ impl Vm {
         };
         match cond {
             WaitCondition::Status(states) => {
-                let mut rx = self.status_tx.subscribe();
+                let mut rx = self.subscribe_status();
                 match tokio::time::timeout(limit, rx.wait_for(|s| states.contains(s))).await {
                     Ok(Ok(s)) => Ok(s.as_str().to_string()),
                     _ => Err(timeout()),

@@ -72,20 +72,7 @@ impl Manager {
             CloneMode::Full => format!("a full clone to '{new_name}'"),
         };
         // Busy throughout: the source cannot start while its disks are read.
-        let (guard, _) = source
-            .begin_exclusive(what, |status| {
-                if matches!(
-                    status,
-                    Status::Created | Status::Stopped | Status::Crashed | Status::Failed
-                ) {
-                    Ok(false)
-                } else {
-                    Err(VmError::InvalidState(format!(
-                        "VM '{src}' is {status}: a clone needs disks nobody is writing; stop it first (maqet stop {src})"
-                    )))
-                }
-            })
-            .await?;
+        let guard = hold_stopped(source, what, "a clone").await?;
         let plan = self.plan_clone(source, new_name, mode)?;
         match mode {
             CloneMode::Linked => {
@@ -408,4 +395,29 @@ fn set(entry: &mut serde_yaml::Mapping, key: &str, value: String) {
 
 fn remove(entry: &mut serde_yaml::Mapping, key: &str) {
     entry.remove(key);
+}
+
+/// Marks a stopped VM busy with `what` (shown to a caller who tries to start it) while
+/// its disks are read for `purpose`; refuses a VM whose disks someone may be writing.
+pub(super) async fn hold_stopped(
+    vm: &Arc<Vm>,
+    what: String,
+    purpose: &str,
+) -> Result<BusyGuard, VmError> {
+    let name = vm.name();
+    let (guard, _) = vm
+        .begin_exclusive(what, |status| {
+            if matches!(
+                status,
+                Status::Created | Status::Stopped | Status::Crashed | Status::Failed
+            ) {
+                Ok(false)
+            } else {
+                Err(VmError::InvalidState(format!(
+                    "VM '{name}' is {status}: {purpose} needs disks nobody is writing; stop it first (maqet stop {name})"
+                )))
+            }
+        })
+        .await?;
+    Ok(guard)
 }

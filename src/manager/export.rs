@@ -19,11 +19,11 @@ use serde_yaml::Value;
 
 use super::Manager;
 use super::ManagerError;
-use super::clone::{job_progress, run_error};
+use super::clone::{hold_stopped, job_progress, run_error};
 use crate::error_kind::ErrorKind;
 use crate::jobs::{Job, JobState};
 use crate::storage::QemuImg;
-use crate::vm::{BusyGuard, Status, VmError};
+use crate::vm::{BusyGuard, VmError};
 
 /// The config's name inside an export.
 pub const EXPORT_CONFIG: &str = "config.yaml";
@@ -65,20 +65,7 @@ impl Manager {
     ) -> Result<(Vec<String>, Arc<Job>), ManagerError> {
         let name = vm.name();
         // Busy until the job ends: the VM cannot start while its disks are read.
-        let (guard, _) = vm
-            .begin_exclusive(format!("an export of '{name}'"), |status| {
-                if matches!(
-                    status,
-                    Status::Created | Status::Stopped | Status::Crashed | Status::Failed
-                ) {
-                    Ok(false)
-                } else {
-                    Err(VmError::InvalidState(format!(
-                        "VM '{name}' is {status}: an export needs disks nobody is writing; stop it first (maqet stop {name})"
-                    )))
-                }
-            })
-            .await?;
+        let guard = hold_stopped(vm, format!("an export of '{name}'"), "an export").await?;
         let st = rustix::fs::fstat(&dir)
             .map_err(|e| ManagerError::InvalidArgument(format!("export directory: {e}")))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {

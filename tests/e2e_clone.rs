@@ -35,15 +35,8 @@ async fn booting_vm(bus: &Bus, conn: &Connection, name: &str) -> VmProxy<'static
         .import(zbus::Fd::from(&f), "guest", HashMap::new())
         .await
         .unwrap();
-    let job: JobProxy = proxy_at(conn, job).await.unwrap();
-    let mut states = job.receive_state_changed().await;
-    while job.state().await.unwrap() == "running" {
-        use futures_util::StreamExt;
-        tokio::time::timeout(common::TIMEOUT, states.next())
-            .await
-            .expect("the import ends");
-    }
-    assert_eq!(job.state().await.unwrap(), "completed");
+    let (state, message) = common::job_end(conn, job).await;
+    assert_eq!(state, "completed", "{message}");
     let yaml = format!(
         "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 64\narguments:\n  - nodefaults\n  - machine: pc\n  - accel: {}\nstorage:\n  - {{name: root, from: guest, interface: ide}}\n",
         common::accel()

@@ -10,7 +10,9 @@ use std::process::Command;
 
 use common::{Bus, StatusWatch, TIMEOUT, error_name, stderr, stdout, tiny_vm_yaml};
 use futures_util::StreamExt;
-use maqet::client::{JobProxy, SnapshotsProxy, StorageProxy, VmProxy, proxy_at, qmp_proxy};
+use maqet::client::{
+    EventStream, JobProxy, QmpProxy, SnapshotsProxy, StorageProxy, VmProxy, proxy_at, qmp_proxy,
+};
 use zbus::zvariant::Variant;
 use zbus::{Connection, OwnedObjectPath};
 
@@ -478,24 +480,7 @@ async fn next_qmp_event(events: &mut maqet::client::EventStream, name: &str) {
 /// and requires the cancel to be accepted, so it cannot pass without hitting a save.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_live_job_ends_consistently() {
-    let bus = Bus::start();
-    let conn = bus.conn().await;
-    let boot = common::guest::write_fill_image(bus.root(), 448);
-    let disk = bus.root().join("lc.qcow2");
-    let (boot, disk_s) = (boot.to_str().unwrap(), disk.to_str().unwrap());
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", boot, disk_s]);
-    qemu_img(&["resize", "-q", disk_s, "64M"]);
-    // TCG: under a nested, software KVM every first touch of a page is a slow exit.
-    let yaml = format!(
-        "name: lc\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 512\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
-        qcow2_entry("root", &disk, "64M")
-    );
-    let vm = bus.add(&conn, "", &yaml).await;
-    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
-        .await
-        .unwrap();
-    let mut events = qmp.receive_event().await.unwrap();
-    vm.start().await.unwrap();
+    let (bus, conn, vm, qmp, mut events, disk) = filling_guest("lc", 448, 512).await;
     // The guest announces that its RAM is dirty.
     next_qmp_event(&mut events, "RTC_CHANGE").await;
 
@@ -582,23 +567,7 @@ async fn job_progress(
 /// grow): its progress must move too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_save_progress_moves_while_the_vm_state_is_written() {
-    let bus = Bus::start();
-    let conn = bus.conn().await;
-    let boot = common::guest::write_fill_image(bus.root(), 960);
-    let disk = bus.root().join("prog.qcow2");
-    let (boot, disk_s) = (boot.to_str().unwrap(), disk.to_str().unwrap());
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", boot, disk_s]);
-    qemu_img(&["resize", "-q", disk_s, "64M"]);
-    let yaml = format!(
-        "name: prog\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: 1024\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
-        qcow2_entry("root", &disk, "64M")
-    );
-    let vm = bus.add(&conn, "", &yaml).await;
-    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
-        .await
-        .unwrap();
-    let mut events = qmp.receive_event().await.unwrap();
-    vm.start().await.unwrap();
+    let (_bus, conn, vm, _qmp, mut events, disk) = filling_guest("prog", 960, 1024).await;
     next_qmp_event(&mut events, "RTC_CHANGE").await;
     let snaps = snapshots(&conn, &vm).await;
 
@@ -667,4 +636,39 @@ async fn raw_disks_and_diskless_vms_cannot_have_snapshots() {
         assert!(err.to_string().contains(why), "{err}");
     }
     assert!(snapshot_names_on(&qcow).is_empty());
+}
+
+/// A running TCG VM (`memory` MiB) whose guest dirties `mib` MiB of RAM and then sends
+/// `RTC_CHANGE`, with a stream of its QMP events opened before the start. TCG: under a
+/// nested, software KVM every first touch of a page is a slow exit.
+async fn filling_guest(
+    name: &str,
+    mib: u32,
+    memory: u32,
+) -> (
+    Bus,
+    Connection,
+    VmProxy<'static>,
+    QmpProxy<'static>,
+    EventStream,
+    PathBuf,
+) {
+    let bus = Bus::start();
+    let conn = bus.conn().await;
+    let boot = common::guest::write_fill_image(bus.root(), mib);
+    let disk = bus.root().join(format!("{name}.qcow2"));
+    let (boot, disk_s) = (boot.to_str().unwrap(), disk.to_str().unwrap());
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", boot, disk_s]);
+    qemu_img(&["resize", "-q", disk_s, "64M"]);
+    let yaml = format!(
+        "name: {name}\nbinary: qemu-system-x86_64\ndisplay: none\nmemory: {memory}\narguments:\n  - nodefaults\n  - accel: tcg\nstorage:\n  - {}\n",
+        qcow2_entry("root", &disk, "64M")
+    );
+    let vm = bus.add(&conn, "", &yaml).await;
+    let qmp = qmp_proxy(&conn, vm.inner().path().to_owned().into())
+        .await
+        .unwrap();
+    let events = qmp.receive_event().await.unwrap();
+    vm.start().await.unwrap();
+    (bus, conn, vm, qmp, events, disk)
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
 
+use super::options::{check_keys, str_option};
 use super::{Shared, job_iface};
 use crate::access::{Action, Request};
 use crate::client::ImageRow;
@@ -26,28 +27,8 @@ impl ImagesIface {
 }
 
 fn format_option(options: &HashMap<String, OwnedVariant>) -> Result<Option<String>, MaqetError> {
-    if let Some(key) = options
-        .keys()
-        .find(|k| !IMPORT_OPTIONS.contains(&k.as_str()))
-    {
-        return Err(MaqetError::InvalidArgument(format!(
-            "unknown import option '{key}'; known options: {}",
-            IMPORT_OPTIONS.join(", ")
-        )));
-    }
-    match options.get("format") {
-        None => Ok(None),
-        Some(v) => v
-            .try_clone()
-            .ok()
-            .and_then(|v| String::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| {
-                MaqetError::InvalidArgument(
-                    "option 'format' must be a string (D-Bus type s)".into(),
-                )
-            }),
-    }
+    check_keys(options, IMPORT_OPTIONS, "import")?;
+    str_option(options, "format")
 }
 
 #[interface(name = "org.maqet.Maqet1.Images")]

@@ -8,6 +8,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, interface};
 
 use super::all_vms::VmList;
+use super::options::{bool_option, check_keys};
 use super::{Shared, job_iface};
 use crate::access::{Action, Request};
 use crate::client::{AuditEntry, vm_path};
@@ -54,22 +55,8 @@ impl ManagerIface {
 fn clone_mode(
     options: &std::collections::HashMap<String, zbus::OwnedVariant>,
 ) -> Result<crate::manager::CloneMode, MaqetError> {
-    if let Some(key) = options.keys().find(|k| k.as_str() != "full") {
-        return Err(MaqetError::InvalidArgument(format!(
-            "unknown clone option '{key}'; known options: full"
-        )));
-    }
-    let full = match options.get("full") {
-        None => false,
-        Some(v) => v
-            .try_clone()
-            .ok()
-            .and_then(|v| bool::try_from(v).ok())
-            .ok_or_else(|| {
-                MaqetError::InvalidArgument("option 'full' must be a boolean (D-Bus type b)".into())
-            })?,
-    };
-    Ok(if full {
+    check_keys(options, &["full"], "clone")?;
+    Ok(if bool_option(options, "full")? {
         crate::manager::CloneMode::Full
     } else {
         crate::manager::CloneMode::Linked

@@ -17,6 +17,7 @@ mod job_iface;
 mod krunner;
 mod manager_iface;
 mod object_manager;
+mod options;
 mod properties;
 mod properties_iface;
 mod pump;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
 
+use super::options::{bool_option, check_keys};
 use super::{Shared, job_iface};
 use crate::access::{Action, Request};
 use crate::client::SnapshotRow;
@@ -52,27 +53,8 @@ impl SnapshotsIface {
 }
 
 fn overwrite_option(options: &HashMap<String, OwnedVariant>) -> Result<bool, MaqetError> {
-    if let Some(key) = options
-        .keys()
-        .find(|k| !CREATE_OPTIONS.contains(&k.as_str()))
-    {
-        return Err(MaqetError::InvalidArgument(format!(
-            "unknown snapshot option '{key}'; known options: {}",
-            CREATE_OPTIONS.join(", ")
-        )));
-    }
-    match options.get("overwrite") {
-        None => Ok(false),
-        Some(v) => v
-            .try_clone()
-            .ok()
-            .and_then(|v| bool::try_from(v).ok())
-            .ok_or_else(|| {
-                MaqetError::InvalidArgument(
-                    "option 'overwrite' must be a boolean (D-Bus type b)".into(),
-                )
-            }),
-    }
+    check_keys(options, CREATE_OPTIONS, "snapshot")?;
+    bool_option(options, "overwrite")
 }
 
 #[interface(name = "org.maqet.Maqet1.Snapshots")]

@@ -9,9 +9,10 @@ use zbus::message::Header;
 use zbus::{Connection, OwnedVariant, interface};
 
 use super::Shared;
+use super::options::{bool_option, check_keys, size_option, str_option};
 use crate::access::{Action, Request};
 use crate::client::{StorageRow, VerifyRow};
-use crate::config::{StorageKind, parse_size};
+use crate::config::StorageKind;
 use crate::error::MaqetError;
 use crate::storage::{QemuImg, StorageError, inventory};
 use crate::vm::{AttachSpec, DiskSource, Vm, store_error};
@@ -19,72 +20,6 @@ use crate::vm::{AttachSpec, DiskSource, Vm, store_error};
 /// The keys `Resize` and `Attach` understand in `options`.
 const RESIZE_OPTIONS: &[&str] = &["shrink"];
 const ATTACH_OPTIONS: &[&str] = &["name", "size", "format", "interface", "readonly"];
-
-fn check_keys(
-    options: &HashMap<String, OwnedVariant>,
-    known: &[&str],
-    call: &str,
-) -> Result<(), MaqetError> {
-    match options.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(key) => Err(MaqetError::InvalidArgument(format!(
-            "unknown {call} option '{key}'; known options: {}",
-            known.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn bool_option(options: &HashMap<String, OwnedVariant>, key: &str) -> Result<bool, MaqetError> {
-    match options.get(key) {
-        None => Ok(false),
-        Some(v) => v
-            .try_clone()
-            .ok()
-            .and_then(|v| bool::try_from(v).ok())
-            .ok_or_else(|| {
-                MaqetError::InvalidArgument(format!(
-                    "option '{key}' must be a boolean (D-Bus type b)"
-                ))
-            }),
-    }
-}
-
-fn str_option(
-    options: &HashMap<String, OwnedVariant>,
-    key: &str,
-) -> Result<Option<String>, MaqetError> {
-    match options.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .try_clone()
-            .ok()
-            .and_then(|v| String::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| {
-                MaqetError::InvalidArgument(format!(
-                    "option '{key}' must be a string (D-Bus type s)"
-                ))
-            }),
-    }
-}
-
-/// `size`: bytes (t) or a size text like `10G` (s).
-fn size_option(options: &HashMap<String, OwnedVariant>) -> Result<Option<u64>, MaqetError> {
-    let Some(v) = options.get("size") else {
-        return Ok(None);
-    };
-    if let Some(n) = v.try_clone().ok().and_then(|v| u64::try_from(v).ok()) {
-        return Ok(Some(n));
-    }
-    match str_option(options, "size") {
-        Ok(Some(text)) => parse_size(&text)
-            .map(Some)
-            .map_err(|e| MaqetError::InvalidArgument(format!("option 'size': {e}"))),
-        _ => Err(MaqetError::InvalidArgument(
-            "option 'size' must be bytes (D-Bus type t) or a size like \"10G\" (s)".into(),
-        )),
-    }
-}
 
 /// `Attach`'s arguments as the core takes them.
 fn attach_spec(

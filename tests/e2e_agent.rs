@@ -135,6 +135,8 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         .await
         .unwrap();
     let mut agent_changes = watcher.receive_guest_agent_changed().await;
+    let mut info_changes = watcher.receive_guest_info_changed().await;
+    let mut address_changes = watcher.receive_addresses_changed().await;
 
     vm.start().await.unwrap();
     let mut serial = Serial::attach(&vm).await;
@@ -155,7 +157,18 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     assert!(connected.is_ok(), "GuestAgent never became connected");
     guest.ping().await.unwrap();
 
-    let info = guest.guest_info().await.unwrap();
+    // Identity, then addresses, follow `connected`, each with its own PropertiesChanged.
+    let info = tokio::time::timeout(TIMEOUT, async {
+        while let Some(change) = info_changes.next().await {
+            let info = change.get().await.unwrap();
+            if !info.is_empty() {
+                return info;
+            }
+        }
+        panic!("the GuestInfo stream ended");
+    })
+    .await
+    .expect("GuestInfo never filled in");
     assert_eq!(
         info.get("hostname").map(String::as_str),
         Some("maqet-guest"),
@@ -165,7 +178,18 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         info.get("agent-version").is_some_and(|v| !v.is_empty()),
         "{info:?}"
     );
-    let addresses = guest.addresses().await.unwrap();
+    let addresses = tokio::time::timeout(TIMEOUT, async {
+        while let Some(change) = address_changes.next().await {
+            let addresses = change.get().await.unwrap();
+            if !addresses.is_empty() {
+                return addresses;
+            }
+        }
+        panic!("the Addresses stream ended");
+    })
+    .await
+    .expect("Addresses never filled in");
+    assert_eq!(guest.addresses().await.unwrap(), addresses);
     assert!(
         addresses.contains(&("eth0".into(), "ipv4".into(), "10.0.2.15".into())),
         "{addresses:?}"

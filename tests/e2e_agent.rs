@@ -39,6 +39,28 @@ async fn job_end(conn: &Connection, path: OwnedObjectPath) -> (String, String) {
     (job.state().await.unwrap(), job.message().await.unwrap())
 }
 
+/// The first announced value of a property that `wanted` accepts.
+async fn changed_to<T>(
+    changes: &mut zbus::proxy::PropertyStream<'_, T>,
+    name: &str,
+    wanted: impl Fn(&T) -> bool,
+) -> T
+where
+    T: serde::de::DeserializeOwned + zbus::zvariant::Type + Unpin,
+{
+    let found = tokio::time::timeout(TIMEOUT, async {
+        while let Some(change) = changes.next().await {
+            let value = change.get().await.unwrap();
+            if wanted(&value) {
+                return value;
+            }
+        }
+        panic!("the {name} property stream ended");
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{name} never changed to the value wanted"))
+}
+
 /// The bytes of `disk` as they were in its internal snapshot `name` (read beside the
 /// running QEMU with qemu-img's force-share).
 fn disk_in_snapshot(disk: &Path, name: &str) -> Vec<u8> {
@@ -135,6 +157,8 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         .await
         .unwrap();
     let mut agent_changes = watcher.receive_guest_agent_changed().await;
+    let mut info_changes = watcher.receive_guest_info_changed().await;
+    let mut address_changes = watcher.receive_addresses_changed().await;
 
     vm.start().await.unwrap();
     let mut serial = Serial::attach(&vm).await;
@@ -143,19 +167,11 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
     serial.wait_for(READY).await;
 
     // GuestAgent: connecting → connected, announced with PropertiesChanged.
-    let connected = tokio::time::timeout(TIMEOUT, async {
-        while let Some(change) = agent_changes.next().await {
-            if change.get().await.unwrap() == "connected" {
-                return;
-            }
-        }
-        panic!("the property stream ended");
-    })
-    .await;
-    assert!(connected.is_ok(), "GuestAgent never became connected");
+    changed_to(&mut agent_changes, "GuestAgent", |s| s == "connected").await;
     guest.ping().await.unwrap();
 
-    let info = guest.guest_info().await.unwrap();
+    // Identity, then addresses, follow `connected`, each with its own PropertiesChanged.
+    let info = changed_to(&mut info_changes, "GuestInfo", |i| !i.is_empty()).await;
     assert_eq!(
         info.get("hostname").map(String::as_str),
         Some("maqet-guest"),
@@ -165,7 +181,8 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         info.get("agent-version").is_some_and(|v| !v.is_empty()),
         "{info:?}"
     );
-    let addresses = guest.addresses().await.unwrap();
+    let addresses = changed_to(&mut address_changes, "Addresses", |a| !a.is_empty()).await;
+    assert_eq!(guest.addresses().await.unwrap(), addresses);
     assert!(
         addresses.contains(&("eth0".into(), "ipv4".into(), "10.0.2.15".into())),
         "{addresses:?}"
@@ -468,18 +485,8 @@ async fn the_agent_and_forwards_reach_inside_a_real_guest() {
         .unwrap();
     let mut agent_changes = watcher.receive_guest_agent_changed().await;
     if watcher.guest_agent().await.unwrap() != "connected" {
-        let back = tokio::time::timeout(TIMEOUT, async {
-            while let Some(change) = agent_changes.next().await {
-                if change.get().await.unwrap() == "connected" {
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(
-            back.is_ok(),
-            "the agent did not reconnect after re-adoption"
-        );
+        // After re-adoption.
+        changed_to(&mut agent_changes, "GuestAgent", |s| s == "connected").await;
     }
     guest.ping().await.unwrap();
     // Every forward is listed again, the runtime ones too (read back from QEMU).

@@ -170,7 +170,8 @@ impl GuestIface {
         self.shared.gate.call(conn, &hdr, req, work).await
     }
 
-    /// `absent` (no agent channel, or not running), `connecting`, `connected`.
+    /// `absent` (no agent channel, or not running), `connecting`, `connected` (an agent
+    /// answers; `GuestInfo` and `Addresses` follow, each with its own change).
     #[zbus(property)]
     async fn guest_agent(
         &self,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 
@@ -170,6 +171,7 @@ impl Vm {
             return;
         }
         if data.get("open").and_then(Value::as_bool) == Some(true) {
+            tracing::debug!(vm = %self.name(), "guest agent port opened");
             self.guest.wake.notify_one();
         } else {
             *self.guest.client.lock() = None;
@@ -428,8 +430,8 @@ pub(super) fn spawn_agent(vm: &Arc<Vm>, rt: &Arc<Runtime>) {
     tokio::spawn(run_agent(vm.clone(), rt.clone()));
 }
 
-/// Connects, synchronises, reads identity and addresses; waits for the guest to reopen
-/// the port (or a failed call) to do it again; ends with the process.
+/// Connects, synchronises (then `connected`), reads identity and addresses; waits for
+/// the guest to reopen the port (or a failed call) to do it again; ends with the process.
 async fn run_agent(vm: Arc<Vm>, rt: Arc<Runtime>) {
     let socket = vm.ctx.paths.agent_socket(&vm.id);
     let mut exited = rt.exited.subscribe();
@@ -439,24 +441,27 @@ async fn run_agent(vm: Arc<Vm>, rt: Arc<Runtime>) {
             break;
         }
         if client.is_none() {
+            // maqetd bound the socket before QEMU started: the connect completes at once.
             match tokio::net::UnixStream::connect(&socket).await {
                 Ok(stream) => client = Some(Arc::new(AgentClient::new(stream, Limits::default()))),
                 Err(e) => tracing::debug!(vm = %vm.name(), error = %e, "agent socket not ready"),
             }
         }
         if let Some(c) = &client {
+            tracing::debug!(vm = %vm.name(), "guest-sync sent");
             match c.sync(SYNC_TIMEOUT).await {
                 Ok(()) => {
-                    // Identity and addresses first: `connected` announces them too.
-                    let info = c.guest_info().await.unwrap_or_default();
-                    let addresses = c.addresses().await.unwrap_or_default();
+                    // The port's opening, if it woke us while this sync waited, is
+                    // answered by it: no second round.
+                    let _ = vm.guest.wake.notified().now_or_never();
+                    // `connected` as soon as the agent answers: a caller waiting for it
+                    // can use the agent now. Identity and addresses follow, each with its
+                    // own change (the first `guest-network-get-interfaces` after a boot
+                    // takes ~80 ms under TCG).
                     *vm.guest.client.lock() = Some(c.clone());
-                    vm.update_guest(|v| {
-                        v.agent = AgentState::Connected;
-                        v.info = info;
-                        v.addresses = addresses;
-                    });
+                    vm.update_guest(|v| v.agent = AgentState::Connected);
                     tracing::info!(vm = %vm.name(), "guest agent connected");
+                    read_identity(&vm, c).await;
                 }
                 Err(AgentError::Disconnected) => client = None,
                 Err(e) => {
@@ -470,4 +475,26 @@ async fn run_agent(vm: Arc<Vm>, rt: Arc<Runtime>) {
         }
     }
     vm.guest_stopped();
+}
+
+/// Fills `GuestInfo`, then `Addresses`, from a just-connected agent; skipped when that
+/// connection is no longer the current one (the guest closed the port meanwhile).
+async fn read_identity(vm: &Arc<Vm>, c: &Arc<AgentClient>) {
+    let current = || {
+        vm.guest
+            .client
+            .lock()
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, c))
+    };
+    let info = c.guest_info().await.unwrap_or_default();
+    if !current() {
+        return;
+    }
+    vm.update_guest(|v| v.info = info);
+    let addresses = c.addresses().await.unwrap_or_default();
+    if current() {
+        vm.update_guest(|v| v.addresses = addresses);
+    }
+    tracing::debug!(vm = %vm.name(), "guest identity and addresses read");
 }

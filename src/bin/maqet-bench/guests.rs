@@ -15,7 +15,7 @@ use maqet::client::{BUS_NAME, GuestProxy, JobProxy, SnapshotsProxy, VmProxy, pro
 use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 
 use crate::bare::{self, BareQemu};
-use crate::report::{Samples, Unit};
+use crate::report::{Samples, Unit, median_of};
 use crate::sections::{Bench, cpu_ticks, ctx_switches};
 use crate::session::{Context, Res, Session, Watch, act_until};
 
@@ -109,18 +109,23 @@ pub async fn guests(b: &mut Bench<'_>) -> Res<()> {
     let mut watch = Watch::new(&vm).await?;
 
     // Boot → agent answers, bare and maqet alternating who goes first. The last pair
-    // stays up for the snapshot. TCG boots spread by ±10 % from one to the next, so
-    // one or two a side cannot tell a 5 % difference: five (quick two) a side.
-    let rounds = if b.opts.quick { 2 } else { 5 };
+    // stays up for the snapshot. TCG boots spread by ±10 % from one to the next (the
+    // log of one pair's ratio has a spread of ~0.1), so five a side could not tell a
+    // 5 % difference: fifteen pairs (quick three), each pair booted back to back; an odd
+    // count, so the median is one pair's ratio.
+    let rounds = if b.opts.quick { 3 } else { 15 };
     let (mut boot_m, mut boot_b) = (Samples::default(), Samples::default());
+    let mut pair_ratios = Vec::with_capacity(rounds);
+    let mut pairs = Vec::with_capacity(rounds);
     let mut kept = None;
     for round in 0..rounds {
         let last = round + 1 == rounds;
+        let (mut bare_t, mut maqet_t) = (Duration::ZERO, Duration::ZERO);
         for side in [round % 2, (round + 1) % 2] {
             if side == 0 {
                 qcow2(&bare_disk)?;
                 let g = BareGuest::boot(&s, &bare_disk, &img, memory)?;
-                boot_b.push(g.boot);
+                bare_t = g.boot;
                 if last {
                     kept = Some(g);
                 }
@@ -129,12 +134,20 @@ pub async fn guests(b: &mut Bench<'_>) -> Res<()> {
                 let t0 = Instant::now();
                 vm.start().await.ctx("Start guest")?;
                 agent_answers(&guest).await?;
-                boot_m.push(t0.elapsed());
+                maqet_t = t0.elapsed();
                 if !last {
                     act_until(&mut watch, "stopped", vm.stop(true, 0)).await?;
                 }
             }
         }
+        boot_b.push(bare_t);
+        boot_m.push(maqet_t);
+        pair_ratios.push(maqet_t.as_secs_f64() / bare_t.as_secs_f64());
+        pairs.push(format!(
+            "{:.2}/{:.2}",
+            bare_t.as_secs_f64(),
+            maqet_t.as_secs_f64()
+        ));
     }
     let r = &mut b.report;
     r.add(
@@ -153,6 +166,15 @@ pub async fn guests(b: &mut Bench<'_>) -> Res<()> {
         Unit::Us,
         boot_m.len(),
     );
+    r.add(
+        "guests",
+        "guest_boot_pair_ratio",
+        "maqet / bare of each back-to-back pair (median of the pairs' ratios)",
+        median_of(&mut pair_ratios),
+        Unit::Ratio,
+        pair_ratios.len(),
+    );
+    r.note_last(format!("pairs, bare/maqet s: {}", pairs.join(", ")));
     let mut bare = kept.ok_or("no bare guest kept")?;
     snapshot(b, &s, &vm, &guest, &path, &mut bare, touch_mib).await?;
     drop(bare);

@@ -38,6 +38,18 @@ impl Samples {
     }
 }
 
+/// The median of plain numbers (ratios): the middle one, or the mean of the middle two
+/// (not the lower, which would favour whichever side the ratio puts on top).
+pub fn median_of(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {

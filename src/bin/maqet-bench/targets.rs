@@ -308,18 +308,7 @@ pub fn judge(r: &Report) -> Vec<Target> {
         "cycle",
     );
     // Real guests.
-    j.vs_floor(
-        row(
-            "guests",
-            "guest_boot",
-            "boot → guest agent answers",
-            "≤ 1.05 × the same QEMU bare",
-        ),
-        "guest_boot_maqet",
-        "guest_boot_bare",
-        1.05,
-        Unit::Us,
-    );
+    guest_boot(&mut j);
     guest_idle(&mut j);
     j.vs_floor(
         row(
@@ -478,6 +467,37 @@ fn idle(j: &mut Judge<'_>) {
 }
 
 /// Real guests idle: at most one maqetd wake-up per guest-originated event, none without.
+/// Boot → agent answers ≤ 1.05 × bare, judged by the median of the back-to-back pairs'
+/// ratios: a TCG boot spreads by ±10 % and drifts with the machine's load, which a pair
+/// shares and separate medians do not. The ratio of the two medians is shown beside it.
+fn guest_boot(j: &mut Judge<'_>) {
+    let (m, f, paired) = (
+        j.g("guest_boot_maqet"),
+        j.g("guest_boot_bare"),
+        j.g("guest_boot_pair_ratio"),
+    );
+    let (ratio, verdict) = match (m, f, paired) {
+        (Some(m), Some(f), Some(p)) if f > 0.0 => (
+            format!(
+                "{p:.2}× (median of the pairs' ratios); {:.2}× (ratio of the medians)",
+                m / f
+            ),
+            met(p <= 1.05),
+        ),
+        _ => (String::new(), Verdict::NotMeasured),
+    };
+    j.push(
+        row(
+            "guests",
+            "guest_boot",
+            "boot → guest agent answers",
+            "≤ 1.05 × the same QEMU bare (median of paired ratios)",
+        ),
+        [us(m), us(f), String::new(), ratio],
+        verdict,
+    );
+}
+
 fn guest_idle(j: &mut Judge<'_>) {
     let (c, e, t) = (
         j.g("guest_idle_switches"),

@@ -11,6 +11,12 @@
 //! [`QmpClient`] handle is dropped; then every pending command fails with
 //! [`QmpError::Disconnected`] and the event channel closes.
 //!
+//! Commands are sent as short as QMP allows: no empty `arguments`, and the smallest id
+//! not in use (an abandoned command's id stays in use until its late reply comes, so a
+//! reply is never taken for another command's). QEMU 7.2 reads QMP input one byte per
+//! poll of its monitor thread, about 1.8 µs a byte, so every byte before the closing
+//! brace is latency (see `docs/benchmarks.md`, Profiling: QMP Execute latency).
+//!
 //! Over a unix socket ([`QmpClient::connect_unix`]) a command can carry a file
 //! descriptor (`getfd`): the writer sends that message with `sendmsg` and SCM_RIGHTS on a
 //! duplicate of the socket, in its turn, so the fd arrives with its own command.
@@ -20,7 +26,6 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -39,6 +44,7 @@ use super::wire::{self, Greeting, Message, QmpEvent};
 mod tests;
 
 type ReplySender = oneshot::Sender<Result<Value, QmpError>>;
+type ReplyReceiver = oneshot::Receiver<Result<Value, QmpError>>;
 
 /// A handle on one QMP connection. Cheap to clone; all clones share the connection,
 /// which stays open while at least one clone exists (or until QEMU closes it).
@@ -52,7 +58,6 @@ pub struct QmpClient {
 struct Inner {
     shared: Arc<Shared>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
-    next_id: AtomicU64,
     /// Whether the writer can pass file descriptors (a unix socket).
     passes_fds: bool,
 }
@@ -90,7 +95,19 @@ struct Pending {
     /// Checked under the same lock as `waiters`, so no command registers after the
     /// drain in `close` and waits forever.
     open: bool,
-    waiters: HashMap<u64, ReplySender>,
+    /// Every id on the wire without its reply yet.
+    waiters: HashMap<u64, Waiter>,
+    /// Tells apart the commands that used the same id in turn.
+    next_serial: u64,
+}
+
+struct Waiter {
+    serial: u64,
+    /// `None` once the caller gave up (cancelled, timed out): the id stays taken until
+    /// QEMU's late reply arrives, then it is free again. (A command QEMU could not even
+    /// parse gets no reply with its id, so that id stays taken: a few bytes, never a
+    /// reply given to the wrong caller.)
+    reply: Option<ReplySender>,
 }
 
 impl QmpClient {
@@ -176,6 +193,7 @@ impl QmpClient {
             pending: Mutex::new(Pending {
                 open: true,
                 waiters: HashMap::new(),
+                next_serial: 0,
             }),
             writer: Mutex::new(Writer {
                 half: Some(Box::pin(writer)),
@@ -193,7 +211,6 @@ impl QmpClient {
             inner: Arc::new(Inner {
                 shared,
                 outgoing,
-                next_id: AtomicU64::new(0),
                 passes_fds,
             }),
         };
@@ -240,6 +257,8 @@ impl QmpClient {
         request.insert("execute".into(), command.into());
         match arguments {
             None => {}
+            // QMP reads no `arguments` as empty ones: the bytes are not worth sending.
+            Some(Value::Object(arguments)) if arguments.is_empty() => {}
             Some(Value::Object(arguments)) => {
                 request.insert("arguments".into(), Value::Object(arguments));
             }
@@ -249,12 +268,10 @@ impl QmpClient {
                 )));
             }
         }
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        request.insert("id".into(), id.into());
-
         let shared = &self.inner.shared;
-        let reply = shared.register(id)?;
-        let _forget_on_drop = PendingGuard { shared, id };
+        let (id, serial, reply) = shared.register()?;
+        let _forget_on_drop = PendingGuard { shared, id, serial };
+        request.insert("id".into(), id.into());
         tracing::debug!(command, id, "QMP command");
         self.inner
             .submit(wire::encode(&Value::Object(request)), fd)?;
@@ -286,8 +303,20 @@ impl QmpClient {
         let _ = closed.wait_for(|closed| *closed).await;
     }
 
+    /// Commands whose caller still waits for the reply.
     #[cfg(test)]
     fn pending_len(&self) -> usize {
+        let pending = self.inner.shared.lock();
+        pending
+            .waiters
+            .values()
+            .filter(|w| w.reply.is_some())
+            .count()
+    }
+
+    /// Ids on the wire without their reply yet, abandoned ones included.
+    #[cfg(test)]
+    fn ids_in_use(&self) -> usize {
         self.inner.shared.lock().waiters.len()
     }
 }
@@ -363,14 +392,38 @@ impl Shared {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn register(&self, id: u64) -> Result<oneshot::Receiver<Result<Value, QmpError>>, QmpError> {
+    /// Takes the smallest free id for a command: (id, serial, where its reply comes).
+    fn register(&self) -> Result<(u64, u64, ReplyReceiver), QmpError> {
         let mut pending = self.lock();
         if !pending.open {
             return Err(QmpError::Disconnected);
         }
+        // Few commands are in flight at once, so the scan is short.
+        let id = (0..)
+            .find(|id| !pending.waiters.contains_key(id))
+            .expect("fewer than u64::MAX commands in flight");
+        let serial = pending.next_serial;
+        pending.next_serial += 1;
         let (tx, rx) = oneshot::channel();
-        pending.waiters.insert(id, tx);
-        Ok(rx)
+        pending.waiters.insert(
+            id,
+            Waiter {
+                serial,
+                reply: Some(tx),
+            },
+        );
+        Ok((id, serial, rx))
+    }
+
+    /// The caller of command `serial` gave up on it: its id stays taken until the late
+    /// reply comes. Nothing to do if the reply came already (the id may be another
+    /// command's by now).
+    fn abandon(&self, id: u64, serial: u64) {
+        if let Some(waiter) = self.lock().waiters.get_mut(&id)
+            && waiter.serial == serial
+        {
+            waiter.reply = None;
+        }
     }
 
     fn complete(&self, id: Option<Value>, result: Result<Value, QmpError>) {
@@ -381,11 +434,12 @@ impl Shared {
             return;
         };
         let waiter = id.as_u64().and_then(|id| self.lock().waiters.remove(&id));
-        match waiter {
+        match waiter.map(|w| w.reply) {
             // The caller may have gone away in the meantime; nothing to do then.
-            Some(waiter) => drop(waiter.send(result)),
+            Some(Some(reply)) => drop(reply.send(result)),
+            Some(None) => tracing::debug!(%id, "late QMP reply of an abandoned command ignored"),
             None => self.stray.warn("qmp-stray", || {
-                tracing::warn!(%id, "QMP reply for unknown or abandoned id ignored");
+                tracing::warn!(%id, "QMP reply for an unknown id ignored");
             }),
         }
     }
@@ -403,22 +457,24 @@ impl Shared {
         // The write half goes now (the reader's half goes with the reader task).
         drop(self.lock_writer().half.take());
         tracing::debug!(reason, failed = waiters.len(), "QMP connection closed");
-        for waiter in waiters.into_values() {
-            let _ = waiter.send(Err(QmpError::Disconnected));
+        for reply in waiters.into_values().filter_map(|w| w.reply) {
+            let _ = reply.send(Err(QmpError::Disconnected));
         }
         self.closed.send_replace(true);
     }
 }
 
-/// Removes an `execute` call's waiter when the call ends, including by cancellation.
+/// Abandons an `execute` call's command when the call ends before its reply, by
+/// cancellation or timeout.
 struct PendingGuard<'a> {
     shared: &'a Shared,
     id: u64,
+    serial: u64,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared.lock().waiters.remove(&self.id);
+        self.shared.abandon(self.id, self.serial);
     }
 }
 

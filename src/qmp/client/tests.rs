@@ -394,11 +394,11 @@ async fn non_object_arguments_are_refused_without_sending() {
     // The first thing on the wire is the next valid command.
     let call = tokio::spawn({
         let client = client.clone();
-        async move { client.execute("probe", Some(json!({}))).await }
+        async move { client.execute("probe", Some(json!({"n": 1}))).await }
     });
     let request = fake.request().await;
     assert_eq!(request["execute"], "probe");
-    assert_eq!(request["arguments"], json!({}));
+    assert_eq!(request["arguments"], json!({"n": 1}));
     fake.reply(&request, json!(1)).await;
     assert_eq!(within(call).await.unwrap().unwrap(), json!(1));
 }
@@ -430,6 +430,8 @@ async fn cancelled_execute_leaves_no_pending_entry() {
         request
     };
     assert_eq!(client.pending_len(), 0);
+    // Its id stays taken until the late reply comes.
+    assert_eq!(client.ids_in_use(), 1);
 
     // The late reply is ignored, and the connection goes on.
     fake.reply(&request, json!("late")).await;
@@ -440,6 +442,61 @@ async fn cancelled_execute_leaves_no_pending_entry() {
     let request = fake.request().await;
     fake.reply(&request, json!("on time")).await;
     assert_eq!(within(call).await.unwrap().unwrap(), json!("on time"));
+    assert_eq!(client.ids_in_use(), 0);
+}
+
+/// QEMU 7.2 reads QMP input a byte at a time: no empty `arguments`, and the id of an
+/// answered command is used again, so a command in a long-lived connection stays short.
+#[tokio::test]
+async fn commands_go_out_short_and_reuse_answered_ids() {
+    let (client, _events, mut fake) = connected().await;
+    for _ in 0..3 {
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.execute("query-status", Some(json!({}))).await }
+        });
+        let request = fake.request().await;
+        assert_eq!(request, json!({"execute": "query-status", "id": 0}));
+        fake.reply(&request, json!({"status": "running"})).await;
+        assert_eq!(within(call).await.unwrap().unwrap()["status"], "running");
+    }
+}
+
+/// An abandoned command's id is not given to another command until its late reply has
+/// come, so that reply can never be taken for the other command's.
+#[tokio::test]
+async fn an_abandoned_id_is_reused_only_after_its_late_reply() {
+    let (client, _events, mut fake) = connected().await;
+    let abandoned = {
+        let call = client.execute("slow", None);
+        tokio::pin!(call);
+        tokio::select! {
+            result = &mut call => panic!("no reply was sent, got {result:?}"),
+            request = fake.request() => request,
+        }
+    };
+    assert_eq!(abandoned["id"], 0);
+
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.execute("next", None).await }
+    });
+    let next = fake.request().await;
+    assert_eq!(next["id"], 1, "id 0 is still the abandoned command's");
+    // The late reply comes first; it must not answer `next`.
+    fake.reply(&abandoned, json!("late")).await;
+    fake.reply(&next, json!("mine")).await;
+    assert_eq!(within(call).await.unwrap().unwrap(), json!("mine"));
+
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.execute("after", None).await }
+    });
+    let after = fake.request().await;
+    assert_eq!(after["id"], 0, "free again once the late reply came");
+    fake.reply(&after, json!({})).await;
+    within(call).await.unwrap().unwrap();
+    assert_eq!(client.ids_in_use(), 0);
 }
 
 #[tokio::test]

@@ -82,11 +82,13 @@ impl Manager {
         self.registry.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every change takes this, and forgets the shared list: a list made under the read
-    /// lock is stored before any writer gets in, so it is never stale.
+    /// Every change takes this, forgets the shared list and moves the listing epoch: a
+    /// list made under the read lock is stored before any writer gets in, so it is never
+    /// stale.
     fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         let reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
         *self.listed.lock() = None;
+        self.ctx.listing_epoch.bump();
         reg
     }
 

@@ -28,6 +28,9 @@ async fn full_lifecycle_with_signals_and_properties() {
     assert_eq!(vm.pid().await.unwrap(), 0);
     assert!(vm.created_at().await.unwrap() > 0);
     assert_eq!(vm.started_at().await.unwrap(), 0);
+    // ListVMs' body is kept between calls: a status change must show in the next one.
+    let listed_status = async || manager.list_vms().await.unwrap()[0].3.clone();
+    assert_eq!(listed_status().await, "created");
 
     let mut watch = StatusWatch::new(&vm).await;
     vm.start().await.unwrap();
@@ -35,6 +38,7 @@ async fn full_lifecycle_with_signals_and_properties() {
     assert_eq!(prev, "created");
     watch.until("running").await;
     assert_eq!(vm.status().await.unwrap(), "running");
+    assert_eq!(listed_status().await, "running");
     let pid = vm.pid().await.unwrap();
     assert!(pid > 0);
     // The process is QEMU and carries the VM's identity.

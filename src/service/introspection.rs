@@ -30,7 +30,7 @@ use zbus::{Connection, ObjectServer, interface};
 
 use super::properties_iface::PropertiesIface;
 use super::{
-    GuestIface, ImagesIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerIface,
+    GuestIface, ImagesIface, JobIface, KRUNNER_PATH, KRunnerIface, ManagerServed,
     ObjectManagerIface, QmpIface, SEARCH_PROVIDER_PATH, SearchProviderIface, Shared,
     SnapshotsIface, StorageIface, VmIface, docstrings,
 };
@@ -135,7 +135,7 @@ impl GuardedIntrospection {
         match self.node {
             Node::Manager => {
                 write_iface::<ImagesIface>(server, &path, &mut xml).await?;
-                write_iface::<ManagerIface>(server, &path, &mut xml).await?
+                write_iface::<ManagerServed>(server, &path, &mut xml).await?
             }
             Node::SearchProvider => {
                 write_iface::<SearchProviderIface>(server, &path, &mut xml).await?

@@ -292,6 +292,8 @@ impl ManagerIface {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<VmList, MaqetError> {
+        // `ManagerServed` answers ListVMs from a kept body; this method gives the
+        // interface its introspection and refuses a call with arguments.
         let req = Request::new(Action::Observe, "ListVMs");
         let work = async { Ok(VmList(self.shared.manager.list_shared())) };
         self.shared

@@ -16,6 +16,7 @@ mod introspection;
 mod job_iface;
 mod krunner;
 mod manager_iface;
+mod manager_served;
 mod object_manager;
 mod options;
 mod properties;
@@ -53,6 +54,7 @@ pub use images_iface::ImagesIface;
 pub use job_iface::JobIface;
 pub use krunner::{KRUNNER_PATH, KRunnerIface};
 pub use manager_iface::ManagerIface;
+pub use manager_served::ManagerServed;
 pub use object_manager::ObjectManagerIface;
 pub use qmp_iface::QmpIface;
 pub use search_provider::{SEARCH_PROVIDER_PATH, SearchProviderIface};
@@ -70,6 +72,8 @@ pub struct Shared {
     pub retired_jobs: job_iface::Retired,
     /// Outcomes their callers saw (no desktop notification for those).
     pub witnesses: notify::witness::Witnesses,
+    /// `ListVMs`' reply body, kept until something listed changes.
+    pub vm_list: all_vms::EncodedVmList,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -126,6 +130,7 @@ pub async fn serve(
         sink,
         path_env: std::env::var_os("PATH"),
         default_arch: std::env::consts::ARCH.to_string(),
+        listing_epoch: Default::default(),
     });
     let manager = Manager::open(ctx).await?;
     manager.readopt_all().await;
@@ -139,11 +144,12 @@ pub async fn serve(
         host: host::HostInfo::probe(),
         retired_jobs: job_iface::Retired::default(),
         witnesses: Default::default(),
+        vm_list: Default::default(),
     });
     crate::images::remove_partial_imports(manager.ctx());
     crate::manager::remove_partial_clones(manager.ctx());
     let mut builder = builder
-        .serve_at(MANAGER_PATH, ManagerIface::new(shared.clone()))
+        .serve_at(MANAGER_PATH, ManagerServed::new(shared.clone()))
         .serve_at(MANAGER_PATH, ImagesIface::new(shared.clone()));
     let vms = manager.list();
     for vm in &vms {

@@ -12,7 +12,7 @@ use zbus::{BoxDBusError, Connection, ObjectServer, OwnedVariant, Variant, fdo, i
 
 use super::docstrings::property_access;
 use super::{
-    GuestIface, JobIface, KRunnerIface, ManagerIface, ObjectManagerIface, QmpIface,
+    GuestIface, JobIface, KRunnerIface, ManagerServed, ObjectManagerIface, QmpIface,
     SearchProviderIface, SnapshotsIface, StorageIface, VmIface,
 };
 
@@ -60,7 +60,7 @@ impl Call<'_> {
         match name {
             "org.maqet.Maqet1.VM" => self.on::<VmIface>(asked).await,
             "org.maqet.Maqet1.Guest" => self.on::<GuestIface>(asked).await,
-            "org.maqet.Maqet1.Manager" => self.on::<ManagerIface>(asked).await,
+            "org.maqet.Maqet1.Manager" => self.on::<ManagerServed>(asked).await,
             "org.maqet.Maqet1.Job" => self.on::<JobIface>(asked).await,
             "org.maqet.Maqet1.QMP" => self.on::<QmpIface>(asked).await,
             "org.maqet.Maqet1.Snapshots" => self.on::<SnapshotsIface>(asked).await,

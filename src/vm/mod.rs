@@ -37,7 +37,7 @@ use wait::next_qmp_event;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -73,6 +73,23 @@ const QMP_EVENT_BUFFER: usize = 256;
 /// A QMP command maqet issues itself.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Counts changes to what a listing of every VM shows (any VM's record, or which VMs
+/// exist), so a listing encoded once can be reused until the count moves. It is bumped
+/// while the changed record (or the registry) is write-locked: a reader that read the
+/// count before encoding then either saw the change or will see a newer count.
+#[derive(Debug, Default)]
+pub struct ListingEpoch(AtomicU64);
+
+impl ListingEpoch {
+    pub fn bump(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// What the core needs from its surroundings: paths, state, and where to announce.
 #[derive(Debug)]
 pub struct Ctx {
@@ -82,6 +99,7 @@ pub struct Ctx {
     /// `PATH` used to find QEMU binaries.
     pub path_env: Option<OsString>,
     pub default_arch: String,
+    pub listing_epoch: ListingEpoch,
 }
 
 impl Ctx {
@@ -679,6 +697,7 @@ impl Vm {
         }
         let info = {
             let mut info = self.info.write();
+            self.ctx.listing_epoch.bump();
             info.status = status;
             info.reason = reason.to_string();
             applied.apply(&mut info);
@@ -812,6 +831,7 @@ impl Vm {
         after_write();
         let info = {
             let mut info = self.info.write();
+            self.ctx.listing_epoch.bump();
             info.name = new_name;
             info.config = yaml;
             info.clone()
@@ -852,6 +872,7 @@ pub(crate) fn test_ctx(root: &std::path::Path) -> Arc<Ctx> {
         sink: EventSink::new().0,
         path_env: std::env::var_os("PATH"),
         default_arch: "x86_64".into(),
+        listing_epoch: Default::default(),
     })
 }
 

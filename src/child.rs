@@ -216,7 +216,7 @@ mod tests {
         let out = std::fs::File::create(&out_path).unwrap();
         let a = std::fs::File::open("/dev/zero").unwrap();
         let script = "readlink /proc/self/fd/0 /proc/self/fd/7; \
-            [ \"$(ps -o sid= -p $$ | tr -d ' ')\" = \"$$\" ] && echo own-session; \
+            [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = \"$$\" ] && echo own-session; \
             echo \"x=$MAQET_CHILD_TEST y=${HOME:-unset}\"";
         let args = ["-c".to_string(), script.to_string()];
         let pid = spawn_in_session(&SpawnSpec {

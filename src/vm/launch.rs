@@ -15,7 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use super::process::Process;
 use crate::qmp::classify::QMP_CHARDEV_ID;
@@ -179,23 +179,30 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
             .map(|l| (l.as_raw_fd(), agent_fd(spec.files))),
     );
     let (log, log_offset) = open_log(spec)?;
-    let log_err = log.try_clone()?;
 
-    let mut cmd = Command::new(spec.binary);
-    cmd.args(spec_management_args(spec))
-        .args(spec.user_args)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        // Session-bus activation variables mean nothing to QEMU.
-        .env_remove("DBUS_STARTER_ADDRESS")
-        .env_remove("DBUS_STARTER_BUS_TYPE");
-    spec.graphical_env.apply(&mut cmd);
-    run_with_fds(&mut cmd, &listener, console.as_ref(), &files);
-    let child = cmd.spawn()?;
-    let pid = child.id();
-    // Dropping `Child` neither kills nor reaps: the pidfd takes over from here.
-    drop(child);
+    let mut args = spec_management_args(spec);
+    args.extend_from_slice(spec.user_args);
+    // Session-bus activation variables mean nothing to QEMU.
+    let mut env = vec![
+        ("DBUS_STARTER_ADDRESS", None),
+        ("DBUS_STARTER_BUS_TYPE", None),
+    ];
+    env.extend(spec.graphical_env.env_changes());
+    let mut fds = vec![
+        (log.as_raw_fd(), 1),
+        (log.as_raw_fd(), 2),
+        (listener.as_raw_fd(), QMP_FD),
+    ];
+    fds.extend(console.as_ref().map(|l| (l.as_raw_fd(), CONSOLE_FD)));
+    fds.extend_from_slice(&files);
+    // Not reaped here: the pidfd takes over from here.
+    let pid = crate::child::spawn_in_session(&crate::child::SpawnSpec {
+        program: spec.binary,
+        args: &args,
+        env: &env,
+        fds: &fds,
+    })?;
+    drop(log);
     drop(listener);
     drop(console);
     drop(agent);

@@ -70,7 +70,10 @@ impl Vm {
                 return Err(VmError::Storage(msg));
             }
         };
-        match self.launch(&name, &files, &binary, tpm.clone()).await {
+        match self
+            .launch(&name, &config, &files, &binary, tpm.clone())
+            .await
+        {
             Ok((runtime, events, status)) => {
                 let pid = runtime.process.pid();
                 *self.runtime.lock() = Some(runtime.clone());
@@ -342,6 +345,7 @@ impl Vm {
     async fn launch(
         self: &Arc<Self>,
         name: &str,
+        config: &VmConfig,
         files: &crate::storage::hostfiles::OpenedFiles,
         binary: &std::path::Path,
         tpm: Option<Arc<Process>>,
@@ -367,10 +371,9 @@ impl Vm {
         let socket = paths.qmp_socket(&self.id);
         let console = paths.console_socket(&self.id);
         let agent = paths.agent_socket(&self.id);
-        let stored = self.stored_config().ok();
-        let wants_agent = stored.as_ref().is_some_and(|c| c.guest().guest_agent);
+        let wants_agent = config.guest().guest_agent;
         let display_socket = paths.display_socket(&self.id);
-        let display_args = match stored.as_ref().and_then(|c| c.display()) {
+        let display_args = match config.display() {
             Some(display) => {
                 // QEMU binds this path itself; a stale one from a dead QEMU goes first.
                 let _ = std::fs::remove_file(&display_socket);
@@ -461,9 +464,7 @@ impl Vm {
             }
         };
         // The ports were checked free before the spawn; one taken since fails the start.
-        if let Ok(config) = self.stored_config()
-            && let Err(e) = forward::install(name, &qmp, &config).await
-        {
+        if let Err(e) = forward::install(name, &qmp, config).await {
             let _ = process.signal(Signal::KILL);
             let exit = process.wait().await;
             return Err(failure(

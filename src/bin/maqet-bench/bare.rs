@@ -76,6 +76,7 @@ pub fn command_line_for(
 
 /// A bare QEMU with its QMP connection open.
 pub struct BareQemu {
+    pid: u32,
     pidfd: OwnedFd,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -133,6 +134,7 @@ impl BareQemu {
         let writer = UnixStream::connect(socket)?;
         writer.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut q = BareQemu {
+            pid: pid.as_raw_nonzero().get() as u32,
             pidfd,
             reader: BufReader::new(writer.try_clone()?),
             writer,
@@ -143,6 +145,10 @@ impl BareQemu {
         q.read_line()?; // greeting
         q.command(b"{\"execute\":\"qmp_capabilities\"}\n")?;
         Ok((q, t0.elapsed()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     fn read_line(&mut self) -> io::Result<&str> {

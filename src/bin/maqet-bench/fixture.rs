@@ -200,6 +200,11 @@ impl Bus {
         &self.marker
     }
 
+    /// The bus daemon's own pid (its CPU is part of every D-Bus figure).
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.id()
+    }
+
     /// A command run as a client of this bus, the way a user in that session runs it.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);

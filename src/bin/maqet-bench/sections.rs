@@ -316,7 +316,7 @@ async fn cpu_per_call(
 }
 
 /// Nanoseconds on CPU of every thread of `pid` (first field of each task's schedstat).
-fn cpu_ns(pid: u32) -> Res<u64> {
+pub fn cpu_ns(pid: u32) -> Res<u64> {
     let mut sum = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ctx("task dir")? {
         let t = t.ctx("task")?.path().join("schedstat");

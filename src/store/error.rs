@@ -199,6 +199,15 @@ pub(crate) fn sqlite_failure(e: &rusqlite::Error) -> Option<(i32, &str)> {
     }
 }
 
+/// For a row that names a VM: a foreign-key failure means the VM is gone
+/// ([`StoreError::NotFound`]); other constraint violations as [`constraint_to_invalid`].
+pub(crate) fn vm_row_error(vm_id: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |e| match sqlite_failure(&e) {
+        Some((ffi::SQLITE_CONSTRAINT_FOREIGNKEY, _)) => StoreError::NotFound(vm_id.to_owned()),
+        _ => constraint_to_invalid(e),
+    }
+}
+
 /// Turns a constraint violation into `InvalidArgument` (the caller's bug,
 /// reported with SQLite's wording, which names the column); other errors pass.
 pub(crate) fn constraint_to_invalid(e: rusqlite::Error) -> StoreError {

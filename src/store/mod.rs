@@ -47,7 +47,7 @@ pub use open::StoreOptions;
 pub use owner::{Health, LAZY_DELAY, MAX_KEPT, Store};
 pub use schema::SCHEMA_VERSION;
 
-use error::{constraint_to_invalid, sqlite_failure};
+use error::{constraint_to_invalid, sqlite_failure, vm_row_error};
 
 /// Rows deleted per statement when pruning, so that a big prune never holds
 /// the connection (and the write lock) for long.
@@ -657,12 +657,7 @@ impl Database {
                  SET format = excluded.format, created_at = excluded.created_at",
             )?
             .execute(params![vm_id, path_str, format, now])
-            .map_err(|e| match sqlite_failure(&e) {
-                Some((ffi::SQLITE_CONSTRAINT_FOREIGNKEY, _)) => {
-                    StoreError::NotFound(vm_id.to_owned())
-                }
-                _ => constraint_to_invalid(e),
-            })?;
+            .map_err(vm_row_error(vm_id))?;
             Ok(())
         })
     }

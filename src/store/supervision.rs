@@ -2,9 +2,9 @@
 //! running VM with `tpm: true` (`tpm_processes`) and the recent crashes its restart
 //! policy counts (`restart_crashes`).
 
-use rusqlite::{OptionalExtension, ffi, params};
+use rusqlite::{OptionalExtension, params};
 
-use super::error::{constraint_to_invalid, sqlite_failure};
+use super::error::vm_row_error;
 use super::{Database, StoreError, get_u64, to_i64};
 
 impl Database {
@@ -24,12 +24,7 @@ impl Database {
                  SET pid = excluded.pid, pid_start_time = excluded.pid_start_time",
             )?
             .execute(params![vm_id, pid, start])
-            .map_err(|e| match sqlite_failure(&e) {
-                Some((ffi::SQLITE_CONSTRAINT_FOREIGNKEY, _)) => {
-                    StoreError::NotFound(vm_id.to_owned())
-                }
-                _ => constraint_to_invalid(e),
-            })?;
+            .map_err(vm_row_error(vm_id))?;
             Ok(())
         })
     }
@@ -71,12 +66,7 @@ impl Database {
                 .execute(params![vm_id, oldest])?;
             tx.prepare_cached("INSERT INTO restart_crashes (vm_id, time) VALUES (?1, ?2)")?
                 .execute(params![vm_id, now_i])
-                .map_err(|e| match sqlite_failure(&e) {
-                    Some((ffi::SQLITE_CONSTRAINT_FOREIGNKEY, _)) => {
-                        StoreError::NotFound(vm_id.to_owned())
-                    }
-                    _ => constraint_to_invalid(e),
-                })?;
+                .map_err(vm_row_error(vm_id))?;
             let times = tx
                 .prepare_cached("SELECT time FROM restart_crashes WHERE vm_id = ?1 ORDER BY time")?
                 .query_map([vm_id], |r| get_u64(r, 0))?

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 
-use common::require::{program, require};
+use common::require::{program, programs, require};
 use common::{Bus, TIMEOUT, error_name, tiny_vm_yaml};
 use futures_util::StreamExt;
 use maqet::client::qmp_proxy;
@@ -257,13 +257,11 @@ async fn view_opens_remote_viewer_connected_over_vnc() {
 }
 
 async fn view_connects(server: &str) {
-    let Some(_) = require(program("Xvfb", "xvfb")) else {
-        return;
-    };
-    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
-        return;
-    };
-    let Some(_) = require(program("xdotool", "xdotool")) else {
+    let Some(()) = require(programs(&[
+        ("Xvfb", "xvfb"),
+        ("remote-viewer", "virt-viewer"),
+        ("xdotool", "xdotool"),
+    ])) else {
         return;
     };
     let bus = Bus::start();
@@ -426,13 +424,11 @@ fn fake_ssh(dir: &std::path::Path, bus_address: &str) -> String {
 /// carried over ssh, one ssh per SPICE channel; the refusals come first, in words.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_over_host_forwards_each_channel_through_ssh() {
-    let Some(_) = require(program("Xvfb", "xvfb")) else {
-        return;
-    };
-    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
-        return;
-    };
-    let Some(_) = require(program("systemd-stdio-bridge", "systemd")) else {
+    let Some(()) = require(programs(&[
+        ("Xvfb", "xvfb"),
+        ("remote-viewer", "virt-viewer"),
+        ("systemd-stdio-bridge", "systemd"),
+    ])) else {
         return;
     };
     let bus = Bus::start();
@@ -527,13 +523,11 @@ x.XFlush(d)
 /// user's doing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gtk_window_opens_on_the_callers_display_and_closing_it_is_recorded() {
-    let Some(_) = require(program("Xvfb", "xvfb")) else {
-        return;
-    };
-    let Some(_) = require(program("xdotool", "xdotool")) else {
-        return;
-    };
-    let Some(_) = require(program("python3", "python3")) else {
+    let Some(()) = require(programs(&[
+        ("Xvfb", "xvfb"),
+        ("xdotool", "xdotool"),
+        ("python3", "python3"),
+    ])) else {
         return;
     };
     let gtk = std::path::Path::new("/usr/lib/x86_64-linux-gnu/qemu/ui-gtk.so").exists();
@@ -772,13 +766,11 @@ fn xwd_pixels(file: &std::path::Path) -> Vec<(u32, [u8; 3])> {
 /// (Xvfb's framebuffer), in the same layout and proportion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_shows_what_the_vms_screendump_shows() {
-    let Some(_) = require(program("Xvfb", "xvfb")) else {
-        return;
-    };
-    let Some(_) = require(program("remote-viewer", "virt-viewer")) else {
-        return;
-    };
-    let Some(_) = require(program("xdotool", "xdotool")) else {
+    let Some(()) = require(programs(&[
+        ("Xvfb", "xvfb"),
+        ("remote-viewer", "virt-viewer"),
+        ("xdotool", "xdotool"),
+    ])) else {
         return;
     };
     let bus = Bus::start();

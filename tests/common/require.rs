@@ -61,6 +61,14 @@ pub fn program(name: &str, package: &str) -> Result<std::path::PathBuf, String> 
         })
 }
 
+/// [`program`] for each `(name, package)`: `Ok` when all are installed, else why the first
+/// missing one is not.
+pub fn programs(wanted: &[(&str, &str)]) -> Result<(), String> {
+    wanted
+        .iter()
+        .try_for_each(|(name, package)| program(name, package).map(drop))
+}
+
 fn is_executable(p: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -13,9 +13,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::process::Process;
 use crate::qmp::classify::QMP_CHARDEV_ID;
@@ -104,38 +102,20 @@ pub fn wants_console(user_args: &[String]) -> bool {
     true
 }
 
-/// Makes `cmd` run in a session of its own with `listener` as fd 3, where
-/// [`management_args`] tell QEMU to find its monitor. Shared with the benchmark's bare
-/// QEMU floor, so both start QEMU the same way.
-pub fn run_with_monitor(
-    cmd: &mut Command,
-    listener: &UnixListener,
-    console: Option<&UnixListener>,
-) {
-    run_with_fds(cmd, listener, console, &[]);
-}
-
-/// [`run_with_monitor`], also placing each `(fd, number)` of `files` (the host files
-/// maqetd opened for QEMU) at its number.
-pub fn run_with_fds(
-    cmd: &mut Command,
+/// Where QEMU finds its fds, as `(our fd, QEMU's number)` for [`crate::child::SpawnSpec`]:
+/// `output` on 1 and 2, `listener` at fd 3 (where [`management_args`] tell QEMU to find
+/// its monitor), the console's listener at 4, then each of `files`. Shared with the
+/// benchmark's bare QEMU floor, so both start QEMU the same way.
+pub fn qemu_fds(
+    output: RawFd,
     listener: &UnixListener,
     console: Option<&UnixListener>,
     files: &[(RawFd, RawFd)],
-) {
-    // Built before fork: nothing between fork and exec may allocate.
-    let mut pairs = vec![(listener.as_raw_fd(), QMP_FD)];
-    pairs.extend(console.map(|l| (l.as_raw_fd(), CONSOLE_FD)));
-    pairs.extend_from_slice(files);
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            crate::child::place_fds(&mut pairs)
-        });
-    }
+) -> Vec<(RawFd, RawFd)> {
+    let mut fds = vec![(output, 1), (output, 2), (listener.as_raw_fd(), QMP_FD)];
+    fds.extend(console.map(|l| (l.as_raw_fd(), CONSOLE_FD)));
+    fds.extend_from_slice(files);
+    fds
 }
 
 pub struct LaunchSpec<'a> {
@@ -188,13 +168,7 @@ pub fn spawn(spec: &LaunchSpec<'_>) -> io::Result<Spawned> {
         ("DBUS_STARTER_BUS_TYPE", None),
     ];
     env.extend(spec.graphical_env.env_changes());
-    let mut fds = vec![
-        (log.as_raw_fd(), 1),
-        (log.as_raw_fd(), 2),
-        (listener.as_raw_fd(), QMP_FD),
-    ];
-    fds.extend(console.as_ref().map(|l| (l.as_raw_fd(), CONSOLE_FD)));
-    fds.extend_from_slice(&files);
+    let fds = qemu_fds(log.as_raw_fd(), &listener, console.as_ref(), &files);
     // Not reaped here: the pidfd takes over from here.
     let pid = crate::child::spawn_in_session(&crate::child::SpawnSpec {
         program: spec.binary,

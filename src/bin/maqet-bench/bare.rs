@@ -5,18 +5,19 @@
 //! the same QEMU command line.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use rustix::process::{
     Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, pidfd_open, pidfd_send_signal, waitid,
 };
 
+use maqet::child::{SpawnSpec, spawn_in_session};
 use maqet::config::{self, ConfigSource, ValidationContext};
-use maqet::vm::launch::{management_args_with_agent, run_with_fds};
+use maqet::vm::launch::{management_args_with_agent, qemu_fds};
 
 use crate::fixture::{MARKER_VAR, wait_pidfd};
 
@@ -116,18 +117,17 @@ impl BareQemu {
         let console_path = socket.with_extension("console");
         let _ = std::fs::remove_file(&console_path);
         let console = UnixListener::bind(&console_path)?;
-        let mut cmd = Command::new(binary);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env(MARKER_VAR, marker);
-        run_with_fds(&mut cmd, &listener, Some(&console), files);
-        let child = cmd.spawn()?;
-        let pid = Pid::from_raw(child.id() as i32).expect("child pid");
-        // Unreaped child: the pidfd names it; `Child` is dropped without reaping.
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        let pid = spawn_in_session(&SpawnSpec {
+            program: binary,
+            args,
+            env: &[(MARKER_VAR, Some(marker))],
+            fds: &qemu_fds(null.as_raw_fd(), &listener, Some(&console), files),
+        })?;
+        let pid = Pid::from_raw(pid as i32).expect("child pid");
+        // Unreaped child: the pidfd names it.
         let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
-        drop(child);
+        drop(null);
         drop(listener);
         drop(console);
         let _ = std::fs::remove_file(&console_path);
